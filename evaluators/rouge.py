@@ -1,0 +1,56 @@
+"""ROUGE F1 (rouge-score, Porter stemmer) x100, with bootstrap 95% confidence intervals over examples."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.base import Evaluator, Record
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences_on_lines(text: str) -> str:
+    """rougeLsum treats newlines as sentence boundaries, so put each sentence on its own line."""
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def bootstrap_ci(scores: np.ndarray, seed: int, resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap of the mean; the same seed gives the same interval."""
+    if len(scores) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(scores), size=(resamples, len(scores)))
+    means = scores[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+class Rouge(Evaluator):
+    name = "rouge"
+
+    def __init__(self, types=("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True, **kw):
+        super().__init__(**kw)
+        self.types = list(types)
+        self.use_stemmer = use_stemmer
+
+    def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(self.types, use_stemmer=self.use_stemmer)
+        scores = {t: [] for t in self.types}
+        for r in records:
+            result = scorer.score(sentences_on_lines(r.reference), sentences_on_lines(r.prediction))
+            for t in self.types:
+                scores[t].append(result[t].fmeasure * 100)
+        return {t: np.asarray(v, dtype=float) for t, v in scores.items()}
+
+    def evaluate(self, records: list[Record], out_dir: Path) -> dict:
+        out = {}
+        for t, s in self.per_example(records).items():
+            low, high = bootstrap_ci(s, self.seed)
+            out[t] = {"f1": round(float(s.mean()), 4) if len(s) else float("nan"),
+                      "ci95": [round(low, 4), round(high, 4)]}
+        return out

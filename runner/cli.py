@@ -1,0 +1,119 @@
+"""Command line: ``runner <command> RECIPE [key.path=value ...]``.
+
+Heavy libraries (torch, transformers) are imported inside the commands that need them, so ``validate`` and
+``--help`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from runner.errors import RecipeError
+
+COMMANDS = {
+    "validate": "check a recipe (schema and cross-checks) and print the resolved recipe's summary",
+    "train": "train the recipe's adapter, then evaluate it; writes a run folder under output_dir",
+    "eval": "evaluate a finished run's adapter (--run) or the untrained base model (--base)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. training.max_steps=5")
+        if name == "validate":
+            p.add_argument("--print", action="store_true", dest="show", help="print the resolved recipe as YAML")
+        if name == "train":
+            p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+        if name == "eval":
+            which = p.add_mutually_exclusive_group(required=True)
+            which.add_argument("--run", help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
+            which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+    return parser
+
+
+def _split_overrides(args) -> list[str]:
+    # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
+    return args.overrides
+
+
+def cmd_validate(args) -> int:
+    from runner import recipe as recipe_mod
+
+    start = time.perf_counter()
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    if args.show:
+        print(recipe_mod.dump(recipe), end="")
+    lora = recipe["lora"]
+    targets = "full fine-tuning" if lora is None else f"LoRA r={lora['r']} on {lora['target_modules']}"
+    print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
+          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    from runner import evaluate, train
+
+    run_dir, model, tokenizer, prepared = train.train(recipe)
+    if not args.no_eval:
+        role = recipe["evaluation"]["split"]
+        metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role])
+        print(evaluate.summary_line(metrics))
+    print(f"done: {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    from runner import evaluate, model, runs, train
+
+    adapter = None if args.base else runs.find_run(args.run) / "adapter"
+    _, tokenizer = train.check(recipe)
+    role = recipe["evaluation"]["split"]
+    from runner import data as data_mod
+
+    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    out_dir = runs.open_eval_dir(recipe, Path(args.run) if args.run else None)
+    print(f"evaluation folder: {out_dir}", flush=True)
+    train.set_threads(recipe)
+    net = model.load_trained(recipe, adapter)
+    metrics = evaluate.evaluate(recipe, net, tokenizer, out_dir, examples=examples)
+    print(evaluate.summary_line(metrics))
+    print(f"done: {out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    try:
+        return {"validate": cmd_validate, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except RecipeError as exc:
+        print(exc.line(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,299 @@
+"""Examples: load (hub id or local files), pick splits, sample from the seed, name class labels,
+render the prompt template, and fit each example into ``prompt.max_length`` tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.errors import RecipeError
+from runner.recipe import DATA_SUFFIXES, is_local_path, template_fields
+
+ROLES = ("train", "eval", "test")
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Prepared:
+    """Rendered examples per role (columns: prompt, completion, n_tokens, truncated, id) and what was done."""
+
+    splits: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _quiet_datasets() -> None:
+    """The runner prints its own one-line data summary; datasets' per-step bars and logs would bury it."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg})"
+            if not isinstance(row, dict):
+                return f"line {number} is not a JSON object"
+    return None
+
+
+def _read_local(path: str, key_path: str):
+    from datasets import load_dataset
+
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(key_path, f"file not found: {p}", "paths in a recipe are relative to the recipe file")
+    fmt = _FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise RecipeError(key_path, f"unsupported file type {p.suffix!r}", f"use one of {', '.join(DATA_SUFFIXES)}")
+    try:
+        return load_dataset(fmt, data_files=str(p), split="train", keep_in_memory=True)
+    except Exception as exc:  # datasets wraps parser errors in several types; all mean "can't read this file"
+        reason = _first_bad_json_line(p) if p.suffix.lower() == ".jsonl" else None
+        raise RecipeError(key_path, f"cannot read {p.name}: {(reason or _root_cause(exc))[:200]}",
+                          f"check that it is valid {p.suffix.lstrip('.').upper()}") from None
+
+
+def _load_hub_split(recipe: dict, split: str, key_path: str):
+    from datasets import load_dataset
+
+    data = recipe["data"]
+    try:
+        return load_dataset(data["source"], name=data["config"], split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise RecipeError(key_path, f"split {split!r} not found in {data['source']}: {str(exc)[:150]}",
+                              "set data.splits to the dataset's split names") from None
+        raise RecipeError("data.source", f"cannot load {data['source']!r}: {str(exc)[:200]}",
+                          "check the dataset id and data.config") from None
+    except Exception as exc:
+        raise RecipeError("data.source", f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
+                          "check the id, your network or HF_HUB_OFFLINE; offline, point data.source at local files"
+                          ) from None
+
+
+def load_raw(recipe: dict) -> dict:
+    """{role: Dataset} for every role the recipe uses, before sampling."""
+    _quiet_datasets()
+    data = recipe["data"]
+    source, splits, holdout = data["source"], data["splits"], data["holdout"]
+    raw: dict = {}
+    if isinstance(source, dict):
+        for role in ROLES:
+            if splits[role] is not None and role in source:
+                raw[role] = _read_local(source[role], f"data.source.{role}")
+    elif is_local_path(source):
+        ds = _read_local(source, "data.source")
+        for role in ROLES:
+            if splits[role] is not None:
+                raw[role] = ds if role == "train" or splits[role] == "train" else None
+    else:
+        for role in ROLES:
+            if splits[role] is not None and not (holdout.get(role) and role != "train"):
+                raw[role] = _load_hub_split(recipe, splits[role], f"data.splits.{role}")
+            elif splits[role] is not None:
+                raw[role] = None
+    for role in ("eval", "test"):
+        if role in raw and raw[role] is None and not holdout.get(role):
+            raise RecipeError(f"data.splits.{role}", f"split {splits[role]!r} is not in {Path(str(source)).name}",
+                              f"set data.holdout.{role}: N to carve {role} rows out of train, "
+                              f"or data.splits.{role}: null")
+    return _carve_holdout(raw, recipe)
+
+
+def _carve_holdout(raw: dict, recipe: dict) -> dict:
+    """Disjoint eval/test rows taken from train when the source has no such split."""
+    want = {role: recipe["data"]["holdout"][role] for role in ("eval", "test")
+            if role in raw and raw[role] is None}
+    if not want:
+        return raw
+    if raw.get("train") is None:
+        raise RecipeError("data.holdout", "carves rows out of train, but there is no train split", "set data.splits.train")
+    pool = raw["train"].shuffle(seed=recipe["seed"])
+    if sum(want.values()) >= len(pool):
+        raise RecipeError("data.holdout", f"asks for {sum(want.values())} rows but train has {len(pool)}",
+                          "carve fewer rows")
+    start = 0
+    for role, n in want.items():
+        raw[role] = pool.select(range(start, start + n))
+        start += n
+    if recipe["data"]["splits"]["train"] is not None:
+        raw["train"] = pool.select(range(start, len(pool)))
+    return raw
+
+
+def sample(raw: dict, recipe: dict) -> dict:
+    """Draw ``<role>_samples`` rows per role, reproducibly from the seed."""
+    out = {}
+    for role, ds in raw.items():
+        n = recipe["data"][f"{role}_samples"]
+        if n is not None and n < len(ds):
+            ds = ds.shuffle(seed=recipe["seed"]).select(range(n))
+        out[role] = ds
+    return out
+
+
+def name_labels(ds, recipe: dict):
+    """ClassLabel integers (and data.label_names columns) become their names."""
+    from datasets import ClassLabel, Sequence
+
+    maps = {}
+    for column, feature in ds.features.items():
+        if isinstance(feature, ClassLabel):
+            maps[column] = feature.names
+        elif isinstance(feature, Sequence) and isinstance(feature.feature, ClassLabel):
+            maps[column] = feature.feature.names
+        elif isinstance(feature, list) and feature and isinstance(feature[0], ClassLabel):
+            maps[column] = feature[0].names
+    for column, names in recipe["data"]["label_names"].items():
+        if column not in ds.column_names:
+            raise RecipeError(f"data.label_names.{column}", "is not a column of the dataset",
+                              f"columns: {', '.join(ds.column_names)}")
+        maps[column] = names
+    if not maps:
+        return ds
+
+    def to_name(value, names, column):
+        if isinstance(value, list):
+            return [to_name(v, names, column) for v in value]
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < len(names):
+                raise RecipeError(f"data.label_names.{column}", f"value {value} has no name ({len(names)} names)",
+                                  "list one name per class id")
+            return names[value]
+        return value
+
+    def convert(batch):
+        return {c: [to_name(v, names, c) for v in batch[c]] for c, names in maps.items()}
+
+    from datasets import Value, List
+
+    features = ds.features.copy()
+    for column in maps:
+        is_list = isinstance(ds[0][column], list) if len(ds) else False
+        features[column] = List(Value("string")) if is_list else Value("string")
+    return ds.map(convert, batched=True, features=features, keep_in_memory=True, load_from_cache_file=False)
+
+
+def check_columns(ds, recipe: dict, role: str) -> None:
+    columns = set(ds.column_names)
+    for key in ("template", "completion"):
+        for name in template_fields(recipe["prompt"][key], f"prompt.{key}"):
+            if name not in columns:
+                import difflib
+
+                close = difflib.get_close_matches(name, sorted(columns), n=1)
+                hint = f"did you mean {{{close[0]}}}?" if close else f"columns: {', '.join(sorted(columns))}"
+                raise RecipeError(f"prompt.{key}", f"field {{{name}}} is not a column of the {role} data", hint)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _text(value, separator: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return separator.join(_text(v, separator) for v in value)
+    return str(value)
+
+
+def render(template: str, row: dict, separator: str = ", ") -> str:
+    fields = {name: _text(row.get(name), separator)
+              for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    return template.format(**fields)
+
+
+def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
+    """Render a batch; shorten ``prompt.truncate`` (in tokens) until prompt + completion + EOS fits max_length."""
+    prompt_cfg = recipe["prompt"]
+    sep, max_length, field_name = prompt_cfg["list_separator"], prompt_cfg["max_length"], prompt_cfg["truncate"]
+    n = len(next(iter(rows.values())))
+    examples = [{k: rows[k][i] for k in rows} for i in range(n)]
+    prompts = [render(prompt_cfg["template"], ex, sep) for ex in examples]
+    completions = [render(prompt_cfg["completion"], ex, sep) for ex in examples]
+    counts = [len(ids) + 1 for ids in tokenizer([p + c for p, c in zip(prompts, completions)])["input_ids"]]
+    truncated = [False] * n
+    for i in range(n):
+        if counts[i] <= max_length or field_name is None or not completions[i].strip():
+            continue
+        value = _text(examples[i].get(field_name), sep)
+        ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+        for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
+            keep = len(ids) - (counts[i] - max_length)
+            if keep <= 0:
+                break
+            ids = ids[:keep]
+            example = {**examples[i], field_name: tokenizer.decode(ids)}
+            prompts[i] = render(prompt_cfg["template"], example, sep)
+            counts[i] = len(tokenizer(prompts[i] + completions[i])["input_ids"]) + 1
+            truncated[i] = True
+            if counts[i] <= max_length:
+                break
+    ids = rows.get("id") or [None] * n
+    return {"prompt": prompts, "completion": completions, "n_tokens": counts, "truncated": truncated,
+            "id": [str(x) if x is not None else None for x in ids]}
+
+
+def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Prepared:
+    """Rendered, fitted examples for ``roles``; examples that still don't fit, or have an empty target, dropped."""
+    raw = raw if raw is not None else sample(load_raw(recipe), recipe)
+    limit = recipe["data"]["max_tokens"] or recipe["prompt"]["max_length"]
+    out = Prepared()
+    digest = hashlib.sha256(json.dumps(recipe["data"], sort_keys=True, default=str).encode())
+    for role in roles:
+        if raw.get(role) is None:
+            continue
+        ds = name_labels(raw[role], recipe)
+        check_columns(ds, recipe, role)
+        rendered = ds.map(fit_batch, batched=True, batch_size=256, remove_columns=ds.column_names,
+                          fn_kwargs={"recipe": recipe, "tokenizer": tokenizer},
+                          keep_in_memory=True, load_from_cache_file=False)
+        empty = rendered.filter(lambda c: not c.strip(), input_columns="completion", keep_in_memory=True)
+        kept = rendered.filter(lambda c, n: bool(c.strip()) and n <= limit, input_columns=["completion", "n_tokens"],
+                               keep_in_memory=True)
+        out.splits[role] = kept
+        out.stats[role] = {"rows": len(rendered), "kept": len(kept), "truncated": sum(rendered["truncated"]),
+                           "dropped_too_long": len(rendered) - len(kept) - len(empty),
+                           "dropped_empty_completion": len(empty)}
+        digest.update(role.encode())
+        for prompt, completion in zip(kept["prompt"], kept["completion"]):
+            digest.update(f"{prompt}\0{completion}\0".encode())
+        if not len(kept):
+            raise RecipeError(f"data.splits.{role}", f"no {role} example is left after filtering "
+                              f"({out.stats[role]})", "raise prompt.max_length / data.max_tokens or set prompt.truncate")
+    out.fingerprint = digest.hexdigest()[:16]
+    return out
+
+
+def describe(stats: dict) -> str:
+    parts = []
+    for role, s in stats.items():
+        part = f"{role}: {s['kept']} examples"
+        extra = [f"{s['truncated']} truncated"] if s["truncated"] else []
+        if s["dropped_too_long"]:
+            extra.append(f"{s['dropped_too_long']} dropped as too long")
+        if s["dropped_empty_completion"]:
+            extra.append(f"{s['dropped_empty_completion']} dropped for an empty target")
+        parts.append(part + (f" ({', '.join(extra)})" if extra else ""))
+    return "; ".join(parts)

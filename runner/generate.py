@@ -1,0 +1,70 @@
+"""Batched generation: length-sorted batches, left padding, the recipe's decoding settings, stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+
+def generation_config(recipe: dict, tokenizer):
+    from transformers import GenerationConfig
+
+    g = recipe["generation"]
+    kwargs = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"],
+                  repetition_penalty=g["repetition_penalty"], do_sample=g["do_sample"],
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if g["do_sample"]:
+        kwargs.update(top_p=g["top_p"], temperature=g["temperature"], top_k=g["top_k"] or 0)
+    if g["stop"]:
+        kwargs["stop_strings"] = list(g["stop"])
+    return GenerationConfig(**kwargs)
+
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> str:
+    """The prediction up to the first stop string; surrounding whitespace removed."""
+    end = len(text)
+    for stop in stops:
+        # A leading stop (the model starting with a newline) is not the end of an answer.
+        pos = text.find(stop, len(text) - len(text.lstrip()))
+        if pos != -1:
+            end = min(end, pos)
+    return text[:end].strip()
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length (longest first), so little padding is computed."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
+             on_batch: Callable[[list[tuple[int, str]]], None] | None = None) -> dict[int, str]:
+    """Completions for ``prompts`` (by index), streamed batch by batch to ``on_batch``."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(recipe["seed"])
+    config = generation_config(recipe, tokenizer)
+    todo = [i for i in range(len(prompts)) if i not in skip]
+    lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo], add_special_tokens=False)["input_ids"]]
+    results: dict[int, str] = {}
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in length_sorted_batches(lengths, recipe["generation"]["batch_size"]):
+            indices = [todo[j] for j in batch]
+            enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                out = model.generate(**enc, generation_config=config, tokenizer=tokenizer, use_cache=True)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts)]
+            results.update(done)
+            if on_batch:
+                on_batch(done)
+    finally:
+        tokenizer.padding_side = "right"
+        model.train(was_training)
+    return results

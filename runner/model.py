@@ -1,0 +1,213 @@
+"""Tokenizer, base model (bitsandbytes quantization), LoRA (peft), and the checks that need only the config."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from runner.errors import RecipeError
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str):
+    """auto: bf16 where the GPU supports it, else fp16 on GPU; fp32 on CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _source(recipe: dict, key: str = "name_or_path") -> str:
+    return recipe["model"][key] or recipe["model"]["name_or_path"]
+
+
+def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    local = Path(what).expanduser().exists()
+    hint = ("the directory needs config.json and weights saved with save_pretrained" if local else
+            "check the hub id, your network or HF_HUB_OFFLINE; offline, use a local directory")
+    return RecipeError(key_path, f"cannot load {what!r}: {text[:200]}", hint)
+
+
+def load_tokenizer(recipe: dict):
+    from transformers import AutoTokenizer
+
+    src = _source(recipe, "tokenizer")
+    key = "model.tokenizer" if recipe["model"]["tokenizer"] else "model.name_or_path"
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=recipe["model"]["revision"],
+                                            trust_remote_code=recipe["model"]["trust_remote_code"])
+    except Exception as exc:
+        raise _load_error(key, src, exc) from None
+    if tok.eos_token is None:
+        raise RecipeError(key, f"tokenizer of {src!r} has no EOS token", "completions end with EOS; pick a tokenizer that has one")
+    if tok.pad_token is None:
+        # Padding is masked out of attention and loss, so reusing EOS is safe; a new token would resize 4-bit embeddings.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(recipe: dict):
+    from transformers import AutoConfig
+
+    src = recipe["model"]["name_or_path"]
+    try:
+        return AutoConfig.from_pretrained(src, revision=recipe["model"]["revision"],
+                                          trust_remote_code=recipe["model"]["trust_remote_code"])
+    except Exception as exc:
+        raise _load_error("model.name_or_path", src, exc) from None
+
+
+def meta_model(config):
+    """The architecture with no weights (meta device): module names and parameter counts for free."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_module_names(model) -> list[str]:
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    output = model.get_output_embeddings()
+    out_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is output), None)
+    return sorted(names - {out_name})
+
+
+def check_targets(recipe: dict, model) -> None:
+    """Every LoRA target must be a Linear of this architecture (checked before any weight loads)."""
+    lora = recipe["lora"]
+    if lora is None or lora["target_modules"] == "all-linear":
+        return
+    available = linear_module_names(model)
+    for i, name in enumerate(lora["target_modules"]):
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"lora.target_modules[{i}]",
+                              f"{model.config.model_type} has no linear module {name!r}",
+                              f"{hint}available: {', '.join(available)}")
+
+
+def check(recipe: dict):
+    """Config-only checks; returns the meta-device model for parameter counting."""
+    config = load_config(recipe)
+    try:
+        model = meta_model(config)
+    except ValueError as exc:
+        raise RecipeError("model.name_or_path", f"not a causal language model: {str(exc)[:150]}",
+                          "use a model with an AutoModelForCausalLM class") from None
+    check_targets(recipe, model)
+    return model
+
+
+def quantization_config(recipe: dict):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe["quantization"]
+    if q["method"] == "bnb_4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
+                                  bnb_4bit_use_double_quant=q["double_quant"],
+                                  bnb_4bit_compute_dtype=resolve_dtype(q["compute_dtype"]))
+    if q["method"] == "bnb_8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def lora_config(recipe: dict):
+    from peft import LoraConfig
+
+    lora = recipe["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], bias=lora["bias"], task_type="CAUSAL_LM")
+
+
+def load_base(recipe: dict):
+    """The base model as the recipe quantizes it, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = recipe["model"]
+    kwargs = dict(revision=m["revision"], trust_remote_code=m["trust_remote_code"],
+                  attn_implementation=m["attn_implementation"], dtype=resolve_dtype(m["dtype"]),
+                  quantization_config=quantization_config(recipe))
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        return AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error("model.name_or_path", m["name_or_path"], exc) from None
+
+
+def load_for_training(recipe: dict):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base(recipe)
+    _keep_trainable_layout(model)
+    gc = recipe["training"]["gradient_checkpointing"]
+    if recipe["quantization"]["method"] != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe["lora"] is not None:
+        model = get_peft_model(model, lora_config(recipe))
+    model.config.use_cache = False
+    return model
+
+
+def _keep_trainable_layout(model) -> None:
+    """On CPU, bitsandbytes repacks 4-bit weights into an inference-only layout on the first forward in eval mode
+    (e.g. the eval loss between training steps), after which training forwards fail with an in-place error."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_trained(recipe: dict, adapter_dir: Path | None):
+    """Base model plus the saved adapter (or the base alone), ready for inference."""
+    from peft import PeftModel
+
+    model = load_base(recipe)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights at their real element count."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n = int(param.quant_state.shape.numel()) if getattr(param, "quant_state", None) else n * 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def parameter_line(trainable: int, total: int) -> str:
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def meta_lora_counts(recipe: dict, model) -> tuple[int, int]:
+    """Trainable/total parameters of the recipe's LoRA on a meta-device model (no weights)."""
+    from peft import get_peft_model
+
+    if recipe["lora"] is None:
+        n = sum(p.numel() for p in model.parameters())
+        return n, n
+    peft_model = get_peft_model(model, lora_config(recipe))
+    return count_parameters(peft_model)

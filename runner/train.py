@@ -1,0 +1,152 @@
+"""Training: the run folder, SFTConfig and SFTTrainer from the recipe, the adapter and the run record.
+
+Reads top to bottom like the run itself: check, set up each recipe section, train, save, evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from runner import data as data_mod
+from runner import model as model_mod
+from runner import recipe as recipe_mod
+from runner import runs
+from runner.errors import RecipeError
+
+
+def set_threads(recipe: dict) -> int:
+    """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
+    import torch
+
+    n = recipe["training"]["num_threads"] or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------- one _setup_* per recipe section
+
+
+def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
+    if recipe["data"]["splits"]["train"] is None:
+        raise RecipeError("data.splits.train", "is null, so there is nothing to train on", "name the train split")
+    roles = ("train", "eval", recipe["evaluation"]["split"])
+    prepared = data_mod.prepare(recipe, tokenizer, roles=tuple(dict.fromkeys(roles)))
+    print(f"data: {data_mod.describe(prepared.stats)}", flush=True)
+    return prepared
+
+
+def _setup_model(recipe: dict):
+    model = model_mod.load_for_training(recipe)
+    trainable, total = model_mod.count_parameters(model)
+    print(model_mod.parameter_line(trainable, total), flush=True)
+    return model, trainable, total
+
+
+def _setup_training(recipe: dict, run_dir: Path, has_eval: bool):
+    import torch
+    from trl import SFTConfig
+
+    t = recipe["training"]
+    on_gpu = torch.cuda.is_available()
+    dtype = model_mod.resolve_dtype(recipe["model"]["dtype"])
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t["eval_every"] else "epoch"
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        seed=recipe["seed"],
+        num_train_epochs=t["epochs"],
+        max_steps=t["max_steps"] or -1,
+        per_device_train_batch_size=t["micro_batch_size"],
+        per_device_eval_batch_size=t["micro_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_ratio"] if t["warmup_ratio"] < 1 else 0,
+        weight_decay=t["weight_decay"],
+        max_grad_norm=t["max_grad_norm"] or 0.0,
+        optim=t["optimizer"],
+        gradient_checkpointing=t["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
+        packing=t["packing"],
+        max_length=recipe["prompt"]["max_length"],
+        completion_only_loss=True,
+        eval_strategy=eval_strategy,
+        eval_steps=t["eval_every"],
+        save_strategy="steps" if t["save_every"] else "no",
+        save_steps=t["save_every"] or 500,
+        save_total_limit=t["save_total_limit"],
+        logging_steps=t["logging_steps"],
+        logging_first_step=True,
+        # Mixed precision only on a GPU: TRL turns bf16 on by default, and bf16 matmuls on CPU are ~3x slower.
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        save_only_model=False,
+    )
+
+
+def _log_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Streams every log record (train loss, eval loss, lr, ...) to train_log.jsonl as it happens."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    return JsonlLog()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def check(recipe: dict):
+    """Everything that can fail from the recipe, the data and the model config — before a folder or weight exists."""
+    meta = model_mod.check(recipe)
+    tokenizer = model_mod.load_tokenizer(recipe)
+    return meta, tokenizer
+
+
+def train(recipe: dict):
+    """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation."""
+    _, tokenizer = check(recipe)
+    prepared = _setup_data(recipe, tokenizer)
+    run_dir, resume_from = runs.open_run(recipe)
+    print(f"run folder: {run_dir}", flush=True)
+    threads = set_threads(recipe)
+    from trl import SFTTrainer
+
+    start = time.time()
+    model, trainable, total = _setup_model(recipe)
+    args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits)
+    columns = ["prompt", "completion"]
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.splits["train"].select_columns(columns),
+        eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
+        processing_class=tokenizer,
+        callbacks=[_log_callback(run_dir / "train_log.jsonl")],
+    )
+    runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total)
+    load_s = time.time() - start
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_s = time.time() - start - load_s
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
+                    train_loss=result.training_loss, global_step=result.global_step,
+                    **runs.peak_memory())
+    print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
+    return run_dir, trainer.model, tokenizer, prepared

@@ -1,0 +1,165 @@
+"""Every mistake a user can make in a recipe ends in one line `error: <key.path>: ...`, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+TINY_RECIPE = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
+
+
+def write_recipe(tmp_path: Path, tiny: Path, edit=None, text: str | None = None) -> Path:
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    recipe["model"]["name_or_path"] = str(tiny / "phi")
+    recipe["data"]["source"] = {k: str(tiny / "data" / "xsum_tiny" / f"{s}.jsonl")
+                                for k, s in (("train", "train"), ("eval", "validation"), ("test", "test"))}
+    recipe["output_dir"] = str(tmp_path / "runs")
+    if edit:
+        edit(recipe)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def assert_user_error(result, key_path: str, *words: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {key_path}: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_nothing_written(tmp_path: Path):
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(p for p in runs.rglob("*") if p.is_file()), list(runs.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_unknown_key_suggests_the_right_one(tmp_path, tiny, cli, command):
+    path = write_recipe(tmp_path, tiny, lambda r: r["training"].update(learning_rat=1e-4))
+    line = assert_user_error(cli(command, path), "training.learning_rat", "unknown key", "did you mean 'learning_rate'")
+    assert line.endswith(")")
+    assert_nothing_written(tmp_path)
+
+
+def test_unknown_top_level_key(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r.update(evalution={"split": "test"}))
+    assert_user_error(cli("train", path), "evalution", "did you mean 'evaluation'")
+
+
+def test_wrong_type(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["training"].update(micro_batch_size="four"))
+    assert_user_error(cli("train", path), "training.micro_batch_size", "expected integer", "'four'")
+    assert_nothing_written(tmp_path)
+
+
+def test_value_out_of_range(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["lora"].update(dropout=1.5))
+    assert_user_error(cli("train", path), "lora.dropout", "out of range", "< 1")
+
+
+def test_bad_enum_value_suggests(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["quantization"].update(quant_type="nf5"))
+    assert_user_error(cli("train", path), "quantization.quant_type", "did you mean 'nf4'")
+
+
+def test_missing_required_key(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["prompt"].pop("completion"))
+    assert_user_error(cli("train", path), "prompt.completion", "missing required key")
+    assert_nothing_written(tmp_path)
+
+
+def test_template_field_not_in_columns(tmp_path, tiny, cli):
+    def edit(r):
+        r["prompt"]["template"] = "Article: {documnt}\nSummary:"
+        r["prompt"]["truncate"] = "documnt"
+    path = write_recipe(tmp_path, tiny, edit)
+    assert_user_error(cli("train", path), "prompt.template", "{documnt}", "did you mean {document}")
+    assert_nothing_written(tmp_path)
+
+
+def test_lora_target_the_architecture_lacks(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["lora"].update(target_modules=["q_proj", "o_proj"]))
+    line = assert_user_error(cli("train", path), "lora.target_modules[1]", "'o_proj'", "dense")
+    assert "phi" in line
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("completion", ["", "   "])
+def test_empty_completion(tmp_path, tiny, cli, completion):
+    path = write_recipe(tmp_path, tiny, lambda r: r["prompt"].update(completion=completion))
+    assert_user_error(cli("validate", path), "prompt.completion", "empty")
+
+
+def test_completion_without_a_field(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["prompt"].update(completion=" done"))
+    assert_user_error(cli("validate", path), "prompt.completion", "no dataset field")
+
+
+def test_unreadable_data_file(tmp_path, tiny, cli):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"document": "a", "summary": "b"}\n{"document": "unterminated\n')
+    path = write_recipe(tmp_path, tiny, lambda r: r["data"].update(source={"train": str(bad)},
+                                                                     holdout={"eval": 0, "test": 1}))
+    assert_user_error(cli("train", path), "data.source.train", "cannot read broken.jsonl", "line 2")
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_data_file(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["data"]["source"].update(test=str(tmp_path / "nope.jsonl")))
+    assert_user_error(cli("train", path), "data.source.test", "file not found")
+    assert_nothing_written(tmp_path)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, tiny, cli):
+    text = "name: broken\nmodel:\n  name_or_path: x\n  dtype: [auto\ndata:\n  source: a.jsonl\n"
+    path = write_recipe(tmp_path, tiny, text=text)
+    line = assert_user_error(cli("validate", path), str(path), "YAML syntax error at line")
+    assert "line 5" in line or "line 4" in line
+
+
+def test_model_that_cannot_be_loaded(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["model"].update(name_or_path=str(tmp_path / "no-model")))
+    assert_user_error(cli("train", path), "model.name_or_path", "cannot load")
+    assert_nothing_written(tmp_path)
+
+
+def test_bad_override_syntax(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny)
+    assert_user_error(cli("validate", path, "training.max_steps"), "training.max_steps", "key.path=value")
+    assert_user_error(cli("validate", path, "training.max_step=5"), "training.max_step", "did you mean 'max_steps'")
+
+
+def test_quantized_model_needs_lora(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r.update(lora=None))
+    assert_user_error(cli("validate", path), "lora", "quantized")
+
+
+def test_extends_cycle(tmp_path, cli):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    assert_user_error(cli("validate", tmp_path / "a.yaml"), "extends", "cycle")
+
+
+def test_unknown_evaluator(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["evaluation"].update(evaluators=[{"name": "rogue"}]))
+    assert_user_error(cli("validate", path), "evaluation.evaluators[0].name", "did you mean 'rouge'")
+
+
+def test_wrong_evaluator_parameter(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r["evaluation"].update(
+        evaluators=[{"name": "rouge"}, {"name": "samples", "cuont": 3}]))
+    assert_user_error(cli("validate", path), "evaluation.evaluators[1].cuont", "did you mean 'count'")
+
+
+def test_eval_of_a_folder_without_adapter(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny)
+    assert_user_error(cli("eval", path, "--run", tmp_path), "--run", "no trained adapter")

@@ -1,0 +1,117 @@
+"""Recipes: every bundled YAML validates; extends, overrides, defaults and paths resolve as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner import recipe as recipe_mod
+from runner.errors import RecipeError
+from tests.conftest import ROOT, cli_env
+
+BUNDLED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_bundled_recipes_exist():
+    names = {p.name for p in BUNDLED}
+    assert {"xsum_phi2.yaml", "xsum_tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_bundled_recipe_validates(path):
+    recipe = recipe_mod.load(path)
+    assert recipe["name"]
+    assert recipe["evaluation"]["evaluators"]
+    # The resolved recipe is complete: validating it again changes nothing.
+    assert recipe_mod.validate(yaml.safe_load(recipe_mod.dump(recipe))) == recipe
+
+
+def test_xsum_phi2_has_the_study_settings():
+    r = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")
+    assert r["model"]["name_or_path"] == "microsoft/phi-2"
+    assert r["data"]["source"] == "EdinburghNLP/xsum"
+    assert r["quantization"] == {"method": "bnb_4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
+    assert (r["lora"]["r"], r["lora"]["alpha"]) == (16, 32)
+    assert r["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "dense"]
+    assert r["data"]["train_samples"] == 5000 and r["data"]["max_tokens"] == 512
+    assert r["prompt"]["max_length"] == 512 and r["prompt"]["truncate"] == "document"
+    assert r["prompt"]["template"].startswith(
+        "Instruction: Summarize the following news article in a concise and abstractive way.\nArticle: {document}")
+    assert r["prompt"]["template"].endswith("Summary:")
+    t = r["training"]
+    assert (t["epochs"], t["optimizer"], t["gradient_checkpointing"]) == (1, "paged_adamw_8bit", True)
+    g = r["generation"]
+    assert g["do_sample"] and g["top_p"] < 1 and g["repetition_penalty"] > 1
+    assert [e["name"] for e in r["evaluation"]["evaluators"]] == ["rouge", "samples"]
+
+
+def test_defaults_are_filled_from_the_schema(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {source: d.jsonl}\nprompt: {template: 'Q: {q}', completion: ' {a}'}\n")
+    r = recipe_mod.load(path)
+    assert r["name"] == "r"
+    assert r["seed"] == 42 and r["training"]["learning_rate"] == 2e-4
+    assert r["quantization"]["method"] == "none" and r["lora"] is None
+    assert r["evaluation"]["evaluators"] == [{"name": "samples", "count": 8, "input_chars": 300}]
+    assert r["data"]["source"] == str(tmp_path / "d.jsonl")  # relative to the recipe file
+    assert r["model"]["name_or_path"] == "m"  # not a path: a hub id
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "name": "base", "model": {"name_or_path": "./model"}, "data": {"source": "train.jsonl"},
+        "prompt": {"template": "{x}", "completion": " {y}"},
+        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "training": {"epochs": 3}}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text(yaml.safe_dump({
+        "extends": "../base.yaml", "lora": {"target_modules": ["dense"]}, "training": {"max_steps": 7}}))
+    r = recipe_mod.load(tmp_path / "sub" / "child.yaml")
+    assert r["name"] == "child"
+    assert r["lora"]["r"] == 8 and r["lora"]["target_modules"] == ["dense"]
+    assert r["training"]["epochs"] == 3 and r["training"]["max_steps"] == 7
+    assert r["model"]["name_or_path"] == str(tmp_path / "model")  # relative to the file that set it
+
+
+def test_overrides_parse_values_as_yaml_and_index_lists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", [
+        "training.max_steps=5", "training.packing=true", "lora.target_modules=[q_proj, dense]",
+        "evaluation.evaluators[1].count=3", "data.source=mine.jsonl", "generation.top_k=null", "name=other"])
+    assert r["training"]["max_steps"] == 5 and r["training"]["packing"] is True
+    assert r["lora"]["target_modules"] == ["q_proj", "dense"]
+    assert r["evaluation"]["evaluators"][1]["count"] == 3
+    assert r["data"]["source"] == str(tmp_path / "mine.jsonl")  # relative to where the command runs
+    assert r["name"] == "other"
+
+
+def test_override_past_the_end_of_a_list_is_an_error():
+    with pytest.raises(RecipeError) as err:
+        recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", ["evaluation.evaluators[5].count=3"])
+    assert err.value.key_path == "evaluation.evaluators[5]"
+
+
+def test_cross_checks():
+    base = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")
+    raw = yaml.safe_load(recipe_mod.dump(base))
+    raw["prompt"]["truncate"] = "summary"
+    with pytest.raises(RecipeError, match="not a field of prompt.template"):
+        recipe_mod.validate(raw)
+    raw = yaml.safe_load(recipe_mod.dump(base))
+    raw["data"]["splits"]["eval"] = None
+    with pytest.raises(RecipeError) as err:
+        recipe_mod.validate(raw)
+    assert err.value.key_path == "training.eval_every"
+
+
+def test_validate_imports_neither_torch_nor_transformers():
+    code = ("import sys; from runner.cli import main; rc = main(['validate', 'recipes/xsum_phi2.yaml']); "
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    assert "ok: recipes/xsum_phi2.yaml -> xsum_phi2" in out.stdout
