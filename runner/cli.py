@@ -13,28 +13,29 @@ from pathlib import Path
 
 from runner.errors import RecipeError
 
-COMMANDS = {
-    "validate": "check a recipe (schema and cross-checks) and print the resolved recipe's summary",
-    "train": "train the recipe's adapter, then evaluate it; writes a run folder under output_dir",
-    "eval": "evaluate a finished run's adapter (--run) or the untrained base model (--base)",
-}
+def _args_validate(p):
+    p.add_argument("--print", action="store_true", dest="show", help="print the resolved recipe as YAML")
+
+
+def _args_train(p):
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+
+
+def _args_eval(p):
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
+    which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
+    for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
-        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. training.max_steps=5")
-        if name == "validate":
-            p.add_argument("--print", action="store_true", dest="show", help="print the resolved recipe as YAML")
-        if name == "train":
-            p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-        if name == "eval":
-            which = p.add_mutually_exclusive_group(required=True)
-            which.add_argument("--run", help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
-            which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="override recipe keys, e.g. training.max_steps=5")
+        add_args(p)
     return parser
 
 
@@ -97,6 +98,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# name -> (help, add its options, run it). A new command is one entry here plus its two functions.
+COMMANDS = {
+    "validate": ("check a recipe (schema and cross-checks) without loading anything heavy",
+                 _args_validate, cmd_validate),
+    "train": ("train the recipe's adapter, then evaluate it; writes a run folder under output_dir",
+              _args_train, cmd_train),
+    "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
+             _args_eval, cmd_eval),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     try:
-        return {"validate": cmd_validate, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return COMMANDS[args.command][2](args)
     except RecipeError as exc:
         print(exc.line(), file=sys.stderr)
         return 2
