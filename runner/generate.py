@@ -11,7 +11,7 @@ def generation_config(recipe: dict, tokenizer):
     g = recipe["generation"]
     kwargs = dict(max_new_tokens=g["max_new_tokens"], num_beams=g["num_beams"],
                   repetition_penalty=g["repetition_penalty"], do_sample=g["do_sample"],
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     if g["do_sample"]:
         kwargs.update(top_p=g["top_p"], temperature=g["temperature"], top_k=g["top_k"] or 0)
     if g["stop"]:
@@ -58,7 +58,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
             enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             with torch.inference_mode():
-                out = model.generate(**enc, generation_config=config, tokenizer=tokenizer, use_cache=True)
+                out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts)]
             results.update(done)
