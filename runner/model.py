@@ -58,7 +58,10 @@ def load_tokenizer(recipe: dict):
 
 
 def load_config(recipe: dict):
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig
+
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error below
 
     src = recipe["model"]["name_or_path"]
     try:
@@ -134,7 +137,13 @@ def lora_config(recipe: dict):
                       target_modules=lora["target_modules"], bias=lora["bias"], task_type="CAUSAL_LM")
 
 
-def load_base(recipe: dict):
+# Activations written as a chain of Python elementwise ops, and the one fused kernel computing the same formula:
+# Phi-2's gelu_new keeps about five [tokens, intermediate] tensors per layer for backward; gelu(approximate="tanh")
+# keeps one and launches one kernel.
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
+
+def load_base(recipe: dict, fused_activation: bool = False):
     """The base model as the recipe quantizes it, on the GPU when there is one."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -143,6 +152,10 @@ def load_base(recipe: dict):
     kwargs = dict(revision=m["revision"], trust_remote_code=m["trust_remote_code"],
                   attn_implementation=m["attn_implementation"], dtype=resolve_dtype(m["dtype"]),
                   quantization_config=quantization_config(recipe))
+    if fused_activation:
+        act = getattr(load_config(recipe), "hidden_act", None)
+        if act in FUSED_ACTIVATIONS:
+            kwargs["hidden_act"] = FUSED_ACTIVATIONS[act]
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
@@ -151,19 +164,32 @@ def load_base(recipe: dict):
         raise _load_error("model.name_or_path", m["name_or_path"], exc) from None
 
 
-def load_for_training(recipe: dict):
+def load_for_training(recipe: dict, speed=None):
+    """``speed`` (runner.profiles.Speed) may keep the loaded dtype and fuse the activation; None = as written."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(recipe)
+    model = load_base(recipe, fused_activation=bool(speed and speed.fused_activation))
     _keep_trainable_layout(model)
     gc = recipe["training"]["gradient_checkpointing"]
-    if recipe["quantization"]["method"] != "none":
+    if recipe["quantization"]["method"] != "none" and speed is not None and speed.keep_dtype:
+        _freeze_for_kbit_training(model, gc)
+    elif recipe["quantization"]["method"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe["lora"] is not None:
         model = get_peft_model(model, lora_config(recipe))
     model.config.use_cache = False
     return model
+
+
+def _freeze_for_kbit_training(model, gradient_checkpointing: bool) -> None:
+    """peft's prepare_model_for_kbit_training minus its fp32 cast of every unquantized weight: that cast makes the
+    residual stream, norms and head fp32, doubling their activations and adding a cast kernel around every 4-bit
+    matmul. bf16 norms and head are what bf16 training uses anyway; the LoRA weights are trained as TRL keeps them."""
+    for param in model.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _keep_trainable_layout(model) -> None:
