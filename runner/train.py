@@ -70,8 +70,7 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool):
         weight_decay=t["weight_decay"],
         max_grad_norm=t["max_grad_norm"] or 0.0,
         optim=t["optimizer"],
-        gradient_checkpointing=t["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
+        **_checkpointing_args(SFTConfig, t["gradient_checkpointing"]),
         packing=t["packing"],
         max_length=recipe["prompt"]["max_length"],
         completion_only_loss=True,
@@ -91,6 +90,13 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool):
         dataset_num_proc=None,
         save_only_model=False,
     )
+
+
+def _checkpointing_args(config_cls, enabled: bool) -> dict:
+    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing* (the old names warn).
+    prefix = "activation" if "activation_checkpointing" in config_cls.__dataclass_fields__ else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _log_callback(path: Path):
