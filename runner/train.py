@@ -13,7 +13,6 @@ from pathlib import Path
 
 from runner import data as data_mod
 from runner import model as model_mod
-from runner import recipe as recipe_mod
 from runner import runs
 from runner.errors import RecipeError
 
@@ -133,17 +132,22 @@ def train(recipe: dict):
     from trl import SFTTrainer
 
     start = time.time()
-    model, trainable, total = _setup_model(recipe)
-    args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits)
-    columns = ["prompt", "completion"]
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.splits["train"].select_columns(columns),
-        eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
-        processing_class=tokenizer,
-        callbacks=[_log_callback(run_dir / "train_log.jsonl")],
-    )
+    try:
+        model, trainable, total = _setup_model(recipe)
+        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits)
+        columns = ["prompt", "completion"]
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=prepared.splits["train"].select_columns(columns),
+            eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
+            processing_class=tokenizer,
+            callbacks=[_log_callback(run_dir / "train_log.jsonl")],
+        )
+    except RecipeError:
+        if not (resume_from and recipe["training"]["resume"] == "auto"):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
+        raise
     runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total)
     load_s = time.time() - start
     result = trainer.train(resume_from_checkpoint=resume_from)
