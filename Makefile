@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny/xsum_tiny.yaml
 RUN ?=
 ARGS ?=
+INPUT ?= -
 # CPU torch without a GPU (a small build; `pip install torch==2.13.0` finds the local CPU wheel where there is one),
 # the CUDA build from PyPI with one. Override with `make install TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)
@@ -15,12 +16,14 @@ export OMP_NUM_THREADS ?= $(THREADS)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate train eval test smoke tiny lint clean
+.PHONY: help install validate train eval compare generate test smoke tiny lint clean
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
 	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate (default: the tiny offline XSum twin)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
+	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
+	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
 	@echo "make test                       the test suite (CPU, about 5 minutes on 2 cores)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
@@ -51,6 +54,14 @@ train: $(BIN)/runner $(TINY)
 eval: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make eval RECIPE=... RUN=runs/<name>/<time>)" >&2; exit 2; }
 	$(BIN)/runner eval $(RECIPE) --run $(RUN) $(ARGS)
+
+compare: $(BIN)/runner $(TINY)
+	@test -n "$(RUN)" || { echo "error: RUN: missing (make compare RECIPE=... RUN=runs/<name>/<time>)" >&2; exit 2; }
+	$(BIN)/runner compare $(RECIPE) --run $(RUN) $(ARGS)
+
+generate: $(BIN)/runner $(TINY)
+	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RECIPE=... RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }
+	$(BIN)/runner generate $(RECIPE) --run $(RUN) --input $(INPUT) $(ARGS)
 
 test: $(BIN)/runner $(TINY)
 	$(BIN)/python -m pytest -q tests

@@ -6,4 +6,5 @@ A recipe names a built-in (``rouge``, ``samples``) or its own class as ``package
 BUILTINS = {
     "rouge": "evaluators.rouge:Rouge",
     "samples": "evaluators.samples:Samples",
+    "loss": "evaluators.loss:Loss",
 }

@@ -27,6 +27,20 @@ def _args_eval(p):
     which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
 
 
+def _args_compare(p):
+    p.add_argument("--run", required=True, help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
+
+
+def _args_generate(p):
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a finished run folder whose adapter generates")
+    which.add_argument("--base", action="store_true", help="generate with the base model, no adapter")
+    p.add_argument("--input", default="-", metavar="FILE|-",
+                   help="JSONL records with the template's fields, or raw text lines for its main field "
+                        "(prompt.truncate or its only field); one input per line; - = standard input (default)")
+    p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,7 +84,8 @@ def cmd_train(args) -> int:
     run_dir, model, tokenizer, prepared = train.train(recipe)
     if not args.no_eval:
         role = recipe["evaluation"]["split"]
-        metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role])
+        metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role],
+                                    splits=prepared.splits)
         print(evaluate.summary_line(metrics))
     print(f"done: {run_dir}")
     return 0
@@ -98,6 +113,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    from runner import compare, model, runs, train
+    from runner import data as data_mod
+
+    run_dir = runs.find_run(args.run)
+    _, tokenizer = train.check(recipe)
+    role = recipe["evaluation"]["split"]
+    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    out_dir = compare.open_compare_dir(recipe, run_dir)
+    print(f"comparison folder: {out_dir}", flush=True)
+    train.set_threads(recipe)
+    net = model.load_trained(recipe, run_dir / "adapter")
+    summary = compare.compare(recipe, run_dir, net, tokenizer, examples, out_dir)
+    print("\n".join(compare.summary_lines(summary)))
+    print(f"done: {out_dir / 'comparison.md'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    from runner import infer, model, runs, train
+
+    adapter = None if args.base else runs.find_run(args.run) / "adapter"
+    rows = infer.read_inputs(infer.open_input(args.input), recipe)  # input mistakes show before weights load
+    _, tokenizer = train.check(recipe)
+    fitted = [infer.fit_prompt(row, recipe, tokenizer) for row in rows]
+    shortened = sum(cut for _, cut in fitted)
+    if shortened:
+        print(f"{shortened} of {len(rows)} inputs shortened to fit prompt.max_length", file=sys.stderr, flush=True)
+    train.set_threads(recipe)
+    net = model.load_trained(recipe, adapter)
+    completions = infer.complete(net, tokenizer, [prompt for prompt, _ in fitted], recipe)
+    for row, text in zip(rows, completions):
+        print(json.dumps({**row, "completion": text}, ensure_ascii=False) if args.jsonl else " ".join(text.split()))
+    return 0
+
+
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
 COMMANDS = {
     "validate": ("check a recipe (schema and cross-checks) without loading anything heavy",
@@ -106,6 +165,10 @@ COMMANDS = {
               _args_train, cmd_train),
     "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
              _args_eval, cmd_eval),
+    "compare": ("evaluate the base model (adapter disabled) and the adapter on the same examples; writes "
+                "comparison.md and comparison.json", _args_compare, cmd_compare),
+    "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
+                 _args_generate, cmd_generate),
 }
 
 

@@ -41,42 +41,84 @@ def _read_done(path: Path) -> dict[int, dict]:
     return done
 
 
-def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None) -> dict:
-    """Generate for the evaluation split, score, and write predictions.jsonl, metrics.json and evaluator files."""
+def predictor(recipe: dict):
+    """generation.mode: free generation, or ranking the allowed labels; both stream (index, text) batches."""
+    if recipe["generation"]["mode"] == "rank":
+        from runner.rank import rank
+
+        return rank
+    return generate_mod.generate
+
+
+def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
+    if role not in known:
+        known[role] = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    return known[role]
+
+
+def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, splits: dict | None = None) -> dict:
+    """Predict for the evaluation split, score, and write predictions.jsonl, metrics.json and evaluator files.
+
+    ``splits`` ({role: prepared examples}) saves re-preparing the splits that model-scoring evaluators (``loss``)
+    read; missing ones are prepared here.
+    """
     role = recipe["evaluation"]["split"]
-    if examples is None:
-        examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    known = dict(splits or {})
+    if examples is not None:
+        known[role] = examples
+    examples = _examples_for(role, recipe, tokenizer, known)
+    evaluators = build_evaluators(recipe)
+    start = time.time()
+    records = []
+    if any(ev.uses_predictions for _, ev in evaluators):
+        records = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
+    metrics = {"split": role, "examples": len(examples), "mode": recipe["generation"]["mode"],
+               "prediction_seconds": round(time.time() - start, 2)}
+    for name, evaluator in evaluators:
+        if evaluator.needs_model:
+            scored = _examples_for(evaluator.split or role, recipe, tokenizer, known)
+            evaluator.score_model(model, tokenizer, scored, recipe)
+        metrics[name] = evaluator.evaluate(records, out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> list[Record]:
+    """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped."""
+    from tqdm.auto import tqdm
+
     prompts, references = examples["prompt"], [c.strip() for c in examples["completion"]]
     ids = examples["id"]
-    pred_path = out_dir / "predictions.jsonl"
     done = _read_done(pred_path)
     if done:
         print(f"resuming evaluation: {len(done)} of {len(prompts)} predictions already in {pred_path}", flush=True)
     if pred_path.exists():  # rewrite without any torn line, then append
         pred_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
-
-    start, produced = time.time(), 0
+    verb = "ranking labels" if recipe["generation"]["mode"] == "rank" else "generating"
+    bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples", dynamic_ncols=True)
 
     def write(batch):
-        nonlocal produced
         with open(pred_path, "a", encoding="utf-8") as f:
             for i, text in batch:
                 row = {"index": i, "id": ids[i], "prompt": prompts[i], "reference": references[i], "prediction": text}
                 done[i] = row
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        produced += len(batch)
-        rate = produced / max(time.time() - start, 1e-9)
-        print(f"\rgenerating: {len(done)}/{len(prompts)} ({rate:.1f} examples/s)", end="", flush=True)
+        bar.update(len(batch))
 
-    generate_mod.generate(model, tokenizer, prompts, recipe, skip=set(done), on_batch=write)
-    print(flush=True)
-    records = [Record(index=i, prompt=r["prompt"], reference=r["reference"], prediction=r["prediction"], id=r["id"])
-               for i, r in sorted(done.items())]
-    metrics = {"split": role, "examples": len(records), "generation_seconds": round(time.time() - start, 2)}
-    for name, evaluator in build_evaluators(recipe):
-        metrics[name] = evaluator.evaluate(records, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return metrics
+    try:
+        predictor(recipe)(model, tokenizer, prompts, recipe, skip=set(done), on_batch=write)
+    finally:
+        bar.close()
+    return read_records(pred_path)
+
+
+def read_records(pred_path: Path) -> list[Record]:
+    """The records of a predictions.jsonl, by example index."""
+    return [Record(index=i, prompt=r["prompt"], reference=r["reference"], prediction=r["prediction"], id=r["id"])
+            for i, r in sorted(_read_done(pred_path).items())]
+
+
+_NOT_METRICS = {"count", "examples", "tokens", "support"}
 
 
 def summary_line(metrics: dict) -> str:
@@ -86,6 +128,9 @@ def summary_line(metrics: dict) -> str:
             for key, sub in value.items():
                 if isinstance(sub, dict) and "f1" in sub:
                     parts.append(f"{key} {sub['f1']:.2f} [{sub['ci95'][0]:.2f}, {sub['ci95'][1]:.2f}]")
-                elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key != "count":
+                elif isinstance(value.get(f"{key}_ci95"), list):
+                    low, high = value[f"{key}_ci95"]
+                    parts.append(f"{key} {sub:.4g} [{low:.4g}, {high:.4g}]")
+                elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key not in _NOT_METRICS:
                     parts.append(f"{name}.{key} {sub:.4g}")
     return f"{metrics['split']} ({metrics['examples']} examples): " + (", ".join(parts) or "no metrics")

@@ -46,7 +46,8 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     set_seed(recipe["seed"])
     config = generation_config(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
-    lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo], add_special_tokens=False)["input_ids"]]
+    # Special tokens as the tokenizer adds them by default: TRL tokenized the training prompts that way (a BOS).
+    lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo])["input_ids"]]
     results: dict[int, str] = {}
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     device = next(model.parameters()).device
@@ -55,8 +56,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     try:
         for batch in length_sorted_batches(lengths, recipe["generation"]["batch_size"]):
             indices = [todo[j] for j in batch]
-            enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+            enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(device)
             with torch.inference_mode():
                 out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

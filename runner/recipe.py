@@ -379,6 +379,14 @@ def cross_check(recipe: dict) -> None:
     if data["max_tokens"] is not None and data["max_tokens"] > prompt["max_length"]:
         raise RecipeError("data.max_tokens", f"{data['max_tokens']} is larger than prompt.max_length "
                           f"{prompt['max_length']}", "examples are truncated to prompt.max_length first")
+    for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
+        scored = spec.get("split") if spec["name"] == "loss" else None
+        if scored and splits.get(scored) is None and not data["holdout"].get(scored):
+            raise RecipeError(f"evaluation.evaluators[{i}].split", f"scores the {scored!r} split, but "
+                              f"data.splits.{scored} is null", f"set data.splits.{scored} or another split")
+    from runner.rank import check_recipe  # rank mode's needs (labels, a one-field completion)
+
+    check_recipe(recipe)
 
 
 def get(recipe: dict, key_path: str) -> Any:

@@ -1,0 +1,224 @@
+"""Base model vs fine-tuned adapter on the same examples with the same seed: comparison.md + comparison.json.
+
+One model is loaded; the base is evaluated with the adapter disabled, then the adapter itself. Each metric is
+shown side by side with its difference and whether the two bootstrap 95% confidence intervals overlap. Evaluators
+with per-example scores (``per_example(records)``, e.g. ROUGE) also get a paired bootstrap of the difference:
+the same resampled examples for both models, which is far more sensitive than comparing two separate intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from runner import evaluate as evaluate_mod
+from runner import recipe as recipe_mod
+from runner import runs
+
+SYSTEMS = ("base", "adapter")
+# Numbers in metrics.json that describe the evaluation rather than measure the model.
+NOT_METRICS = {"count", "examples", "tokens", "support"}
+LOWER_IS_BETTER = ("loss", "perplexity", "invalid")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def paired_bootstrap(base: np.ndarray, adapter: np.ndarray, seed: int, resamples: int = 1000,
+                     level: float = 0.95) -> dict:
+    """Bootstrap of mean(adapter - base) over examples resampled together: its CI and a two-sided p-value."""
+    diffs = np.asarray(adapter, dtype=float) - np.asarray(base, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
+    means = diffs[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    # The share of resampled differences on the far side of zero, doubled: how often chance alone flips the sign.
+    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
+    return {"difference": round(float(diffs.mean()), 4),
+            "difference_ci95": [round(float(np.percentile(means, tail)), 4),
+                                round(float(np.percentile(means, 100 - tail)), 4)],
+            "p_value": round(p, 4), "resamples": resamples}
+
+
+def ci_overlap(a: list | None, b: list | None) -> bool | None:
+    if not a or not b:
+        return None
+    return not (a[1] < b[0] or b[1] < a[0])
+
+
+# ---------------------------------------------------------------- metrics side by side
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+
+
+def flatten(metrics: dict) -> dict[str, dict]:
+    """``{"rouge.rougeL": {"value": 68.1, "ci95": [..]}, "loss.perplexity": {...}, ...}`` from a metrics.json.
+
+    A block holding one number and ``ci95`` (ROUGE's ``{"f1", "ci95"}``) is one metric; ``<key>_ci95`` beside
+    ``<key>`` is that key's interval.
+    """
+    out: dict[str, dict] = {}
+    for name, block in metrics.items():
+        if isinstance(block, dict):
+            _walk(block, name, out)
+    return out
+
+
+def _walk(block: dict, prefix: str, out: dict) -> None:
+    numbers = {k: v for k, v in block.items() if _is_number(v) and k not in NOT_METRICS}
+    if isinstance(block.get("ci95"), list) and len(numbers) == 1:
+        out[prefix] = {"value": next(iter(numbers.values())), "ci95": block["ci95"]}
+        return
+    for key, value in block.items():
+        if key in NOT_METRICS or key.endswith("_ci95"):
+            continue
+        if _is_number(value):
+            ci = block.get(f"{key}_ci95")
+            out[f"{prefix}.{key}"] = {"value": value, "ci95": ci if isinstance(ci, list) else None}
+        elif isinstance(value, dict):
+            _walk(value, f"{prefix}.{key}", out)
+
+
+def lower_is_better(metric: str) -> bool:
+    last = metric.rsplit(".", 1)[-1]
+    return any(word in last for word in LOWER_IS_BETTER)
+
+
+def side_by_side(base: dict, adapter: dict, paired: dict) -> dict[str, dict]:
+    flat_b, flat_a = flatten(base), flatten(adapter)
+    rows = {}
+    for metric in [m for m in flat_b if m in flat_a]:
+        b, a = flat_b[metric], flat_a[metric]
+        diff = a["value"] - b["value"]
+        better = "tie" if diff == 0 else ("adapter" if (diff < 0) == lower_is_better(metric) else "base")
+        rows[metric] = {"base": b["value"], "adapter": a["value"], "difference": round(diff, 6),
+                        "base_ci95": b["ci95"], "adapter_ci95": a["ci95"],
+                        "ci_overlap": ci_overlap(b["ci95"], a["ci95"]), "better": better}
+        if metric in paired:
+            rows[metric]["paired"] = paired[metric]
+    return rows
+
+
+def paired_scores(recipe: dict, base_records: list, adapter_records: list) -> dict[str, dict]:
+    """Paired bootstrap for every evaluator that scores examples one by one (matched by example index)."""
+    by_index = {r.index: r for r in adapter_records}
+    pairs = [(r, by_index[r.index]) for r in base_records if r.index in by_index]
+    if not pairs:
+        return {}
+    out = {}
+    for name, evaluator in evaluate_mod.build_evaluators(recipe):
+        if not hasattr(evaluator, "per_example"):
+            continue
+        base_scores = evaluator.per_example([b for b, _ in pairs])
+        adapter_scores = evaluator.per_example([a for _, a in pairs])
+        for key, scores in base_scores.items():
+            out[f"{name}.{key}"] = paired_bootstrap(scores, adapter_scores[key], recipe["seed"])
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def _with_ci(value, ci) -> str:
+    return _fmt(value) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    from evaluators.samples import cell
+
+    return cell(text, limit)
+
+
+def write_markdown(path: Path, summary: dict, base_records: list, adapter_records: list, examples: int = 5) -> None:
+    lines = [f"# Base model vs adapter: {summary['recipe']}", "",
+             f"Run `{summary['run']}`; split `{summary['split']}` ({summary['examples']} examples), seed "
+             f"{summary['seed']}, mode `{summary['mode']}`. Both models saw the same examples with the same seed; "
+             "the base is the same loaded model with the adapter disabled.", "",
+             "| metric | base | adapter | adapter − base | better | 95% CIs overlap | paired 95% CI of the difference "
+             "| p |", "|---|---|---|---|---|---|---|---|"]
+    for metric, row in summary["metrics"].items():
+        paired = row.get("paired")
+        overlap = {True: "yes", False: "no", None: "–"}[row["ci_overlap"]]
+        paired_ci = "[{}, {}]".format(*map(_fmt, paired["difference_ci95"])) if paired else "–"
+        lines.append(f"| {metric} | {_with_ci(row['base'], row['base_ci95'])} | "
+                     f"{_with_ci(row['adapter'], row['adapter_ci95'])} | {row['difference']:+.4g} | {row['better']} | "
+                     f"{overlap} | {paired_ci} | {_fmt(paired['p_value']) if paired else '–'} |")
+    lines += ["", "Intervals: percentile bootstrap over examples (1000 resamples from the seed). Non-overlapping "
+              "intervals mean a clear difference; overlapping ones do not mean no difference. The paired interval "
+              "resamples the same examples for both models; when it excludes 0 the difference is significant at the "
+              "5% level (p: two-sided bootstrap p-value).", ""]
+    adapted = {r.index: r for r in adapter_records}
+    shown = [r for r in base_records if r.index in adapted][:examples]
+    if shown:
+        lines += ["## Examples", "", "| # | input | reference | base | adapter |", "|---|---|---|---|---|"]
+        for r in shown:
+            lines.append(f"| {r.index} | {_cell(r.prompt)} | {_cell(r.reference)} | {_cell(r.prediction)} | "
+                         f"{_cell(adapted[r.index].prediction)} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def open_compare_dir(recipe: dict, run_dir: Path) -> Path:
+    """``<run>/compare-<time>/``; an interrupted comparison (no comparison.json yet) is picked up again."""
+    previous = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("compare-"))
+    if previous and not (previous[-1] / "comparison.json").exists():
+        return previous[-1]
+    out = runs._fresh_dir(run_dir, "compare-")
+    (out / "recipe.yaml").write_text(recipe_mod.dump(recipe), encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+
+def compare(recipe: dict, run_dir: Path, net, tokenizer, examples, out_dir: Path) -> dict:
+    """Evaluate ``net`` (a PeftModel) with the adapter disabled, then enabled; write the comparison files."""
+    results = {}
+    for system in SYSTEMS:
+        folder = out_dir / system
+        folder.mkdir(exist_ok=True)
+        if (folder / "metrics.json").exists():  # finished before an interruption
+            results[system] = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+            continue
+        print(f"{system}: evaluating into {folder}", flush=True)
+        if system == "base":
+            with net.disable_adapter():
+                results[system] = evaluate_mod.evaluate(recipe, net, tokenizer, folder, examples=examples)
+        else:
+            results[system] = evaluate_mod.evaluate(recipe, net, tokenizer, folder, examples=examples)
+    records = {s: evaluate_mod.read_records(out_dir / s / "predictions.jsonl") for s in SYSTEMS}
+    paired = paired_scores(recipe, records["base"], records["adapter"])
+    summary = {"recipe": recipe["name"], "run": str(run_dir), "split": recipe["evaluation"]["split"],
+               "examples": results["adapter"]["examples"], "seed": recipe["seed"],
+               "mode": recipe["generation"]["mode"],
+               "metrics": side_by_side(results["base"], results["adapter"], paired)}
+    write_markdown(out_dir / "comparison.md", summary, records["base"], records["adapter"])
+    # comparison.json last: its presence marks the comparison finished.
+    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    out = []
+    for metric, row in summary["metrics"].items():
+        extra = ""
+        if "paired" in row:
+            lo, hi = row["paired"]["difference_ci95"]
+            extra = f", paired 95% CI [{lo:+.4g}, {hi:+.4g}], p={row['paired']['p_value']:.3g}"
+        elif row["ci_overlap"] is not None:
+            extra = f", CIs {'overlap' if row['ci_overlap'] else 'do not overlap'}"
+        out.append(f"{metric}: base {_fmt(row['base'])} -> adapter {_fmt(row['adapter'])} "
+                   f"({row['difference']:+.4g}{extra})")
+    return out

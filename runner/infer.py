@@ -1,0 +1,103 @@
+"""Inference on a user's own inputs (``runner generate``): JSONL records or raw text lines -> rendered prompts ->
+completions, through the same template, truncation and decoding settings as evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from runner.data import render
+from runner.errors import RecipeError
+from runner.recipe import template_fields
+
+
+def main_field(recipe: dict) -> str:
+    """The template field raw text goes into: ``prompt.truncate``, or the template's only field."""
+    fields = template_fields(recipe["prompt"]["template"], "prompt.template")
+    main = recipe["prompt"]["truncate"] or (fields[0] if len(fields) == 1 else None)
+    others = [f for f in fields if f != main]
+    if main is None or others:
+        raise RecipeError("--input", f"a raw text line fills one field, but prompt.template uses "
+                          f"{', '.join('{' + f + '}' for f in fields)}",
+                          "give JSONL records with those fields, one per line")
+    return main
+
+
+def open_input(source: str) -> Iterable[str]:
+    if source == "-":
+        if sys.stdin.isatty():
+            print("reading inputs from standard input, one per line (end with Ctrl-D)", file=sys.stderr, flush=True)
+        return sys.stdin.read().splitlines()
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError("--input", f"file not found: {path}", "a .jsonl of records or a text file, or - for stdin")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:
+    """One record per non-empty line: a JSON object with the template's fields, or raw text for the main field."""
+    fields = template_fields(recipe["prompt"]["template"], "prompt.template")
+    rows, main = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _json_object(line)
+        if record is not None:
+            missing = [f for f in fields if f not in record]
+            if missing:
+                raise RecipeError("--input", f"line {number}: the record has no {missing[0]!r} field",
+                                  f"prompt.template uses {', '.join(fields)}")
+            rows.append(record)
+            continue
+        main = main or main_field(recipe)
+        rows.append({main: line.strip()})
+    if not rows:
+        raise RecipeError("--input", "has no inputs", "give one JSON record or one text per line")
+    return rows
+
+
+def _json_object(line: str) -> dict | None:
+    text = line.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # raw text that happens to start with a brace
+    return value if isinstance(value, dict) else None
+
+
+def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
+    """The rendered prompt, with ``prompt.truncate`` shortened (from the end, in tokens) so the prompt and
+    ``generation.max_new_tokens`` fit ``prompt.max_length`` as in training. Returns (prompt, was it shortened)."""
+    p = recipe["prompt"]
+    sep, field = p["list_separator"], p["truncate"]
+    budget = max(p["max_length"] - recipe["generation"]["max_new_tokens"], 1)
+    prompt = render(p["template"], row, sep)
+    count = len(tokenizer(prompt)["input_ids"])
+    if count <= budget or field is None:
+        return prompt, False
+    ids = tokenizer(render("{x}", {"x": row.get(field)}, sep), add_special_tokens=False)["input_ids"]
+    for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
+        keep = len(ids) - (count - budget)
+        if keep <= 0:
+            break
+        ids = ids[:keep]
+        prompt = render(p["template"], {**row, field: tokenizer.decode(ids)}, sep)
+        count = len(tokenizer(prompt)["input_ids"])
+        if count <= budget:
+            break
+    return prompt, True
+
+
+def complete(model, tokenizer, prompts: list[str], recipe: dict) -> list[str]:
+    """Completions in input order, with the recipe's generation.mode and decoding settings."""
+    from tqdm.auto import tqdm
+
+    from runner.evaluate import predictor
+
+    with tqdm(total=len(prompts), desc="generating", unit=" inputs", file=sys.stderr, dynamic_ncols=True) as bar:
+        results = predictor(recipe)(model, tokenizer, prompts, recipe, on_batch=lambda b: bar.update(len(b)))
+    return [results[i] for i in range(len(prompts))]
