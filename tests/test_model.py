@@ -65,3 +65,17 @@ def test_auto_dtype_is_fp32_on_cpu():
         pytest.skip("CPU rule")
     assert model_mod.resolve_dtype("auto") is torch.float32
     assert model_mod.resolve_dtype("bfloat16") is torch.bfloat16
+
+
+@pytest.mark.parametrize("method,layer", [("bnb_8bit", "Linear8bitLt"), ("none", "Linear")])
+def test_other_quantization_methods_load_with_lora(tiny_recipe, method, layer):
+    import torch
+
+    torch.set_num_threads(1)
+    tiny_recipe["quantization"]["method"] = method
+    model = model_mod.load_for_training(tiny_recipe)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == layer
+    loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
+    loss.backward()
+    assert q_proj.lora_B["default"].weight.grad is not None
