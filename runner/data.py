@@ -106,7 +106,9 @@ def load_raw(recipe: dict) -> dict:
         ds = _read_local(source, "data.source")
         for role in ROLES:
             if splits[role] is not None:
-                raw[role] = ds if role == "train" or splits[role] == "train" else None
+                # data.holdout carves the role out of train here too, as it does for a hub source.
+                reuse = role == "train" or (splits[role] == "train" and not holdout.get(role))
+                raw[role] = ds if reuse else None
     else:
         for role in ROLES:
             if splits[role] is not None and not (holdout.get(role) and role != "train"):

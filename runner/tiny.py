@@ -10,6 +10,7 @@ trained on the tiny tasks' text. It is saved to a directory and loaded back by t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -80,7 +81,138 @@ def make_news(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-TASKS = {"xsum_tiny": make_news}
+# ---------------------------------------------------------------- tiny topics (the AG News twin)
+
+TOPICS = {
+    "World": [
+        "Leaders of {country} and {country2} met in {capital} on {day} to talk about the {issue}.",
+        "The president of {country} called for new elections after {num} weeks of protests.",
+        "Troops from {country} crossed the border into {country2} early on {day}, officials said.",
+        "The United Nations urged {country} to end the {issue} before the winter.",
+        "Thousands marched through {capital} on {day} to demand an end to the {issue}.",
+    ],
+    "Sports": [
+        "{team} beat {team2} by {num} goals in the cup final on {day}.",
+        "{name} won the {race} race in {city} and set a new season record.",
+        "The coach of {team} was sacked after {num} defeats in a row.",
+        "{name} scored twice as {team} came back to draw with {team2}.",
+        "Fans of {team} celebrated the league title in {city} on {day}.",
+    ],
+    "Business": [
+        "Shares of {company} rose {num} percent after the firm reported higher profits.",
+        "{company} agreed to buy {company2} for {num} billion dollars, the companies said.",
+        "Oil prices fell on {day} as markets worried about weak demand.",
+        "{company} will cut {num} hundred jobs to lower its costs, the chief executive said.",
+        "The central bank raised interest rates on {day} to slow rising prices.",
+    ],
+    "Sci/Tech": [
+        "Researchers at {lab} built a {gadget} that runs for {num} days on one charge.",
+        "{techco} released a new version of its {software} software on {day}.",
+        "Scientists found water ice on a moon of {planet}, the space agency said.",
+        "A security flaw in the {software} browser lets hackers read private files.",
+        "{techco} unveiled a faster {gadget} chip for phones and laptops.",
+    ],
+}
+COUNTRIES = ["Norland", "Estavia", "Marovia", "Kestria", "Valdora", "Tarsland", "Ostrava", "Belmont"]
+CAPITALS = ["Norburg", "Estapol", "Marov", "Kest", "Valport", "Tarsby"]
+ISSUES = ["border dispute", "civil war", "refugee crisis", "trade war", "peace talks"]
+RACES = ["marathon", "cycling", "ski", "swimming", "sprint"]
+LABS = ["Harwick University", "the Stonehaven Institute", "Oakridge College", "the Lakeside Lab"]
+GADGETS = ["robot", "sensor", "battery", "drone", "camera"]
+TECHCOS = ["Microbyte", "Pixelsoft", "Datacore", "Netwave", "Quantix"]
+SOFTWARE = ["Skylark", "Nimbus", "Falcon", "Orion"]
+PLANETS = ["Jupiter", "Saturn", "Neptune", "Uranus"]
+NEWS_FILLER = ["More details are expected later this week.", "The news was reported by several outlets.",
+               "Analysts said the move had been expected.", "A statement was released on the same day."]
+
+
+def make_topics(n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    labels = list(TOPICS)
+    for i in range(n):
+        label = labels[i % len(labels)] if i < len(labels) else rng.choice(labels)
+        country, country2 = rng.sample(COUNTRIES, 2)
+        team, team2 = rng.sample(TEAMS, 2)
+        company, company2 = rng.sample(COMPANIES, 2)
+        slots = dict(country=country, country2=country2, capital=rng.choice(CAPITALS), issue=rng.choice(ISSUES),
+                     day=rng.choice(DAYS), num=rng.choice(NUMBERS), team=team, team2=team2, name=rng.choice(NAMES),
+                     race=rng.choice(RACES), city=rng.choice(CITIES), company=company, company2=company2,
+                     lab=rng.choice(LABS), gadget=rng.choice(GADGETS), techco=rng.choice(TECHCOS),
+                     software=rng.choice(SOFTWARE), planet=rng.choice(PLANETS))
+        sentences = [rng.choice(TOPICS[label]).format(**slots)]
+        if rng.random() < 0.5:  # a topic-free sentence, before or after, so position alone gives nothing away
+            sentences.insert(rng.randint(0, 1), rng.choice(NEWS_FILLER))
+        rows.append({"text": " ".join(sentences), "label": label})
+    return rows
+
+
+# ---------------------------------------------------------------- tiny emotions (the GoEmotions twin)
+
+# A subset of GoEmotions' 28 names, in the dataset's label order (the order a multi-label target lists them in).
+EMOTIONS = {
+    "admiration": ["your {thing} was truly impressive", "I really admire how you handled the {thing}",
+                   "what a great {thing}, well done"],
+    "anger": ["I am furious about the {thing}", "this {thing} makes me so angry", "how dare they ruin the {thing}"],
+    "fear": ["I am scared of the {thing}", "the {thing} really terrifies me", "I worry that the {thing} will go badly"],
+    "gratitude": ["thank you so much for the {thing}", "I am grateful for your help with the {thing}",
+                  "thanks for sharing the {thing}"],
+    "joy": ["I am so happy about the {thing}", "the {thing} made my day", "I feel great after the {thing}"],
+    "sadness": ["I feel so sad about the {thing}", "the {thing} made me cry", "I miss the old {thing} so much"],
+    "surprise": ["wow, I did not expect the {thing}", "the {thing} caught me completely off guard",
+                 "I am shocked by the {thing}"],
+    "neutral": ["the {thing} starts at {hour}", "I read about the {thing} yesterday", "the {thing} is on {day}"],
+}
+THINGS = ["game", "movie", "concert", "trip", "meeting", "party", "news", "storm", "dinner", "exam", "book", "match"]
+
+
+def make_emotions(n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    feelings = [e for e in EMOTIONS if e != "neutral"]
+    for _ in range(n):
+        if rng.random() < 0.15:
+            labels = ["neutral"]
+        else:
+            labels = rng.sample(feelings, 2 if rng.random() < 0.4 else 1)
+        clauses = [rng.choice(EMOTIONS[e]).format(thing=rng.choice(THINGS), hour=f"{rng.randint(1, 12)} pm",
+                                                   day=rng.choice(DAYS)) for e in labels]
+        text = rng.choice([". ", " and ", ", but "]).join(clauses)
+        rows.append({"text": text[0].upper() + text[1:] + rng.choice([".", "!", ""]),
+                     "labels": sorted(labels, key=list(EMOTIONS).index)})
+    return rows
+
+
+# ---------------------------------------------------------------- tiny inference pairs (the MNLI twin)
+
+GOODS = ["apples", "books", "tickets", "chairs", "bikes", "lamps"]
+VERBS = [("bought", "buy"), ("sold", "sell"), ("painted", "paint"), ("repaired", "repair")]
+# Per label, hypotheses from the premise's slots; {city2} and {name2} differ from the premise's, so the
+# "was in" hypotheses can only be told apart by comparing them with the premise.
+HYPOTHESES = {
+    "entailment": ["{name} {past} some {goods}.", "{name} was in {city} on {day}.", "Someone {past} {goods} in {city}."],
+    "neutral": ["{name} {past} the {goods} for a friend.", "{name2} was in {city} on {day}.",
+                "{name} was happy to be in {city}."],
+    "contradiction": ["{name} did not {verb} any {goods}.", "{name} was in {city2} on {day}.",
+                      "{name} never went to {city}."],
+}
+
+
+def make_nli(n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    labels = list(HYPOTHESES)
+    for i in range(n):
+        label = labels[i % len(labels)] if i < len(labels) else rng.choice(labels)
+        name, name2 = rng.sample(NAMES, 2)
+        city, city2 = rng.sample(CITIES, 2)
+        past, verb = rng.choice(VERBS)
+        slots = dict(name=name, name2=name2, city=city, city2=city2, past=past, verb=verb, goods=rng.choice(GOODS),
+                     day=rng.choice(DAYS), num=rng.choice(NUMBERS))
+        premise = "{name} {past} {num} {goods} in {city} on {day}.".format(**slots)
+        rows.append({"premise": premise, "hypothesis": rng.choice(HYPOTHESES[label]).format(**slots), "label": label})
+    return rows
+
+
+TASKS = {"xsum_tiny": make_news, "agnews_tiny": make_topics, "goemotions_tiny": make_emotions,
+         "mnli_tiny": make_nli}
 
 
 # ---------------------------------------------------------------- building
@@ -102,9 +234,22 @@ def corpus(out: Path):
     for task in TASKS:
         for path in sorted((out / "data" / task).glob("*.jsonl")):
             for line in path.read_text(encoding="utf-8").splitlines():
-                yield " ".join(str(v) for k, v in json.loads(line).items() if k != "id")
+                row = json.loads(line)
+                yield " ".join(", ".join(v) if isinstance(v, list) else str(v) for k, v in row.items() if k != "id")
     # The prompt templates' own words, so they tokenize into whole words too.
-    yield "Instruction: Summarize the following news article in a concise and abstractive way. Article: Summary:"
+    yield from PROMPT_WORDS
+
+
+PROMPT_WORDS = (
+    "Instruction: Summarize the following news article in a concise and abstractive way. Article: Summary:",
+    "Instruction: Classify the topic of the news article as World, Sports, Business or Sci/Tech. Article: Topic:",
+    "Instruction: Which emotions does the comment express? Answer with one or more of: admiration, amusement, "
+    "anger, annoyance, approval, caring, confusion, curiosity, desire, disappointment, disapproval, disgust, "
+    "embarrassment, excitement, fear, gratitude, grief, joy, love, nervousness, optimism, pride, realization, relief, "
+    "remorse, sadness, surprise, neutral. Comment: Emotions:",
+    "Instruction: Does the premise entail the hypothesis, contradict it, or neither? Answer with entailment, "
+    "neutral or contradiction. Premise: Hypothesis: Answer:",
+)
 
 
 def train_tokenizer(out: Path):
@@ -137,15 +282,18 @@ def build_model(model_dir: Path, tokenizer, seed: int = 0, **overrides) -> Path:
 
 
 def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
-    """Data for every tiny task and the tiny Phi model under ``out``; skipped when already there."""
+    """Data for every tiny task and the tiny Phi model under ``out``; skipped when built by this same code."""
     out = Path(out)
     marker = out / "BUILT"
-    if marker.exists() and not force:
+    # The marker names the source that built it: a changed generator (or a new task) rebuilds everything,
+    # since the tokenizer is trained on all tasks' text.
+    stamp = f"tiny data and model built by runner.tiny {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}\n"
+    if marker.exists() and marker.read_text() == stamp and not force:
         return out
     for task in TASKS:
         write_task_data(out, task)
     build_model(out / "phi", train_tokenizer(out))
-    marker.write_text("tiny data and model built by runner.tiny\n")
+    marker.write_text(stamp)
     return out
 
 

@@ -1,0 +1,126 @@
+"""Single-label classification: the prediction is a label name. Accuracy (with a bootstrap 95% CI), macro-F1,
+per-class precision/recall/F1, a confusion matrix (PNG), and predictions that name no label counted as invalid.
+
+Label matching ignores case and runs of whitespace (" sci/tech " matches "Sci/Tech"). An invalid prediction is
+wrong for accuracy and a miss for its gold class's recall; it is no class's false positive.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.base import Evaluator, Record
+from evaluators.rouge import bootstrap_ci
+
+INVALID = "(invalid)"
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def label_lookup(labels: list[str]) -> dict[str, str]:
+    lookup = {}
+    for label in labels:
+        key = normalize(label)
+        if key in lookup:
+            raise ValueError(f"labels {lookup[key]!r} and {label!r} are the same once case and spaces are ignored")
+        lookup[key] = label
+    return lookup
+
+
+def prf(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 per class; 0 where a denominator is 0 (as scikit-learn's zero_division=0)."""
+    precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(len(tp)), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros(len(tp)), where=total > 0)
+    return precision, recall, f1
+
+
+def plot_confusion(matrix: np.ndarray, rows: list[str], columns: list[str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.45 * len(columns) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), labels=columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(title)
+    if len(columns) <= 12:
+        for i in range(len(rows)):
+            for j in range(len(columns)):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
+                        color="white" if shares[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the reference row")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class Classification(Evaluator):
+    name = "classification"
+
+    def __init__(self, labels=None, confusion_matrix=True, **kw):
+        super().__init__(**kw)
+        self.labels = list(labels) if labels else None
+        self.confusion_matrix = confusion_matrix
+
+    def classes(self, records: list[Record]) -> tuple[list[str], list[str]]:
+        """(classes, gold labels outside the recipe's list): without a list, the labels the references use."""
+        known = label_lookup(self.labels) if self.labels else {}
+        # Gold labels the recipe did not list still get a row, and are reported: the list is probably incomplete.
+        extra = {}
+        for r in records:
+            extra.setdefault(normalize(r.reference), " ".join(r.reference.split()))
+        extra = sorted(v for k, v in extra.items() if k not in known)
+        if self.labels is None:
+            return extra, []
+        return self.labels + extra, extra
+
+    def evaluate(self, records: list[Record], out_dir: Path) -> dict:
+        classes, extra = self.classes(records)
+        lookup = label_lookup(classes)
+        index = {label: i for i, label in enumerate(classes)}
+        gold = np.array([index[lookup[normalize(r.reference)]] for r in records], dtype=int)
+        pred = np.array([index.get(lookup.get(normalize(r.prediction)), -1) for r in records], dtype=int)
+        k = len(classes)
+        # Rows: reference class; columns: predicted class, then one column for invalid predictions.
+        matrix = np.zeros((k, k + 1), dtype=int)
+        np.add.at(matrix, (gold, np.where(pred < 0, k, pred)), 1)
+        tp, support, predicted = np.diag(matrix[:, :k]), matrix.sum(axis=1), matrix[:, :k].sum(axis=0)
+        precision, recall, f1 = prf(tp, predicted, support)
+        # A class that is neither a reference nor a prediction here has no defined F1: left out of the average.
+        scored = (support + predicted) > 0
+        correct = (gold == pred).astype(float)
+        invalid = Counter(" ".join(r.prediction.split()) for r, p in zip(records, pred) if p < 0)
+        low, high = bootstrap_ci(correct, self.seed)
+        out = {
+            "accuracy": round(float(correct.mean()), 4) if len(records) else float("nan"),
+            "accuracy_ci95": [round(low, 4), round(high, 4)],
+            "macro_f1": round(float(f1[scored].mean()), 4) if scored.any() else float("nan"),
+            "invalid": int(sum(invalid.values())),
+            "invalid_rate": round(sum(invalid.values()) / max(len(records), 1), 4),
+            "invalid_examples": [{"prediction": text, "count": n} for text, n in invalid.most_common(5)],
+            "per_class": {c: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
+                              "f1": round(float(f1[i]), 4), "support": int(support[i])}
+                          for i, c in enumerate(classes)},
+            "confusion_matrix": {"rows": classes, "columns": [*classes, INVALID], "counts": matrix.tolist()},
+        }
+        if extra:
+            out["references_not_in_labels"] = extra
+        if self.confusion_matrix and len(records):
+            plot_confusion(matrix, classes, [*classes, INVALID], out_dir / "confusion_matrix.png",
+                           f"{len(records)} examples, accuracy {out['accuracy']:.3f}")
+            out["file"] = "confusion_matrix.png"
+        return out

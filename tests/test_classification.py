@@ -1,0 +1,114 @@
+"""The classification evaluator: numbers checked against a hand computation, tolerant label matching, invalid
+predictions, the confusion-matrix PNG, and its parameters checked when a recipe is validated."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evaluators import BUILTINS
+from evaluators.base import Record
+from evaluators.classification import Classification
+from evaluators.rouge import bootstrap_ci
+from runner import recipe as recipe_mod
+from runner.errors import RecipeError
+from tests.conftest import ROOT
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def records(pairs):
+    return [Record(index=i, prompt=f"prompt {i}", reference=ref, prediction=pred) for i, (ref, pred) in enumerate(pairs)]
+
+
+# reference, prediction. Classes: cat, dog, bird.
+PAIRS = [
+    ("cat", "cat"), ("cat", " CAT "), ("cat", "dog"), ("cat", "a cat, I think"),  # 2 right, 1 dog, 1 invalid
+    ("dog", "dog"), ("dog", "Dog"), ("dog", "cat"),                              # 2 right, 1 cat
+    ("bird", "bird\n"), ("bird", "fish"),                                        # 1 right, 1 invalid
+]
+
+
+def test_numbers_match_a_hand_computation(tmp_path):
+    out = Classification(labels=["cat", "dog", "bird"], seed=3).evaluate(records(PAIRS), tmp_path)
+    assert out["accuracy"] == round(5 / 9, 4)
+    # cat: tp 2, predicted 3 (2 + the dog mistaken for a cat), support 4. dog: tp 2, predicted 3, support 3.
+    # bird: tp 1, predicted 1, support 2. Invalid predictions are no class's false positive.
+    expect = {"cat": (2 / 3, 2 / 4), "dog": (2 / 3, 2 / 3), "bird": (1.0, 1 / 2)}
+    f1s = []
+    for label, (p, r) in expect.items():
+        f1 = 2 * p * r / (p + r)
+        f1s.append(f1)
+        got = out["per_class"][label]
+        assert (got["precision"], got["recall"], got["f1"]) == (round(p, 4), round(r, 4), round(f1, 4)), label
+    assert out["per_class"]["cat"]["support"] == 4
+    assert out["macro_f1"] == round(float(np.mean(f1s)), 4)
+    assert out["invalid"] == 2 and out["invalid_rate"] == round(2 / 9, 4)
+    assert {e["prediction"] for e in out["invalid_examples"]} == {"a cat, I think", "fish"}
+    cm = out["confusion_matrix"]
+    assert cm["rows"] == ["cat", "dog", "bird"] and cm["columns"] == ["cat", "dog", "bird", "(invalid)"]
+    assert cm["counts"] == [[2, 1, 0, 1], [1, 2, 0, 0], [0, 0, 1, 1]]
+    json.dumps(out)  # metrics.json must be able to hold it
+
+
+def test_accuracy_interval_is_the_bootstrap_of_the_correct_flags(tmp_path):
+    out = Classification(labels=["cat", "dog", "bird"], seed=7).evaluate(records(PAIRS), tmp_path)
+    correct = np.array([1, 1, 0, 0, 1, 1, 0, 1, 0], dtype=float)
+    low, high = bootstrap_ci(correct, 7)
+    assert out["accuracy_ci95"] == [round(low, 4), round(high, 4)]
+    assert low < out["accuracy"] < high
+    again = Classification(labels=["cat", "dog", "bird"], seed=7).evaluate(records(PAIRS), tmp_path)
+    assert again["accuracy_ci95"] == out["accuracy_ci95"]
+
+
+def test_confusion_matrix_png_is_written(tmp_path):
+    import matplotlib.image
+
+    out = Classification(labels=["cat", "dog", "bird"]).evaluate(records(PAIRS), tmp_path)
+    path = tmp_path / out["file"]
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert matplotlib.image.imread(path).shape[0] > 100
+    Classification(labels=["cat", "dog", "bird"], confusion_matrix=False).evaluate(records(PAIRS), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_labels_default_to_the_references_and_case_variants_are_one_class(tmp_path):
+    out = Classification().evaluate(records([("Yes", "yes"), ("yes ", "YES"), ("No", "no"), ("no", "maybe")]),
+                                    tmp_path)
+    assert list(out["per_class"]) == ["No", "Yes"]
+    assert out["accuracy"] == 0.75 and out["invalid"] == 1
+
+
+def test_a_class_nobody_used_is_left_out_of_macro_f1(tmp_path):
+    out = Classification(labels=["cat", "dog", "bird"]).evaluate(records([("cat", "cat"), ("dog", "dog")]), tmp_path)
+    assert out["macro_f1"] == 1.0
+    assert out["per_class"]["bird"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_references_outside_the_labels_are_reported_not_dropped(tmp_path):
+    out = Classification(labels=["cat", "dog"]).evaluate(records([("cat", "cat"), ("horse", "horse")]), tmp_path)
+    assert out["references_not_in_labels"] == ["horse"]
+    assert out["accuracy"] == 1.0
+
+
+def test_is_a_builtin_that_recipes_can_name():
+    assert BUILTINS["classification"] == "evaluators.classification:Classification"
+    recipe = recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml")
+    spec = recipe["evaluation"]["evaluators"][0]
+    assert spec == {"name": "classification", "labels": ["World", "Sports", "Business", "Sci/Tech"],
+                    "confusion_matrix": True}
+
+
+@pytest.mark.parametrize("override, key_path, word", [
+    ("evaluation.evaluators[0].labels=World", "evaluation.evaluators[0].labels", "expected array or null"),
+    ("evaluation.evaluators[0].labels=[World,World]", "evaluation.evaluators[0].labels", "duplicate"),
+    ("evaluation.evaluators[0].label=[a,b]", "evaluation.evaluators[0].label", "did you mean 'labels'"),
+    ("evaluation.evaluators[0].confusion_matrix=maybe", "evaluation.evaluators[0].confusion_matrix", "boolean"),
+])
+def test_wrong_parameters_are_recipe_errors(override, key_path, word):
+    with pytest.raises(RecipeError) as info:
+        recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml", [override])
+    assert info.value.key_path == key_path
+    assert word in info.value.line()
