@@ -132,6 +132,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _p(paired: dict) -> str:
+    floor = 1 / paired["resamples"]
+    return f"< {floor:g}" if paired["p_value"] < floor else f"{paired['p_value']:.3g}"
+
+
 def _with_ci(value, ci) -> str:
     return _fmt(value) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
 
@@ -155,7 +160,7 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
         paired_ci = "[{}, {}]".format(*map(_fmt, paired["difference_ci95"])) if paired else "–"
         lines.append(f"| {metric} | {_with_ci(row['base'], row['base_ci95'])} | "
                      f"{_with_ci(row['adapter'], row['adapter_ci95'])} | {row['difference']:+.4g} | {row['better']} | "
-                     f"{overlap} | {paired_ci} | {_fmt(paired['p_value']) if paired else '–'} |")
+                     f"{overlap} | {paired_ci} | {_p(paired) if paired else '–'} |")
     lines += ["", "Intervals: percentile bootstrap over examples (1000 resamples from the seed). Non-overlapping "
               "intervals mean a clear difference; overlapping ones do not mean no difference. The paired interval "
               "resamples the same examples for both models; when it excludes 0 the difference is significant at the "
@@ -216,7 +221,7 @@ def summary_lines(summary: dict) -> list[str]:
         extra = ""
         if "paired" in row:
             lo, hi = row["paired"]["difference_ci95"]
-            extra = f", paired 95% CI [{lo:+.4g}, {hi:+.4g}], p={row['paired']['p_value']:.3g}"
+            extra = f", paired 95% CI [{lo:+.4g}, {hi:+.4g}], p {_p(row['paired'])}"
         elif row["ci_overlap"] is not None:
             extra = f", CIs {'overlap' if row['ci_overlap'] else 'do not overlap'}"
         out.append(f"{metric}: base {_fmt(row['base'])} -> adapter {_fmt(row['adapter'])} "

@@ -1,0 +1,146 @@
+"""Base vs adapter: the paired bootstrap, metrics side by side, and `runner compare` on a trained tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from runner import compare as compare_mod
+from tests.conftest import run_cli
+from tests.trained import TINY_XSUM, xsum_run
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_paired_bootstrap_matches_a_direct_computation_and_the_seed():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 60, size=40)
+    adapter = base + rng.normal(3, 2, size=40)
+    out = compare_mod.paired_bootstrap(base, adapter, seed=5)
+    assert out == compare_mod.paired_bootstrap(base, adapter, seed=5)
+    draw = np.random.default_rng(5)
+    diffs = adapter - base
+    means = np.array([diffs[draw.integers(0, 40, size=40)].mean() for _ in range(1000)])
+    assert out["difference"] == pytest.approx(diffs.mean(), abs=1e-4)
+    assert out["difference_ci95"] == pytest.approx([np.percentile(means, 2.5), np.percentile(means, 97.5)], abs=1e-4)
+    assert out["p_value"] == pytest.approx(min(1, 2 * min((means <= 0).mean(), (means >= 0).mean())))
+
+
+def test_pairing_sees_a_small_consistent_gain_that_separate_intervals_miss():
+    from evaluators.rouge import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 80, size=50)  # examples differ a lot in difficulty ...
+    adapter = base + 2.0  # ... and the adapter gains 2 points on every one
+    assert compare_mod.ci_overlap(list(bootstrap_ci(base, 0)), list(bootstrap_ci(adapter, 0)))
+    paired = compare_mod.paired_bootstrap(base, adapter, seed=0)
+    assert paired["difference_ci95"] == pytest.approx([2.0, 2.0]) and paired["p_value"] == 0
+
+
+def test_identical_systems_show_no_difference():
+    scores = np.arange(10.0)
+    out = compare_mod.paired_bootstrap(scores, scores.copy(), seed=0)
+    assert out["difference"] == 0 and out["difference_ci95"] == [0, 0] and out["p_value"] == 1
+
+
+METRICS = {"split": "test", "examples": 3, "mode": "generate", "prediction_seconds": 1.0,
+           "rouge": {"rougeL": {"f1": 40.0, "ci95": [30.0, 50.0]}},
+           "loss": {"split": "eval", "examples": 3, "tokens": 30, "loss": 2.0, "loss_ci95": [1.8, 2.2],
+                    "perplexity": 7.389, "perplexity_ci95": [6.05, 9.03]},
+           "classification": {"accuracy": 0.5, "accuracy_ci95": [0.3, 0.7], "invalid": 2,
+                              "per_class": {"Sports": {"precision": 0.5, "recall": 1.0, "support": 4}}},
+           "samples": {"count": 8, "file": "samples.md"}}
+
+
+def test_flatten_finds_each_metric_and_its_interval():
+    flat = compare_mod.flatten(METRICS)
+    assert flat == {
+        "rouge.rougeL": {"value": 40.0, "ci95": [30.0, 50.0]},
+        "loss.loss": {"value": 2.0, "ci95": [1.8, 2.2]},
+        "loss.perplexity": {"value": 7.389, "ci95": [6.05, 9.03]},
+        "classification.accuracy": {"value": 0.5, "ci95": [0.3, 0.7]},
+        "classification.invalid": {"value": 2, "ci95": None},
+        "classification.per_class.Sports.precision": {"value": 0.5, "ci95": None},
+        "classification.per_class.Sports.recall": {"value": 1.0, "ci95": None},
+    }
+
+
+def test_side_by_side_knows_which_direction_is_better():
+    adapter = json.loads(json.dumps(METRICS))
+    adapter["rouge"]["rougeL"] = {"f1": 60.0, "ci95": [52.0, 68.0]}
+    adapter["loss"].update(loss=2.1, loss_ci95=[1.9, 2.3])
+    adapter["classification"]["invalid"] = 0
+    rows = compare_mod.side_by_side(METRICS, adapter, {"rouge.rougeL": {"difference_ci95": [15, 25]}})
+    assert rows["rouge.rougeL"]["better"] == "adapter" and rows["rouge.rougeL"]["ci_overlap"] is False
+    assert rows["rouge.rougeL"]["difference"] == 20 and rows["rouge.rougeL"]["paired"]
+    assert rows["loss.loss"]["better"] == "base" and rows["loss.loss"]["ci_overlap"] is True
+    assert rows["classification.invalid"]["better"] == "adapter" and rows["classification.invalid"]["ci_overlap"] is None
+    assert rows["classification.accuracy"]["better"] == "tie"
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def compared(tiny):
+    run_dir, out = xsum_run()
+    args = ("compare", TINY_XSUM, "--run", run_dir, f"output_dir={out}", "data.test_samples=24",
+            "evaluation.evaluators=[{name: rouge}, {name: loss}, {name: samples, count: 4}]")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (folder,) = run_dir.glob("compare-*")
+    return folder, result, args
+
+
+def test_compare_writes_both_systems_side_by_side(compared):
+    folder, result, _ = compared
+    summary = json.loads((folder / "comparison.json").read_text())
+    rows = summary["metrics"]
+    assert summary["examples"] == 24 and summary["seed"] == 42
+    assert set(rows) >= {"rouge.rouge1", "rouge.rouge2", "rouge.rougeL", "rouge.rougeLsum", "loss.loss",
+                         "loss.perplexity"}
+    rouge_l = rows["rouge.rougeL"]
+    print(f"ROUGE-L base {rouge_l['base']:.1f} -> adapter {rouge_l['adapter']:.1f}, "
+          f"loss {rows['loss.loss']['base']:.2f} -> {rows['loss.loss']['adapter']:.2f}")
+    assert rouge_l["adapter"] > rouge_l["base"] + 20 and rouge_l["better"] == "adapter"
+    assert rouge_l["difference"] == pytest.approx(rouge_l["adapter"] - rouge_l["base"], abs=1e-6)
+    assert rouge_l["paired"]["difference_ci95"][0] > 0 and rouge_l["ci_overlap"] is False
+    assert rows["loss.loss"]["adapter"] < rows["loss.loss"]["base"] and rows["loss.loss"]["better"] == "adapter"
+    assert "paired" not in rows["loss.loss"]
+    md = (folder / "comparison.md").read_text()
+    assert "| rouge.rougeL |" in md and "| loss.perplexity |" in md and "## Examples" in md
+    assert "rouge.rougeL: base" in result.stdout and "comparison.md" in result.stdout
+
+
+def test_both_systems_saw_the_same_examples(compared):
+    folder, _, _ = compared
+    rows = {s: [json.loads(line) for line in (folder / s / "predictions.jsonl").read_text().splitlines()]
+            for s in ("base", "adapter")}
+    key = [(r["index"], r["id"], r["prompt"], r["reference"]) for r in rows["base"]]
+    assert sorted(key) == sorted((r["index"], r["id"], r["prompt"], r["reference"]) for r in rows["adapter"])
+    assert len(key) == 24
+    assert [r["prediction"] for r in rows["base"]] != [r["prediction"] for r in rows["adapter"]]
+
+
+def test_an_interrupted_comparison_is_picked_up_again(compared):
+    folder, _, args = compared
+    base_metrics = (folder / "base" / "metrics.json").read_text()
+    (folder / "comparison.json").unlink()
+    (folder / "adapter" / "metrics.json").unlink()
+    lines = (folder / "adapter" / "predictions.jsonl").read_text().splitlines()
+    (folder / "adapter" / "predictions.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"comparison folder: {folder}" in result.stdout
+    assert "base: evaluating" not in result.stdout and "adapter: evaluating" in result.stdout
+    assert "resuming evaluation: 10 of 24" in result.stdout
+    assert (folder / "base" / "metrics.json").read_text() == base_metrics
+    assert len((folder / "adapter" / "predictions.jsonl").read_text().splitlines()) == 24
+    assert (folder / "comparison.json").exists()
+
+
+def test_compare_needs_a_finished_run(tmp_path, tiny, cli):
+    result = cli("compare", TINY_XSUM, "--run", tmp_path, f"output_dir={tmp_path}")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --run: ")

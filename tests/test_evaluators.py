@@ -1,0 +1,207 @@
+"""Evaluators: bootstrap intervals, ROUGE against rouge-score itself, the loss against the model's own loss, and a
+user's evaluator named as package.module:ClassName, checked at validation and run by `runner eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+
+from evaluators.base import Record
+from evaluators.loss import Loss, ratio_bootstrap_ci
+from evaluators.rouge import Rouge, bootstrap_ci
+from runner import evaluate as evaluate_mod
+from runner import recipe as recipe_mod
+from tests.conftest import ROOT
+from tests.test_errors import assert_user_error, write_recipe
+
+SCORES = np.array([12.0, 55.5, 0.0, 31.25, 80.0, 47.0, 9.5, 66.0, 23.0, 71.5])
+
+
+def records(pairs) -> list[Record]:
+    return [Record(index=i, prompt=f"p{i}", reference=ref, prediction=pred) for i, (ref, pred) in enumerate(pairs)]
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_is_reproducible_from_the_seed():
+    assert bootstrap_ci(SCORES, seed=7) == bootstrap_ci(SCORES, seed=7)
+    assert bootstrap_ci(SCORES, seed=7) != bootstrap_ci(SCORES, seed=8)
+
+
+def test_bootstrap_ci_matches_a_direct_computation():
+    """Resample one example list at a time from the same generator, sort the means, read the 2.5% / 97.5% points."""
+    resamples, n = 1000, len(SCORES)
+    rng = np.random.default_rng(42)
+    means = sorted(sum(SCORES[rng.integers(0, n, size=n)]) / n for _ in range(resamples))
+
+    def percentile(q):  # linear interpolation between closest ranks, numpy's default
+        pos = q / 100 * (resamples - 1)
+        lo = math.floor(pos)
+        return means[lo] + (means[min(lo + 1, resamples - 1)] - means[lo]) * (pos - lo)
+
+    low, high = bootstrap_ci(SCORES, seed=42)
+    assert low == pytest.approx(percentile(2.5), abs=1e-9)
+    assert high == pytest.approx(percentile(97.5), abs=1e-9)
+    assert low < SCORES.mean() < high
+    assert (low, high) == pytest.approx((23.14875, 56.480625), abs=1e-6)  # this fixed set's interval, pinned
+
+
+def test_ratio_bootstrap_is_reproducible_and_brackets_the_token_weighted_mean():
+    nll, tokens = SCORES / 10, np.array([3.0, 5, 2, 8, 4, 6, 2, 7, 3, 5])
+    assert ratio_bootstrap_ci(nll, tokens, 3) == ratio_bootstrap_ci(nll, tokens, 3)
+    low, high = ratio_bootstrap_ci(nll, tokens, 3)
+    assert low < nll.sum() / tokens.sum() < high
+
+
+# ---------------------------------------------------------------- rouge
+
+
+def test_rouge_matches_rouge_score_and_a_hand_computed_value(tmp_path):
+    from rouge_score import rouge_scorer
+
+    pairs = [("the cat sat on the mat", "the cat sat"), ("Storms close five schools in Riverton.",
+                                                          "Storms closed schools in Riverton."),
+             ("United beat City by two goals.", "City beat United by two goals.")]
+    out = Rouge(seed=1).evaluate(records(pairs), tmp_path)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        direct = np.mean([scorer.score(ref, pred)[kind].fmeasure * 100 for ref, pred in pairs])
+        assert out[kind]["f1"] == pytest.approx(direct, abs=1e-3)
+    # "the cat sat" vs "the cat sat on the mat": precision 3/3, recall 3/6 -> F1 2/3.
+    single = Rouge(seed=1).evaluate(records(pairs[:1]), tmp_path)
+    assert single["rouge1"]["f1"] == pytest.approx(66.6667, abs=1e-3)
+    assert single["rouge1"]["ci95"] == [pytest.approx(66.6667, abs=1e-3)] * 2  # one example: nothing to resample
+
+
+def test_rouge_lsum_scores_sentence_by_sentence():
+    """rougeLsum takes the LCS per reference sentence (newline-split), so swapped sentences keep their credit."""
+    pair = [("Two people were hurt. The road is closed.", "The road is closed. Two people were hurt.")]
+    scores = Rouge(seed=0).per_example(records(pair))
+    assert scores["rougeLsum"][0] == pytest.approx(100.0)
+    assert scores["rougeL"][0] < 80
+
+
+# ---------------------------------------------------------------- loss
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny):
+    """The tiny base model (NF4), its tokenizer and recipe."""
+    import torch
+
+    from runner import model as model_mod
+
+    torch.set_num_threads(2)
+    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
+    return recipe, model_mod.load_tokenizer(recipe), model_mod.load_trained(recipe, None)
+
+
+def test_loss_is_the_models_own_completion_loss(untrained, tmp_path):
+    """Token-weighted cross-entropy over completion + EOS, each example run alone (no padding) as a direct check."""
+    import torch
+
+    recipe, tokenizer, net = untrained
+    examples = {"prompt": ["Article: Riverton police said two people were hurt.\nSummary:", "Summary:",
+                           "Instruction: Summarize.\nArticle: Norcom will cut jobs in Ashford.\nSummary:"],
+                "completion": [" Two hurt in Riverton.", " United beat Rovers by three goals.", " Norcom cuts jobs."]}
+    losses, counts = [], []
+    for prompt, completion in zip(examples["prompt"], examples["completion"]):
+        ids = tokenizer(prompt + completion + tokenizer.eos_token, return_tensors="pt")["input_ids"]
+        labels = ids.clone()
+        labels[0, : len(tokenizer(prompt)["input_ids"])] = -100
+        with torch.inference_mode():
+            losses.append(net(input_ids=ids, labels=labels).loss.item())
+        counts.append(int((labels[0, 1:] != -100).sum()))
+    expected = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
+    results = []
+    for batch_size in (1, 3):  # padding must not change anything
+        evaluator = Loss(seed=recipe["seed"], batch_size=batch_size)
+        evaluator.score_model(net, tokenizer, examples, recipe)
+        results.append(evaluator.evaluate([], tmp_path))
+    for out in results:
+        assert out["loss"] == pytest.approx(expected, abs=1e-4)
+        assert out["perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
+        assert out["tokens"] == sum(counts) and out["examples"] == 3
+        assert out["loss_ci95"][0] <= out["loss"] <= out["loss_ci95"][1]
+    assert not net.training
+
+
+# ---------------------------------------------------------------- a user's own evaluator
+
+USER_EVALUATOR = '''
+from evaluators.base import Evaluator
+
+
+class LengthRatio(Evaluator):
+    """Mean prediction length over reference length, in words."""
+
+    name = "length_ratio"
+    params_schema = {"properties": {"cap": {"type": "number", "exclusiveMinimum": 0, "default": 3.0}}}
+
+    def __init__(self, cap=3.0, **kw):
+        super().__init__(**kw)
+        self.cap = cap
+
+    def evaluate(self, records, out_dir):
+        ratios = [min(len(r.prediction.split()) / max(len(r.reference.split()), 1), self.cap) for r in records]
+        return {"ratio": sum(ratios) / len(ratios), "cap": self.cap}
+'''
+
+
+@pytest.fixture
+def user_package(tmp_path):
+    package = tmp_path / "myevals"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "length.py").write_text(textwrap.dedent(USER_EVALUATOR))
+    return tmp_path
+
+
+def _with_user_evaluator(spec: dict):
+    def edit(recipe):
+        recipe["evaluation"]["evaluators"] = [{"name": "myevals.length:LengthRatio", **spec}, {"name": "loss"}]
+    return edit
+
+
+def test_user_evaluator_parameters_are_checked_at_validation(user_package, tiny, cli):
+    good = write_recipe(user_package, tiny, _with_user_evaluator({"cap": 2}))
+    result = cli("validate", good, "--print", cwd=user_package)
+    assert result.returncode == 0, result.stderr
+    assert "cap: 2" in result.stdout
+    bad = write_recipe(user_package, tiny, _with_user_evaluator({"cpa": 2}))
+    assert_user_error(cli("validate", bad, cwd=user_package), "evaluation.evaluators[0].cpa", "did you mean 'cap'")
+    bad = write_recipe(user_package, tiny, _with_user_evaluator({"cap": -1}))
+    assert_user_error(cli("validate", bad, cwd=user_package), "evaluation.evaluators[0].cap", "out of range")
+    missing = write_recipe(user_package, tiny, lambda r: r["evaluation"].update(
+        evaluators=[{"name": "myevals.nothere:LengthRatio"}]))
+    assert_user_error(cli("validate", missing, cwd=user_package), "evaluation.evaluators[0].name", "cannot import")
+
+
+def test_user_evaluator_default_is_filled_and_it_runs(user_package, tiny, monkeypatch):
+    monkeypatch.chdir(user_package)
+    monkeypatch.syspath_prepend(str(user_package))
+    recipe = recipe_mod.load(write_recipe(user_package, tiny, _with_user_evaluator({})))
+    assert recipe["evaluation"]["evaluators"][0]["cap"] == 3.0
+    (name, evaluator), _ = evaluate_mod.build_evaluators(recipe)
+    out = evaluator.evaluate(records([("a b c d", "a b"), ("a b", "a b c d e f g h")]), user_package)
+    assert out == {"ratio": pytest.approx((0.5 + 3.0) / 2), "cap": 3.0}
+
+
+def test_eval_runs_a_user_evaluator_and_the_loss(user_package, tiny, cli):
+    """`runner eval --base` from the user's folder: their evaluator and the built-in loss land in metrics.json."""
+    path = write_recipe(user_package, tiny, _with_user_evaluator({"cap": 2}))
+    result = cli("eval", path, "--base", "data.test_samples=8", "data.eval_samples=8", cwd=user_package)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(next((user_package / "runs").rglob("metrics.json")).read_text())
+    assert metrics["examples"] == 8 and metrics["myevals.length:LengthRatio"]["cap"] == 2
+    assert 0 <= metrics["myevals.length:LengthRatio"]["ratio"] <= 2
+    assert metrics["loss"]["split"] == "eval" and metrics["loss"]["examples"] == 8
+    assert metrics["loss"]["perplexity"] == pytest.approx(math.exp(metrics["loss"]["loss"]), rel=1e-3)
+    # An untrained model is about as unsure as a uniform guess over the vocabulary (2048 tokens).
+    assert 100 < metrics["loss"]["perplexity"] < 20000
+    assert "loss" in result.stdout and "perplexity" in result.stdout
