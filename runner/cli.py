@@ -41,6 +41,11 @@ def _args_generate(p):
     p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
 
 
+def _args_plan(p):
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
+                   help="plan for a card of this much memory (default: this machine's GPU, if any)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -157,6 +162,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    from runner import plan, profiles
+
+    card = args.gpu_gb if args.gpu_gb is not None else profiles.gpu_memory_gb()
+    print(plan.report(recipe, card))
+    return 0
+
+
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
 COMMANDS = {
     "validate": ("check a recipe (schema and cross-checks) without loading anything heavy",
@@ -169,6 +185,8 @@ COMMANDS = {
                 "comparison.md and comparison.json", _args_compare, cmd_compare),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
                  _args_generate, cmd_generate),
+    "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",
+             _args_plan, cmd_plan),
 }
 
 

@@ -172,7 +172,7 @@ def load_for_training(recipe: dict, speed=None):
     _keep_trainable_layout(model)
     gc = recipe["training"]["gradient_checkpointing"]
     if recipe["quantization"]["method"] != "none" and speed is not None and speed.keep_dtype:
-        _freeze_for_kbit_training(model, gc)
+        _freeze_for_kbit_training(model)
     elif recipe["quantization"]["method"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -182,14 +182,13 @@ def load_for_training(recipe: dict, speed=None):
     return model
 
 
-def _freeze_for_kbit_training(model, gradient_checkpointing: bool) -> None:
+def _freeze_for_kbit_training(model) -> None:
     """peft's prepare_model_for_kbit_training minus its fp32 cast of every unquantized weight: that cast makes the
     residual stream, norms and head fp32, doubling their activations and adding a cast kernel around every 4-bit
-    matmul. bf16 norms and head are what bf16 training uses anyway; the LoRA weights are trained as TRL keeps them."""
+    matmul. bf16 norms and head are what bf16 training uses anyway; the LoRA weights are trained as TRL keeps them.
+    Checkpointing (non-reentrant, so no input-grad hook is needed) is switched on by the trainer's arguments."""
     for param in model.parameters():
         param.requires_grad = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _keep_trainable_layout(model) -> None:

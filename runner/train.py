@@ -13,6 +13,7 @@ from pathlib import Path
 
 from runner import data as data_mod
 from runner import model as model_mod
+from runner import profiles
 from runner import runs
 from runner.errors import RecipeError
 
@@ -38,8 +39,11 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
     return prepared
 
 
-def _setup_model(recipe: dict):
-    model = model_mod.load_for_training(recipe)
+def _setup_model(recipe: dict, speed=None):
+    from transformers import set_seed
+
+    set_seed(recipe["seed"])  # LoRA's random init happens here, before the trainer seeds anything
+    model = model_mod.load_for_training(recipe, speed)
     trainable, total = model_mod.count_parameters(model)
     print(model_mod.parameter_line(trainable, total), flush=True)
     return model, trainable, total
@@ -122,9 +126,30 @@ def check(recipe: dict):
     return meta, tokenizer
 
 
-def train(recipe: dict):
-    """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation."""
-    _, tokenizer = check(recipe)
+def _setup_speed(recipe: dict, meta):
+    """The profile's settings (runner.profiles), decided from the config before any weight loads."""
+    speed = profiles.resolve(recipe, meta.config)
+    if speed.profile != "none" or speed.predicted_gb is not None:
+        print(f"speed: {speed.describe()}", flush=True)
+    if not speed.cudnn_sdpa:
+        import torch
+
+        # cuDNN's SDPA builds an execution graph per new shape (seconds of host time); flash attention does not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return speed, profiles.apply(recipe, speed)
+
+
+def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
+    if speed.fixed_shapes:
+        trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"])
+
+
+def train(recipe: dict, instrument=None):
+    """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation.
+
+    ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
+    meta, tokenizer = check(recipe)
+    speed, run_recipe = _setup_speed(recipe, meta)
     prepared = _setup_data(recipe, tokenizer)
     run_dir, resume_from = runs.open_run(recipe)
     print(f"run folder: {run_dir}", flush=True)
@@ -133,8 +158,8 @@ def train(recipe: dict):
 
     start = time.time()
     try:
-        model, trainable, total = _setup_model(recipe)
-        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits)
+        model, trainable, total = _setup_model(run_recipe, speed)
+        args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits)
         columns = ["prompt", "completion"]
         trainer = SFTTrainer(
             model=model,
@@ -144,11 +169,15 @@ def train(recipe: dict):
             processing_class=tokenizer,
             callbacks=[_log_callback(run_dir / "train_log.jsonl")],
         )
+        _setup_shapes(trainer, speed, tokenizer, recipe)
     except RecipeError:
         if not (resume_from and recipe["training"]["resume"] == "auto"):
             shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
         raise
-    runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total)
+    runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total,
+                   speed=speed.as_dict())
+    if instrument is not None:
+        instrument(trainer)
     load_s = time.time() - start
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - start - load_s

@@ -1,0 +1,261 @@
+"""``runner plan RECIPE``: parameters and predicted peak GPU memory from the model's config alone (no weights).
+
+The memory model counts what the training path actually holds, term by term:
+
+- static: 4-bit weights (packed nibbles + block scales), the unquantized rest (embeddings, head, norms, biases:
+  fp32 when peft's prepare_model_for_kbit_training upcasts them, i.e. profile none, else bf16), LoRA weights,
+  their gradients and optimizer state (paged optimizers keep theirs outside torch's allocator);
+- activations autograd saves per token and decoder layer, from the forward code (bench/activations.py lists them
+  on a real-width layer): the norm's input, per LoRA target its dropout output and bool mask, the attention
+  kernel's q, k, v and output (eager attention: also its softmax), the MLP activation's input (one tensor fused, four for gelu_new written in Python,
+  in fp32 when upcast); with gradient checkpointing, one layer input per layer plus one recomputed layer;
+- the backward pass's widest transient gradients, or the fused LM head's logit tiles, whichever is larger;
+- the caching allocator's slack over the allocated peak; the CUDA context (outside torch's reserved memory) is
+  shown apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 2**30
+# Block size of bitsandbytes' 4-bit scales, and of the second-level scales with double quantization.
+BNB_BLOCK, BNB_BLOCK2 = 64, 256
+# trl's fused LM head projects at most this many positions x vocabulary entries at a time (trl/kernels).
+HEAD_TOKENS, HEAD_VOCAB = 4096, 32768
+# Reserved over allocated peak with fixed shapes (calibrated on the H100 runs in bench/RESULTS.md).
+ALLOCATOR_SLACK = 0.05
+# CUDA context, cuBLAS and cuDNN workspaces: device memory outside torch's allocator (H100, bench/RESULTS.md).
+CUDA_CONTEXT_GB = 0.75
+PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")
+QKV = {"q_proj", "k_proj", "v_proj", "query_key_value", "qkv_proj", "Wqkv", "c_attn"}
+MLP_IN = {"fc1", "gate_proj", "up_proj", "gate_up_proj", "c_fc", "w1", "w3"}
+GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
+
+
+@dataclass
+class Estimate:
+    parts: dict = field(default_factory=dict)  # name -> bytes, in the order printed
+    allocated: float = 0.0
+    reserved: float = 0.0
+
+    @property
+    def reserved_gb(self) -> float:
+        return self.reserved / GIB
+
+
+# ---------------------------------------------------------------- the model's shape
+
+
+def _shape(config) -> dict:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    return dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=heads, inter=getattr(cfg, "intermediate_size", None)
+                or 4 * cfg.hidden_size, vocab=cfg.vocab_size, kv_dim=cfg.hidden_size * kv // heads,
+                act=getattr(cfg, "hidden_act", None), gated=cfg.model_type in GATED,
+                parallel=cfg.model_type in ("phi", "gptj", "gpt_neox"))
+
+
+def _linears(meta) -> tuple[int, int, dict]:
+    """(quantizable linear elements, all parameter elements, {module name: in_features} in layer 0)."""
+    import torch
+
+    out = meta.get_output_embeddings()
+    quantizable = 0
+    layer0: dict = {}
+    for name, module in meta.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not out:
+            quantizable += module.weight.numel()
+            parts = name.split(".")
+            if "0" in parts:
+                layer0[parts[-1]] = module.in_features
+    total = sum(p.numel() for p in meta.parameters())
+    return quantizable, total, layer0
+
+
+# ---------------------------------------------------------------- terms
+
+
+def quantized_bytes(n: int, quant: dict) -> float:
+    if quant["method"] == "bnb_8bit":
+        return n * 1.0 + n / 4096 * 4  # int8 weights + per-row scales (rows are >= 4096 wide in practice)
+    blocks = n / BNB_BLOCK
+    scales = blocks * 1 + blocks / BNB_BLOCK2 * 4 if quant["double_quant"] else blocks * 4
+    return n / 2 + scales
+
+
+def _dtype_bytes(name: str) -> int:
+    return 4 if name == "float32" else 2  # auto is bf16 (or fp16) on a GPU
+
+
+def layer_activation_bytes(shape: dict, recipe: dict, upcast: bool, fused_act: bool) -> float:
+    """Bytes autograd saves per token for one decoder layer (see the module docstring)."""
+    h, i, kv = shape["hidden"], shape["inter"], shape["kv_dim"]
+    c = _dtype_bytes(recipe["model"]["dtype"])  # compute dtype of matmuls and attention
+    r = 4 if upcast else c  # residual stream, norms, and what 4-bit layers return (their input's dtype)
+    norms = 1 if shape["parallel"] else 2
+    total = norms * r * h
+    total += c * (2 * h + 2 * kv)  # attention kernel's q, k, v, output (after rotary, in the compute dtype)
+    if recipe["model"]["attn_implementation"] == "eager":  # fp32 softmax output and its copy in the compute dtype
+        total += shape["heads"] * recipe["prompt"]["max_length"] * (4 + c)
+    mlp_tensors = 3 if shape["gated"] else (1 if fused_act or shape["act"] not in ("gelu_new", "gelu_fast") else 4)
+    total += mlp_tensors * (c if fused_act and not upcast else r) * i
+    total += _lora_bytes(recipe, shape, c)
+    return total
+
+
+def _lora_bytes(recipe: dict, shape: dict, c: int) -> float:
+    lora = recipe["lora"]
+    if lora is None:
+        return 0.0
+    targets = shape["layer0"] if lora["target_modules"] == "all-linear" else {
+        t: shape["layer0"].get(t, shape["hidden"]) for t in lora["target_modules"]}
+    if lora["dropout"] > 0:  # each target keeps its own dropout output and a bool mask
+        return sum((c + 1) * d for d in targets.values())
+    # without dropout LoRA keeps its input, which q/k/v (and the MLP's first layer) share
+    groups: dict = {}
+    for name, d in targets.items():
+        key = "qkv" if name in QKV else ("mlp_in" if name in MLP_IN else name)
+        if shape["parallel"] and key == "mlp_in":
+            key = "qkv"
+        groups[key] = d
+    return sum(c * d for d in groups.values())
+
+
+def model_info(recipe: dict, config) -> dict:
+    """What the estimate needs from the architecture: its shape, linear and total elements, LoRA parameters."""
+    from runner import model as model_mod
+
+    meta = model_mod.meta_model(config)
+    info = _shape(config)
+    info["quantizable"], info["total"], info["layer0"] = _linears(meta)
+    if recipe["lora"] is None:
+        info["trainable"] = info["total"]
+    else:
+        info["trainable"] = model_mod.meta_lora_counts(recipe, meta)[0]
+    return info
+
+
+def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
+    """Predicted peak memory of training ``recipe`` with ``speed`` (runner.profiles.Speed)."""
+    shape = info if info is not None else model_info(recipe, config)
+    quantizable, total, trainable = shape["quantizable"], shape["total"], shape["trainable"]
+    quant = recipe["quantization"]
+    quantized = quant["method"] != "none"
+    upcast = quantized and not speed.keep_dtype
+    w = _dtype_bytes(recipe["model"]["dtype"])
+    c = w
+    r = 4 if upcast else c
+
+    est = Estimate()
+    if quantized:
+        est.parts["4-bit weights" if quant["method"] == "bnb_4bit" else "8-bit weights"] = quantized_bytes(
+            quantizable, quant)
+        est.parts[f"unquantized weights ({'fp32, upcast' if upcast else 'bf16'})"] = (total - quantizable) * (
+            4 if upcast else w)
+    else:
+        est.parts["weights"] = total * w
+    est.parts["LoRA weights + grads + optimizer"] = trainable * _train_state_bytes(recipe, quantized, w)
+
+    tokens = speed.micro_batch_size * recipe["prompt"]["max_length"]
+    layer = layer_activation_bytes(shape, recipe, upcast, speed.fused_activation)
+    if speed.gradient_checkpointing:
+        saved = tokens * (shape["layers"] * r * shape["hidden"] + layer)
+        label = "activations (checkpoints + one recomputed layer)"
+    else:
+        saved = tokens * shape["layers"] * layer
+        label = "activations (all layers)"
+    est.parts[f"{label}, {speed.micro_batch_size} x {recipe['prompt']['max_length']} tokens"] = saved
+    transient = tokens * (2 * shape["inter"] + 3 * shape["hidden"]) * r + shape["inter"] * shape["hidden"] * c
+    labelled = min(tokens, HEAD_TOKENS)
+    head = labelled * min(shape["vocab"], HEAD_VOCAB) * c + tokens * shape["hidden"] * (4 + c)
+    if head > transient:
+        est.parts["logits/loss (fused LM head tiles)"] = head
+    else:
+        est.parts["backward transients (widest layer gradients)"] = transient
+    est.allocated = sum(est.parts.values())
+    est.parts["allocator slack"] = est.allocated * ALLOCATOR_SLACK
+    est.reserved = est.allocated + est.parts["allocator slack"]
+    return est
+
+
+def _train_state_bytes(recipe: dict, quantized: bool, w: int) -> float:
+    """Per trainable parameter: weight + gradient (bf16: TRL keeps LoRA weights of a quantized model in bf16) and
+    the optimizer's state held by torch's allocator."""
+    p = 2 if quantized else w
+    opt = recipe["training"]["optimizer"]
+    if opt in PAGED:
+        state = 0.0  # paged: cudaMallocManaged, outside torch's reserved memory
+    elif opt == "adamw_8bit":
+        state = 2.0 + 2 * 4 / 256
+    elif opt in ("adamw_torch", "adamw_torch_fused"):
+        state = 2 * p
+    elif opt == "adafactor":
+        state = 0.1 * p
+    else:
+        state = 0.0
+    return 2 * p + state
+
+
+# ---------------------------------------------------------------- the command
+
+
+def report(recipe: dict, card_gb: float | None = None) -> str:
+    from runner import model as model_mod
+    from runner import profiles
+
+    config = model_mod.load_config(recipe)
+    model_mod.check(recipe)
+    trainable, total = model_mod.meta_lora_counts(recipe, model_mod.meta_model(config))
+    info = model_info(recipe, config)
+    t = recipe["training"]
+    lines = [f"{recipe['name']}: {recipe['model']['name_or_path']} ({config.model_type}), "
+             f"{_quant_text(recipe)}, {_lora_text(recipe)}",
+             model_mod.parameter_line(trainable, total),
+             f"{recipe['prompt']['max_length']} tokens a row, {t['micro_batch_size'] * t['gradient_accumulation_steps']}"
+             f" examples per optimizer step, optimizer {t['optimizer']}"
+             + (f", card {card_gb:.1f} GiB" if card_gb else ", no GPU here (fast assumes an unlimited card)"), ""]
+    lines.append(f"{'profile':<11} {'micro-batch':<12} {'checkpointing':<14} {'peak reserved (predicted)':>26}")
+    chosen = {}
+    for name in ("none", "fast", "balanced", "low_memory"):
+        trial = {**recipe, "training": {**t, "profile": name}}
+        try:
+            speed = profiles.resolve(trial, config, card_gb, detect=False, info=info)
+        except Exception as exc:  # a budget nothing fits: say so in the table
+            lines.append(f"{name:<11} {'-':<12} {'-':<14} {str(getattr(exc, 'problem', exc)):>26}")
+            continue
+        chosen[name] = speed
+        lines.append(f"{name:<11} {f'{speed.micro_batch_size} x {speed.gradient_accumulation_steps}':<12} "
+                     f"{'yes' if speed.gradient_checkpointing else 'no':<14} {speed.predicted_gb:>22.2f} GiB")
+    mine = profiles.pick_profile(t["profile"], card_gb)
+    if mine in chosen:
+        speed = chosen[mine]
+        est = estimate(recipe, config, speed, info)
+        lines += ["", f"breakdown for training.profile {t['profile']}"
+                  + (f" -> {mine}" if mine != t["profile"] else "") + f" ({speed.describe()}):"]
+        for name, value in est.parts.items():
+            lines.append(f"  {name:<62} {value / GIB:7.2f} GiB")
+        lines.append(f"  {'= peak reserved by torch':<62} {est.reserved / GIB:7.2f} GiB")
+        lines.append(f"  {'+ CUDA context and workspaces (outside torch)':<62} {CUDA_CONTEXT_GB:7.2f} GiB")
+        lines.append(f"  {'= device memory':<62} {est.reserved / GIB + CUDA_CONTEXT_GB:7.2f} GiB")
+        if t["optimizer"] in PAGED:
+            lines.append(f"  ({t['optimizer']} keeps its state in paged (managed) memory, not counted above)")
+    return "\n".join(lines)
+
+
+def _quant_text(recipe: dict) -> str:
+    q = recipe["quantization"]
+    if q["method"] == "none":
+        return "no quantization"
+    if q["method"] == "bnb_8bit":
+        return "8-bit weights"
+    return f"{q['quant_type'].upper()}{' double-quant' if q['double_quant'] else ''}"
+
+
+def _lora_text(recipe: dict) -> str:
+    lora = recipe["lora"]
+    if lora is None:
+        return "full fine-tuning"
+    targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
+    return f"LoRA r={lora['r']} on {targets}"

@@ -1,0 +1,188 @@
+"""Speed profiles: how a recipe trains on the card at hand, never what it trains.
+
+A profile keeps the recipe's examples per optimizer step (micro_batch_size x gradient_accumulation_steps), data,
+LoRA, optimizer and schedule. It changes only the layout of the work:
+
+- fixed [micro_batch, max_length] rows with per-row position_ids and no attention mask, so every step has one
+  shape (cuDNN attention and the allocator rebuild nothing) and SDPA runs its causal kernel;
+- bf16 weights and activations, without the fp32 upcast peft's prepare_model_for_kbit_training adds;
+- a fused GELU where the model's activation is the same formula written as Python ops;
+- the cuDNN SDPA backend off (it builds an execution graph per new shape; flash attention is as fast here);
+- the micro-batch / accumulation split and gradient checkpointing chosen from runner.plan's memory estimate to fit
+  the profile's budget, preferring large micro-batches without recompute.
+
+``none`` is the recipe exactly as written; ``auto`` picks ``none`` on a CPU (the tiny recipes keep their speed)
+and a profile by card memory on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+
+from runner.errors import RecipeError
+
+# The memory each profile fits (GiB of torch's peak reserved memory); fast takes the card's.
+BUDGET_GB = {"balanced": 20.0, "low_memory": 3.8}
+FAST_SHARE = 0.9  # of the card's memory for fast: the CUDA context and other processes need the rest
+# Card memory (GiB) from which auto picks fast, then balanced; below that, low_memory.
+AUTO_FAST_GB, AUTO_BALANCED_GB = 40.0, 16.0
+# Tokens per micro-batch at which host overhead (kernel launches, Python) is about half the step time: larger
+# micro-batches amortize it. Recompute (gradient checkpointing) costs about a third more compute.
+HALF_SATURATION_TOKENS = 2048
+RECOMPUTE_COST = 4 / 3
+
+
+@dataclass(frozen=True)
+class Speed:
+    profile: str
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    fixed_shapes: bool = False
+    keep_dtype: bool = False
+    fused_activation: bool = False
+    cudnn_sdpa: bool = True
+    budget_gb: float | None = None
+    predicted_gb: float | None = None
+
+    def describe(self) -> str:
+        ckpt = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
+        text = f"profile {self.profile}: micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps}, {ckpt}"
+        if self.fixed_shapes:
+            text += ", fixed rows, bf16, fused activation, no cuDNN attention"
+        if self.predicted_gb is not None:
+            text += f"; predicted peak {self.predicted_gb:.1f} GiB"
+        if self.budget_gb is not None:
+            text += f" (budget {self.budget_gb:.1f} GiB)"
+        return text
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def gpu_memory_gb() -> float | None:
+    """Total memory of the current CUDA device in GiB, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def pick_profile(name: str, card_gb: float | None) -> str:
+    if name != "auto":
+        return name
+    if card_gb is None:
+        return "none"
+    if card_gb >= AUTO_FAST_GB:
+        return "fast"
+    return "balanced" if card_gb >= AUTO_BALANCED_GB else "low_memory"
+
+
+def budget_for(recipe: dict, profile: str, card_gb: float | None) -> float | None:
+    if recipe["training"]["vram_budget_gb"] is not None:
+        return float(recipe["training"]["vram_budget_gb"])
+    if profile == "fast":
+        return card_gb * FAST_SHARE if card_gb is not None else None
+    return BUDGET_GB.get(profile)
+
+
+def as_written(recipe: dict, profile: str = "none") -> Speed:
+    t = recipe["training"]
+    return Speed(profile, t["micro_batch_size"], t["gradient_accumulation_steps"], t["gradient_checkpointing"])
+
+
+def candidates(recipe: dict, profile: str) -> list[Speed]:
+    """Every split of the recipe's examples per step into micro-batches, with and without recompute."""
+    t = recipe["training"]
+    per_step = t["micro_batch_size"] * t["gradient_accumulation_steps"]
+    flags = {} if profile == "none" else dict(fixed_shapes=True, keep_dtype=True, fused_activation=True,
+                                               cudnn_sdpa=False)
+    out = []
+    for micro in (m for m in range(per_step, 0, -1) if per_step % m == 0):
+        for gc in (False, True):
+            out.append(Speed(profile, micro, per_step // micro, gc, **flags))
+    return out
+
+
+def score(speed: Speed, seq_len: int) -> float:
+    """Relative throughput: bigger micro-batches amortize host overhead; recompute costs compute."""
+    tokens = speed.micro_batch_size * seq_len
+    return tokens / (tokens + HALF_SATURATION_TOKENS) / (RECOMPUTE_COST if speed.gradient_checkpointing else 1.0)
+
+
+def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool = True,
+            info: dict | None = None) -> Speed:
+    """The settings training will use. Raises RecipeError (before any weight loads) when nothing fits the budget."""
+    from runner import plan
+
+    info = info if info is not None else plan.model_info(recipe, config)
+
+    if detect and card_gb is None:
+        card_gb = gpu_memory_gb()
+    profile = pick_profile(recipe["training"]["profile"], card_gb)
+    budget = budget_for(recipe, profile, card_gb)
+    if profile == "none" and recipe["training"]["vram_budget_gb"] is None:
+        speed = as_written(recipe)
+        if card_gb is None:  # on a CPU there is no GPU memory to predict
+            return speed
+        return replace(speed, predicted_gb=plan.estimate(recipe, config, speed, info).reserved_gb)
+    options = [replace(s, budget_gb=budget, predicted_gb=plan.estimate(recipe, config, s, info).reserved_gb)
+               for s in candidates(recipe, profile)]
+    seq_len = recipe["prompt"]["max_length"]
+    fitting = [s for s in options if budget is None or s.predicted_gb <= budget]
+    if not fitting:
+        smallest = min(options, key=lambda s: s.predicted_gb)
+        key = "training.vram_budget_gb" if recipe["training"]["vram_budget_gb"] is not None else "training.profile"
+        raise RecipeError(key, f"nothing fits {budget:.3g} GiB: the smallest setting (micro-batch "
+                          f"{smallest.micro_batch_size}, gradient checkpointing) needs {smallest.predicted_gb:.3g} GiB",
+                          "raise the budget, lower prompt.max_length, or use a smaller model; `runner plan` shows the"
+                          " breakdown")
+    return max(fitting, key=lambda s: (score(s, seq_len), s.micro_batch_size))
+
+
+def apply(recipe: dict, speed: Speed) -> dict:
+    """The recipe with the training keys the profile decides replaced (the user's file is not touched)."""
+    out = copy.deepcopy(recipe)
+    out["training"].update(micro_batch_size=speed.micro_batch_size,
+                           gradient_accumulation_steps=speed.gradient_accumulation_steps,
+                           gradient_checkpointing=speed.gradient_checkpointing)
+    return out
+
+
+@dataclass(frozen=True)
+class FixedRows:
+    """Collates tokenized examples, or TRL's packed rows, into [batch, length] tensors of one fixed shape.
+
+    Rows are right-padded; position_ids count from 0 at the start of every packed example, and the padding
+    continues the last example's count; no attention mask is passed. Under causal attention no real token sees
+    the padding after it, and transformers turns restarting position_ids into a block-diagonal mask, so packed
+    examples don't see one another. A label at the first token of a packed example would be predicted from the
+    previous example, so it is dropped.
+    """
+
+    pad_token_id: int
+    length: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        n = len(examples)
+        input_ids = torch.full((n, self.length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, self.length), -100, dtype=torch.long)
+        position_ids = torch.empty((n, self.length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = example["input_ids"]
+            if len(ids) > self.length:
+                raise ValueError(f"a row of {len(ids)} tokens is longer than the fixed length {self.length}")
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            labels[row, : len(ids)] = torch.as_tensor(example.get("labels", ids))
+            lengths = list(example.get("seq_lengths") or [len(ids)])
+            start = 0
+            for seq_len in lengths[:-1]:
+                position_ids[row, start:start + seq_len] = torch.arange(seq_len)
+                start += seq_len
+                labels[row, start] = -100
+            position_ids[row, start:] = torch.arange(self.length - start)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

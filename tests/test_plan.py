@@ -1,0 +1,130 @@
+"""runner plan and the speed profiles: parameters and memory from a config alone; budgets fit or refuse early."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from runner import plan, profiles
+from runner import recipe as recipe_mod
+from runner.errors import RecipeError
+from tests.conftest import ROOT
+
+XSUM = ROOT / "recipes" / "xsum_phi2.yaml"
+TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
+PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+            num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048, hidden_act="gelu_new",
+            tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def phi2_config():
+    from transformers import PhiConfig
+
+    return PhiConfig(**PHI2)
+
+
+@pytest.fixture(scope="module")
+def phi2_dir(tmp_path_factory, phi2_config):
+    folder = tmp_path_factory.mktemp("phi2-config-only")
+    phi2_config.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    return folder
+
+
+def xsum(*overrides: str) -> dict:
+    return recipe_mod.load(XSUM, list(overrides))
+
+
+def test_plan_runs_offline_from_a_folder_holding_only_config_json(phi2_dir, cli):
+    result = cli("plan", XSUM, f"model.name_or_path={phi2_dir}", "--gpu-gb", "80")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "trainable params: 10,485,760 || all params: 2,790,169,600" in out
+    for name in ("none", "fast", "balanced", "low_memory"):
+        assert re.search(rf"^{name}\s+\d+ x \d+\s+(yes|no)\s+[\d.]+ GiB$", out, re.M), out
+    # the breakdown's terms add up to the predicted peak
+    parts = [float(v) for v in re.findall(r"^  (?![=+(]).*?\s([\d.]+) GiB$", out, re.M)]
+    total = float(re.search(r"= peak reserved by torch\s+([\d.]+) GiB", out).group(1))
+    assert len(parts) >= 5
+    assert sum(parts) == pytest.approx(total, abs=0.01 * len(parts))
+    assert "4-bit weights" in out and "CUDA context" in out
+
+
+# Peak reserved memory measured on an H100 through the runner (bench/RESULTS.md) and, for the study's own path,
+# by the earlier measurement in ../shared/bench/RESULTS.md (variants A, B, E3). (overrides, speed, GiB measured)
+MEASURED = [
+    (["model.attn_implementation=eager"], profiles.Speed("none", 4, 4, True), 4.26),  # notebook baseline A
+    ([], profiles.Speed("none", 4, 4, True), 3.86),  # B: sdpa, padding to the longest
+    ([], profiles.Speed("none", 16, 1, False), 58.32),  # E3: fixed rows, no checkpointing, fp32 upcasts
+]
+
+
+@pytest.mark.parametrize("overrides,speed,measured", MEASURED)
+def test_plan_predicts_measured_h100_peaks_within_15_percent(phi2_config, overrides, speed, measured):
+    predicted = plan.estimate(xsum(*overrides), phi2_config, speed).reserved_gb
+    assert predicted == pytest.approx(measured, rel=0.15)
+
+
+def test_auto_on_a_cpu_changes_nothing(phi2_config):
+    recipe = recipe_mod.load(TINY)
+    speed = profiles.resolve(recipe, phi2_config, card_gb=None, detect=False)
+    assert speed == profiles.Speed("none", 16, 1, False)
+    assert not (speed.fixed_shapes or speed.keep_dtype or speed.fused_activation) and speed.cudnn_sdpa
+    assert profiles.apply(recipe, speed) == recipe
+
+
+@pytest.mark.parametrize("card,expected", [(80, "fast"), (40, "fast"), (24, "balanced"), (6, "low_memory"),
+                                           (None, "none")])
+def test_auto_picks_a_profile_by_card_memory(card, expected):
+    assert profiles.pick_profile("auto", card) == expected
+    assert profiles.pick_profile("balanced", card) == "balanced"
+
+
+def test_profiles_keep_examples_per_step_and_fit_their_budgets(phi2_config):
+    picked = {}
+    for name in ("fast", "balanced", "low_memory"):
+        speed = profiles.resolve(xsum(f"training.profile={name}"), phi2_config, card_gb=80, detect=False)
+        assert speed.micro_batch_size * speed.gradient_accumulation_steps == 16
+        assert speed.fixed_shapes and speed.keep_dtype and speed.fused_activation and not speed.cudnn_sdpa
+        assert speed.predicted_gb <= speed.budget_gb
+        picked[name] = speed
+    assert picked["fast"].micro_batch_size == 16 and not picked["fast"].gradient_checkpointing
+    assert picked["balanced"].budget_gb == profiles.BUDGET_GB["balanced"]
+    assert picked["low_memory"].gradient_checkpointing
+    assert picked["fast"].predicted_gb > picked["balanced"].predicted_gb > picked["low_memory"].predicted_gb
+
+
+def test_the_profiles_need_less_memory_than_the_study_path_at_the_same_micro_batch(phi2_config):
+    recipe = xsum()
+    for micro, gc in ((4, True), (16, False)):
+        as_written = plan.estimate(recipe, phi2_config, profiles.Speed("none", micro, 16 // micro, gc))
+        profiled = plan.estimate(recipe, phi2_config, profiles.candidates(recipe, "fast")[0].__class__(
+            "fast", micro, 16 // micro, gc, fixed_shapes=True, keep_dtype=True, fused_activation=True))
+        assert profiled.reserved < as_written.reserved
+
+
+def test_a_vram_budget_picks_what_fits(phi2_config):
+    speed = profiles.resolve(xsum("training.vram_budget_gb=6"), phi2_config, card_gb=80, detect=False)
+    assert speed.profile == "fast" and speed.budget_gb == 6
+    assert speed.predicted_gb <= 6
+    assert speed.micro_batch_size * speed.gradient_accumulation_steps == 16
+
+
+def test_a_vram_budget_nothing_fits_is_a_recipe_error(phi2_config):
+    with pytest.raises(RecipeError) as err:
+        profiles.resolve(xsum("training.vram_budget_gb=1.0"), phi2_config, card_gb=80, detect=False)
+    assert err.value.key_path == "training.vram_budget_gb"
+    assert "nothing fits 1 GiB" in err.value.problem
+
+
+def test_train_refuses_a_budget_before_loading_weights_or_writing_anything(tiny, cli, tmp_path):
+    result = cli("train", TINY, "training.vram_budget_gb=0.000001", f"output_dir={tmp_path / 'runs'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    # (bitsandbytes may log a line about optional CPU kernels when peft imports it; the error is the one line after)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: training.vram_budget_gb: nothing fits"), result.stderr
+    assert result.stderr.strip().endswith(errors[0]) and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+    assert "Loading weights" not in result.stdout + result.stderr
