@@ -16,15 +16,16 @@ export OMP_NUM_THREADS ?= $(THREADS)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate train eval compare generate test smoke tiny lint clean
+.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
-	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate (default: the tiny offline XSum twin)"
+	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
 	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
+	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make test                       the test suite (CPU, about 5 minutes on 2 cores)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
@@ -47,6 +48,9 @@ tiny: $(TINY)
 
 validate: $(BIN)/runner
 	$(BIN)/runner validate $(RECIPE) $(ARGS)
+
+inspect: $(BIN)/runner $(TINY)
+	$(BIN)/runner inspect $(RECIPE) $(ARGS)
 
 train: $(BIN)/runner $(TINY)
 	$(BIN)/runner train $(RECIPE) $(ARGS)

@@ -13,12 +13,19 @@ from pathlib import Path
 
 from runner.errors import RecipeError
 
+
 def _args_validate(p):
     p.add_argument("--print", action="store_true", dest="show", help="print the resolved recipe as YAML")
 
 
 def _args_train(p):
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+
+
+def _args_inspect(p):
+    p.add_argument("--out", metavar="DIR", help="where inspect.json and the histograms go "
+                   "(default: <output_dir>/<name>/inspect)")
+    p.add_argument("--no-cache", action="store_true", help="tokenize again instead of using .cache/inspect")
 
 
 def _args_eval(p):
@@ -92,7 +99,23 @@ def cmd_train(args) -> int:
         metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role],
                                     splits=prepared.splits)
         print(evaluate.summary_line(metrics))
+    from runner import report
+
+    print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
     print(f"done: {run_dir}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    from runner import inspect, model
+
+    result = inspect.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
+    print(inspect.table(result))
+    path = inspect.write(result, Path(args.out) if args.out else inspect.default_out_dir(recipe))
+    print(f"\nsaved: {path} and length histograms in {path.parent}" + (" (from the cache)" if result["cached"] else ""))
     return 0
 
 
@@ -177,7 +200,9 @@ def cmd_plan(args) -> int:
 COMMANDS = {
     "validate": ("check a recipe (schema and cross-checks) without loading anything heavy",
                  _args_validate, cmd_validate),
-    "train": ("train the recipe's adapter, then evaluate it; writes a run folder under output_dir",
+    "inspect": ("token lengths, truncation, drops and labels of the recipe's data per split; writes inspect.json "
+                "and histograms", _args_inspect, cmd_inspect),
+    "train": ("train the recipe's adapter, evaluate it and write report.md; writes a run folder under output_dir",
               _args_train, cmd_train),
     "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
              _args_eval, cmd_eval),

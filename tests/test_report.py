@@ -1,0 +1,97 @@
+"""report.md for every run: a short tiny run through `runner train` leaves a report with every section, and every
+image it shows exists and is a valid PNG."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner import report
+from tests.conftest import ROOT, run_cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RECIPE = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
+SECTIONS = ["# Report: agnews_tiny", "## Recipe", "## Data", "## Training", "## Metrics", "## Samples"]
+
+
+def images(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def assert_png(path: Path):
+    import matplotlib.image
+
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert height > 100 and width > 100
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = run_cli("train", RECIPE, f"output_dir={out}", "training.max_steps=30", "training.eval_every=10",
+                     "data.test_samples=24")
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("report: "))
+    path = Path(line.removeprefix("report: "))
+    assert path.name == "report.md"
+    return path.parent
+
+
+def test_report_has_every_section_in_order(run_dir):
+    text = (run_dir / "report.md").read_text()
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert recipe["prompt"]["template"] in text
+    env = json.loads((run_dir / "env.json").read_text())
+    assert f"{env['trainable']:,} of {env['total']:,}" in text  # trainable parameters
+    assert f"{env['train_seconds']:.1f} s" in text and "peak process memory (RSS)" in text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    accuracy = metrics["classification"]["accuracy"]
+    assert re.search(rf"\| classification \| accuracy \| {accuracy:.4g} \| \[", text)
+    assert "| class | precision | recall | f1 | support |" in text
+    data = text[text.index("## Data"):text.index("## Training")]
+    assert "**train** (2000 rows" in data and "| `{text}` |" in data and "Labels: " in data
+    samples = text[text.index("## Samples"):]
+    first = json.loads((run_dir / "predictions.jsonl").read_text().splitlines()[0])
+    assert f"| {first['reference']} |" in samples
+
+
+def test_every_image_exists_and_is_a_png(run_dir):
+    text = (run_dir / "report.md").read_text()
+    shown = images(text)
+    expected = {"report/loss.png", "confusion_matrix.png", "report/lengths_train.png", "report/lengths_eval.png",
+                "report/lengths_test.png"}
+    assert expected <= set(shown)
+    for rel in shown:
+        assert_png(run_dir / rel)
+    stats = json.loads((run_dir / "report" / "inspect.json").read_text())
+    assert stats["splits"]["test"]["rows"] == 24
+
+
+def test_loss_curve_has_train_and_eval_points(run_dir):
+    train, evals = report.loss_points(report.read_log(run_dir))
+    assert len(train) >= 3 and [step for step, _ in evals] == [10, 20, 30]
+
+
+def test_a_run_without_evaluation_still_gets_a_report(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
+    for name in ("metrics.json", "predictions.jsonl", "samples.md", "confusion_matrix.png", "report.md"):
+        (copy / name).unlink(missing_ok=True)
+    with open(copy / "train_log.jsonl", "a") as f:
+        f.write('{"step": 31, "lo')  # an interrupted run's torn last line
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    path = report.write(copy, recipe)  # no tokenizer: no data statistics, the rest from the folder
+    text = path.read_text()
+    assert all(s in text for s in SECTIONS)
+    assert "Not evaluated" in text and "No predictions" in text and "Data statistics were not computed" in text
+    for rel in images(text):
+        assert_png(copy / rel)
