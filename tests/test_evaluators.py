@@ -117,7 +117,7 @@ def test_loss_is_the_models_own_completion_loss(untrained, tmp_path):
         with torch.inference_mode():
             losses.append(net(input_ids=ids, labels=labels).loss.item())
         counts.append(int((labels[0, 1:] != -100).sum()))
-    expected = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
+    expected = sum(loss * c for loss, c in zip(losses, counts)) / sum(counts)
     results = []
     for batch_size in (1, 3):  # padding must not change anything
         evaluator = Loss(seed=recipe["seed"], batch_size=batch_size)

@@ -8,7 +8,6 @@ import copy
 import json
 
 import pytest
-import yaml
 
 from runner import data as data_mod
 from runner import evaluate as evaluate_mod
@@ -183,84 +182,50 @@ def test_rank_mode_needs_labels_and_a_one_field_completion():
     assert rank_mod.candidate(from_evaluator, "Sci/Tech") == " Sci/Tech"
 
 
-# ---------------------------------------------------------------- rank vs generate on a tiny classification task
+# ---------------------------------------------------------------- rank vs generate on the tiny AG News twin
 
-# The tiny news summaries name their event: a five-topic classification task from the same data and tokenizer.
-TOPIC_OF = {" hurt as ": "Accident", " elected mayor ": "Election", " beat ": "Sport", " to cut ": "Jobs",
-            " closes ": "Weather"}
-
-
-def write_topics(tiny, folder):
-    for split in ("train", "validation", "test"):
-        rows = []
-        for line in (tiny / "data" / "xsum_tiny" / f"{split}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            label = next(name for cue, name in TOPIC_OF.items() if cue in f" {row['summary']}")
-            rows.append(json.dumps({"id": row["id"], "document": row["document"], "label": label}))
-        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-
-
-def topics_recipe(tiny, folder) -> dict:
-    write_topics(tiny, folder)
-    recipe = {
-        "name": "topics_tiny", "seed": 42, "output_dir": str(folder / "runs"),
-        "model": {"name_or_path": str(tiny / "phi")},
-        "quantization": {"method": "bnb_4bit"},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"source": {"train": str(folder / "train.jsonl"), "eval": str(folder / "validation.jsonl"),
-                            "test": str(folder / "test.jsonl")},
-                 "train_samples": 960, "eval_samples": 16, "test_samples": 60},
-        "prompt": {"template": "Article: {document}\nTopic:", "completion": " {label}", "max_length": 128,
-                   "truncate": "document"},
-        "training": {"max_steps": 60, "micro_batch_size": 16, "gradient_accumulation_steps": 1,
-                     "learning_rate": 3.0e-3, "warmup_ratio": 0.05, "optimizer": "adamw_torch", "resume": "never"},
-        "generation": {"max_new_tokens": 4, "batch_size": 20, "stop": ["\n"], "labels": list(TOPIC_OF.values())},
-        "evaluation": {"split": "test", "evaluators": [{"name": "samples"}]},
-    }
-    path = folder / "topics_tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return recipe_mod.load(path)
-
-
-def accuracy(out_dir) -> float:
-    rows = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
-    return sum(" ".join(r["prediction"].split()).lower() == r["reference"].lower() for r in rows) / len(rows)
+AGNEWS_TINY = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
+STEPS = 100  # about 12 s on 2 idle cores; both modes reach 1.0 on 60 test rows (60 steps: generate 0.63, rank 0.73)
 
 
 @pytest.fixture(scope="module")
-def topics(tiny, tmp_path_factory):
-    """A tiny topic classifier trained once (60 steps), with its untrained base one disable_adapter() away."""
+def agnews(tiny, tmp_path_factory):
+    """The AG News twin trained once, in-process; its untrained base is one disable_adapter() away."""
     from runner import train
 
-    folder = tmp_path_factory.mktemp("topics")
-    recipe = topics_recipe(tiny, folder)
+    folder = tmp_path_factory.mktemp("agnews")
+    recipe = recipe_mod.load(AGNEWS_TINY, [f"training.max_steps={STEPS}", "training.eval_every=null",
+                                           "data.test_samples=60", f"output_dir={folder}"])
     _, net, tokenizer, prepared = train.train(recipe)
     return recipe, net, tokenizer, prepared.splits["test"], folder
 
 
-def evaluate_in(mode: str, topics, adapter: bool) -> tuple[float, list]:
-    recipe, net, tokenizer, test, folder = topics
+def evaluate_in(mode: str, agnews, adapter: bool) -> tuple[dict, list[str]]:
+    recipe, net, tokenizer, test, folder = agnews
     out = folder / f"{mode}-{'adapter' if adapter else 'base'}"
     out.mkdir()
     recipe = with_keys(recipe, generation={"mode": mode})
     if adapter:
-        evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=test)
+        metrics = evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=test)
     else:
         with net.disable_adapter():
-            evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=test)
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    return accuracy(out), [r["prediction"] for r in rows]
+            metrics = evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=test)
+    predictions = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return metrics["classification"], predictions
 
 
-def test_rank_and_generate_agree_with_gold_after_training(topics):
-    labels = set(TOPIC_OF.values())
-    results = {(mode, adapter): evaluate_in(mode, topics, adapter)
-               for mode in ("generate", "rank") for adapter in (False, True)}
-    acc = {key: value[0] for key, value in results.items()}
-    print({f"{mode} {'trained' if a else 'untrained'}": round(v, 3) for (mode, a), v in acc.items()})
-    assert all(p in labels for p in results[("rank", False)][1] + results[("rank", True)][1])  # always a label
-    # Measured at 60 steps: generate 0.83 (its misses are misspelt labels like "Accc"), rank 1.0; untrained 0.0 / 0.28.
-    assert acc[("generate", True)] >= 0.6 and acc[("rank", True)] >= 0.9
+def test_rank_and_generate_agree_with_gold_at_least_as_often_after_training(agnews):
+    """Rank takes its labels from the classification evaluator's `labels` (the twin sets no generation.labels)."""
+    recipe = agnews[0]
+    labels = next(e["labels"] for e in recipe["evaluation"]["evaluators"] if e["name"] == "classification")
+    assert recipe["generation"]["labels"] is None and rank_mod.rank_labels(recipe) == labels
+    results = {(mode, trained): evaluate_in(mode, agnews, trained)
+               for mode in ("generate", "rank") for trained in (False, True)}
+    acc = {key: value[0]["accuracy"] for key, value in results.items()}
+    print({f"{mode} {'trained' if t else 'untrained'}": v for (mode, t), v in acc.items()})
+    for trained in (False, True):  # ranking always answers with a label, trained or not
+        assert set(results[("rank", trained)][1]) <= set(labels) and results[("rank", trained)][0]["invalid"] == 0
+    assert acc[("generate", True)] >= 0.8 and acc[("rank", True)] >= 0.8
     for mode in ("generate", "rank"):
-        assert acc[(mode, True)] > acc[(mode, False)] + 0.3
+        assert acc[(mode, True)] >= acc[(mode, False)] + 0.3
     assert acc[("rank", True)] >= acc[("generate", True)]
