@@ -28,8 +28,6 @@ ALLOCATOR_SLACK = 0.05
 # CUDA context, cuBLAS and cuDNN workspaces: device memory outside torch's allocator (H100, bench/RESULTS.md).
 CUDA_CONTEXT_GB = 0.75
 PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")
-QKV = {"q_proj", "k_proj", "v_proj", "query_key_value", "qkv_proj", "Wqkv", "c_attn"}
-MLP_IN = {"fc1", "gate_proj", "up_proj", "gate_up_proj", "c_fc", "w1", "w3"}
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
 
 
@@ -106,21 +104,15 @@ def layer_activation_bytes(shape: dict, recipe: dict, upcast: bool, fused_act: b
 
 
 def _lora_bytes(recipe: dict, shape: dict, c: int) -> float:
+    """Each LoRA target keeps its own copy of its input for lora_A's gradient (its dropout output; measured as a
+    separate copy even without dropout), and with dropout on a one-byte mask."""
     lora = recipe["lora"]
     if lora is None:
         return 0.0
     targets = shape["layer0"] if lora["target_modules"] == "all-linear" else {
         t: shape["layer0"].get(t, shape["hidden"]) for t in lora["target_modules"]}
-    if lora["dropout"] > 0:  # each target keeps its own dropout output and a bool mask
-        return sum((c + 1) * d for d in targets.values())
-    # without dropout LoRA keeps its input, which q/k/v (and the MLP's first layer) share
-    groups: dict = {}
-    for name, d in targets.items():
-        key = "qkv" if name in QKV else ("mlp_in" if name in MLP_IN else name)
-        if shape["parallel"] and key == "mlp_in":
-            key = "qkv"
-        groups[key] = d
-    return sum(c * d for d in groups.values())
+    per_element = c + (1 if lora["dropout"] > 0 else 0)
+    return sum(per_element * d for d in targets.values())
 
 
 def model_info(recipe: dict, config) -> dict:

@@ -1,0 +1,88 @@
+"""Count the bytes autograd keeps per token per decoder layer (the plan's activation model comes from this).
+
+Builds one- and two-layer models of Phi-2's width (random weights, CPU), loads them through the runner's own
+path with NF4 + the recipe's LoRA, runs one forward under bf16 autocast, and records every tensor autograd saves
+for backward (deduplicated by storage). The difference is one full layer, compared with runner.plan's formula:
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/activations.py [--seq 128]
+
+CPU numbers stand in for CUDA ones: the saved tensors are decided by the Python model code and autograd formulas,
+the same on both, except dropout masks (bool on CUDA, float on CPU): the comparison runs with lora.dropout 0, and
+the plan adds a dropout output plus a one-byte mask per LoRA target when dropout is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+
+def saved_bytes(model, input_ids, position_ids=None) -> int:
+    import torch
+
+    seen: dict = {}
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    del out
+    return sum(n for (ptr, _), n in seen.items() if ptr not in params)
+
+
+def measure(settings: dict, seq: int, layers: int) -> float:
+    """Saved bytes per token of a ``layers``-deep model (its first layer's input needs no gradient)."""
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from runner import model as model_mod
+    from runner import profiles
+    from runner import recipe as recipe_mod
+
+    cfg = PhiConfig(vocab_size=256, hidden_size=2560, intermediate_size=10240, num_hidden_layers=layers,
+                    num_attention_heads=32, partial_rotary_factor=0.4, hidden_act="gelu_new", resid_pdrop=0.0,
+                    embd_pdrop=0.0, attention_dropout=0.0)
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        PhiForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+        recipe = recipe_mod.load("recipes/xsum_phi2.yaml", [
+            f"model.name_or_path={d}", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
+            "data.source=x.jsonl", f"lora.dropout={settings['dropout']}", "training.gradient_checkpointing=false"])
+        speed = profiles.candidates(recipe, settings["profile"])[0]
+        model = model_mod.load_for_training(recipe, None if settings["profile"] == "none" else speed)
+        model.train()
+        ids = torch.randint(0, 256, (1, seq))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer's bf16 autocast does on a GPU
+            return saved_bytes(model, ids, torch.arange(seq)[None]) / seq, recipe, speed
+
+
+def main() -> None:
+    from transformers import PhiConfig
+
+    from runner import plan
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, default=128)
+    args = p.parse_args()
+    for name, s in {"none (fp32 upcasts, python gelu_new)": dict(profile="none", dropout=0.0),
+                    "profiles (bf16, fused gelu)": dict(profile="fast", dropout=0.0)}.items():
+        one, _, _ = measure(s, args.seq, 1)
+        two, recipe, speed = measure(s, args.seq, 2)
+        info = plan.model_info(recipe, PhiConfig(vocab_size=256, hidden_size=2560, intermediate_size=10240,
+                                                 num_hidden_layers=1, num_attention_heads=32, hidden_act="gelu_new"))
+        formula = plan.layer_activation_bytes(info, recipe, upcast=s["profile"] == "none",
+                                              fused_act=s["profile"] != "none")
+        row = {"measured_bytes_per_token_per_layer": round(two - one), "plan_formula": round(formula)}
+        print(name, "lora.dropout 0:", json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
