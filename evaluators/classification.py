@@ -88,12 +88,22 @@ class Classification(Evaluator):
             return extra, []
         return self.labels + extra, extra
 
-    def evaluate(self, records: list[Record], out_dir: Path) -> dict:
+    def encode(self, records: list[Record]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+        """(classes, unlisted gold labels, gold class ids, predicted class ids with -1 for invalid)."""
         classes, extra = self.classes(records)
         lookup = label_lookup(classes)
         index = {label: i for i, label in enumerate(classes)}
         gold = np.array([index[lookup[normalize(r.reference)]] for r in records], dtype=int)
         pred = np.array([index.get(lookup.get(normalize(r.prediction)), -1) for r in records], dtype=int)
+        return classes, extra, gold, pred
+
+    def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:
+        """1/0 correctness per example: what `runner compare` pairs across base and adapter."""
+        _, _, gold, pred = self.encode(records)
+        return {"accuracy": (gold == pred).astype(float)}
+
+    def evaluate(self, records: list[Record], out_dir: Path) -> dict:
+        classes, extra, gold, pred = self.encode(records)
         k = len(classes)
         # Rows: reference class; columns: predicted class, then one column for invalid predictions.
         matrix = np.zeros((k, k + 1), dtype=int)

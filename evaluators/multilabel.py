@@ -40,7 +40,8 @@ class Multilabel(Evaluator):
         extra = sorted(v for k, v in seen.items() if k not in known)
         return (self.labels + extra, extra) if self.labels else (extra, [])
 
-    def evaluate(self, records: list[Record], out_dir: Path) -> dict:
+    def encode(self, records: list[Record]):
+        """(labels, unlisted gold names, gold and predicted indicator matrices, invalid names, rows with one)."""
         labels, extra = self.label_set(records)
         lookup = label_lookup(labels)
         index = {label: i for i, label in enumerate(labels)}
@@ -60,6 +61,15 @@ class Multilabel(Evaluator):
                 else:
                     pred[row, index[label]] = True
             invalid_rows += bad
+        return labels, extra, gold, pred, invalid, invalid_rows
+
+    def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:
+        """1/0 exact match per example: what `runner compare` pairs across base and adapter."""
+        _, _, gold, pred, _, _ = self.encode(records)
+        return {"exact_match": (gold == pred).all(axis=1).astype(float)}
+
+    def evaluate(self, records: list[Record], out_dir: Path) -> dict:
+        labels, extra, gold, pred, invalid, invalid_rows = self.encode(records)
         tp = (gold & pred).sum(axis=0)
         support, predicted = gold.sum(axis=0), pred.sum(axis=0)
         precision, recall, f1 = prf(tp, predicted, support)

@@ -112,3 +112,10 @@ def test_wrong_parameters_are_recipe_errors(override, key_path, word):
         recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml", [override])
     assert info.value.key_path == key_path
     assert word in info.value.line()
+
+
+def test_per_example_correctness_is_what_accuracy_averages(tmp_path):
+    evaluator = Classification(labels=["cat", "dog", "bird"])
+    flags = evaluator.per_example(records(PAIRS))["accuracy"]
+    assert flags.tolist() == [1, 1, 0, 0, 1, 1, 0, 1, 0]
+    assert round(flags.mean(), 4) == evaluator.evaluate(records(PAIRS), tmp_path)["accuracy"]

@@ -86,3 +86,10 @@ def test_wrong_parameters_are_recipe_errors(override, key_path):
     with pytest.raises(RecipeError) as info:
         recipe_mod.load(ROOT / "recipes" / "goemotions_phi2.yaml", [override])
     assert info.value.key_path == key_path
+
+
+def test_per_example_exact_match_is_what_exact_match_averages(tmp_path):
+    evaluator = Multilabel(labels=LABELS)
+    flags = evaluator.per_example(records(PAIRS))["exact_match"]
+    assert flags.tolist() == [1, 0, 0, 0, 1, 0]
+    assert round(flags.mean(), 4) == evaluator.evaluate(records(PAIRS), tmp_path)["exact_match"]
