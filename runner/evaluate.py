@@ -89,7 +89,8 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> l
 
     prompts, references = examples["prompt"], [c.strip() for c in examples["completion"]]
     ids = examples["id"]
-    done = _read_done(pred_path)
+    # Lines for other prompts (the data or template changed since the interruption) are not resumed from.
+    done = {i: r for i, r in _read_done(pred_path).items() if i < len(prompts) and r["prompt"] == prompts[i]}
     if done:
         print(f"resuming evaluation: {len(done)} of {len(prompts)} predictions already in {pred_path}", flush=True)
     if pred_path.exists():  # rewrite without any torn line, then append

@@ -48,6 +48,7 @@ def candidate(recipe: dict, label: str) -> str:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
+    # As trl.data_utils.common_prefix_length (not imported: `runner validate` reaches this module without torch).
     n = 0
     for x, y in zip(a, b):
         if x != y:

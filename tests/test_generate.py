@@ -128,8 +128,10 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(untrained, tmp_path,
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 8 and not (out / "metrics.json").exists()
     written = {json.loads(line)["index"] for line in lines}
-    with open(out / "predictions.jsonl", "a") as f:
-        f.write('{"index": 99, "predic')  # a line torn by the kill
+    stale = min(set(range(12)) - written)
+    with open(out / "predictions.jsonl", "a") as f:  # a prediction for another prompt, then a line torn by the kill
+        f.write(json.dumps({"index": stale, "id": "x", "prompt": "another template", "reference": "r",
+                            "prediction": "p"}) + "\n" + '{"index": 99, "predic')
 
     skipped = {}
 
@@ -139,7 +141,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(untrained, tmp_path,
 
     monkeypatch.setattr(generate_mod, "generate", remember_skip)
     metrics = evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)
-    assert skipped["indices"] == written  # only the 4 missing examples were generated again
+    assert skipped["indices"] == written  # only the 4 missing examples were generated (the stale one again)
     resumed_rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     full_rows = [json.loads(line) for line in (full / "predictions.jsonl").read_text().splitlines()]
     assert sorted(resumed_rows, key=lambda r: r["index"]) == sorted(full_rows, key=lambda r: r["index"])
