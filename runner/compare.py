@@ -216,8 +216,11 @@ def compare(recipe: dict, run_dir: Path, net, tokenizer, examples, out_dir: Path
 
 
 def summary_lines(summary: dict) -> list[str]:
+    """One line per headline metric; per-class rows stay in comparison.md."""
     out = []
     for metric, row in summary["metrics"].items():
+        if metric.count(".") > 1:
+            continue
         extra = ""
         if "paired" in row:
             lo, hi = row["paired"]["difference_ci95"]
