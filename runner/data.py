@@ -188,7 +188,7 @@ def name_labels(ds, recipe: dict):
     def convert(batch):
         return {c: [to_name(v, names, c) for v in batch[c]] for c, names in maps.items()}
 
-    from datasets import Value, List
+    from datasets import List, Value
 
     features = ds.features.copy()
     for column in maps:
@@ -234,7 +234,7 @@ def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
     examples = [{k: rows[k][i] for k in rows} for i in range(n)]
     prompts = [render(prompt_cfg["template"], ex, sep) for ex in examples]
     completions = [render(prompt_cfg["completion"], ex, sep) for ex in examples]
-    counts = [len(ids) + 1 for ids in tokenizer([p + c for p, c in zip(prompts, completions)])["input_ids"]]
+    counts = [len(ids) + 1 for ids in tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]]
     truncated = [False] * n
     for i in range(n):
         if counts[i] <= max_length or field_name is None or not completions[i].strip():
@@ -279,7 +279,7 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
                            "dropped_too_long": len(rendered) - len(kept) - len(empty),
                            "dropped_empty_completion": len(empty)}
         digest.update(role.encode())
-        for prompt, completion in zip(kept["prompt"], kept["completion"]):
+        for prompt, completion in zip(kept["prompt"], kept["completion"], strict=True):
             digest.update(f"{prompt}\0{completion}\0".encode())
         if not len(kept):
             raise RecipeError(f"data.splits.{role}", f"no {role} example is left after filtering "

@@ -60,7 +60,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
             with torch.inference_mode():
                 out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts)]
+            done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts, strict=True)]
             results.update(done)
             if on_batch:
                 on_batch(done)
