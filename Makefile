@@ -42,7 +42,7 @@ $(BIN)/runner: pyproject.toml
 install: $(BIN)/runner  ## create the virtualenv and install
 
 $(TINY): $(BIN)/runner runner/tiny.py
-	$(BIN)/python -m runner.tiny
+	$(BIN)/python -m runner.tiny >&2
 
 tiny: $(TINY)
 
