@@ -25,7 +25,7 @@ fi
 for V in $VARS; do
   LEFT=$(( BUDGET - $(elapsed) ))
   if [ "$LEFT" -lt "${MINLEFT:-45}" ]; then echo "SKIP $V (${LEFT}s left)"; continue; fi
-  TO=$(( LEFT < 160 ? LEFT : 160 ))
+  CAP=$([ "$V" = GEN ] && echo 210 || echo 150); TO=$(( LEFT < CAP ? LEFT : CAP ))
   echo "== $V (timeout ${TO}s, t=$(elapsed)s)" >> "$LOG"
   if [ "$V" = GEN ]; then timeout "$TO" python3 bench/bench.py generate >> "$LOG" 2>&1
   else timeout "$TO" python3 bench/bench.py train "$V" >> "$LOG" 2>&1; fi

@@ -5,7 +5,8 @@ LoRA, optimizer and schedule. It changes only the layout of the work:
 
 - fixed [micro_batch, max_length] rows with per-row position_ids and no attention mask, so every step has one
   shape (cuDNN attention and the allocator rebuild nothing) and SDPA runs its causal kernel;
-- bf16 weights and activations, without the fp32 upcast peft's prepare_model_for_kbit_training adds;
+- bf16 weights and activations end to end: without the fp32 upcast peft's prepare_model_for_kbit_training adds,
+  and without autocast (which runs LayerNorm in fp32, making the residual stream fp32 again behind 4-bit layers);
 - a fused GELU where the model's activation is the same formula written as Python ops;
 - the cuDNN SDPA backend off (it builds an execution graph per new shape; flash attention is as fast here);
 - the micro-batch / accumulation split and gradient checkpointing chosen from runner.plan's memory estimate to fit

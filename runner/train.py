@@ -49,13 +49,16 @@ def _setup_model(recipe: dict, speed=None):
     return model, trainable, total
 
 
-def _setup_training(recipe: dict, run_dir: Path, has_eval: bool):
+def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
     import torch
     from trl import SFTConfig
 
     t = recipe["training"]
     on_gpu = torch.cuda.is_available()
     dtype = model_mod.resolve_dtype(recipe["model"]["dtype"])
+    # A model kept in bf16 needs no autocast; under it, CUDA runs every LayerNorm in fp32, and the 4-bit layers
+    # return their input's dtype, so the residual stream and all activations downstream would be fp32 again.
+    mixed = on_gpu and not (speed is not None and speed.keep_dtype)
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if t["eval_every"] else "epoch"
@@ -85,8 +88,8 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool):
         logging_steps=t["logging_steps"],
         logging_first_step=True,
         # Mixed precision only on a GPU: TRL turns bf16 on by default, and bf16 matmuls on CPU are ~3x slower.
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        bf16=mixed and dtype == torch.bfloat16,
+        fp16=mixed and dtype == torch.float16,
         use_cpu=not on_gpu,
         report_to="none",
         dataloader_num_workers=0,
@@ -159,7 +162,7 @@ def train(recipe: dict, instrument=None):
     start = time.time()
     try:
         model, trainable, total = _setup_model(run_recipe, speed)
-        args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits)
+        args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
         columns = ["prompt", "completion"]
         trainer = SFTTrainer(
             model=model,
