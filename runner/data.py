@@ -179,7 +179,9 @@ def name_labels(ds, recipe: dict):
         if isinstance(value, list):
             return [to_name(v, names, column) for v in value]
         if isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value < len(names):
+            if value < 0:
+                return None  # datasets' "no gold label" (-1, e.g. in SNLI/GLUE): an empty target, dropped and counted
+            if value >= len(names):
                 raise RecipeError(f"data.label_names.{column}", f"value {value} has no name ({len(names)} names)",
                                   "list one name per class id")
             return names[value]

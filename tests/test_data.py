@@ -143,6 +143,19 @@ def test_class_label_integers_become_names(tmp_path):
     assert data_mod.name_labels(plain, recipe)["gold"] == ["yes", "no"]
 
 
+def test_examples_without_a_gold_label_are_dropped_and_counted(tmp_path, tokenizer):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    ds = Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, -1, 1]},
+                           features=Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])}))
+    recipe = make_recipe(tmp_path, "x.jsonl", data={"splits": {"eval": None, "test": None}},
+                         evaluation={"split": "train"})
+    recipe["prompt"].update(template="Text: {text}\nLabel:", completion=" {label}", truncate="text")
+    prepared = data_mod.prepare(recipe, tokenizer, roles=("train",), raw={"train": ds})
+    assert prepared.splits["train"]["completion"] == [" neg", " pos"]
+    assert prepared.stats["train"]["dropped_empty_completion"] == 1
+
+
 def test_list_fields_render_joined_and_missing_values_render_empty():
     assert data_mod.render("Labels: {labels}; {extra}", {"labels": ["joy", "love"], "extra": None}) == \
         "Labels: joy, love; "
