@@ -20,7 +20,7 @@ from runner import runs
 
 SYSTEMS = ("base", "adapter")
 # Numbers in metrics.json that describe the evaluation rather than measure the model.
-NOT_METRICS = {"count", "examples", "tokens", "support"}
+NOT_METRICS = {"count", "examples", "tokens", "support", "predicted", "labels_scored"}
 LOWER_IS_BETTER = ("loss", "perplexity", "invalid")
 
 
