@@ -215,7 +215,19 @@ COMMANDS = {
 }
 
 
+def _quiet_libraries() -> None:
+    """Library deprecation notices and bitsandbytes' optional-kernel notice are not the user's to act on; they
+    would bury the one-line errors and the progress this CLI prints."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = _parser()
     # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
     args, extra = parser.parse_known_args(argv)

@@ -118,16 +118,16 @@ def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool 
     """The settings training will use. Raises RecipeError (before any weight loads) when nothing fits the budget."""
     from runner import plan
 
-    info = info if info is not None else plan.model_info(recipe, config)
-
     if detect and card_gb is None:
         card_gb = gpu_memory_gb()
     profile = pick_profile(recipe["training"]["profile"], card_gb)
     budget = budget_for(recipe, profile, card_gb)
-    if profile == "none" and recipe["training"]["vram_budget_gb"] is None:
+    as_written_only = profile == "none" and recipe["training"]["vram_budget_gb"] is None
+    if as_written_only and card_gb is None:  # on a CPU there is no GPU memory to predict
+        return as_written(recipe)
+    info = info if info is not None else plan.model_info(recipe, config)  # a LoRA'd meta model: only when needed
+    if as_written_only:
         speed = as_written(recipe)
-        if card_gb is None:  # on a CPU there is no GPU memory to predict
-            return speed
         return replace(speed, predicted_gb=plan.estimate(recipe, config, speed, info).reserved_gb)
     options = [replace(s, budget_gb=budget, predicted_gb=plan.estimate(recipe, config, s, info).reserved_gb)
                for s in candidates(recipe, profile)]
