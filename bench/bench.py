@@ -290,7 +290,8 @@ def cmd_generate() -> None:
               "runs": []}
     warm = {**recipe, "generation": {**recipe["generation"], "batch_size": 2, "max_new_tokens": 4}}
     generate_mod.generate(model, tokenizer, list(prompts[:2]), warm)
-    for batch_size, subset in ((64, len(prompts)), (16, len(prompts)), (1, n_single)):
+    sizes = [int(b) for b in os.environ.get("BENCH_GEN_BATCHES", "64 16 1").split()]
+    for batch_size, subset in ((b, len(prompts) if b > 1 else n_single) for b in sizes):
         cfg = {**recipe, "generation": {**recipe["generation"], "batch_size": batch_size}}
         produced.clear()
         if cuda:
