@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= $(THREADS)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean
+.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean plan bench
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
@@ -26,6 +26,8 @@ help:  ## list the targets
 	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
+	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
+	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA + generation), see bench/RESULTS.md"
 	@echo "make test                       the test suite (CPU, about 5 minutes on 2 cores)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
@@ -78,3 +80,10 @@ lint: $(BIN)/runner
 
 clean:
 	rm -rf runs .cache
+
+plan: $(BIN)/runner
+	$(BIN)/runner plan $(RECIPE) $(ARGS)
+
+VARIANTS ?= A L1 L2 L3 L4 low_memory balanced fast GEN fast_pack
+bench: $(BIN)/runner  ## needs a GPU; without one, run `bash bench/run.sh` through the device tool (bench/RESULTS.md)
+	PYTHON=$(BIN)/python bash bench/run.sh "$(VARIANTS)" $${BUDGET:-900}

@@ -330,7 +330,8 @@ def plan_now(row: dict) -> float:
 
 
 def cmd_table() -> None:
-    rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines() if line.strip()]
+    results = OUT / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
     for r in rows:
         r["plan_gib"] = plan_now(r)
     base = next((r for r in rows if r["variant"] == "A"), None)

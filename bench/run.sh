@@ -9,31 +9,34 @@ VARS="${1:-A fast balanced low_memory GEN L1 L2 L3 L4 fast_pack}"
 BUDGET="${2:-560}"
 T0=$(date +%s)
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+PY="${PYTHON:-python3}"
+if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # the device machine: its image lacks trl, bitsandbytes, datasets, ...
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
   TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 BITSANDBYTES_NOWELCOME=1 TQDM_DISABLE=1 OMP_NUM_THREADS=8
 export OUT="${OUT:-/tmp/bench_out}" BENCH_MODEL="${BENCH_MODEL:-/tmp/phi2rand}"
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
 elapsed() { echo $(( $(date +%s) - T0 )); }
-python3 bench/bench.py env >> "$LOG" 2>&1; echo "env rc=$? t=$(elapsed)s"
-python3 -c "import json; d = json.load(open('$OUT/env.json')); print({k: d.get(k) for k in ('gpu', 'nvidia_smi', 'torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'bf16_matmul_flops')})"
+"$PY" bench/bench.py env >> "$LOG" 2>&1; echo "env rc=$? t=$(elapsed)s"
+"$PY" -c "import json; d = json.load(open('$OUT/env.json')); print({k: d.get(k) for k in ('gpu', 'nvidia_smi', 'torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'bf16_matmul_flops')})"
 if [ ! -f "$BENCH_MODEL/config.json" ]; then
-  python3 bench/bench.py make_model >> "$LOG" 2>&1; echo "make_model rc=$? t=$(elapsed)s"
+  "$PY" bench/bench.py make_model >> "$LOG" 2>&1; echo "make_model rc=$? t=$(elapsed)s"
 fi
 for V in $VARS; do
   LEFT=$(( BUDGET - $(elapsed) ))
   if [ "$LEFT" -lt "${MINLEFT:-45}" ]; then echo "SKIP $V (${LEFT}s left)"; continue; fi
   CAP=$([ "$V" = GEN ] && echo 210 || echo 150); TO=$(( LEFT < CAP ? LEFT : CAP ))
   echo "== $V (timeout ${TO}s, t=$(elapsed)s)" >> "$LOG"
-  if [ "$V" = GEN ]; then timeout "$TO" python3 bench/bench.py generate >> "$LOG" 2>&1
-  else timeout "$TO" python3 bench/bench.py train "$V" >> "$LOG" 2>&1; fi
+  if [ "$V" = GEN ]; then timeout "$TO" "$PY" bench/bench.py generate >> "$LOG" 2>&1
+  else timeout "$TO" "$PY" bench/bench.py train "$V" >> "$LOG" 2>&1; fi
   RC=$?
   echo "$V rc=$RC t=$(elapsed)s"
   if [ "$RC" -ne 0 ]; then
     sed -n "/^== $V /,\$p" "$LOG" | grep -v -i warn | grep -iE "error|exception|out of memory|killed" | tail -4 | cut -c1-400
   fi
 done
-python3 bench/bench.py table
+"$PY" bench/bench.py table
 echo "total t=$(elapsed)s"

@@ -50,8 +50,10 @@ class Speed:
     def describe(self) -> str:
         ckpt = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
         text = f"profile {self.profile}: micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps}, {ckpt}"
-        if self.fixed_shapes:
-            text += ", fixed rows, bf16, fused activation, no cuDNN attention"
+        extras = [name for on, name in ((self.fixed_shapes, "fixed rows"), (self.keep_dtype, "bf16"),
+                                        (self.fused_activation, "fused activation"),
+                                        (not self.cudnn_sdpa, "no cuDNN attention")) if on]
+        text += "".join(f", {name}" for name in extras)
         if self.predicted_gb is not None:
             text += f"; predicted peak {self.predicted_gb:.1f} GiB"
         if self.budget_gb is not None:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from runner import data as data_mod
 from runner import model as model_mod
-from runner import profiles
-from runner import runs
+from runner import profiles, runs
 from runner.errors import RecipeError
 
 
