@@ -28,7 +28,7 @@ help:  ## list the targets
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
 	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA + generation), see bench/RESULTS.md"
-	@echo "make test                       the test suite (CPU, about 5 minutes on 2 cores)"
+	@echo "make test                       the test suite (CPU, about 6 minutes on 2 cores)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
 	@echo "make lint                       ruff"
