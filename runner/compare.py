@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from runner import evaluate as evaluate_mod
-from runner import recipe as recipe_mod
 from runner import runs
 
 SYSTEMS = ("base", "adapter")
-# Numbers in metrics.json that describe the evaluation rather than measure the model.
-NOT_METRICS = {"count", "examples", "tokens", "support", "predicted", "labels_scored"}
 LOWER_IS_BETTER = ("loss", "perplexity", "invalid")
 
 
@@ -70,12 +67,12 @@ def flatten(metrics: dict) -> dict[str, dict]:
 
 
 def _walk(block: dict, prefix: str, out: dict) -> None:
-    numbers = {k: v for k, v in block.items() if _is_number(v) and k not in NOT_METRICS}
+    numbers = {k: v for k, v in block.items() if _is_number(v) and k not in evaluate_mod.NOT_METRICS}
     if isinstance(block.get("ci95"), list) and len(numbers) == 1:
         out[prefix] = {"value": next(iter(numbers.values())), "ci95": block["ci95"]}
         return
     for key, value in block.items():
-        if key in NOT_METRICS or key.endswith("_ci95"):
+        if key in evaluate_mod.NOT_METRICS or key.endswith("_ci95"):
             continue
         if _is_number(value):
             ci = block.get(f"{key}_ci95")
@@ -177,12 +174,7 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
 
 def open_compare_dir(recipe: dict, run_dir: Path) -> Path:
     """``<run>/compare-<time>/``; an interrupted comparison (no comparison.json yet) is picked up again."""
-    previous = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("compare-"))
-    if previous and not (previous[-1] / "comparison.json").exists():
-        return previous[-1]
-    out = runs._fresh_dir(run_dir, "compare-")
-    (out / "recipe.yaml").write_text(recipe_mod.dump(recipe), encoding="utf-8")
-    return out
+    return runs.reopen_or_new(recipe, run_dir, "compare-", lambda p: not (p / "comparison.json").exists())
 
 
 # ---------------------------------------------------------------- the command

@@ -119,7 +119,8 @@ def read_records(pred_path: Path) -> list[Record]:
             for i, r in sorted(_read_done(pred_path).items())]
 
 
-_NOT_METRICS = {"count", "examples", "tokens", "support"}
+# Numbers in metrics.json that describe the evaluation rather than measure the model (summary line, compare).
+NOT_METRICS = {"count", "examples", "tokens", "support", "predicted", "labels_scored"}
 
 
 def summary_line(metrics: dict) -> str:
@@ -132,6 +133,6 @@ def summary_line(metrics: dict) -> str:
                 elif isinstance(value.get(f"{key}_ci95"), list):
                     low, high = value[f"{key}_ci95"]
                     parts.append(f"{key} {sub:.4g} [{low:.4g}, {high:.4g}]")
-                elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key not in _NOT_METRICS:
+                elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key not in NOT_METRICS:
                     parts.append(f"{name}.{key} {sub:.4g}")
     return f"{metrics['split']} ({metrics['examples']} examples): " + (", ".join(parts) or "no metrics")

@@ -145,9 +145,16 @@ def open_eval_dir(recipe: dict, run_dir: Path | None) -> Path:
         parent, prefix = run_dir, "eval-"
     else:
         parent, prefix = recipe_root(recipe) / "base", ""
+    return reopen_or_new(recipe, parent, prefix,
+                         lambda p: not (p / "metrics.json").exists() and (p / "predictions.jsonl").exists())
+
+
+def reopen_or_new(recipe: dict, parent: Path, prefix: str, interrupted) -> Path:
+    """The newest ``<prefix><time>`` folder under ``parent`` when ``interrupted(folder)`` says its job never
+    finished; otherwise a new one holding the resolved recipe."""
     parent.mkdir(parents=True, exist_ok=True)
     previous = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix))
-    if previous and not (previous[-1] / "metrics.json").exists() and (previous[-1] / "predictions.jsonl").exists():
+    if previous and interrupted(previous[-1]):
         return previous[-1]
     out = _fresh_dir(parent, prefix)
     (out / "recipe.yaml").write_text(recipe_mod.dump(recipe), encoding="utf-8")
