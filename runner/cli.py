@@ -65,19 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_overrides(args) -> list[str]:
+def _recipe(args) -> dict:
+    """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free)."""
+    from runner import recipe as recipe_mod
+
     # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
-    return args.overrides
+    return recipe_mod.load(args.recipe, args.overrides)
+
+
+def _evaluation_examples(recipe: dict):
+    """(tokenizer, the evaluation split's prepared examples), after the config-only checks."""
+    from runner import data as data_mod
+    from runner import train
+
+    _, tokenizer = train.check(recipe)
+    role = recipe["evaluation"]["split"]
+    return tokenizer, data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
 
 
 def cmd_validate(args) -> int:
     from runner import recipe as recipe_mod
 
     start = time.perf_counter()
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
     lora = recipe["lora"]
@@ -88,9 +101,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from runner import recipe as recipe_mod
-
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     from runner import evaluate, train
 
     run_dir, model, tokenizer, prepared = train.train(recipe)
@@ -107,9 +118,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from runner import recipe as recipe_mod
-
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     from runner import inspect, model
 
     result = inspect.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
@@ -120,17 +129,11 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from runner import recipe as recipe_mod
-
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     from runner import evaluate, model, runs, train
 
     adapter = None if args.base else runs.find_run(args.run) / "adapter"
-    _, tokenizer = train.check(recipe)
-    role = recipe["evaluation"]["split"]
-    from runner import data as data_mod
-
-    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    tokenizer, examples = _evaluation_examples(recipe)
     out_dir = runs.open_eval_dir(recipe, Path(args.run) if args.run else None)
     print(f"evaluation folder: {out_dir}", flush=True)
     train.set_threads(recipe)
@@ -142,16 +145,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from runner import recipe as recipe_mod
-
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     from runner import compare, model, runs, train
-    from runner import data as data_mod
 
     run_dir = runs.find_run(args.run)
-    _, tokenizer = train.check(recipe)
-    role = recipe["evaluation"]["split"]
-    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    tokenizer, examples = _evaluation_examples(recipe)
     out_dir = compare.open_compare_dir(recipe, run_dir)
     print(f"comparison folder: {out_dir}", flush=True)
     train.set_threads(recipe)
@@ -165,9 +163,7 @@ def cmd_compare(args) -> int:
 def cmd_generate(args) -> int:
     import json
 
-    from runner import recipe as recipe_mod
-
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     from runner import infer, model, runs, train
 
     adapter = None if args.base else runs.find_run(args.run) / "adapter"
@@ -186,9 +182,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from runner import recipe as recipe_mod
-
-    recipe = recipe_mod.load(args.recipe, _split_overrides(args))
+    recipe = _recipe(args)
     from runner import plan, profiles
 
     card = args.gpu_gb if args.gpu_gb is not None else profiles.gpu_memory_gb()
