@@ -47,22 +47,14 @@ def candidate(recipe: dict, label: str) -> str:
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    # As trl.data_utils.common_prefix_length (not imported: `runner validate` reaches this module without torch).
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
     """(ids of prompt + completion + EOS, number of scored tokens at the end) per pair, as TRL trains on them."""
+    from trl.data_utils import common_prefix_length  # lazy: `runner validate` imports this module without torch
+
     eos = tokenizer.eos_token
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
     alone = tokenizer(list(prompts))["input_ids"]
-    return [(ids, len(ids) - _common_prefix(p_ids, ids)) for ids, p_ids in zip(full, alone)]
+    return [(ids, len(ids) - common_prefix_length(p_ids, ids)) for ids, p_ids in zip(full, alone)]
 
 
 def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
