@@ -7,10 +7,12 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+from runner import dist
 from runner.errors import RecipeError
 
 
@@ -51,6 +53,9 @@ def _args_generate(p):
 def _args_plan(p):
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
                    help="plan for a card of this much memory (default: this machine's GPU, if any)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="plan for N processes, one per GPU (torchrun --nproc-per-node x --nnodes): per-GPU memory "
+                        "with ddp and with fsdp, and the strategy auto picks (default 1)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,14 +107,17 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     recipe = _recipe(args)
-    from runner import evaluate, train
+    from runner import dist, evaluate, train
 
     run_dir, model, tokenizer, prepared = train.train(recipe)
     if not args.no_eval:
         role = recipe["evaluation"]["split"]
         metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role],
                                     splits=prepared.splits)
-        print(evaluate.summary_line(metrics))
+        if metrics is not None:
+            print(evaluate.summary_line(metrics))
+    if not dist.world().main:
+        return 0
     from runner import report
 
     print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
@@ -130,33 +138,38 @@ def cmd_inspect(args) -> int:
 
 def cmd_eval(args) -> int:
     recipe = _recipe(args)
-    from runner import evaluate, model, runs, train
+    from runner import dist, evaluate, model, runs, train
 
+    world = dist.init()
     adapter = None if args.base else runs.find_run(args.run) / "adapter"
     tokenizer, examples = _evaluation_examples(recipe)
-    out_dir = runs.open_eval_dir(recipe, Path(args.run) if args.run else None)
+    # Rank 0 opens (or reopens) the one evaluation folder; every rank writes its share of predictions there.
+    out_dir = dist.broadcast(runs.open_eval_dir(recipe, Path(args.run) if args.run else None) if world.main else None)
     print(f"evaluation folder: {out_dir}", flush=True)
     train.set_threads(recipe)
     net = model.load_trained(recipe, adapter)
     metrics = evaluate.evaluate(recipe, net, tokenizer, out_dir, examples=examples)
-    print(evaluate.summary_line(metrics))
-    print(f"done: {out_dir}")
+    if metrics is not None:
+        print(evaluate.summary_line(metrics))
+        print(f"done: {out_dir}")
     return 0
 
 
 def cmd_compare(args) -> int:
     recipe = _recipe(args)
-    from runner import compare, model, runs, train
+    from runner import compare, dist, model, runs, train
 
+    world = dist.init()
     run_dir = runs.find_run(args.run)
     tokenizer, examples = _evaluation_examples(recipe)
-    out_dir = compare.open_compare_dir(recipe, run_dir)
+    out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
     train.set_threads(recipe)
     net = model.load_trained(recipe, run_dir / "adapter")
     summary = compare.compare(recipe, run_dir, net, tokenizer, examples, out_dir)
-    print("\n".join(compare.summary_lines(summary)))
-    print(f"done: {out_dir / 'comparison.md'}")
+    if summary is not None:
+        print("\n".join(compare.summary_lines(summary)))
+        print(f"done: {out_dir / 'comparison.md'}")
     return 0
 
 
@@ -164,8 +177,11 @@ def cmd_generate(args) -> int:
     import json
 
     recipe = _recipe(args)
-    from runner import infer, model, runs, train
+    from runner import dist, infer, model, runs, train
 
+    if dist.world().size > 1:
+        raise RecipeError("runner generate", "prints completions from one process, not under a launcher",
+                          "run it without torchrun / accelerate launch; `runner eval` spreads over several GPUs")
     adapter = None if args.base else runs.find_run(args.run) / "adapter"
     rows = infer.read_inputs(infer.open_input(args.input), recipe)  # input mistakes show before weights load
     _, tokenizer = train.check(recipe)
@@ -185,8 +201,10 @@ def cmd_plan(args) -> int:
     recipe = _recipe(args)
     from runner import plan, profiles
 
+    if args.gpus < 1:
+        raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
     card = args.gpu_gb if args.gpu_gb is not None else profiles.gpu_memory_gb()
-    print(plan.report(recipe, card))
+    print(plan.report(recipe, card, gpus=args.gpus))
     return 0
 
 
@@ -220,8 +238,18 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def _one_voice() -> dist.World:
+    """Under a launcher only rank 0 prints progress and results (the trainer's own logs do the same); every rank
+    still prints its errors."""
+    world = dist.world()
+    if not world.main:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    return world
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    world = _one_voice()
     parser = _parser()
     # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
     args, extra = parser.parse_known_args(argv)
@@ -232,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args)
     except RecipeError as exc:
-        print(exc.line(), file=sys.stderr)
+        # Every rank checks the same recipe the same way: rank 0 says it once.
+        if world.main:
+            print(exc.line(), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

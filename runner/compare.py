@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runner import dist, runs
 from runner import evaluate as evaluate_mod
-from runner import runs
 
 SYSTEMS = ("base", "adapter")
 LOWER_IS_BETTER = ("loss", "perplexity", "invalid")
@@ -181,12 +181,13 @@ def open_compare_dir(recipe: dict, run_dir: Path) -> Path:
 
 
 def compare(recipe: dict, run_dir: Path, net, tokenizer, examples, out_dir: Path) -> dict:
-    """Evaluate ``net`` (a PeftModel) with the adapter disabled, then enabled; write the comparison files."""
+    """Evaluate ``net`` (a PeftModel) with the adapter disabled, then enabled; write the comparison files (rank 0
+    under a launcher: the other ranks predict their shares and return None)."""
     results = {}
     for system in SYSTEMS:
         folder = out_dir / system
         folder.mkdir(exist_ok=True)
-        if (folder / "metrics.json").exists():  # finished before an interruption
+        if dist.broadcast((folder / "metrics.json").exists()):  # finished before an interruption
             results[system] = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
             continue
         print(f"{system}: evaluating into {folder}", flush=True)
@@ -195,6 +196,8 @@ def compare(recipe: dict, run_dir: Path, net, tokenizer, examples, out_dir: Path
                 results[system] = evaluate_mod.evaluate(recipe, net, tokenizer, folder, examples=examples)
         else:
             results[system] = evaluate_mod.evaluate(recipe, net, tokenizer, folder, examples=examples)
+    if not dist.world().main:
+        return None
     records = {s: evaluate_mod.read_records(out_dir / s / "predictions.jsonl") for s in SYSTEMS}
     paired = paired_scores(recipe, records["base"], records["adapter"])
     summary = {"recipe": recipe["name"], "run": str(run_dir), "split": recipe["evaluation"]["split"],

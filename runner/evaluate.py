@@ -10,6 +10,7 @@ from pathlib import Path
 from evaluators import BUILTINS
 from evaluators.base import Record
 from runner import data as data_mod
+from runner import dist
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
 
@@ -28,11 +29,19 @@ def build_evaluators(recipe: dict) -> list:
     return built
 
 
+def _part_files(path: Path) -> list[Path]:
+    """The per-rank files of a distributed evaluation (merged into ``path`` when it finishes)."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*.jsonl"))
+
+
 def _read_done(path: Path) -> dict[int, dict]:
-    """Predictions an interrupted evaluation already wrote (a torn last line is ignored)."""
+    """Predictions an interrupted evaluation already wrote, also by the ranks of a distributed one (a torn last
+    line is ignored)."""
     done = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    for file in [path, *_part_files(path)]:
+        if not file.exists():
+            continue
+        for line in file.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -56,12 +65,14 @@ def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
     return known[role]
 
 
-def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, splits: dict | None = None) -> dict:
+def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, splits: dict | None = None) -> dict | None:
     """Predict for the evaluation split, score, and write predictions.jsonl, metrics.json and evaluator files.
 
     ``splits`` ({role: prepared examples}) saves re-preparing the splits that model-scoring evaluators (``loss``)
-    read; missing ones are prepared here.
+    read; missing ones are prepared here. Under a launcher every rank predicts its share of the examples and rank 0
+    alone scores and writes; the other ranks return None.
     """
+    world = dist.world()
     role = recipe["evaluation"]["split"]
     known = dict(splits or {})
     if examples is not None:
@@ -75,42 +86,71 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
     metrics = {"split": role, "examples": len(examples), "mode": recipe["generation"]["mode"],
                "prediction_seconds": round(time.time() - start, 2)}
     for name, evaluator in evaluators:
-        if evaluator.needs_model:
+        if evaluator.needs_model and world.main:
             scored = _examples_for(evaluator.split or role, recipe, tokenizer, known)
             evaluator.score_model(model, tokenizer, scored, recipe)
-        metrics[name] = evaluator.evaluate(records, out_dir)
+        if world.main:
+            metrics[name] = evaluator.evaluate(records, out_dir)
+    if not world.main:
+        return None
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
 
 
-def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> list[Record]:
-    """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped."""
-    from tqdm.auto import tqdm
+def _write_rows(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-    prompts, references = examples["prompt"], [c.strip() for c in examples["completion"]]
-    ids = examples["id"]
+
+def _resumable(pred_path: Path, prompts: list[str]) -> dict[int, dict]:
+    """The predictions already made for these prompts, rewritten into ``pred_path`` without any torn line."""
     # Lines for other prompts (the data or template changed since the interruption) are not resumed from.
     done = {i: r for i, r in _read_done(pred_path).items() if i < len(prompts) and r["prompt"] == prompts[i]}
     if done:
         print(f"resuming evaluation: {len(done)} of {len(prompts)} predictions already in {pred_path}", flush=True)
-    if pred_path.exists():  # rewrite without any torn line, then append
-        pred_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+    if pred_path.exists() or done:
+        _write_rows(pred_path, (done[i] for i in sorted(done)))
+    for part in _part_files(pred_path):
+        part.unlink()
+    return done
+
+
+def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> list[Record]:
+    """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped.
+
+    Under a launcher each rank predicts whole batches of its own (runner.dist.share) into ``predictions.rank<r>.jsonl``
+    and rank 0 merges them, in example order, into ``pred_path``."""
+    from tqdm.auto import tqdm
+
+    world = dist.world()
+    prompts, references = examples["prompt"], [c.strip() for c in examples["completion"]]
+    ids = examples["id"]
+    done = dist.broadcast(_resumable(pred_path, prompts) if world.main else None)
+    out_path = pred_path if world.size == 1 else pred_path.with_name(f"{pred_path.stem}.rank{world.rank}.jsonl")
     verb = "ranking labels" if recipe["generation"]["mode"] == "rank" else "generating"
-    bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples", dynamic_ncols=True)
+    if world.size > 1:
+        verb += f" ({world.size} processes, counted from rank 0)"
+    bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples", dynamic_ncols=True,
+               disable=not world.main)
 
     def write(batch):
-        with open(pred_path, "a", encoding="utf-8") as f:
+        with open(out_path, "a", encoding="utf-8") as f:
             for i, text in batch:
                 row = {"index": i, "id": ids[i], "prompt": prompts[i], "reference": references[i], "prediction": text}
-                done[i] = row
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        bar.update(len(batch))
+        bar.update(min(len(batch) * world.size, bar.total - bar.n))
 
     try:
         predictor(recipe)(model, tokenizer, prompts, recipe, skip=set(done), on_batch=write)
     finally:
         bar.close()
-    return read_records(pred_path)
+    if world.size > 1:
+        dist.barrier()  # every rank's file is complete
+        if world.main:
+            _write_rows(pred_path, (row for _, row in sorted(_read_done(pred_path).items())))
+            for part in _part_files(pred_path):
+                part.unlink()
+        dist.barrier()
+    return read_records(pred_path) if world.main else []
 
 
 def read_records(pred_path: Path) -> list[Record]:

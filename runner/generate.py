@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from runner import dist
+
 
 def generation_config(recipe: dict, tokenizer):
     from transformers import GenerationConfig
@@ -54,7 +56,8 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     was_training = model.training
     model.eval()
     try:
-        for batch in length_sorted_batches(lengths, recipe["generation"]["batch_size"]):
+        # Under a launcher, this rank's share of the batches (one process: all of them).
+        for batch in dist.share(length_sorted_batches(lengths, recipe["generation"]["batch_size"])):
             indices = [todo[j] for j in batch]
             enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(device)
             with torch.inference_mode():

@@ -116,14 +116,17 @@ def check(recipe: dict):
     return model
 
 
-def quantization_config(recipe: dict):
+def quantization_config(recipe: dict, sharded: bool = False):
+    """``sharded``: FSDP shards only floating-point tensors, so the packed 4-bit weights are stored in the compute
+    dtype (bitsandbytes' quant_storage), like the unquantized weights of the same layer."""
     from transformers import BitsAndBytesConfig
 
     q = recipe["quantization"]
     if q["method"] == "bnb_4bit":
+        compute = resolve_dtype(q["compute_dtype"])
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
-                                  bnb_4bit_use_double_quant=q["double_quant"],
-                                  bnb_4bit_compute_dtype=resolve_dtype(q["compute_dtype"]))
+                                  bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=compute,
+                                  **({"bnb_4bit_quant_storage": compute} if sharded else {}))
     if q["method"] == "bnb_8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -143,20 +146,21 @@ def lora_config(recipe: dict):
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
 
-def load_base(recipe: dict, fused_activation: bool = False):
-    """The base model as the recipe quantizes it, on the GPU when there is one."""
+def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = False):
+    """The base model as the recipe quantizes it, on this process's GPU when there is one. ``sharded`` (FSDP):
+    loaded on the CPU; FSDP moves each process's shard to its GPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
     m = recipe["model"]
     kwargs = dict(revision=m["revision"], trust_remote_code=m["trust_remote_code"],
                   attn_implementation=m["attn_implementation"], dtype=resolve_dtype(m["dtype"]),
-                  quantization_config=quantization_config(recipe))
+                  quantization_config=quantization_config(recipe, sharded))
     if fused_activation:
         act = getattr(load_config(recipe), "hidden_act", None)
         if act in FUSED_ACTIVATIONS:
             kwargs["hidden_act"] = FUSED_ACTIVATIONS[act]
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not sharded:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         return AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
@@ -168,10 +172,12 @@ def load_for_training(recipe: dict, speed=None):
     """``speed`` (runner.profiles.Speed) may keep the loaded dtype and fuse the activation; None = as written."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(recipe, fused_activation=bool(speed and speed.fused_activation))
+    sharded = speed is not None and speed.distributed == "fsdp"
+    model = load_base(recipe, fused_activation=bool(speed and speed.fused_activation), sharded=sharded)
     _keep_trainable_layout(model)
     gc = recipe["training"]["gradient_checkpointing"]
-    if recipe["quantization"]["method"] != "none" and speed is not None and speed.keep_dtype:
+    # FSDP flattens each layer's frozen weights into one tensor of one dtype: no fp32 upcast of the norms there.
+    if recipe["quantization"]["method"] != "none" and speed is not None and (speed.keep_dtype or sharded):
         _freeze_for_kbit_training(model)
     elif recipe["quantization"]["method"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,

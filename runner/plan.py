@@ -150,6 +150,8 @@ def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
     else:
         est.parts["weights"] = total * w
     est.parts["LoRA weights + grads + optimizer"] = trainable * _train_state_bytes(recipe, quantized, w)
+    if speed.distributed == "fsdp" and speed.world_size > 1:
+        _shard(est, shape, recipe, speed.world_size)
 
     tokens = speed.micro_batch_size * recipe["prompt"]["max_length"]
     layer = layer_activation_bytes(shape, recipe, upcast, speed.fused_activation)
@@ -173,6 +175,16 @@ def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
     return est
 
 
+def _shard(est: Estimate, shape: dict, recipe: dict, world_size: int) -> None:
+    """FSDP keeps 1/N of every weight, gradient and optimizer state on each GPU, and gathers one decoder layer's
+    full weights at a time (plus the next one, prefetched during backward)."""
+    static = list(est.parts)
+    layer = sum(est.parts[name] for name in static) / max(1, shape["layers"])  # one layer's share, roughly
+    for name in static:
+        est.parts[f"{name} / {world_size} (FSDP shard)"] = est.parts.pop(name) / world_size
+    est.parts["FSDP gathered layers (current + prefetched)"] = 2 * layer
+
+
 def _train_state_bytes(recipe: dict, quantized: bool, w: int) -> float:
     """Per trainable parameter: weight + gradient (bf16: TRL keeps LoRA weights of a quantized model in bf16) and
     the optimizer's state held by torch's allocator."""
@@ -194,7 +206,7 @@ def _train_state_bytes(recipe: dict, quantized: bool, w: int) -> float:
 # ---------------------------------------------------------------- the command
 
 
-def report(recipe: dict, card_gb: float | None = None) -> str:
+def report(recipe: dict, card_gb: float | None = None, gpus: int = 1) -> str:
     from runner import model as model_mod
     from runner import profiles
 
@@ -203,33 +215,44 @@ def report(recipe: dict, card_gb: float | None = None) -> str:
     trainable, total = model_mod.meta_lora_counts(recipe, model_mod.meta_model(config))
     info = model_info(recipe, config)
     t = recipe["training"]
+    per_step = t["micro_batch_size"] * t["gradient_accumulation_steps"]
     lines = [f"{recipe['name']}: {recipe['model']['name_or_path']} ({config.model_type}), "
              f"{_quant_text(recipe)}, {_lora_text(recipe)}",
              model_mod.parameter_line(trainable, total),
-             f"{recipe['prompt']['max_length']} tokens a row, {t['micro_batch_size'] * t['gradient_accumulation_steps']}"
-             f" examples per optimizer step, optimizer {t['optimizer']}"
+             f"{recipe['prompt']['max_length']} tokens a row, {per_step} examples per optimizer step"
+             + (f" ({profiles.per_rank_step(recipe, gpus)} on each of {gpus} GPUs)" if gpus > 1 else "")
+             + f", optimizer {t['optimizer']}"
              + (f", card {card_gb:.1f} GiB" if card_gb else ", no GPU here (fast assumes an unlimited card)"), ""]
-    lines.append(f"{'profile':<11} {'micro-batch':<12} {'checkpointing':<14} {'peak reserved (predicted)':>26}")
-    chosen = {}
+    strategies = ("none",) if gpus == 1 else ("ddp", "fsdp")
+    header = "peak reserved (predicted)" if gpus == 1 else "per GPU (predicted)"
+    col = (lambda text: f"{text:<9} ") if gpus > 1 else (lambda text: "")  # the strategy column, with several GPUs
+    lines.append(f"{'profile':<11} {col('strategy')}{'micro-batch':<12} {'checkpointing':<14} {header:>26}")
     for name in ("none", "fast", "balanced", "low_memory"):
-        trial = {**recipe, "training": {**t, "profile": name}}
-        try:
-            speed = profiles.resolve(trial, config, card_gb, detect=False, info=info)
-        except Exception as exc:  # a budget nothing fits: say so in the table
-            lines.append(f"{name:<11} {'-':<12} {'-':<14} {str(getattr(exc, 'problem', exc)):>26}")
-            continue
-        chosen[name] = speed
-        lines.append(f"{name:<11} {f'{speed.micro_batch_size} x {speed.gradient_accumulation_steps}':<12} "
-                     f"{'yes' if speed.gradient_checkpointing else 'no':<14} {speed.predicted_gb:>22.2f} GiB")
+        for strategy in strategies:
+            trial = {**recipe, "training": {**t, "profile": name, "distributed": "auto" if gpus == 1 else strategy}}
+            try:
+                speed = profiles.resolve(trial, config, card_gb, detect=False, info=info, world_size=gpus)
+            except Exception as exc:  # a budget nothing fits: say so in the table
+                lines.append(f"{name:<11} {col(strategy)}{'-':<12} {'-':<14} {str(getattr(exc, 'problem', exc)):>26}")
+                continue
+            lines.append(f"{name:<11} {col(strategy)}{f'{speed.micro_batch_size} x {speed.gradient_accumulation_steps}':<12} "
+                         f"{'yes' if speed.gradient_checkpointing else 'no':<14} {speed.predicted_gb:>22.2f} GiB")
     mine = profiles.pick_profile(t["profile"], card_gb)
-    if mine in chosen:
-        speed = chosen[mine]
+    try:
+        speed = profiles.resolve(recipe, config, card_gb, detect=False, info=info, world_size=gpus)
+    except Exception as exc:
+        lines += ["", f"training.profile {t['profile']}: {getattr(exc, 'problem', exc)}"]
+        return "\n".join(lines)
+    if gpus > 1:
+        lines += ["", f"training.distributed {t['distributed']} -> {speed.distributed} on {gpus} GPUs"
+                  + (" (one card holds the model)" if speed.distributed == "ddp" and t["distributed"] == "auto" else "")]
+    if speed.predicted_gb is not None:
         est = estimate(recipe, config, speed, info)
         lines += ["", f"breakdown for training.profile {t['profile']}"
                   + (f" -> {mine}" if mine != t["profile"] else "") + f" ({speed.describe()}):"]
         for name, value in est.parts.items():
             lines.append(f"  {name:<62} {value / GIB:7.2f} GiB")
-        lines.append(f"  {'= peak reserved by torch':<62} {est.reserved / GIB:7.2f} GiB")
+        lines.append(f"  {'= peak reserved by torch' + (' per GPU' if gpus > 1 else ''):<62} {est.reserved / GIB:7.2f} GiB")
         lines.append(f"  {'+ CUDA context and workspaces (outside torch)':<62} {CUDA_CONTEXT_GB:7.2f} GiB")
         lines.append(f"  {'= device memory':<62} {est.reserved / GIB + CUDA_CONTEXT_GB:7.2f} GiB")
         if t["optimizer"] in PAGED:

@@ -19,8 +19,10 @@ and a profile by card memory on a GPU.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, replace
 
+from runner import dist
 from runner.errors import RecipeError
 
 # The memory each profile fits (GiB of torch's peak reserved memory); fast takes the card's.
@@ -46,16 +48,21 @@ class Speed:
     cudnn_sdpa: bool = True
     budget_gb: float | None = None
     predicted_gb: float | None = None
+    world_size: int = 1
+    distributed: str = "none"  # none (one process) | ddp | fsdp
 
     def describe(self) -> str:
         ckpt = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
-        text = f"profile {self.profile}: micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps}, {ckpt}"
+        text = f"profile {self.profile}: micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps}"
+        if self.world_size > 1:
+            text += f" per process x {self.world_size} processes ({self.distributed})"
+        text += f", {ckpt}"
         extras = [name for on, name in ((self.fixed_shapes, "fixed rows"), (self.keep_dtype, "bf16"),
                                         (self.fused_activation, "fused activation"),
                                         (not self.cudnn_sdpa, "no cuDNN attention")) if on]
         text += "".join(f", {name}" for name in extras)
         if self.predicted_gb is not None:
-            text += f"; predicted peak {self.predicted_gb:.1f} GiB"
+            text += f"; predicted peak {self.predicted_gb:.1f} GiB" + (" per GPU" if self.world_size > 1 else "")
         if self.budget_gb is not None:
             text += f" (budget {self.budget_gb:.1f} GiB)"
         return text
@@ -91,22 +98,48 @@ def budget_for(recipe: dict, profile: str, card_gb: float | None) -> float | Non
     return BUDGET_GB.get(profile)
 
 
-def as_written(recipe: dict, profile: str = "none") -> Speed:
+def per_rank_step(recipe: dict, world_size: int) -> int:
+    """Examples per optimizer step on each process: the recipe's step, split evenly across the processes."""
     t = recipe["training"]
-    return Speed(profile, t["micro_batch_size"], t["gradient_accumulation_steps"], t["gradient_checkpointing"])
+    return dist.split_step(t["micro_batch_size"] * t["gradient_accumulation_steps"], world_size)
 
 
-def candidates(recipe: dict, profile: str) -> list[Speed]:
-    """Every split of the recipe's examples per step into micro-batches, with and without recompute."""
+def as_written(recipe: dict, profile: str = "none", world_size: int = 1, strategy: str = "none") -> Speed:
+    """The recipe's micro-batch and checkpointing; on several processes the micro-batch shrinks only as far as
+    each process's share of the step needs."""
     t = recipe["training"]
-    per_step = t["micro_batch_size"] * t["gradient_accumulation_steps"]
+    share = per_rank_step(recipe, world_size)
+    micro = math.gcd(t["micro_batch_size"], share)
+    return Speed(profile, micro, share // micro, t["gradient_checkpointing"], world_size=world_size,
+                 distributed=strategy)
+
+
+def candidates(recipe: dict, profile: str, world_size: int = 1, strategy: str = "none") -> list[Speed]:
+    """Every split of each process's share of the step into micro-batches, with and without recompute."""
+    share = per_rank_step(recipe, world_size)
     flags = {} if profile == "none" else dict(fixed_shapes=True, keep_dtype=True, fused_activation=True,
                                                cudnn_sdpa=False)
     out = []
-    for micro in (m for m in range(per_step, 0, -1) if per_step % m == 0):
+    for micro in (m for m in range(share, 0, -1) if share % m == 0):
         for gc in (False, True):
-            out.append(Speed(profile, micro, per_step // micro, gc, **flags))
+            out.append(Speed(profile, micro, share // micro, gc, world_size=world_size, distributed=strategy, **flags))
     return out
+
+
+def pick_strategy(recipe: dict, config, world_size: int, budget: float | None, info: dict | None) -> str:
+    """ddp when one card holds the model with the smallest setting (micro-batch 1, checkpointing), else fsdp."""
+    if world_size == 1:
+        return "none"
+    chosen = recipe["training"]["distributed"]
+    if chosen != "auto":
+        return chosen
+    if budget is None:  # CPU processes (gloo): every process holds the model
+        return "ddp"
+    from runner import plan
+
+    smallest = Speed("none", 1, 1, True, keep_dtype=True, fused_activation=True, world_size=world_size,
+                     distributed="ddp")
+    return "ddp" if plan.estimate(recipe, config, smallest, info).reserved_gb <= budget else "fsdp"
 
 
 def score(speed: Speed, seq_len: int) -> float:
@@ -116,23 +149,26 @@ def score(speed: Speed, seq_len: int) -> float:
 
 
 def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool = True,
-            info: dict | None = None) -> Speed:
-    """The settings training will use. Raises RecipeError (before any weight loads) when nothing fits the budget."""
+            info: dict | None = None, world_size: int | None = None) -> Speed:
+    """The settings training will use on each of ``world_size`` processes (default: the launcher's). Raises
+    RecipeError (before any weight loads) when the step cannot be split or nothing fits the budget."""
     from runner import plan
 
     if detect and card_gb is None:
         card_gb = gpu_memory_gb()
+    world_size = world_size or dist.world().size
     profile = pick_profile(recipe["training"]["profile"], card_gb)
     budget = budget_for(recipe, profile, card_gb)
     as_written_only = profile == "none" and recipe["training"]["vram_budget_gb"] is None
     if as_written_only and card_gb is None:  # on a CPU there is no GPU memory to predict
-        return as_written(recipe)
+        return as_written(recipe, world_size=world_size, strategy=pick_strategy(recipe, config, world_size, None, None))
     info = info if info is not None else plan.model_info(recipe, config)  # a LoRA'd meta model: only when needed
+    strategy = pick_strategy(recipe, config, world_size, budget if budget is not None else card_gb, info)
     if as_written_only:
-        speed = as_written(recipe)
+        speed = as_written(recipe, world_size=world_size, strategy=strategy)
         return replace(speed, predicted_gb=plan.estimate(recipe, config, speed, info).reserved_gb)
     options = [replace(s, budget_gb=budget, predicted_gb=plan.estimate(recipe, config, s, info).reserved_gb)
-               for s in candidates(recipe, profile)]
+               for s in candidates(recipe, profile, world_size, strategy)]
     seq_len = recipe["prompt"]["max_length"]
     fitting = [s for s in options if budget is None or s.predicted_gb <= budget]
     if not fitting:

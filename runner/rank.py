@@ -12,6 +12,7 @@ import string
 from collections.abc import Callable
 from contextlib import contextmanager
 
+from runner import dist
 from runner.data import render
 from runner.errors import RecipeError
 from runner.generate import length_sorted_batches
@@ -120,7 +121,8 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo])["input_ids"]]
     results: dict[int, str] = {}
     with eval_mode(model):
-        for batch in length_sorted_batches(lengths, recipe["generation"]["batch_size"]):
+        # Under a launcher, this rank's share of the batches (one process: all of them).
+        for batch in dist.share(length_sorted_batches(lengths, recipe["generation"]["batch_size"])):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
                                    [c for _ in indices for c in cands])

@@ -107,6 +107,16 @@ def _device() -> dict:
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
+def device_name() -> str:
+    """This process's device, e.g. ``cuda:1 NVIDIA H200`` or ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return "cpu"
+
+
 def write_env(run_dir: Path, recipe: dict, prepared, **extra) -> None:
     env = {"versions": _versions(), "device": _device(), "platform": platform.platform(),
            "git_commit": _git_commit(), "data_fingerprint": prepared.fingerprint, "data": prepared.stats,

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from runner import data as data_mod
+from runner import dist, profiles, runs
 from runner import model as model_mod
-from runner import profiles, runs
 from runner.errors import RecipeError
 
 
@@ -41,7 +41,8 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
 def _setup_model(recipe: dict, speed=None):
     from transformers import set_seed
 
-    set_seed(recipe["seed"])  # LoRA's random init happens here, before the trainer seeds anything
+    # LoRA's random init happens here, before the trainer seeds anything: the same on every rank and every world size.
+    set_seed(recipe["seed"])
     model = model_mod.load_for_training(recipe, speed)
     trainable, total = model_mod.count_parameters(model)
     print(model_mod.parameter_line(trainable, total), flush=True)
@@ -90,11 +91,26 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         bf16=mixed and dtype == torch.bfloat16,
         fp16=mixed and dtype == torch.float16,
         use_cpu=not on_gpu,
+        # Every LoRA weight takes part in every forward: no extra autograd traversal to look for unused ones.
+        ddp_find_unused_parameters=False,
+        **_fsdp_args(speed),
         report_to="none",
         dataloader_num_workers=0,
         dataset_num_proc=None,
         save_only_model=False,
     )
+
+
+def _fsdp_args(speed) -> dict:
+    """FSDP-QLoRA as peft and accelerate document it: every decoder layer its own shard unit (peft's wrap policy
+    puts the LoRA weights in units of their own), flat parameters of the frozen 4-bit storage in the compute dtype,
+    rank 0's weights synchronized to the others, full state dicts so the adapter saves as usual."""
+    if speed is None or speed.distributed != "fsdp":
+        return {}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"version": 1, "use_orig_params": False, "sync_module_states": True,
+                            "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT",
+                            "backward_prefetch": "backward_pre", "limit_all_gathers": True}}
 
 
 def _checkpointing_args(config_cls, enabled: bool) -> dict:
@@ -108,10 +124,11 @@ def _log_callback(path: Path):
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        """Streams every log record (train loss, eval loss, lr, ...) to train_log.jsonl as it happens."""
+        """Streams every log record (train loss, eval loss, lr, ...) to train_log.jsonl as it happens (rank 0: the
+        trainer logs values already averaged over the ranks)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
+            if logs and state.is_world_process_zero:
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
@@ -131,7 +148,7 @@ def check(recipe: dict):
 def _setup_speed(recipe: dict, meta):
     """The profile's settings (runner.profiles), decided from the config before any weight loads."""
     speed = profiles.resolve(recipe, meta.config)
-    if speed.profile != "none" or speed.predicted_gb is not None:
+    if speed.profile != "none" or speed.predicted_gb is not None or speed.world_size > 1:
         print(f"speed: {speed.describe()}", flush=True)
     if not speed.cudnn_sdpa:
         import torch
@@ -150,18 +167,21 @@ def train(recipe: dict, instrument=None):
     """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation.
 
     ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
+    world = dist.init()
     meta, tokenizer = check(recipe)
     speed, run_recipe = _setup_speed(recipe, meta)
     prepared = _setup_data(recipe, tokenizer)
-    run_dir, resume_from = runs.open_run(recipe)
+    # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
+    run_dir, resume_from = dist.broadcast(runs.open_run(recipe) if world.main else None)
     print(f"run folder: {run_dir}", flush=True)
     threads = set_threads(recipe)
     from trl import SFTTrainer
 
     start = time.time()
     try:
-        model, trainable, total = _setup_model(run_recipe, speed)
+        # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
         args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
+        model, trainable, total = _setup_model(run_recipe, speed)
         columns = ["prompt", "completion"]
         trainer = SFTTrainer(
             model=model,
@@ -173,21 +193,37 @@ def train(recipe: dict, instrument=None):
         )
         _setup_shapes(trainer, speed, tokenizer, recipe)
     except RecipeError:
-        if not (resume_from and recipe["training"]["resume"] == "auto"):
+        if world.main and not (resume_from and recipe["training"]["resume"] == "auto"):
             shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
         raise
-    runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total,
-                   speed=speed.as_dict())
+    if world.main:
+        runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total,
+                       speed=speed.as_dict(), world_size=world.size, nodes=world.nodes, distributed=speed.distributed)
     if instrument is not None:
         instrument(trainer)
     load_s = time.time() - start
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - start - load_s
     adapter_dir = run_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
-                    train_loss=result.training_loss, global_step=result.global_step,
-                    **runs.peak_memory())
+    _save_adapter(trainer, tokenizer, adapter_dir, world)
+    ranks = dist.gather({"rank": world.rank, "device": runs.device_name(), **runs.peak_memory()})
+    if world.main:
+        runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
+                        train_loss=result.training_loss, global_step=result.global_step,
+                        **runs.peak_memory(), **({"ranks": ranks} if world.size > 1 else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     return run_dir, trainer.model, tokenizer, prepared
+
+
+def _save_adapter(trainer, tokenizer, adapter_dir: Path, world: dist.World) -> None:
+    """The adapter once, by rank 0, loadable with plain ``PeftModel.from_pretrained``. Under FSDP every rank takes
+    part in gathering the full (unsharded) adapter weights first."""
+    if trainer.is_fsdp_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if world.main:
+            trainer.model.save_pretrained(adapter_dir, state_dict=state)
+    elif world.main:
+        trainer.model.save_pretrained(adapter_dir)
+    if world.main:
+        tokenizer.save_pretrained(adapter_dir)
+    dist.barrier()  # no rank reads the adapter (evaluation) before it is complete
