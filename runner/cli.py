@@ -267,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if world.size == 1:
+            raise
+        # One rank failing ends the launch (the launcher stops the others); its line says which rank and why.
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: rank {world.rank}: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
