@@ -148,6 +148,12 @@ def check(recipe: dict):
 def _setup_speed(recipe: dict, meta):
     """The profile's settings (runner.profiles), decided from the config before any weight loads."""
     speed = profiles.resolve(recipe, meta.config)
+    if speed.distributed == "fsdp":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError("training.distributed", "fsdp shards the model across GPUs and this launch has none",
+                              "use ddp for CPU processes (auto picks it)")
     if speed.profile != "none" or speed.predicted_gb is not None or speed.world_size > 1:
         print(f"speed: {speed.describe()}", flush=True)
     if not speed.cudnn_sdpa:
