@@ -104,15 +104,15 @@ def cmd_train(name: str) -> None:
     t0 = time.time()
     run_dir, _, _, prepared = train_mod.train(recipe, instrument=instrument)
     world = dist.world()
-    env = json.loads((run_dir / "env.json").read_text())
-    speed = env["speed"]
-    ga = speed["gradient_accumulation_steps"]
+    ga = held["trainer"].args.gradient_accumulation_steps
     calls = held["counter"].calls[warm * ga:(warm + meas) * ga]
     seconds = stamps[warm + meas] - stamps[warm]
     real = sum(dist.gather(sum(c[0] for c in calls)))  # every rank's real tokens in the measured steps
     peaks = dist.gather(torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0)
     if not world.main:
         return
+    env = json.loads((run_dir / "env.json").read_text())  # rank 0 wrote it before the gather above
+    speed = env["speed"]
     n_tokens = prepared.splits["train"]["n_tokens"]
     row = dict(variant=name, what=what, gpus=world.size, gpu=torch.cuda.get_device_name(0) if cuda else "cpu",
                distributed=speed["distributed"], profile=speed["profile"], micro_batch=speed["micro_batch_size"],
