@@ -90,6 +90,9 @@ def cmd_train(name: str) -> None:
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             sync()
+            if cuda:  # what loading and wrapping left, apart from what the training steps add
+                held["load_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                held["begin_alloc_gib"] = torch.cuda.memory_allocated() / 2**30
             stamps[0] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -109,6 +112,8 @@ def cmd_train(name: str) -> None:
     seconds = stamps[warm + meas] - stamps[warm]
     real = sum(dist.gather(sum(c[0] for c in calls)))  # every rank's real tokens in the measured steps
     peaks = dist.gather(torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0)
+    loads = dist.gather((held.get("load_peak_gib"), held.get("begin_alloc_gib"),
+                         torch.cuda.max_memory_allocated() / 2**30 if cuda else None))
     if not world.main:
         return
     env = json.loads((run_dir / "env.json").read_text())  # rank 0 wrote it before the gather above
@@ -120,7 +125,7 @@ def cmd_train(name: str) -> None:
                examples_per_step=speed["micro_batch_size"] * ga * world.size, measured_steps=meas,
                sec_per_step=seconds / meas, real_tok_per_s=real / seconds,
                mean_tokens_per_example=sum(n_tokens) / len(n_tokens), peak_reserved_gib_per_rank=peaks,
-               plan_gib=speed["predicted_gb"], budget_gib=speed["budget_gb"], params=env["total"],
+               load_peak_reserved_and_begin_alloc_and_peak_alloc_gib=loads, plan_gib=speed["predicted_gb"], budget_gib=speed["budget_gb"], params=env["total"],
                trainable=env["trainable"], total_wall_s=time.time() - t0,
                losses=[(h["step"], h["loss"]) for h in held["trainer"].state.log_history if "loss" in h])
     OUT.mkdir(parents=True, exist_ok=True)
