@@ -7,6 +7,9 @@ RECIPE ?= recipes/tiny/xsum_tiny.yaml
 RUN ?=
 ARGS ?=
 INPUT ?= -
+# Processes (GPUs) for train/eval/compare: NPROC=N launches them with torchrun, one process without it.
+NPROC ?= 1
+LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --nproc-per-node $(NPROC) -m runner,$(BIN)/runner)
 # CPU torch without a GPU (a small build; `pip install torch==2.13.0` finds the local CPU wheel where there is one),
 # the CUDA build from PyPI with one. Override with `make install TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)
@@ -21,6 +24,7 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
 	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin)"
+	@echo "make train RECIPE=... NPROC=N   the same on N GPUs (torchrun; also for eval and compare)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
 	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
@@ -55,15 +59,15 @@ inspect: $(BIN)/runner $(TINY)
 	$(BIN)/runner inspect $(RECIPE) $(ARGS)
 
 train: $(BIN)/runner $(TINY)
-	$(BIN)/runner train $(RECIPE) $(ARGS)
+	$(LAUNCH) train $(RECIPE) $(ARGS)
 
 eval: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make eval RECIPE=... RUN=runs/<name>/<time>)" >&2; exit 2; }
-	$(BIN)/runner eval $(RECIPE) --run $(RUN) $(ARGS)
+	$(LAUNCH) eval $(RECIPE) --run $(RUN) $(ARGS)
 
 compare: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make compare RECIPE=... RUN=runs/<name>/<time>)" >&2; exit 2; }
-	$(BIN)/runner compare $(RECIPE) --run $(RUN) $(ARGS)
+	$(LAUNCH) compare $(RECIPE) --run $(RUN) $(ARGS)
 
 generate: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RECIPE=... RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }

@@ -180,9 +180,12 @@ def _shard(est: Estimate, shape: dict, recipe: dict, world_size: int) -> None:
     full weights at a time (plus the next one, prefetched during backward)."""
     static = list(est.parts)
     layer = sum(est.parts[name] for name in static) / max(1, shape["layers"])  # one layer's share, roughly
+    # The root unit (embeddings, head, final norm) stays gathered from the end of forward into backward.
+    root = sum(v for name, v in est.parts.items() if name.startswith("unquantized")) * (world_size - 1) / world_size
     for name in static:
         est.parts[f"{name} / {world_size} (FSDP shard)"] = est.parts.pop(name) / world_size
     est.parts["FSDP gathered layers (current + prefetched)"] = 2 * layer
+    est.parts["FSDP gathered root (embeddings, head, norms)"] = root
 
 
 def _train_state_bytes(recipe: dict, quantized: bool, w: int) -> float:
