@@ -1,0 +1,89 @@
+"""Several processes without launching any: how a step splits across ranks, which strategy auto picks, what the
+plan predicts per GPU, and how evaluation batches are shared (runner.dist, runner.profiles, runner.plan)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner import dist, plan, profiles
+from runner.errors import RecipeError
+from tests.test_plan import phi2_config, phi2_dir, xsum  # noqa: F401  (fixtures)
+
+
+def test_world_comes_from_the_launchers_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert dist.world() == dist.World() and dist.world().main
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    w = dist.world()
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.nodes, w.main) == (3, 4, 1, 2, 2, False)
+    assert dist.broadcast("x") == "x" and dist.gather(1) == [1]  # no process group: a world of one answers
+
+
+def test_each_rank_gets_whole_batches_and_every_batch_goes_to_one_rank():
+    batches = [[i] for i in range(7)]
+    shares = [list(dist.share(batches, dist.World(rank=r, size=3))) for r in range(3)]
+    assert shares == [[[0], [3], [6]], [[1], [4]], [[2], [5]]]
+    assert sorted(b for share in shares for b in share) == batches
+
+
+def test_the_step_splits_evenly_or_fails_naming_the_key():
+    assert dist.split_step(16, 4) == 4
+    with pytest.raises(RecipeError) as err:
+        dist.split_step(12, 5)
+    assert err.value.key_path == "training.gradient_accumulation_steps"
+    assert "12 examples per optimizer step cannot be split evenly across 5 processes" in err.value.line()
+
+
+def test_as_written_keeps_examples_per_step_across_ranks():
+    recipe = xsum("training.micro_batch_size=4", "training.gradient_accumulation_steps=4")
+    for n, (micro, acc) in {1: (4, 4), 2: (4, 2), 4: (4, 1), 8: (2, 1), 16: (1, 1)}.items():
+        speed = profiles.as_written(recipe, world_size=n)
+        assert (speed.micro_batch_size, speed.gradient_accumulation_steps) == (micro, acc)
+        assert speed.micro_batch_size * speed.gradient_accumulation_steps * n == 16
+
+
+def test_profiles_choose_the_micro_batch_of_each_rank(phi2_config):  # noqa: F811
+    speed = profiles.resolve(xsum("training.profile=fast"), phi2_config, card_gb=80, detect=False, world_size=2)
+    assert (speed.micro_batch_size, speed.gradient_accumulation_steps, speed.world_size) == (8, 1, 2)
+    assert speed.distributed == "ddp"  # the 4-bit Phi-2 fits one card many times over
+    assert "per process x 2 processes (ddp)" in speed.describe()
+
+
+def test_auto_shards_with_fsdp_when_one_card_cannot_hold_the_model(phi2_config):  # noqa: F811
+    recipe = xsum("training.profile=low_memory", "training.vram_budget_gb=1.8")
+    with pytest.raises(RecipeError):  # one GPU: nothing fits
+        profiles.resolve(recipe, phi2_config, card_gb=80, detect=False, world_size=1)
+    speed = profiles.resolve(recipe, phi2_config, card_gb=80, detect=False, world_size=4)
+    assert speed.distributed == "fsdp" and speed.predicted_gb <= 1.8
+    ddp = profiles.as_written(recipe, world_size=4, strategy="ddp")
+    fsdp = profiles.as_written(recipe, world_size=4, strategy="fsdp")
+    assert plan.estimate(recipe, phi2_config, fsdp).reserved_gb < plan.estimate(recipe, phi2_config, ddp).reserved_gb
+
+
+def test_fsdp_estimate_shards_the_static_memory(phi2_config):  # noqa: F811
+    recipe = xsum("training.profile=none")
+    one = plan.estimate(recipe, phi2_config, profiles.as_written(recipe))
+    four = plan.estimate(recipe, phi2_config, profiles.as_written(recipe, world_size=4, strategy="fsdp"))
+    weights = next(v for k, v in one.parts.items() if k.startswith("4-bit weights"))
+    assert four.parts["4-bit weights / 4 (FSDP shard)"] == pytest.approx(weights / 4)
+    assert "FSDP gathered layers (current + prefetched)" in four.parts
+
+
+def test_plan_cli_shows_ddp_and_fsdp_per_gpu(phi2_dir, cli):  # noqa: F811
+    from tests.conftest import ROOT
+
+    result = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={phi2_dir}", "--gpu-gb", "80",
+                 "--gpus", "4", "training.vram_budget_gb=1.8", "training.profile=low_memory")
+    assert result.returncode == 0, result.stderr
+    assert "per GPU (predicted)" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("low_memory")]
+    assert [r[1] for r in rows] == ["ddp", "fsdp"]
+    assert "nothing fits" in " ".join(rows[0]) and rows[1][-1] == "GiB"
+    assert "training.distributed auto -> fsdp on 4 GPUs" in result.stdout
+    bad = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={phi2_dir}", "--gpus", "3")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: training.gradient_accumulation_steps: ")
