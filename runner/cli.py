@@ -52,10 +52,13 @@ def _args_generate(p):
 
 def _args_plan(p):
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
-                   help="plan for a card of this much memory (default: this machine's GPU, if any)")
+                   help="plan for a card of this much memory (default: --card's, else this machine's GPU, if any)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="plan for N processes, one per GPU (torchrun --nproc-per-node x --nnodes): per-GPU memory "
                         "with ddp and with fsdp, and the strategy auto picks (default 1)")
+    p.add_argument("--card", default=None, metavar="NAME",
+                   help="predict training time for this card from bench/RESULTS.md (H100, H200; default: this "
+                        "machine's GPU, else H100)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,13 +202,30 @@ def cmd_generate(args) -> int:
 
 def cmd_plan(args) -> int:
     recipe = _recipe(args)
-    from runner import plan, profiles
+    from runner import plan, throughput
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
-    card = args.gpu_gb if args.gpu_gb is not None else profiles.gpu_memory_gb()
-    print(plan.report(recipe, card, gpus=args.gpus))
+    card = throughput.find_card(args.card, _gpu_name())
+    print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _card_gb(args, card: tuple[str, str]) -> float | None:
+    """--gpu-gb, else the named card's memory, else this machine's GPU's (None without one)."""
+    from runner import profiles, throughput
+
+    if args.gpu_gb is not None:
+        return args.gpu_gb
+    if args.card is not None:
+        return throughput.CARDS[card[0]]["memory_gb"]
+    return profiles.gpu_memory_gb()
 
 
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
