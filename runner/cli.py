@@ -61,6 +61,19 @@ def _args_plan(p):
                         "machine's GPU, else H100)")
 
 
+def _args_sweep(p):
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every setting with N seeds (the recipe's seed, +1, ...) on the same examples")
+    p.add_argument("--name", default=None, help="the sweep's folder name under <output_dir>/<name>/sweeps/ "
+                   "(default: made from the axes, so the same command resumes the same sweep)")
+    p.add_argument("--metric", default=None, help="the metric settings are compared on, e.g. rouge.rougeL "
+                   "(default: ROUGE-L, accuracy, exact match or loss, the first the recipe has)")
+    p.add_argument("--card", default=None, metavar="NAME", help="predict memory and training time for this card "
+                   "(H100, H200; default: this machine's GPU, else H100)")
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB", help="plan memory for a card this large")
+    p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -176,6 +189,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from runner import sweep
+
+    path = sweep.sweep(args.recipe, args.overrides, seeds=args.seeds, name=args.name, metric=args.metric,
+                       card_name=args.card, card_gb=args.gpu_gb, dry_run=args.dry_run)
+    if path is not None:
+        print(f"done: {path}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import json
 
@@ -206,15 +229,9 @@ def cmd_plan(args) -> int:
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
-    card = throughput.find_card(args.card, _gpu_name())
+    card = throughput.find_card(args.card, throughput.gpu_name())
     print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
-
-
-def _gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def _card_gb(args, card: tuple[str, str]) -> float | None:
@@ -240,6 +257,8 @@ COMMANDS = {
              _args_eval, cmd_eval),
     "compare": ("evaluate the base model (adapter disabled) and the adapter on the same examples; writes "
                 "comparison.md and comparison.json", _args_compare, cmd_compare),
+    "sweep": ("train a grid of settings (key.path=v1,v2,...) x seeds, each cell a normal run (finished cells are "
+              "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
                  _args_generate, cmd_generate),
     "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",

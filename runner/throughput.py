@@ -30,6 +30,12 @@ CARDS = {
 DEFAULT_CARD = "H100"  # the study's target card
 
 
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def find_card(name: str | None, detected: str | None = None) -> tuple[str, str]:
     """(table key, why this card): the named card, else this machine's GPU when measured, else the default."""
     if name is not None:
