@@ -37,7 +37,9 @@ def _args_eval(p):
 
 
 def _args_compare(p):
-    p.add_argument("--run", required=True, help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
+    p.add_argument("--run", required=True, action="append",
+                   help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203: its adapter vs the base model; "
+                        "given twice (--run A --run B): adapter A vs adapter B, the difference B - A")
 
 
 def _args_generate(p):
@@ -173,10 +175,14 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     recipe = _recipe(args)
+    if len(args.run) > 2:
+        raise RecipeError("--run", f"given {len(args.run)} times", "one run (vs the base model) or two (A vs B)")
+    if len(args.run) == 2:
+        return _compare_adapters(args, recipe)
     from runner import compare, dist, model, runs, train
 
     world = dist.init()
-    run_dir = runs.find_run(args.run)
+    run_dir = runs.find_run(args.run[0])
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
@@ -196,6 +202,27 @@ def cmd_sweep(args) -> int:
                        card_name=args.card, card_gb=args.gpu_gb, dry_run=args.dry_run)
     if path is not None:
         print(f"done: {path}")
+    return 0
+
+
+def _compare_adapters(args, recipe: dict) -> int:
+    from runner import compare, dist, model, runs, train
+
+    run_a, run_b = (runs.find_run(r) for r in args.run)
+    if run_a.resolve() == run_b.resolve():
+        raise RecipeError("--run", "A and B are the same run", "give two different run folders")
+    compare.check_same_base(recipe, [run_a, run_b])
+    world = dist.init()
+    tokenizer, examples = _evaluation_examples(recipe)
+    out_dir = dist.broadcast(compare.open_pair_dir(recipe, run_a, run_b) if world.main else None)
+    print(f"comparison folder: {out_dir}", flush=True)
+    train.set_threads(recipe)
+    net = model.load_trained(recipe, run_a / "adapter")
+    net.load_adapter(str(run_b / "adapter"), adapter_name="B")
+    summary = compare.compare_adapters(recipe, run_a, run_b, net, tokenizer, examples, out_dir)
+    if summary is not None:
+        print("\n".join(compare.summary_lines(summary)))
+        print(f"done: {out_dir / 'comparison.md'}")
     return 0
 
 
@@ -255,8 +282,8 @@ COMMANDS = {
               _args_train, cmd_train),
     "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
              _args_eval, cmd_eval),
-    "compare": ("evaluate the base model (adapter disabled) and the adapter on the same examples; writes "
-                "comparison.md and comparison.json", _args_compare, cmd_compare),
+    "compare": ("evaluate the base model (adapter disabled) and the adapter, or two adapters (--run A --run B), on "
+                "the same examples; writes comparison.md and comparison.json", _args_compare, cmd_compare),
     "sweep": ("train a grid of settings (key.path=v1,v2,...) x seeds, each cell a normal run (finished cells are "
               "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
