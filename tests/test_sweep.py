@@ -42,6 +42,18 @@ def test_cells_pin_the_data_seed_and_get_their_own_output_folder(tiny, tmp_path)
     assert again == folder  # the same command finds the same sweep
 
 
+def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
+    from runner import data as data_mod
+    from runner import recipe as recipe_mod
+
+    def test_ids(*overrides):
+        recipe = recipe_mod.load(AGNEWS, ["data.test_samples=20", *overrides])
+        return data_mod.sample(data_mod.load_raw(recipe), recipe)["test"]["id"]
+
+    assert test_ids("seed=1", "data.seed=5") == test_ids("seed=2", "data.seed=5") == test_ids("seed=5")
+    assert test_ids("seed=1") != test_ids("seed=2")
+
+
 @pytest.mark.parametrize("args,seeds,where", [
     (["training.max_steps=5"], 1, "error: sweep: nothing to sweep"),
     (["seed=1,2"], 1, "error: seed: is swept with --seeds N"),
