@@ -485,7 +485,12 @@ def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = 
         from runner import profiles
 
         card_gb = profiles.gpu_memory_gb()
-    plans = {setting: plan_setting(group[0].recipe, card_gb, card) for setting, group in grid.items()}
+    plans = {}
+    for setting, group in grid.items():
+        try:
+            plans[setting] = plan_setting(group[0].recipe, card_gb, card)
+        except RecipeError as exc:  # the model's config rejects this setting: say which, before anything trains
+            raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {group[0].label})", exc.hint) from None
     print(f"sweep folder: {folder}\n{len(grid)} setting(s) x {seeds} seed(s) = {len(all_cells)} cells", flush=True)
     print("\n".join(plan_lines(plans, grid)), flush=True)
     if dry_run:

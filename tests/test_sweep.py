@@ -67,6 +67,20 @@ def test_grid_mistakes_fail_before_anything_trains(tiny, tmp_path, args, seeds, 
     assert not any(tmp_path.iterdir())
 
 
+def test_dry_run_plans_every_setting_and_a_config_mistake_names_its_cell(tiny, tmp_path, cli):
+    result = cli("sweep", AGNEWS, "lora.r=4,8", "--seeds", "2", f"output_dir={tmp_path}", "--dry-run", "--card", "H200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 setting(s) x 2 seed(s) = 4 cells" in result.stdout and "time on NVIDIA H200, named" in result.stdout
+    assert [line.split(":")[0].strip() for line in result.stdout.splitlines() if "predicted peak" in line] == [
+        "lora.r=4", "lora.r=8"]
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    bad = cli("sweep", AGNEWS, "lora.target_modules=[q_proj,o_proj],all-linear", f"output_dir={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(
+        "error: lora.target_modules[1]: phi has no linear module 'o_proj' (in the cell "
+        "lora.target_modules=[q_proj,o_proj])")
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- the statistics, on hand-made runs
 
 
