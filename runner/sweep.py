@@ -194,11 +194,13 @@ def plan_lines(plans: dict[tuple, dict], grid: dict[tuple, list[Cell]]) -> list[
 
 
 def run_cell(recipe_path, cell: Cell) -> Path:
-    """Train, evaluate and report the cell with `runner train`'s own command, in this process."""
-    from runner import cli
+    """Train, evaluate and report the cell with `runner train`'s own command, in this process (under a launcher,
+    every rank takes part and rank 0 writes the records, as for `runner train`)."""
+    from runner import cli, dist
 
     args = cli._parser().parse_args(["train", str(recipe_path), *cell.overrides])
     cli.COMMANDS["train"][2](args)
+    dist.barrier()  # rank 0 writes the report after the other ranks are done
     gc.collect()  # the cell's model and trainer are garbage now: free them before the next cell loads its own
     try:
         import torch
@@ -207,7 +209,7 @@ def run_cell(recipe_path, cell: Cell) -> Path:
             torch.cuda.empty_cache()
     except ImportError:
         pass
-    run_dir = finished_run(cell)
+    run_dir = dist.broadcast(finished_run(cell) if dist.world().main else None)
     if run_dir is None:
         raise RuntimeError(f"the cell {cell.label}, seed {cell.seed} trained but left no finished run folder")
     return run_dir
@@ -474,9 +476,10 @@ def _plain(value):
 
 def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = None, metric: str | None = None,
           card_name: str | None = None, card_gb: float | None = None, dry_run: bool = False) -> Path | None:
-    from runner import throughput
+    from runner import dist, throughput
 
     folder, all_cells, axes, fixed = cells(recipe_path, overrides, seeds, name)
+    main = dist.init().main  # under a launcher every rank trains each cell; rank 0 alone decides and writes
     grid = settings(all_cells)
     card = throughput.find_card(card_name, throughput.gpu_name())
     if card_gb is None and card_name is not None:
@@ -491,20 +494,23 @@ def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = 
             plans[setting] = plan_setting(group[0].recipe, card_gb, card)
         except RecipeError as exc:  # the model's config rejects this setting: say which, before anything trains
             raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {group[0].label})", exc.hint) from None
-    print(f"sweep folder: {folder}\n{len(grid)} setting(s) x {seeds} seed(s) = {len(all_cells)} cells", flush=True)
-    print("\n".join(plan_lines(plans, grid)), flush=True)
+    if main:
+        print(f"sweep folder: {folder}\n{len(grid)} setting(s) x {seeds} seed(s) = {len(all_cells)} cells", flush=True)
+        print("\n".join(plan_lines(plans, grid)), flush=True)
     if dry_run:
         return None
     run_dirs = {}
     for i, cell in enumerate(all_cells, 1):
         where = f"cell {i}/{len(all_cells)} [{cell.label}, seed={cell.seed}]"
-        done = finished_run(cell)
+        done = dist.broadcast(finished_run(cell) if main else None)
+        if main:
+            print(f"{where}: {'training' if done is None else f'finished already: {done}'}", flush=True)
         if done is not None:
-            print(f"{where}: finished already: {done}", flush=True)
             run_dirs[id(cell)] = done
             continue
-        print(f"{where}: training", flush=True)
         run_dirs[id(cell)] = run_cell(recipe_path, cell)
+    if not main:
+        return None
     summary = summarize(folder, grid, run_dirs, plans, metric, axes, fixed)
     path = write(summary, folder)
     for line in summary_lines(summary):

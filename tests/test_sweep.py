@@ -214,3 +214,25 @@ def test_repeating_the_sweep_trains_nothing(swept):
     assert result.stdout.count("finished already") == 8 and ": training" not in result.stdout
     assert sorted(p for p in (folder / "cells").glob("*/agnews_tiny/*")) == runs_before
     assert json.loads((folder / "sweep.json").read_text())["settings"] == table["settings"]
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_trains_each_cell_once(tiny, tmp_path):
+    """Two processes (gloo): every rank trains each cell together, one run folder per cell, rank 0 writes the
+    summary; repeated, nothing trains."""
+    from tests.e2e.test_distributed import launch, torchrun
+
+    args = ("sweep", ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "lora.r=4,8", "training.max_steps=2",
+            "data.train_samples=64", "data.splits.eval=null", "training.eval_every=null", "data.test_samples=8",
+            "evaluation.evaluators=[{name: rouge}]", f"output_dir={tmp_path}")
+    first = launch(torchrun(2), *args)
+    assert first.returncode == 0, first.stderr[-4000:]
+    (folder,) = (tmp_path / "xsum_tiny" / "sweeps").iterdir()
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert [r["label"] for r in summary["settings"]] == ["lora.r=4", "lora.r=8"]
+    runs = sorted(folder.glob("cells/*/xsum_tiny/*"))
+    assert len(runs) == 2 and all((r / "report.md").is_file() for r in runs)
+    assert first.stdout.count(": training") == 2 and first.stdout.count("done: ") == 1 + 2
+    again = launch(torchrun(2), *args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("finished already") == 2 and sorted(folder.glob("cells/*/xsum_tiny/*")) == runs
