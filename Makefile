@@ -19,7 +19,7 @@ export OMP_NUM_THREADS ?= $(THREADS)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean plan bench
+.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean plan bench sweep
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
@@ -27,6 +27,7 @@ help:  ## list the targets
 	@echo "make train RECIPE=... NPROC=N   the same on N GPUs (torchrun; also for eval and compare)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
+	@echo "make sweep [RECIPE=...] AXES=\"lora.r=8,16 ...\" [SEEDS=N] [ARGS=...]   a grid of settings x seeds -> sweep.md/json/png"
 	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
@@ -72,6 +73,12 @@ compare: $(BIN)/runner $(TINY)
 generate: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RECIPE=... RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }
 	$(BIN)/runner generate $(RECIPE) --run $(RUN) --input $(INPUT) $(ARGS)
+
+AXES ?=
+SEEDS ?= 1
+sweep: $(BIN)/runner $(TINY)
+	@test -n "$(AXES)$(filter-out 1,$(SEEDS))" || { echo "error: AXES: missing (make sweep AXES=\"lora.r=8,16\" SEEDS=2)" >&2; exit 2; }
+	$(BIN)/runner sweep $(RECIPE) $(AXES) --seeds $(SEEDS) $(ARGS)
 
 test: $(BIN)/runner $(TINY)
 	$(BIN)/python -m pytest -q tests

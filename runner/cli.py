@@ -37,7 +37,9 @@ def _args_eval(p):
 
 
 def _args_compare(p):
-    p.add_argument("--run", required=True, help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
+    p.add_argument("--run", required=True, action="append",
+                   help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203: its adapter vs the base model; "
+                        "given twice (--run A --run B): adapter A vs adapter B, the difference B - A")
 
 
 def _args_generate(p):
@@ -52,10 +54,26 @@ def _args_generate(p):
 
 def _args_plan(p):
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
-                   help="plan for a card of this much memory (default: this machine's GPU, if any)")
+                   help="plan for a card of this much memory (default: --card's, else this machine's GPU, if any)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="plan for N processes, one per GPU (torchrun --nproc-per-node x --nnodes): per-GPU memory "
                         "with ddp and with fsdp, and the strategy auto picks (default 1)")
+    p.add_argument("--card", default=None, metavar="NAME",
+                   help="predict training time for this card from bench/RESULTS.md (H100, H200; default: this "
+                        "machine's GPU, else H100)")
+
+
+def _args_sweep(p):
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every setting with N seeds (the recipe's seed, +1, ...) on the same examples")
+    p.add_argument("--name", default=None, help="the sweep's folder name under <output_dir>/<name>/sweeps/ "
+                   "(default: made from the axes, so the same command resumes the same sweep)")
+    p.add_argument("--metric", default=None, help="the metric settings are compared on, e.g. rouge.rougeL "
+                   "(default: ROUGE-L, accuracy, exact match or loss, the first the recipe has)")
+    p.add_argument("--card", default=None, metavar="NAME", help="predict memory and training time for this card "
+                   "(H100, H200; default: this machine's GPU, else H100)")
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB", help="plan memory for a card this large")
+    p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,16 +175,51 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     recipe = _recipe(args)
+    if len(args.run) > 2:
+        raise RecipeError("--run", f"given {len(args.run)} times", "one run (vs the base model) or two (A vs B)")
+    if len(args.run) == 2:
+        return _compare_adapters(args, recipe)
     from runner import compare, dist, model, runs, train
 
     world = dist.init()
-    run_dir = runs.find_run(args.run)
+    run_dir = runs.find_run(args.run[0])
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
     train.set_threads(recipe)
     net = model.load_trained(recipe, run_dir / "adapter")
     summary = compare.compare(recipe, run_dir, net, tokenizer, examples, out_dir)
+    if summary is not None:
+        print("\n".join(compare.summary_lines(summary)))
+        print(f"done: {out_dir / 'comparison.md'}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from runner import sweep
+
+    path = sweep.sweep(args.recipe, args.overrides, seeds=args.seeds, name=args.name, metric=args.metric,
+                       card_name=args.card, card_gb=args.gpu_gb, dry_run=args.dry_run)
+    if path is not None:
+        print(f"done: {path}")
+    return 0
+
+
+def _compare_adapters(args, recipe: dict) -> int:
+    from runner import compare, dist, model, runs, train
+
+    run_a, run_b = (runs.find_run(r) for r in args.run)
+    if run_a.resolve() == run_b.resolve():
+        raise RecipeError("--run", "A and B are the same run", "give two different run folders")
+    compare.check_same_base(recipe, [run_a, run_b])
+    world = dist.init()
+    tokenizer, examples = _evaluation_examples(recipe)
+    out_dir = dist.broadcast(compare.open_pair_dir(recipe, run_a, run_b) if world.main else None)
+    print(f"comparison folder: {out_dir}", flush=True)
+    train.set_threads(recipe)
+    net = model.load_trained(recipe, run_a / "adapter")
+    net.load_adapter(str(run_b / "adapter"), adapter_name="B")
+    summary = compare.compare_adapters(recipe, run_a, run_b, net, tokenizer, examples, out_dir)
     if summary is not None:
         print("\n".join(compare.summary_lines(summary)))
         print(f"done: {out_dir / 'comparison.md'}")
@@ -199,13 +252,24 @@ def cmd_generate(args) -> int:
 
 def cmd_plan(args) -> int:
     recipe = _recipe(args)
-    from runner import plan, profiles
+    from runner import plan, throughput
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
-    card = args.gpu_gb if args.gpu_gb is not None else profiles.gpu_memory_gb()
-    print(plan.report(recipe, card, gpus=args.gpus))
+    card = throughput.find_card(args.card, throughput.gpu_name())
+    print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
+
+
+def _card_gb(args, card: tuple[str, str]) -> float | None:
+    """--gpu-gb, else the named card's memory, else this machine's GPU's (None without one)."""
+    from runner import profiles, throughput
+
+    if args.gpu_gb is not None:
+        return args.gpu_gb
+    if args.card is not None:
+        return throughput.CARDS[card[0]]["memory_gb"]
+    return profiles.gpu_memory_gb()
 
 
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
@@ -218,8 +282,10 @@ COMMANDS = {
               _args_train, cmd_train),
     "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
              _args_eval, cmd_eval),
-    "compare": ("evaluate the base model (adapter disabled) and the adapter on the same examples; writes "
-                "comparison.md and comparison.json", _args_compare, cmd_compare),
+    "compare": ("evaluate the base model (adapter disabled) and the adapter, or two adapters (--run A --run B), on "
+                "the same examples; writes comparison.md and comparison.json", _args_compare, cmd_compare),
+    "sweep": ("train a grid of settings (key.path=v1,v2,...) x seeds, each cell a normal run (finished cells are "
+              "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
                  _args_generate, cmd_generate),
     "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",

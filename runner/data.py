@@ -131,7 +131,7 @@ def _carve_holdout(raw: dict, recipe: dict) -> dict:
         return raw
     if raw.get("train") is None:
         raise RecipeError("data.holdout", "carves rows out of train, but there is no train split", "set data.splits.train")
-    pool = raw["train"].shuffle(seed=recipe["seed"])
+    pool = raw["train"].shuffle(seed=sample_seed(recipe))
     if sum(want.values()) >= len(pool):
         raise RecipeError("data.holdout", f"asks for {sum(want.values())} rows but train has {len(pool)}",
                           "carve fewer rows")
@@ -144,13 +144,19 @@ def _carve_holdout(raw: dict, recipe: dict) -> dict:
     return raw
 
 
+def sample_seed(recipe: dict) -> int:
+    """data.seed, else the recipe's seed: a seed sweep pins it so that only training randomness varies."""
+    seed = recipe["data"].get("seed")
+    return recipe["seed"] if seed is None else seed
+
+
 def sample(raw: dict, recipe: dict) -> dict:
-    """Draw ``<role>_samples`` rows per role, reproducibly from the seed."""
+    """Draw ``<role>_samples`` rows per role, reproducibly from the sample seed."""
     out = {}
     for role, ds in raw.items():
         n = recipe["data"][f"{role}_samples"]
         if n is not None and n < len(ds):
-            ds = ds.shuffle(seed=recipe["seed"]).select(range(n))
+            ds = ds.shuffle(seed=sample_seed(recipe)).select(range(n))
         out[role] = ds
     return out
 

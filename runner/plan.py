@@ -16,7 +16,7 @@ The memory model counts what the training path actually holds, term by term:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GIB = 2**30
 # Block size of bitsandbytes' 4-bit scales, and of the second-level scales with double quantization.
@@ -209,9 +209,10 @@ def _train_state_bytes(recipe: dict, quantized: bool, w: int) -> float:
 # ---------------------------------------------------------------- the command
 
 
-def report(recipe: dict, card_gb: float | None = None, gpus: int = 1) -> str:
+def report(recipe: dict, card_gb: float | None = None, gpus: int = 1, card: tuple[str, str] | None = None) -> str:
+    """The plan as text. ``card``: (runner.throughput card, why it was chosen) adds the predicted training time."""
     from runner import model as model_mod
-    from runner import profiles
+    from runner import profiles, throughput
 
     config = model_mod.load_config(recipe)
     model_mod.check(recipe)
@@ -238,13 +239,20 @@ def report(recipe: dict, card_gb: float | None = None, gpus: int = 1) -> str:
             except Exception as exc:  # a budget nothing fits: say so in the table
                 lines.append(f"{name:<11} {col(strategy)}{'-':<12} {'-':<14} {str(getattr(exc, 'problem', exc)):>26}")
                 continue
+            if speed.predicted_gb is None:  # profile none without a card: resolve() predicts nothing, the plan does
+                speed = replace(speed, predicted_gb=estimate(trial, config, speed, info).reserved_gb)
             lines.append(f"{name:<11} {col(strategy)}{f'{speed.micro_batch_size} x {speed.gradient_accumulation_steps}':<12} "
                          f"{'yes' if speed.gradient_checkpointing else 'no':<14} {speed.predicted_gb:>22.2f} GiB")
     mine = profiles.pick_profile(t["profile"], card_gb)
+    timing = []
+    if card is not None:
+        timing = ["", *throughput.report_lines(recipe, card[0], card[1], info["total"])]
+        if gpus > 1:
+            timing.append(f"(one GPU's throughput: {gpus} GPUs divide the time by at most {gpus})")
     try:
         speed = profiles.resolve(recipe, config, card_gb, detect=False, info=info, world_size=gpus)
     except Exception as exc:
-        lines += ["", f"training.profile {t['profile']}: {getattr(exc, 'problem', exc)}"]
+        lines += ["", f"training.profile {t['profile']}: {getattr(exc, 'problem', exc)}", *timing]
         return "\n".join(lines)
     if gpus > 1:
         lines += ["", f"training.distributed {t['distributed']} -> {speed.distributed} on {gpus} GPUs"
@@ -260,7 +268,7 @@ def report(recipe: dict, card_gb: float | None = None, gpus: int = 1) -> str:
         lines.append(f"  {'= device memory':<62} {est.reserved / GIB + CUDA_CONTEXT_GB:7.2f} GiB")
         if t["optimizer"] in PAGED:
             lines.append(f"  ({t['optimizer']} keeps its state in paged (managed) memory, not counted above)")
-    return "\n".join(lines)
+    return "\n".join(lines + timing)
 
 
 def _quant_text(recipe: dict) -> str:

@@ -267,6 +267,45 @@ def samples_section(run_dir: Path, count: int = 8) -> list[str]:
     return lines + _table(["#", "input", "reference", "prediction"], rows)
 
 
+def resolution_section(metrics: dict) -> list[str]:
+    """How precise the test set is: per metric with a bootstrap interval, the smallest difference between two
+    systems it resolves at 95%, and the test examples a one-point difference would need (runner.stats)."""
+    from runner import stats
+    from runner.baselines import headline
+
+    n = metrics.get("examples") or 0
+    rows = []
+    for metric, row in headline(metrics).items():
+        smallest = stats.smallest_difference(row["ci95"])
+        if smallest is None:
+            continue
+        unit = stats.point(metric)
+        needed = stats.examples_for(unit, row["ci95"], n) if unit else None
+        rows.append([metric, _num(float(row["value"])), f"±{_num(float(stats.half_width(row['ci95'])))}",
+                     _num(float(smallest)), f"{needed:,} (for {_num(unit)})" if needed else "–"])
+    if not rows:
+        return []
+    lines = ["## How many examples", "", f"From the bootstrap spread over the {n} test examples: a difference "
+             "between two systems smaller than the *smallest resolvable difference* is within what another draw "
+             "of examples could produce (95%, two systems scored separately; a paired comparison such as "
+             "`runner compare` often resolves somewhat less). The interval narrows with the square root of the "
+             "number of examples.", ""]
+    return lines + _table(["metric", "value", "95% CI half-width", "smallest resolvable difference",
+                           "examples to resolve one point"], rows)
+
+
+def baselines_section(run_dir: Path, recipe: dict, metrics: dict) -> list[str]:
+    """Trivial baselines on the evaluated examples (runner.baselines); nothing without predictions."""
+    from runner import baselines
+    from runner.evaluate import read_records
+
+    pred = run_dir / "predictions.jsonl"
+    if not metrics or not pred.is_file():
+        return []
+    result = baselines.compute(recipe, run_dir, read_records(pred))
+    return baselines.markdown(result, metrics)
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -296,7 +335,10 @@ def write(run_dir: Path, recipe: dict, tokenizer=None, data_stats: dict | None =
              f"{(env.get('git_commit') or 'n/a')[:12]}, data fingerprint {env.get('data_fingerprint', 'n/a')}.", ""]
     for section in (recipe_section(recipe), data_section(data_stats, env, images, run_dir),
                     training_section(env, log, loss_png, run_dir, rss_gb), metrics_section(metrics, run_dir),
+                    baselines_section(run_dir, recipe, metrics), resolution_section(metrics),
                     samples_section(run_dir)):
+        if not section:
+            continue
         lines += [*section, ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -144,3 +144,53 @@ def test_an_interrupted_comparison_is_picked_up_again(compared):
 def test_compare_needs_a_finished_run(tmp_path, tiny, cli):
     result = cli("compare", TINY_XSUM, "--run", tmp_path, f"output_dir={tmp_path}")
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --run: ")
+
+
+# ---------------------------------------------------------------- adapter vs adapter
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    """A barely-trained adapter (2 steps) as A, the shared trained one (150 steps) as B."""
+    trained, out = xsum_run()
+    result = run_cli("train", TINY_XSUM, f"output_dir={out}/barely", "training.max_steps=2", "--no-eval")
+    assert result.returncode == 0, result.stderr[-4000:]
+    (barely,) = [p for p in (out / "barely" / "xsum_tiny").iterdir() if (p / "adapter").is_dir()]
+    args = ("compare", TINY_XSUM, "--run", barely, "--run", trained, f"output_dir={out}", "data.test_samples=16",
+            "evaluation.evaluators=[{name: rouge}, {name: samples, count: 2}]")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (folder,) = trained.glob("vs-*")
+    return barely, trained, folder, result
+
+
+@pytest.mark.slow
+def test_a_trained_adapter_beats_a_barely_trained_one(pair):
+    barely, trained, folder, result = pair
+    summary = json.loads((folder / "comparison.json").read_text())
+    assert summary["systems"] == ["A", "B"] and summary["runs"] == {"A": str(barely), "B": str(trained)}
+    assert json.loads((folder / "runs.json").read_text()) == {"A": str(barely), "B": str(trained)}
+    row = summary["metrics"]["rouge.rougeL"]
+    print(f"ROUGE-L A (2 steps) {row['A']:.1f} -> B (150 steps) {row['B']:.1f}")
+    assert row["difference"] == pytest.approx(row["B"] - row["A"], abs=1e-6) and row["difference"] > 0
+    assert row["better"] == "B" and row["paired"]["difference_ci95"][0] > 0
+    rows = {s: [json.loads(line) for line in (folder / s / "predictions.jsonl").read_text().splitlines()]
+            for s in ("A", "B")}
+    assert [(r["index"], r["reference"]) for r in rows["A"]] == [(r["index"], r["reference"]) for r in rows["B"]]
+    assert len(rows["A"]) == 16 and [r["prediction"] for r in rows["A"]] != [r["prediction"] for r in rows["B"]]
+    # B's predictions are the trained adapter's own: the same as evaluating it alone would give (greedy decoding).
+    md = (folder / "comparison.md").read_text()
+    assert md.startswith("# Adapter vs adapter: xsum_tiny") and "| metric | A | B | B − A |" in md
+    assert "rouge.rougeL: A " in result.stdout and "-> B " in result.stdout
+
+
+def test_compare_refuses_the_same_run_twice_and_a_third(tiny, tmp_path, cli):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    same = cli("compare", TINY_XSUM, "--run", run, "--run", run, f"output_dir={tmp_path}")
+    assert same.returncode == 2 and same.stderr.strip() == \
+        "error: --run: A and B are the same run (give two different run folders)"
+    three = cli("compare", TINY_XSUM, "--run", run, "--run", run, "--run", run, f"output_dir={tmp_path}")
+    assert three.returncode == 2 and three.stderr.strip().startswith("error: --run: given 3 times")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written

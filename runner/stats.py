@@ -1,0 +1,92 @@
+"""Statistics for the research questions: how precise is a test set, how much do seeds move a score, and does a
+difference between two settings exceed both.
+
+Two sources of uncertainty are kept apart:
+
+- **test examples**: a different draw of test examples would give a different score. Measured by the percentile
+  bootstrap over examples (every evaluator's ``ci95``) and, between two systems scored on the same examples, by the
+  paired bootstrap (``runner.compare.paired_bootstrap``).
+- **training seed**: the same recipe trained with another seed (LoRA init, data order, dropout, sampling) scores
+  differently on the *same* examples. Measured by the spread of a metric across seeds, and between two settings by
+  Welch's t-test on their per-seed scores (scipy), which is honest about how little two or three seeds tell.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# A metric's "point": 1 on ROUGE's 0-100 scale, one percentage point for shares in [0, 1].
+HUNDRED_SCALE = ("rouge",)
+SHARE_METRICS = ("accuracy", "exact_match", "micro_f1", "macro_f1", "micro_precision", "micro_recall")
+
+
+def half_width(ci: list | tuple | None) -> float | None:
+    if not ci or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return None
+    return (ci[1] - ci[0]) / 2
+
+
+def smallest_difference(ci: list | tuple | None) -> float | None:
+    """The smallest difference between two systems with this bootstrap spread that a test set of this size
+    separates at 95% without pairing: the half-width of the difference's interval, sqrt(2) x the metric's own
+    half-width. Pairing (both systems on the same examples) usually resolves less."""
+    h = half_width(ci)
+    return None if h is None else math.sqrt(2) * h
+
+
+def point(metric: str) -> float | None:
+    """One point of ``metric`` ("rouge.rougeL" -> 1.0, "classification.accuracy" -> 0.01); None when the metric
+    has no natural point (loss, perplexity)."""
+    family, _, last = metric.partition(".")
+    if family in HUNDRED_SCALE or metric.split(".")[0].startswith(HUNDRED_SCALE):
+        return 1.0
+    if last.rsplit(".", 1)[-1] in SHARE_METRICS:
+        return 0.01
+    return None
+
+
+def examples_for(difference: float, ci: list | tuple | None, examples: int) -> int | None:
+    """Test examples needed to resolve ``difference`` (as ``smallest_difference``): the interval shrinks with the
+    square root of the number of examples."""
+    smallest = smallest_difference(ci)
+    if smallest is None or difference <= 0 or examples <= 0:
+        return None
+    return max(1, math.ceil(examples * (smallest / difference) ** 2))
+
+
+def seed_spread(values: list[float]) -> dict:
+    """Mean over seeds, their standard deviation (ddof 1) and the t-based 95% half-width of the mean."""
+    arr = np.asarray(values, dtype=float)
+    out = {"seeds": len(arr), "mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max()),
+           "sd": None, "mean_ci95_half": None}
+    if len(arr) >= 2:
+        from scipy import stats
+
+        sd = float(arr.std(ddof=1))
+        out["sd"] = sd
+        out["mean_ci95_half"] = float(stats.t.ppf(0.975, len(arr) - 1) * sd / math.sqrt(len(arr)))
+    return out
+
+
+def welch(a: list[float], b: list[float], level: float = 0.95) -> dict | None:
+    """Welch's t-test of mean(b) - mean(a) over seeds: its confidence interval and p-value. None with fewer than two
+    seeds on a side (one seed says nothing about seed noise). Equal, constant scores give a zero-width interval."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(b.mean() - a.mean())
+    if a.std() == 0 and b.std() == 0:  # no seed noise at all: t is undefined, the difference is exact
+        return {"difference": diff, "ci95": [diff, diff], "p_value": 0.0 if diff else 1.0}
+    from scipy import stats
+
+    result = stats.ttest_ind(b, a, equal_var=False)
+    ci = result.confidence_interval(level)
+    return {"difference": diff, "ci95": [float(ci.low), float(ci.high)], "p_value": float(result.pvalue)}
+
+
+def excludes_zero(ci: list | None) -> bool | None:
+    if not ci:
+        return None
+    return bool(ci[0] > 0 or ci[1] < 0)

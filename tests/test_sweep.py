@@ -1,0 +1,238 @@
+"""`runner sweep`: the grid, its statistics (seed noise apart from test-example noise) on hand-made runs, and a real
+2 x 2 sweep with 2 seeds of the tiny AG News twin through the CLI (a few optimizer steps per cell)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from runner import sweep
+from runner.errors import RecipeError
+from tests.conftest import ROOT, run_cli
+
+AGNEWS = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+# ---------------------------------------------------------------- the grid
+
+
+def test_values_split_at_top_level_commas_only():
+    assert sweep.split_values("8,16, 32") == ["8", "16", "32"]
+    assert sweep.split_values("[q_proj,v_proj],all-linear") == ["[q_proj,v_proj]", "all-linear"]
+    assert sweep.split_values("{a: 1, b: 2}") == ["{a: 1, b: 2}"]
+    assert sweep.split_values("'a, b',c") == ["'a, b'", "c"]
+    axes, fixed = sweep.parse_grid(["lora.r=8,16", "training.max_steps=5", "lora.target_modules=[q_proj,v_proj]"])
+    assert axes == [("lora.r", ["8", "16"])]
+    assert fixed == ["training.max_steps=5", "lora.target_modules=[q_proj,v_proj]"]
+
+
+def test_cells_pin_the_data_seed_and_get_their_own_output_folder(tiny, tmp_path):
+    folder, cells, axes, _ = sweep.cells(AGNEWS, ["lora.r=4,8", f"output_dir={tmp_path}", "seed=7"], seeds=3)
+    assert folder.parent == tmp_path / "agnews_tiny" / "sweeps"
+    assert [(c.setting, c.seed) for c in cells] == [((("lora.r", v),), s) for v in ("4", "8") for s in (7, 8, 9)]
+    assert {c.recipe["data"]["seed"] for c in cells} == {7}  # every training seed sees the same examples
+    assert [c.recipe["lora"]["r"] for c in cells] == [4, 4, 4, 8, 8, 8]
+    outs = {c.recipe["output_dir"] for c in cells}
+    assert len(outs) == 6 and all(Path(o).parent == folder / "cells" for o in outs)
+    again, _, _, _ = sweep.cells(AGNEWS, ["lora.r=4,8", f"output_dir={tmp_path}", "seed=7"], seeds=3)
+    assert again == folder  # the same command finds the same sweep
+
+
+def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
+    from runner import data as data_mod
+    from runner import recipe as recipe_mod
+
+    def test_ids(*overrides):
+        recipe = recipe_mod.load(AGNEWS, ["data.test_samples=20", *overrides])
+        return data_mod.sample(data_mod.load_raw(recipe), recipe)["test"]["id"]
+
+    assert test_ids("seed=1", "data.seed=5") == test_ids("seed=2", "data.seed=5") == test_ids("seed=5")
+    assert test_ids("seed=1") != test_ids("seed=2")
+
+
+@pytest.mark.parametrize("args,seeds,where", [
+    (["training.max_steps=5"], 1, "error: sweep: nothing to sweep"),
+    (["seed=1,2"], 1, "error: seed: is swept with --seeds N"),
+    (["lora.r=8,8"], 1, "error: lora.r: has an empty or repeated value"),
+    (["lora.r=0,8"], 2, "error: lora.r: 0 is out of range (in the cell lora.r=0)"),
+])
+def test_grid_mistakes_fail_before_anything_trains(tiny, tmp_path, args, seeds, where):
+    with pytest.raises(RecipeError) as err:
+        sweep.cells(AGNEWS, [*args, f"output_dir={tmp_path}"], seeds=seeds)
+    assert err.value.line().startswith(where)
+    assert not any(tmp_path.iterdir())
+
+
+def test_dry_run_plans_every_setting_and_a_config_mistake_names_its_cell(tiny, tmp_path, cli):
+    result = cli("sweep", AGNEWS, "lora.r=4,8", "--seeds", "2", f"output_dir={tmp_path}", "--dry-run", "--card", "H200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 setting(s) x 2 seed(s) = 4 cells" in result.stdout and "time on NVIDIA H200, named" in result.stdout
+    assert [line.split(":")[0].strip() for line in result.stdout.splitlines() if "predicted peak" in line] == [
+        "lora.r=4", "lora.r=8"]
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    bad = cli("sweep", AGNEWS, "lora.target_modules=[q_proj,o_proj],all-linear", f"output_dir={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(
+        "error: lora.target_modules[1]: phi has no linear module 'o_proj' (in the cell "
+        "lora.target_modules=[q_proj,o_proj])")
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- the statistics, on hand-made runs
+
+
+def fake_run(folder: Path, cell, correct: np.ndarray) -> Path:
+    """A finished-looking run whose predictions are right exactly where ``correct`` is."""
+    run = folder / "run"
+    (run / "adapter").mkdir(parents=True)
+    gold = [LABELS[i % 4] for i in range(len(correct))]
+    with open(run / "predictions.jsonl", "w") as f:
+        for i, (g, ok) in enumerate(zip(gold, correct, strict=True)):
+            pred = g if ok else LABELS[(LABELS.index(g) + 1) % 4]
+            f.write(json.dumps({"index": i, "id": str(i), "prompt": f"p{i}", "reference": g, "prediction": pred}) + "\n")
+    acc = float(np.mean(correct))
+    (run / "metrics.json").write_text(json.dumps({"split": "test", "examples": len(correct), "classification": {
+        "accuracy": acc, "accuracy_ci95": [acc - 0.1, acc + 0.1]}}))
+    (run / "env.json").write_text(json.dumps({"train_seconds": 10.0 + cell.seed}))
+    return run
+
+
+def summarize(tiny, tmp_path, scores: dict[str, list[np.ndarray]]):
+    """Summarize a 1-axis sweep of lora.r whose runs are right where ``scores[r][seed]`` says."""
+    folder, cells, axes, fixed = sweep.cells(AGNEWS, [f"lora.r={','.join(scores)}", f"output_dir={tmp_path}",
+                                                      "evaluation.evaluators=[{name: classification}]"],
+                                             seeds=len(next(iter(scores.values()))))
+    grid = sweep.settings(cells)
+    run_dirs = {}
+    for setting, group in grid.items():
+        for cell, correct in zip(group, scores[setting[0][1]], strict=True):
+            run_dirs[id(cell)] = fake_run(tmp_path / f"{setting[0][1]}-{cell.seed}", cell, correct)
+    return sweep.summarize(folder, grid, run_dirs, {}, None, axes, fixed)
+
+
+def test_a_clear_gain_exceeds_both_seed_and_test_noise(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    weak = [rng.random(n) < p for p in (0.40, 0.42, 0.41)]
+    strong = [rng.random(n) < p for p in (0.80, 0.81, 0.79)]
+    summary = summarize(tiny, tmp_path, {"4": weak, "8": strong})
+    assert summary["primary_metric"] == "classification.accuracy" and summary["best"] == "lora.r=8"
+    row = summary["settings"][0]["metrics"]["classification.accuracy"]
+    values = [float(np.mean(w)) for w in weak]
+    assert row["values"] == values and row["mean"] == pytest.approx(np.mean(values))
+    assert row["sd"] == pytest.approx(np.std(values, ddof=1))
+    (c,) = summary["comparisons"]
+    assert c["setting"] == "lora.r=4" and c["difference"] == pytest.approx(np.mean(values) - np.mean(
+        [np.mean(s) for s in strong]))
+    assert c["beyond_seed_noise"] and c["beyond_test_noise"] and c["real"]
+
+
+def test_seed_noise_hides_a_difference_the_test_set_alone_would_call_real(tiny, tmp_path):
+    """The same examples for every seed: a fixed gain on a few examples passes the paired test over examples, but
+    the seeds disagree wildly, so the sweep does not call it real."""
+    n = 200
+    base = np.zeros(n, dtype=bool)
+    seeds_a = [base.copy() for _ in range(3)]
+    for run, k in zip(seeds_a, (20, 100, 60), strict=True):
+        run[:k] = True
+    seeds_b = [run.copy() for run in seeds_a]
+    for run in seeds_b:
+        run[150:165] = True  # 15 more examples right in every seed of setting 8
+    summary = summarize(tiny, tmp_path, {"4": seeds_a, "8": seeds_b})
+    (c,) = summary["comparisons"]
+    assert c["beyond_test_noise"] is True and c["beyond_seed_noise"] is False and c["real"] is False
+    md = sweep.markdown(summary)
+    assert "no: within seed noise" in md and "| lora.r=4 | -0.075 |" in md
+
+
+# ---------------------------------------------------------------- a real sweep through the CLI
+
+
+# 3 optimizer steps of 16 examples, no eval split, 24 test examples ranked (one forward pass per batch): each of
+# the 8 cells is mostly model loading.
+ARGS = ("sweep", AGNEWS, "lora.r=4,8", "training.learning_rate=0.001,0.003", "--seeds", "2", "training.max_steps=3",
+        "data.train_samples=96", "data.splits.eval=null", "training.eval_every=null", "data.test_samples=24",
+        "generation.mode=rank")
+
+
+@pytest.fixture(scope="module")
+def swept(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    result = run_cli(*ARGS, f"output_dir={out}", timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (folder,) = (out / "agnews_tiny" / "sweeps").iterdir()
+    return out, folder, result
+
+
+@pytest.mark.slow
+def test_the_sweep_table_matches_the_run_folders(swept):
+    _, folder, result = swept
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert [r["label"] for r in summary["settings"]] == [
+        f"lora.r={r}, training.learning_rate={lr}" for r in (4, 8) for lr in ("0.001", "0.003")]
+    assert summary["seeds"] == [42, 43] and summary["examples"] == 24 and summary["same_examples"]
+    examples = None
+    for row in summary["settings"]:
+        assert [run["seed"] for run in row["runs"]] == [42, 43]
+        values = []
+        for run in row["runs"]:
+            run_dir = Path(run["run"])
+            recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+            assert recipe["seed"] == run["seed"] and recipe["data"]["seed"] == 42
+            assert str(recipe["lora"]["r"]) == row["setting"]["lora.r"]
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert run["metrics"]["classification.accuracy"] == metrics["classification"]["accuracy"]
+            env = json.loads((run_dir / "env.json").read_text())
+            assert run["train_seconds"] == env["train_seconds"] and env["global_step"] == 3
+            values.append(metrics["classification"]["accuracy"])
+            seen = [(r["index"], r["reference"]) for r in map(json.loads, (run_dir / "predictions.jsonl").open())]
+            examples = examples or seen
+            assert seen == examples  # every cell evaluated the same test examples
+            assert "## Baselines" in (run_dir / "report.md").read_text()  # every run's report has them
+        entry = row["metrics"]["classification.accuracy"]
+        assert entry["values"] == values and entry["mean"] == pytest.approx(np.mean(values))
+        assert entry["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert len(summary["comparisons"]) == 3
+    md = (folder / "sweep.md").read_text()
+    for row in summary["settings"]:
+        assert f"| {row['label']} | {row['metrics']['classification.accuracy']['mean']:.4g} ± " in md
+    assert "beyond both?" in md and "majority class" in md and "smallest difference" in md
+    assert (folder / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.stdout.count(": training") == 8 and "plan per setting" in result.stdout
+
+
+@pytest.mark.slow
+def test_repeating_the_sweep_trains_nothing(swept):
+    out, folder, _ = swept
+    runs_before = sorted(p for p in (folder / "cells").glob("*/agnews_tiny/*"))
+    table = json.loads((folder / "sweep.json").read_text())
+    result = run_cli(*ARGS, f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("finished already") == 8 and ": training" not in result.stdout
+    assert sorted(p for p in (folder / "cells").glob("*/agnews_tiny/*")) == runs_before
+    assert json.loads((folder / "sweep.json").read_text())["settings"] == table["settings"]
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_trains_each_cell_once(tiny, tmp_path):
+    """Two processes (gloo): every rank trains each cell together, one run folder per cell, rank 0 writes the
+    summary; repeated, nothing trains."""
+    from tests.e2e.test_distributed import launch, torchrun
+
+    args = ("sweep", ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "lora.r=4,8", "training.max_steps=2",
+            "data.train_samples=64", "data.splits.eval=null", "training.eval_every=null", "data.test_samples=8",
+            "evaluation.evaluators=[{name: rouge}]", f"output_dir={tmp_path}")
+    first = launch(torchrun(2), *args)
+    assert first.returncode == 0, first.stderr[-4000:]
+    (folder,) = (tmp_path / "xsum_tiny" / "sweeps").iterdir()
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert [r["label"] for r in summary["settings"]] == ["lora.r=4", "lora.r=8"]
+    runs = sorted(folder.glob("cells/*/xsum_tiny/*"))
+    assert len(runs) == 2 and all((r / "report.md").is_file() for r in runs)
+    assert first.stdout.count(": training") == 2 and first.stdout.count("done: ") == 1 + 2
+    again = launch(torchrun(2), *args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("finished already") == 2 and sorted(folder.glob("cells/*/xsum_tiny/*")) == runs
