@@ -7,11 +7,12 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from runner.errors import RecipeError
+from runner.errors import RecipeError, classify
 
 
 def _args_validate(p):
@@ -53,8 +54,15 @@ def _args_plan(p):
                    help="plan for a card of this much memory (default: this machine's GPU, if any)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in the one-line form every other error has."""
+
+    def error(self, message):
+        raise RecipeError("command line", message, f"see {self.prog} --help")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
+    parser = _Parser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -222,21 +230,38 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    parser = _parser()
-    # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
-    args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
     try:
+        parser = _parser()
+        # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
+        args, extra = parser.parse_known_args(argv)
+        unknown = [a for a in extra if a.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
         return COMMANDS[args.command][2](args)
-    except RecipeError as exc:
-        print(exc.line(), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        _discard_unfinished()
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
+        _discard_unfinished()
+        error = classify(exc)
+        if os.environ.get("RUNNER_DEBUG") and not isinstance(exc, RecipeError):
+            import traceback
+
+            traceback.print_exc()
+        print(error.line(), file=sys.stderr)
+        return error.exit_code
+
+
+def _discard_unfinished() -> None:
+    """Remove what this process began and cannot be resumed from (runner.runs keeps the list)."""
+    from runner import runs
+
+    try:
+        runs.discard_unfinished()
+    except Exception:  # cleaning up must never replace the error the user needs to see
+        pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from evaluators.base import Record
 from runner import data as data_mod
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
+from runner import safeio
 
 
 def build_evaluators(recipe: dict) -> list:
@@ -79,7 +80,7 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
             scored = _examples_for(evaluator.split or role, recipe, tokenizer, known)
             evaluator.score_model(model, tokenizer, scored, recipe)
         metrics[name] = evaluator.evaluate(records, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    safeio.write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -94,7 +95,7 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> l
     if done:
         print(f"resuming evaluation: {len(done)} of {len(prompts)} predictions already in {pred_path}", flush=True)
     if pred_path.exists():  # rewrite without any torn line, then append
-        pred_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+        safeio.write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
     verb = "ranking labels" if recipe["generation"]["mode"] == "rank" else "generating"
     bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples", dynamic_ncols=True)
 

@@ -29,11 +29,20 @@ def open_input(source: str) -> Iterable[str]:
     if source == "-":
         if sys.stdin.isatty():
             print("reading inputs from standard input, one per line (end with Ctrl-D)", file=sys.stderr, flush=True)
-        return sys.stdin.read().splitlines()
+        return _decode(sys.stdin.buffer.read(), "standard input")
     path = Path(source)
     if not path.is_file():
         raise RecipeError("--input", f"file not found: {path}", "a .jsonl of records or a text file, or - for stdin")
-    return path.read_text(encoding="utf-8").splitlines()
+    return _decode(path.read_bytes(), path.name)
+
+
+def _decode(raw: bytes, name: str) -> list[str]:
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError("--input", f"{name} is not UTF-8 text (line {line}, byte {exc.start})",
+                          "save it as UTF-8, e.g. iconv -t utf-8") from None
 
 
 def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import data as data_mod
+from runner import safeio
 from runner.recipe import template_fields
 
 PERCENTILES = (50, 90, 95, 99)
@@ -152,9 +153,7 @@ def analyze(recipe: dict, tokenizer, use_cache: bool = True, cache_dir: Path = C
         result["splits"][role] = stats
         result["lengths"][role] = lengths
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    safeio.write_json(path, result, indent=None)  # atomic: a concurrent reader never sees half a file
     return {**result, "cached": False}
 
 
@@ -240,7 +239,7 @@ def write(result: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {k: v for k, v in result.items() if k not in ("lengths", "cached")}
     path = out_dir / "inspect.json"
-    path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    safeio.write_json(path, stats)
     plot_histograms(result, out_dir)
     return path
 

@@ -16,7 +16,7 @@ The memory model counts what the training path actually holds, term by term:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GIB = 2**30
 # Block size of bitsandbytes' 4-bit scales, and of the second-level scales with double quantization.
@@ -218,6 +218,8 @@ def report(recipe: dict, card_gb: float | None = None) -> str:
         except Exception as exc:  # a budget nothing fits: say so in the table
             lines.append(f"{name:<11} {'-':<12} {'-':<14} {str(getattr(exc, 'problem', exc)):>26}")
             continue
+        if speed.predicted_gb is None:  # "none" on a machine without a GPU: resolve predicts nothing there
+            speed = replace(speed, predicted_gb=estimate(trial, config, speed, info).reserved_gb)
         chosen[name] = speed
         lines.append(f"{name:<11} {f'{speed.micro_batch_size} x {speed.gradient_accumulation_steps}':<12} "
                      f"{'yes' if speed.gradient_checkpointing else 'no':<14} {speed.predicted_gb:>22.2f} GiB")
