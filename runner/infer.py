@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from runner.data import render
+from runner.data import cap_text, char_cap, render
 from runner.errors import RecipeError
 from runner.recipe import template_fields
 
@@ -84,6 +84,8 @@ def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
     p = recipe["prompt"]
     sep, field = p["list_separator"], p["truncate"]
     budget = max(p["max_length"] - recipe["generation"]["max_new_tokens"], 1)
+    cap = char_cap(tokenizer, p["max_length"])  # a huge input is cut before it is tokenized whole
+    row = {k: cap_text(v, cap, sep) for k, v in row.items()}
     prompt = render(p["template"], row, sep)
     count = len(tokenizer(prompt)["input_ids"])
     if count <= budget or field is None:

@@ -59,23 +59,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     return validate(raw)
 
 
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses what a recipe never needs and a hostile file uses: nesting deeper than
-    MAX_DEPTH (the composer recurses), keys that are not strings (``1: x``, ``on: x``), and repeated keys
-    (YAML would silently keep the last one)."""
+# libyaml's parser when PyYAML has it (a recipe parses in about a millisecond instead of several); the same
+# bounds either way.
+_BASE_LOADER = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
 
-    _depth = 0
 
-    def compose_node(self, parent, index):
-        if self._depth >= MAX_DEPTH:
-            mark = self.peek_event().start_mark
-            raise _LoadProblem(f"nested deeper than {MAX_DEPTH} levels at line {mark.line + 1}",
-                               "a recipe is a few levels of sections; check the brackets and indentation")
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+class _Loader(_BASE_LOADER):
+    """A safe loader that refuses what a recipe never needs and a hostile file uses: keys that are not strings
+    (``1: x``, ``on: x``) and repeated keys (YAML would silently keep the last one). Nesting depth is checked
+    on the events before composing (see _check_depth)."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -101,10 +93,24 @@ class _LoadProblem(Exception):
         self.problem, self.hint = problem, hint
 
 
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing: the composer and everything after it recurse."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_BASE_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _LoadProblem(f"nested deeper than {MAX_DEPTH} levels at line {event.start_mark.line + 1}",
+                                   "a recipe is a few levels of sections; check the brackets and indentation")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse_yaml(text: str, where: str):
     """YAML text -> Python values, bounded (see _Loader, check_values); mistakes become a RecipeError at ``where``."""
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a yaml.SafeLoader
+        _check_depth(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a yaml safe loader
     except _LoadProblem as exc:
         raise RecipeError(where, exc.problem, exc.hint) from None
     except yaml.MarkedYAMLError as exc:
@@ -146,34 +152,41 @@ def check_values(data, where: str = "") -> None:
     """Refuse what YAML can express but a recipe must not hold: values that refer to themselves, aliases that
     expand past MAX_VALUES values, numbers that are NaN or infinite or too large. Shared (aliased) values are
     counted as often as they are used, without expanding them."""
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values, height) of a container already walked
     active: set[int] = set()
 
-    def walk(value, path: list) -> int:
+    def walk(value, path: list) -> tuple[int, int]:
         if isinstance(value, float) and not math.isfinite(value):
             raise RecipeError(_fmt(path) or where, f"{value} is not a finite number",
                               "write a number, e.g. 2.0e-4")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
             raise RecipeError(_fmt(path) or where, "the number is too large", f"at most {MAX_INT}")
         if not isinstance(value, (dict, list, tuple, set, frozenset)):
-            return 1
+            return 1, 0
         key = id(value)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise RecipeError(_fmt(path) or where, "refers to itself (a YAML alias inside its own anchor)",
-                              "write the value out")
-        active.add(key)
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        total = 1
-        for k, item in items:
-            total += walk(item, [*path, k if isinstance(value, dict) else int(k)])
-            if total > MAX_VALUES:
-                raise RecipeError(_fmt(path) or where, f"expands to more than {MAX_VALUES:,} values",
-                                  "YAML aliases repeated inside each other? write the values out")
-        active.discard(key)
-        sizes[key] = total
-        return total
+        if key not in sizes:
+            if key in active:
+                raise RecipeError(_fmt(path) or where, "refers to itself (a YAML alias inside its own anchor)",
+                                  "write the value out")
+            if len(path) > 2 * MAX_DEPTH:  # aliases nest anchors inside each other past what the text shows
+                raise RecipeError(_fmt(path[:3]) or where, f"nested deeper than {2 * MAX_DEPTH} levels",
+                                  "YAML aliases inside each other? write the values out")
+            active.add(key)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            total, height = 1, 0
+            for k, item in items:
+                size, below = walk(item, [*path, k if isinstance(value, dict) else int(k)])
+                total, height = total + size, max(height, below + 1)
+                if total > MAX_VALUES:
+                    raise RecipeError(_fmt(path) or where, f"expands to more than {MAX_VALUES:,} values",
+                                      "YAML aliases repeated inside each other? write the values out")
+            active.discard(key)
+            sizes[key] = (total, height)
+        total, height = sizes[key]
+        if len(path) + height > 2 * MAX_DEPTH:
+            raise RecipeError(_fmt(path[:3]) or where, f"nested deeper than {2 * MAX_DEPTH} levels",
+                              "YAML aliases inside each other? write the values out")
+        return total, height
 
     walk(data, [])
 
