@@ -104,6 +104,25 @@ def rotate(folder: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_in_the_same_precision(trainer) -> None:
+    """The trainer resumes a LoRA model through peft's load_adapter, which upcasts the adapter to fp32, while TRL
+    trains a quantized model's LoRA weights in bf16: the resumed run would go on in another precision than it
+    began, and save another adapter. Cast the trainable weights back right after loading, before the optimizer
+    (and its state) is made for them."""
+    load = getattr(trainer, "_load_from_checkpoint", None)
+    if load is None:
+        return
+
+    def load_keeping_dtypes(*args, **kwargs):
+        dtypes = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+        load(*args, **kwargs)
+        for name, param in trainer.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+    trainer._load_from_checkpoint = load_keeping_dtypes
+
+
 def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
     """A trainer callback keeping the whole run's record across resumes: it logs at every checkpoint and at the
     last step (so each checkpoint holds the loss of every step before it), sums loss x steps and training time,

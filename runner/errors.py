@@ -47,6 +47,9 @@ _OS_ERRORS = {
     errno.EROFS: ("the file system is read-only", "write elsewhere with output_dir=DIR"),
     errno.EACCES: ("permission denied", "write elsewhere with output_dir=DIR, or fix the folder's permissions"),
     errno.EPERM: ("operation not permitted", "write elsewhere with output_dir=DIR, or fix the folder's permissions"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path, e.g. output_dir"),
+    errno.EISDIR: ("is a folder, not a file", "check the path"),
+    errno.ENAMETOOLONG: ("the path is too long", "choose a shorter output_dir or name"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
     errno.EIO: ("input/output error", "check the disk"),
 }

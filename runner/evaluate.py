@@ -13,6 +13,7 @@ from runner import data as data_mod
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
 from runner import safeio
+from runner.errors import RecipeError, short
 
 
 def build_evaluators(recipe: dict) -> list:
@@ -25,7 +26,14 @@ def build_evaluators(recipe: dict) -> list:
             cls = getattr(importlib.import_module(module), cls_name)
         else:
             cls = recipe_mod.import_evaluator(target, f"evaluation.evaluators[{i}].name")
-        built.append((spec["name"], cls(seed=recipe["seed"], **params)))
+        try:
+            built.append((spec["name"], cls(seed=recipe["seed"], **params)))
+        except Exception as exc:
+            if target in BUILTINS.values():
+                raise
+            # a user's class refusing the recipe's keys: the recipe's mistake
+            raise RecipeError(f"evaluation.evaluators[{i}]", f"{spec['name']} refused its parameters: "
+                              f"{type(exc).__name__}: {short(exc, 150)}", "check the keys given to it") from None
     return built
 
 

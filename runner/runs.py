@@ -115,9 +115,10 @@ def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | 
             run_dir, state = found
             differs = mismatch(run_dir, recipe, fingerprint)
             if differs:
+                also = f", or evaluate its adapter with runner eval RECIPE --run {run_dir}" if state == "evaluate" else ""
                 raise RecipeError("training.resume", f"auto would continue the interrupted run {run_dir}, but "
                                   f"{differs}", "run it with the same recipe and data to finish it, or start "
-                                  "fresh with training.resume=never")
+                                  f"fresh with training.resume=never{also}")
             claim(run_dir)
             _track(run_dir, created=False)
             checkpoints.tidy(run_dir)

@@ -178,6 +178,7 @@ def train(recipe: dict, instrument=None):
             callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl")],
         )
         guard.attach(trainer)
+        checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
     except RecipeError:
         if not (resume_from and recipe["training"]["resume"] == "auto"):
