@@ -240,18 +240,37 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
+        _close_progress_bars()
         _discard_unfinished()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
+        _close_progress_bars()
+        error = classify(exc, _written())
         _discard_unfinished()
-        error = classify(exc)
         if os.environ.get("RUNNER_DEBUG") and not isinstance(exc, RecipeError):
             import traceback
 
             traceback.print_exc()
         print(error.line(), file=sys.stderr)
         return error.exit_code
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a failure left open (the trainer's, generation's) now: closed later, at exit,
+    they would print after the error line, or the error would continue a bar's unfinished line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
+def _written() -> list:
+    """The folders this process was writing (runner.runs keeps the list)."""
+    runs = sys.modules.get("runner.runs")
+    return runs.written() if runs is not None else []
 
 
 def _discard_unfinished() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
+from pathlib import Path
 
 # How much of a foreign message (a library's, an OS's) goes into the one line.
 MESSAGE_CHARS = 300
@@ -62,6 +64,18 @@ _MESSAGES = [
 ]
 
 
+# A native writer (torch.save, safetensors) failing, whatever its message says of the reason.
+_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|IoError|failed writing", re.I)
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < 4 * 2**20 or usage.free < usage.total // 1000
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -70,8 +84,9 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def classify(exc: BaseException) -> RecipeError:
-    """The one-line error for any exception that escaped a command (RecipeError passes through unchanged)."""
+def classify(exc: BaseException, written: tuple | list = ()) -> RecipeError:
+    """The one-line error for any exception that escaped a command (RecipeError passes through unchanged).
+    ``written``: the folders the command was writing, to tell a full disk behind a native writer's failure."""
     if isinstance(exc, RecipeError):
         return exc
     for item in _chain(exc):
@@ -96,5 +111,11 @@ def classify(exc: BaseException) -> RecipeError:
         if pattern.search(text):
             what, hint = _OS_ERRORS[code]
             return EnvironmentProblem("output", what, hint)
+    if _WRITE_FAILURE.search(text):
+        full = next((Path(p) for p in written if _nearly_full(Path(p))), None)
+        if full is not None:
+            return EnvironmentProblem(str(full), *_OS_ERRORS[errno.ENOSPC])
+        return EnvironmentProblem("output", f"writing a file failed: {short(text, 200)}",
+                                  "check the disk: free space, permissions")
     return EnvironmentProblem("internal", f"{type(exc).__name__}: {short(exc) or 'no message'}",
                               "a bug in the runner or a library; RUNNER_DEBUG=1 shows the traceback")

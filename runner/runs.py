@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -259,6 +260,7 @@ def reopen_or_new(recipe: dict, parent: Path, prefix: str, interrupted) -> Path:
 # ---------------------------------------------------------------- claims: one process per folder
 
 LOCK = ".lock"
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 _claims: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, until this process ends
 
 
@@ -278,7 +280,9 @@ def holder(folder: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in _HELD:
+            return None  # a file system without locks: nobody can be seen holding it
         try:
             return int(os.pread(fd, 32, 0).decode().strip() or 0) or -1
         except (OSError, ValueError):
@@ -300,7 +304,10 @@ def claim(folder: Path) -> None:
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in _HELD:  # a file system without locks (ENOLCK): work without the claim
+            os.close(fd)
+            return
         try:
             pid = os.pread(fd, 32, 0).decode().strip() or "?"
         except (OSError, UnicodeDecodeError):
@@ -324,6 +331,11 @@ def _has_progress(run_dir: Path) -> bool:
 
 def _track(folder: Path, created: bool, keep=_has_progress) -> None:
     _tracked.append((Path(folder), created, keep))
+
+
+def written() -> list[Path]:
+    """The folders this process created or took over, to write into."""
+    return [folder for folder, _, _ in _tracked if folder.is_dir()]
 
 
 def discard_unfinished() -> None:

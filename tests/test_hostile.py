@@ -289,3 +289,19 @@ def test_inspect_measures_a_huge_record_on_its_first_characters(tiny_tokenizer):
 def test_dump_of_a_recipe_round_trips_through_the_bounded_loader():
     recipe = recipe_mod.load(TINY)
     assert recipe_mod.parse_yaml(recipe_mod.dump(recipe), "x") == yaml.safe_load(recipe_mod.dump(recipe))
+
+
+def test_a_native_writer_failing_on_a_full_disk_is_named_so(tmp_path, monkeypatch):
+    """torch.save on a full disk says only "[enforce fail at inline_container.cc] unexpected pos": the folder
+    being written tells whether the disk is full."""
+    import shutil
+    from collections import namedtuple
+
+    exc = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 163648 vs 163540")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(600 * 1024, 600 * 1024 - 100, 100))
+    err = errors.classify(exc, [tmp_path])
+    assert err.exit_code == 1 and err.key_path == str(tmp_path) and "no space left on the device" in err.problem
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**30, 2**40 - 2**30))
+    err = errors.classify(exc, [tmp_path])
+    assert err.exit_code == 1 and err.problem.startswith("writing a file failed: ") and "disk" in err.hint
