@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluators.base import Evaluator, Record
+from runner import safeio
 
 
 def cell(text: str, limit: int | None = None) -> str:
@@ -29,5 +30,5 @@ class Samples(Evaluator):
         for r in shown:
             lines.append(f"| {r.index} | {cell(r.prompt, self.input_chars)} | {cell(r.reference)} | "
                          f"{cell(r.prediction)} |")
-        (out_dir / "samples.md").write_text("# Samples\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        safeio.write_text(out_dir / "samples.md", "# Samples\n\n" + "\n".join(lines) + "\n")
         return {"count": len(shown), "file": "samples.md"}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from runner import dist
-from runner.errors import RecipeError
+from runner.errors import RecipeError, classify
 
 
 def _args_validate(p):
@@ -76,8 +76,15 @@ def _args_sweep(p):
     p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in the one-line form every other error has."""
+
+    def error(self, message):
+        raise RecipeError("command line", message, f"see {self.prog} --help")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runner", description="Declarative QLoRA recipe runner.")
+    parser = _Parser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -316,30 +323,67 @@ def _one_voice() -> dist.World:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     world = _one_voice()
-    parser = _parser()
-    # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
-    args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
     try:
+        parser = _parser()
+        # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
+        args, extra = parser.parse_known_args(argv)
+        unknown = [a for a in extra if a.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
         return COMMANDS[args.command][2](args)
-    except RecipeError as exc:
-        # Every rank checks the same recipe the same way: rank 0 says it once.
-        if world.main:
-            print(exc.line(), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
+        _discard_unfinished()
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if world.size == 1:
-            raise
-        # One rank failing ends the launch (the launcher stops the others); its line says which rank and why.
-        text = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"error: rank {world.rank}: {type(exc).__name__}: {text}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
+        _close_progress_bars()
+        error = classify(exc, _written())
+        _discard_unfinished()
+        if os.environ.get("RUNNER_DEBUG") and not isinstance(exc, RecipeError):
+            import traceback
+
+            traceback.print_exc()
+        print(_for_rank(error, world), file=sys.stderr, end="")
+        return error.exit_code
+
+
+def _for_rank(error: RecipeError, world: dist.World) -> str:
+    """The error line as this rank says it: every rank checks the same recipe the same way, so rank 0 alone
+    reports the user's mistakes; anything else names the rank it happened on (the launcher stops the others)."""
+    if world.size == 1:
+        return error.line() + "\n"
+    if error.exit_code == 2:
+        return error.line() + "\n" if world.main else ""
+    return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a failure left open (the trainer's, generation's) now: closed later, at exit,
+    they would print after the error line, or the error would continue a bar's unfinished line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
+def _written() -> list:
+    """The folders this process was writing (runner.runs keeps the list)."""
+    runs = sys.modules.get("runner.runs")
+    return runs.written() if runs is not None else []
+
+
+def _discard_unfinished() -> None:
+    """Remove what this process began and cannot be resumed from (runner.runs keeps the list)."""
+    from runner import runs
+
+    try:
+        runs.discard_unfinished()
+    except Exception:  # cleaning up must never replace the error the user needs to see
+        pass
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import dist, runs
+from runner import dist, runs, safeio
 from runner import evaluate as evaluate_mod
 from runner.errors import RecipeError
 
@@ -183,7 +183,7 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
         for r in shown:
             lines.append(f"| {r.index} | {_cell(r.prompt)} | {_cell(r.reference)} | {_cell(r.prediction)} | "
                          f"{_cell(adapted[r.index].prediction)} |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    safeio.write_text(path, "\n".join(lines) + "\n")
 
 
 def open_compare_dir(recipe: dict, run_dir: Path) -> Path:
@@ -255,7 +255,7 @@ def compare(recipe: dict, run_dir: Path, net, tokenizer, examples, out_dir: Path
                "metrics": side_by_side(results["base"], results["adapter"], paired)}
     write_markdown(out_dir / "comparison.md", summary, records["base"], records["adapter"])
     # comparison.json last: its presence marks the comparison finished.
-    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    safeio.write_json(out_dir / "comparison.json", summary)
     return summary
 
 

@@ -234,12 +234,43 @@ def render(template: str, row: dict, separator: str = ", ") -> str:
     return template.format(**fields)
 
 
+_LONGEST_TOKEN: dict[int, tuple[object, int]] = {}
+
+
+def longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest vocabulary entry: no token covers more of a text (byte-level entries
+    are written one character per byte, so this bounds the decoded characters too)."""
+    cached = _LONGEST_TOKEN.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        cached = (tokenizer, max((len(t) for t in tokenizer.get_vocab()), default=1))
+        _LONGEST_TOKEN[id(tokenizer)] = cached
+    return max(cached[1], 1)
+
+
+def char_cap(tokenizer, max_length: int) -> int:
+    """How many characters of one field can matter for an example of ``max_length`` tokens. Any longer text holds
+    at least twice the tokens that fit (each token covers at most longest_token characters), so cutting it there
+    before tokenizing changes nothing that is kept: a truncated field keeps at most max_length tokens, far from
+    the cut, and an example that cannot fit still cannot. Tokenizing a 30 MB record whole took minutes and GBs."""
+    return 2 * (max_length + 1) * longest_token(tokenizer) + 64
+
+
+def cap_text(value, cap: int, separator: str):
+    """``value`` as the template would render it, cut to ``cap`` characters when it is longer; else unchanged."""
+    if isinstance(value, (str, list)):
+        text = _text(value, separator)
+        if len(text) > cap:
+            return text[:cap]
+    return value
+
+
 def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
     """Render a batch; shorten ``prompt.truncate`` (in tokens) until prompt + completion + EOS fits max_length."""
     prompt_cfg = recipe["prompt"]
     sep, max_length, field_name = prompt_cfg["list_separator"], prompt_cfg["max_length"], prompt_cfg["truncate"]
     n = len(next(iter(rows.values())))
-    examples = [{k: rows[k][i] for k in rows} for i in range(n)]
+    cap = char_cap(tokenizer, max_length)
+    examples = [{k: cap_text(rows[k][i], cap, sep) for k in rows} for i in range(n)]
     prompts = [render(prompt_cfg["template"], ex, sep) for ex in examples]
     completions = [render(prompt_cfg["completion"], ex, sep) for ex in examples]
     counts = [len(ids) + 1 for ids in tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]]

@@ -1,8 +1,22 @@
-"""The one error type for mistakes a user can fix in a recipe, a command line or their data."""
+"""The error types behind the one-line contract: every command ends normally or with one line
+``error: <where>: <what> (<hint>)``; exit 2 when the user's input is wrong, exit 1 when the environment is
+(disk full, read-only folder, out of memory, a dependency missing)."""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+from pathlib import Path
+
+# How much of a foreign message (a library's, an OS's) goes into the one line.
+MESSAGE_CHARS = 300
 
 
 class RecipeError(Exception):
-    """A user mistake, reported as one line: ``error: <key.path>: <problem> (<hint>)``."""
+    """A user mistake, reported as one line: ``error: <key.path>: <problem> (<hint>)``; exit status 2."""
+
+    exit_code = 2
 
     def __init__(self, key_path: str, problem: str, hint: str | None = None):
         self.key_path = key_path
@@ -13,4 +27,95 @@ class RecipeError(Exception):
     def line(self) -> str:
         where = f"{self.key_path}: " if self.key_path else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"error: {where}{self.problem}{hint}"
+        return " ".join(f"error: {where}{self.problem}{hint}".split())  # one line, whatever the parts held
+
+
+class EnvironmentProblem(RecipeError):
+    """The machine, not the recipe: disk full, a read-only folder, memory, a missing dependency; exit status 1."""
+
+    exit_code = 1
+
+
+def short(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# errno -> (what, hint) for the OS errors a run can meet while writing its folders.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space, or write elsewhere with output_dir=DIR"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space, or write elsewhere with output_dir=DIR"),
+    errno.EROFS: ("the file system is read-only", "write elsewhere with output_dir=DIR"),
+    errno.EACCES: ("permission denied", "write elsewhere with output_dir=DIR, or fix the folder's permissions"),
+    errno.EPERM: ("operation not permitted", "write elsewhere with output_dir=DIR, or fix the folder's permissions"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path, e.g. output_dir"),
+    errno.EISDIR: ("is a folder, not a file", "check the path"),
+    errno.ENAMETOOLONG: ("the path is too long", "choose a shorter output_dir or name"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+# Libraries that write in native code (safetensors, torch.save) report the OS error only in their message.
+_MESSAGES = [
+    (re.compile(r"no space left|storagefull|enospc|file write failed", re.I), errno.ENOSPC),
+    (re.compile(r"disk quota", re.I), errno.EDQUOT),
+    (re.compile(r"read-only file system|readonlyfilesystem|erofs", re.I), errno.EROFS),
+    (re.compile(r"permission denied|permissiondenied", re.I), errno.EACCES),
+]
+
+
+# A native writer (torch.save, safetensors) failing, whatever its message says of the reason.
+_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|IoError|failed writing", re.I)
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < 4 * 2**20 or usage.free < usage.total // 1000
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def classify(exc: BaseException, written: tuple | list = ()) -> RecipeError:
+    """The one-line error for any exception that escaped a command (RecipeError passes through unchanged).
+    ``written``: the folders the command was writing, to tell a full disk behind a native writer's failure."""
+    if isinstance(exc, RecipeError):
+        return exc
+    for item in _chain(exc):
+        if isinstance(item, RecipeError):
+            return item
+        if isinstance(item, OSError) and item.errno in _OS_ERRORS:
+            what, hint = _OS_ERRORS[item.errno]
+            return EnvironmentProblem(short(item.filename or "", 200), what, hint)
+    for item in _chain(exc):
+        if isinstance(item, MemoryError) or type(item).__name__ == "OutOfMemoryError":
+            return EnvironmentProblem("memory", "out of memory",
+                                      "lower training.micro_batch_size, prompt.max_length or generation.batch_size, "
+                                      "or use training.profile: low_memory")
+        if isinstance(item, ModuleNotFoundError) and item.name:
+            return EnvironmentProblem("dependency", f"module {item.name!r} is not installed",
+                                      "install the runner's dependencies: make install, or pip install -e .")
+        if isinstance(item, ImportError):
+            return EnvironmentProblem("dependency", f"cannot import: {short(item)}",
+                                      "reinstall the runner's dependencies: make install")
+    text = " ".join(str(item) for item in _chain(exc))
+    for pattern, code in _MESSAGES:
+        if pattern.search(text):
+            what, hint = _OS_ERRORS[code]
+            return EnvironmentProblem("output", what, hint)
+    if _WRITE_FAILURE.search(text):
+        full = next((Path(p) for p in written if _nearly_full(Path(p))), None)
+        if full is not None:
+            return EnvironmentProblem(str(full), *_OS_ERRORS[errno.ENOSPC])
+        return EnvironmentProblem("output", f"writing a file failed: {short(text, 200)}",
+                                  "check the disk: free space, permissions")
+    return EnvironmentProblem("internal", f"{type(exc).__name__}: {short(exc) or 'no message'}",
+                              "a bug in the runner or a library; RUNNER_DEBUG=1 shows the traceback")

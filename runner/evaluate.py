@@ -10,9 +10,10 @@ from pathlib import Path
 from evaluators import BUILTINS
 from evaluators.base import Record
 from runner import data as data_mod
-from runner import dist
+from runner import dist, safeio
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
+from runner.errors import RecipeError, short
 
 
 def build_evaluators(recipe: dict) -> list:
@@ -25,7 +26,14 @@ def build_evaluators(recipe: dict) -> list:
             cls = getattr(importlib.import_module(module), cls_name)
         else:
             cls = recipe_mod.import_evaluator(target, f"evaluation.evaluators[{i}].name")
-        built.append((spec["name"], cls(seed=recipe["seed"], **params)))
+        try:
+            built.append((spec["name"], cls(seed=recipe["seed"], **params)))
+        except Exception as exc:
+            if target in BUILTINS.values():
+                raise
+            # a user's class refusing the recipe's keys: the recipe's mistake
+            raise RecipeError(f"evaluation.evaluators[{i}]", f"{spec['name']} refused its parameters: "
+                              f"{type(exc).__name__}: {short(exc, 150)}", "check the keys given to it") from None
     return built
 
 
@@ -93,12 +101,12 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
             metrics[name] = evaluator.evaluate(records, out_dir)
     if not world.main:
         return None
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    safeio.write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def _write_rows(path: Path, rows) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    safeio.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _resumable(pred_path: Path, prompts: list[str]) -> dict[int, dict]:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from runner.data import render
+from runner.data import cap_text, char_cap, render
 from runner.errors import RecipeError
 from runner.recipe import template_fields
 
@@ -29,11 +29,20 @@ def open_input(source: str) -> Iterable[str]:
     if source == "-":
         if sys.stdin.isatty():
             print("reading inputs from standard input, one per line (end with Ctrl-D)", file=sys.stderr, flush=True)
-        return sys.stdin.read().splitlines()
+        return _decode(sys.stdin.buffer.read(), "standard input")
     path = Path(source)
     if not path.is_file():
         raise RecipeError("--input", f"file not found: {path}", "a .jsonl of records or a text file, or - for stdin")
-    return path.read_text(encoding="utf-8").splitlines()
+    return _decode(path.read_bytes(), path.name)
+
+
+def _decode(raw: bytes, name: str) -> list[str]:
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError("--input", f"{name} is not UTF-8 text (line {line}, byte {exc.start})",
+                          "save it as UTF-8, e.g. iconv -t utf-8") from None
 
 
 def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:
@@ -75,6 +84,8 @@ def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
     p = recipe["prompt"]
     sep, field = p["list_separator"], p["truncate"]
     budget = max(p["max_length"] - recipe["generation"]["max_new_tokens"], 1)
+    cap = char_cap(tokenizer, p["max_length"])  # a huge input is cut before it is tokenized whole
+    row = {k: cap_text(v, cap, sep) for k, v in row.items()}
     prompt = render(p["template"], row, sep)
     count = len(tokenizer(prompt)["input_ids"])
     if count <= budget or field is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runner import data as data_mod
+from runner import safeio
 from runner.recipe import template_fields
 
 PERCENTILES = (50, 90, 95, 99)
@@ -81,7 +82,14 @@ def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
     sep, max_length = prompt_cfg["list_separator"], prompt_cfg["max_length"]
     limit = recipe["data"]["max_tokens"] or max_length
     data_mod.check_columns(ds, recipe, role)
-    rows = ds.to_list()
+    # Text far longer than max_length tokens is measured on its first char_cap characters: enough to show it does
+    # not fit, without tokenizing a hostile 30 MB record whole (its counts are then lower bounds, and counted).
+    cap = data_mod.char_cap(tokenizer, max_length)
+    rows, cut = [], 0
+    for row in ds.to_list():
+        capped = {k: data_mod.cap_text(v, cap, sep) for k, v in row.items()}
+        cut += sum(capped[k] is not row[k] for k in row)
+        rows.append(capped)
     fields = template_fields(prompt_cfg["template"], "prompt.template")
     fields += [f for f in template_fields(prompt_cfg["completion"], "prompt.completion") if f not in fields]
     series = {f"{{{name}}}": token_lengths(tokenizer, [data_mod._text(r.get(name), sep) for r in rows])
@@ -108,6 +116,8 @@ def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
         "kept": int((~too_long & ~empty).sum()),
         f"max_length_for_{round(KEEP_SHARE * 100)}pct": keep_length(series["example"]),
     }
+    if cut:
+        stats["cut_before_tokenizing"] = {"values": cut, "characters": cap}
     column = label_column(recipe)
     if column is not None:
         stats["labels"] = label_counts([r.get(column) for r in rows])
@@ -127,7 +137,7 @@ def cache_key(recipe: dict, raw: dict, tokenizer) -> str:
     parts = {"data": recipe["data"], "prompt": recipe["prompt"], "label_column": label_column(recipe),
              "tokenizer": _tokenizer_identity(tokenizer),
              "fingerprints": {role: getattr(ds, "_fingerprint", None) for role, ds in raw.items()},
-             "version": 1}
+             "version": 2}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -152,9 +162,7 @@ def analyze(recipe: dict, tokenizer, use_cache: bool = True, cache_dir: Path = C
         result["splits"][role] = stats
         result["lengths"][role] = lengths
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    safeio.write_json(path, result, indent=None)  # atomic: a concurrent reader never sees half a file
     return {**result, "cached": False}
 
 
@@ -187,6 +195,10 @@ def table(result: dict) -> str:
                         if s["dropped_empty_completion"] else "") + f"; {s['kept']} kept")
         lines.append(f"  {round(KEEP_SHARE * 100)}% of examples fit whole in {s[keep_key]} tokens "
                      f"(the smallest prompt.max_length that keeps them)")
+        if s.get("cut_before_tokenizing"):
+            c = s["cut_before_tokenizing"]
+            lines.append(f"  {c['values']} field values longer than {c['characters']:,} characters were measured on "
+                         "that many (far more than fit): their token counts are lower bounds")
         if "labels" in s:
             total = max(sum(s["labels"].values()), 1)
             shown = list(s["labels"].items())
@@ -240,7 +252,7 @@ def write(result: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {k: v for k, v in result.items() if k not in ("lengths", "cached")}
     path = out_dir / "inspect.json"
-    path.write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    safeio.write_json(path, stats)
     plot_histograms(result, out_dir)
     return path
 

@@ -212,8 +212,32 @@ def load_trained(recipe: dict, adapter_dir: Path | None):
     model = load_base(recipe)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        _adapter_as_saved(model, Path(adapter_dir))
     model.eval()
     return model
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _adapter_as_saved(model, adapter_dir: Path) -> None:
+    """peft upcasts a loaded adapter to fp32; TRL trains a quantized model's LoRA weights in bf16. Keep the dtype
+    the adapter was saved in, so a saved run predicts what it did when it was evaluated in training (and an
+    evaluation resumed after a crash goes on with the same numbers)."""
+    import torch
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    with safe_open(str(path), "pt") as f:
+        saved = {f.get_slice(key).get_dtype() for key in f.keys()}
+    if len(saved) != 1 or next(iter(saved)) not in _SAFETENSORS_DTYPES:
+        return
+    dtype = getattr(torch, _SAFETENSORS_DTYPES[saved.pop()])
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -10,19 +10,28 @@ import difflib
 import functools
 import importlib
 import json
+import math
 import re
+import reprlib
 import string
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from runner.errors import RecipeError
+from runner.errors import RecipeError, short
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "recipe.schema.json"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Keys whose relative paths are resolved against the file (or, for overrides, the directory) that set them.
 PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
+# Bounds on what a recipe may be, so a hostile file fails in a moment instead of taking the machine: a recipe is a
+# few hundred values a few levels deep; aliases that repeat themselves inside each other expand exponentially.
+MAX_FILE_BYTES = 1_000_000
+MAX_DEPTH = 40
+MAX_VALUES = 50_000
+MAX_INT = 2**63 - 1
 
 
 @functools.cache
@@ -44,29 +53,154 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
         _set_path(raw, key_path, value, text)
     raw.pop("extends", None)
     raw["extends"] = None
+    check_values(raw)
     if not raw.get("name"):
         raw["name"] = path.name.split(".")[0]
     return validate(raw)
+
+
+# libyaml's parser when PyYAML has it (a recipe parses in about a millisecond instead of several); the same
+# bounds either way.
+_BASE_LOADER = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
+class _Loader(_BASE_LOADER):
+    """A safe loader that refuses what a recipe never needs and a hostile file uses: keys that are not strings
+    (``1: x``, ``on: x``) and repeated keys (YAML would silently keep the last one). Nesting depth is checked
+    on the events before composing (see _check_depth)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` merges: its keys may be overridden by the ones written here
+                line = key_node.start_mark.line + 1
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise _LoadProblem(f"line {line}: key {_show(key)} is not text",
+                                       "recipe keys are names; quote it if it is meant as one")
+                if key in seen:
+                    raise _LoadProblem(f"line {line}: key {key!r} is repeated (first at line {seen[key]})",
+                                       "keep one; YAML would silently use the last")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _LoadProblem(Exception):
+    def __init__(self, problem: str, hint: str):
+        super().__init__(problem)
+        self.problem, self.hint = problem, hint
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing: the composer and everything after it recurse."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_BASE_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _LoadProblem(f"nested deeper than {MAX_DEPTH} levels at line {event.start_mark.line + 1}",
+                                   "a recipe is a few levels of sections; check the brackets and indentation")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text -> Python values, bounded (see _Loader, check_values); mistakes become a RecipeError at ``where``."""
+    try:
+        _check_depth(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a yaml safe loader
+    except _LoadProblem as exc:
+        raise RecipeError(where, exc.problem, exc.hint) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise RecipeError(where, f"YAML syntax error at {at}: {short(exc.problem, 150)}",
+                          "fix the indentation or quoting there") from None
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as exc:
+        raise RecipeError(where, f"not readable as YAML: {short(exc, 150)}", "save it as UTF-8 YAML") from None
+    check_values(data, where)
+    return data
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(str(path), "recipe file not found", "check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise RecipeError(str(path), f"YAML syntax error at {where}: {exc.problem}",
-                          "fix the indentation or quoting there") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError(str(path), f"not readable as YAML: {exc}", "save it as UTF-8 YAML") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(str(path), f"cannot read the recipe: {exc.strerror}", "check the path and permissions") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise RecipeError(str(path), f"recipe file is larger than {MAX_FILE_BYTES // 1000} kB",
+                          "a recipe is a page of YAML; data goes in data.source files")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), f"not UTF-8 text (byte {exc.start})", "save it as UTF-8 YAML") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         raise RecipeError(str(path), "recipe file is empty", "add at least model, data and prompt")
     if not isinstance(data, dict):
-        raise RecipeError(str(path), f"a recipe is a mapping of keys, got {type(data).__name__}",
+        raise RecipeError(str(path), f"a recipe is a mapping of keys, got {_kind(data)}",
                           "write key: value lines at the top level")
     return data
+
+
+def check_values(data, where: str = "") -> None:
+    """Refuse what YAML can express but a recipe must not hold: values that refer to themselves, aliases that
+    expand past MAX_VALUES values, numbers that are NaN or infinite or too large. Shared (aliased) values are
+    counted as often as they are used, without expanding them."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values, height) of a container already walked
+    active: set[int] = set()
+
+    def walk(value, path: list) -> tuple[int, int]:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(_fmt(path) or where, f"{value} is not a finite number",
+                              "write a number, e.g. 2.0e-4")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise RecipeError(_fmt(path) or where, "the number is too large", f"at most {MAX_INT}")
+        if not isinstance(value, (dict, list, tuple, set, frozenset)):
+            return 1, 0
+        key = id(value)
+        if key not in sizes:
+            if key in active:
+                raise RecipeError(_fmt(path) or where, "refers to itself (a YAML alias inside its own anchor)",
+                                  "write the value out")
+            if len(path) > 2 * MAX_DEPTH:  # aliases nest anchors inside each other past what the text shows
+                raise RecipeError(_fmt(path[:3]) or where, f"nested deeper than {2 * MAX_DEPTH} levels",
+                                  "YAML aliases inside each other? write the values out")
+            active.add(key)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            total, height = 1, 0
+            for k, item in items:
+                size, below = walk(item, [*path, k if isinstance(value, dict) else int(k)])
+                total, height = total + size, max(height, below + 1)
+                if total > MAX_VALUES:
+                    raise RecipeError(_fmt(path) or where, f"expands to more than {MAX_VALUES:,} values",
+                                      "YAML aliases repeated inside each other? write the values out")
+            active.discard(key)
+            sizes[key] = (total, height)
+        total, height = sizes[key]
+        if len(path) + height > 2 * MAX_DEPTH:
+            raise RecipeError(_fmt(path[:3]) or where, f"nested deeper than {2 * MAX_DEPTH} levels",
+                              "YAML aliases inside each other? write the values out")
+        return total, height
+
+    walk(data, [])
+
+
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel, _repr.maxlist, _repr.maxdict = 60, 60, 2, 4, 4
+
+
+def _show(value) -> str:
+    """``repr(value)`` bounded to a few dozen characters, whatever ``value`` holds."""
+    try:
+        return _repr.repr(value)
+    except (ValueError, RecursionError):
+        return f"<{_kind(value)}>"
 
 
 def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
@@ -145,31 +279,39 @@ def parse_override(text: str) -> tuple[list, Any]:
         path.append(m.group(1))
         path.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(value_text, key) if value_text.strip() else ""
+    except RecipeError as exc:
+        if not exc.problem.startswith(("YAML syntax", "not readable")):
+            raise  # bounded-value problems (NaN, nesting, repeated keys) are mistakes, not plain strings
         value = value_text  # not YAML: take it as a plain string
     return path, value
 
 
 def _set_path(data: dict, path: list, value: Any, text: str) -> None:
     node = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                raise RecipeError(_fmt(path[: i + 1]), "no such list item", f"override {text!r} indexes past the list")
-            node = node[part]
-            continue
-        if node.get(part) is None:
-            node[part] = [] if isinstance(nxt, int) else {}
+    for i, part in enumerate(path):
+        here = _fmt(path[: i + 1])
+        if isinstance(part, int) and not isinstance(node, list):
+            raise RecipeError(here, f"{_fmt(path[:i]) or 'the recipe'} is {_article(node)}, not a list",
+                              f"override {short(text, 80)!r} indexes into it with [{part}]")
+        if isinstance(part, str) and not isinstance(node, dict):
+            raise RecipeError(here, f"{_fmt(path[:i])} is {_article(node)}, not a section",
+                              f"use [i] for list items, e.g. {_fmt(path[:i])}[0].{part}" if isinstance(node, list)
+                              else f"cannot set {short(text, 80)!r} inside it")
+        if isinstance(part, int) and part >= len(node):
+            raise RecipeError(here, "no such list item",
+                              f"the list has {len(node)} item(s); override {short(text, 80)!r} indexes past it")
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = [] if isinstance(path[i + 1], int) else {}
         node = node[part]
-        if not isinstance(node, (dict, list)):
-            raise RecipeError(_fmt(path[: i + 1]), "is a value, not a section", f"cannot set {text!r} inside it")
-    last = path[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise RecipeError(_fmt(path), "no such list item", f"override {text!r} indexes past the list")
-    node[last] = value
+
+
+def _article(value) -> str:
+    kind = _kind(value)
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _fmt(path) -> str:
@@ -182,11 +324,22 @@ def _fmt(path) -> str:
 # ---------------------------------------------------------------- validation
 
 
+@functools.cache
+def _validator_class():
+    """JSON Schema 2020-12, except that an integer is an integer: the standard accepts 5.0, which Python code
+    given it (range, tensor shapes) does not."""
+    from jsonschema import Draft202012Validator, validators
+
+    def is_integer(_checker, value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", is_integer)
+    return validators.extend(Draft202012Validator, type_checker=checker)
+
+
 def validate(raw: dict) -> dict:
     """Check ``raw`` against the schema, fill defaults, run cross-checks; return the resolved recipe."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(schema())
+    validator = _validator_class()(schema())
     errors = sorted(validator.iter_errors(raw), key=_error_rank)
     if errors:
         raise _to_recipe_error(errors[0], raw)
@@ -225,29 +378,29 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
     if kind == "type":
         want = error.validator_value
         want = " or ".join(want) if isinstance(want, list) else want
-        return RecipeError(where, f"expected {want}, got {_kind(value)} {value!r}", _describe(sch))
+        return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}", _describe(sch))
     if kind == "enum":
         allowed = ", ".join(str(v) for v in error.validator_value)
         close = difflib.get_close_matches(str(value), [str(v) for v in error.validator_value], n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"one of: {allowed}"
         if path and path[-1] == "name" and "evaluators" in path:
             hint += " Or give your own as package.module:ClassName"
-        return RecipeError(where, f"{value!r} is not allowed", hint)
+        return RecipeError(where, f"{_show(value)} is not allowed", hint)
     if kind == "const":
-        return RecipeError(where, f"{value!r} is not allowed", f"expected {error.validator_value!r}")
+        return RecipeError(where, f"{_show(value)} is not allowed", f"expected {error.validator_value!r}")
     if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
-        return RecipeError(where, f"{value!r} is out of range", f"must be {op} {error.validator_value}")
+        return RecipeError(where, f"{_show(value)} is out of range", f"must be {op} {error.validator_value}")
     if kind in ("minLength", "minItems", "minProperties"):
         return RecipeError(where, "must not be empty", _describe(sch))
     if kind == "uniqueItems":
         return RecipeError(where, "has duplicate items", "list each item once")
     if kind == "pattern":
-        return RecipeError(where, f"{value!r} has characters that are not allowed",
+        return RecipeError(where, f"{_show(value)} has characters that are not allowed",
                            "use letters, digits, '.', '_' and '-'")
     if kind == "oneOf":
-        return RecipeError(where, f"{value!r} does not fit", _describe(sch))
-    return RecipeError(where, error.message, _describe(sch))
+        return RecipeError(where, f"{_show(value)} does not fit", _describe(sch))
+    return RecipeError(where, short(error.message, 200), _describe(sch))
 
 
 def _kind(value) -> str:
@@ -288,7 +441,6 @@ def _fill_defaults(instance, sch: dict, validator) -> None:
 
 def _check_evaluator_params(recipe: dict) -> None:
     """A user's evaluator class may declare ``params_schema``; check it here, like the built-ins."""
-    from jsonschema import Draft202012Validator
 
     for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
         if ":" not in spec["name"]:
@@ -297,30 +449,56 @@ def _check_evaluator_params(recipe: dict) -> None:
         params_schema = getattr(cls, "params_schema", None)
         if params_schema is None:
             continue
+        where = f"evaluation.evaluators[{i}].name"
+        if not isinstance(params_schema, dict) or not isinstance(params_schema.get("properties", {}), dict):
+            raise RecipeError(where, f"{spec['name']}.params_schema is not a JSON Schema mapping",
+                              "give {'properties': {...}} or None")
         full = {"type": "object", "additionalProperties": False, **params_schema}
-        full.setdefault("properties", {})["name"] = {"type": "string"}
-        validator = Draft202012Validator(full)
-        errors = sorted(validator.iter_errors(spec), key=_error_rank)
+        full["properties"] = {**full.get("properties", {}), "name": {"type": "string"}}
+        validator = _validator_class()(full)
+        try:
+            validator.check_schema(full)
+            errors = sorted(validator.iter_errors(spec), key=_error_rank)
+        except Exception as exc:  # jsonschema's SchemaError, or worse, from the user's schema
+            raise RecipeError(where, f"{spec['name']}.params_schema is not a valid JSON Schema: {short(exc, 120)}",
+                              "fix the class's params_schema") from None
         if errors:
             err = _to_recipe_error(errors[0], spec)
             raise RecipeError(f"evaluation.evaluators[{i}].{err.key_path}".rstrip("."), err.problem, err.hint)
         _fill_defaults(spec, full, validator)
 
 
-def import_evaluator(spec_name: str, key_path: str):
-    import sys
+_EVALUATOR_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
+
+def import_evaluator(spec_name: str, key_path: str):
+    """The class a recipe names as ``package.module:ClassName``. Importing it runs that module: a recipe naming
+    one is trusted like a script. The working directory is searched after the installed packages, so a stray
+    file there (a ``trl.py``) cannot take a library's place."""
+    from evaluators.base import Evaluator
+
+    if not _EVALUATOR_REF.fullmatch(spec_name):
+        raise RecipeError(key_path, f"{_show(spec_name)} is not a package.module:ClassName reference",
+                          "e.g. myevals.length:LengthRatio, or a built-in name")
     module_name, _, class_name = spec_name.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # a user's evaluator lives beside their recipes
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)  # a user's evaluator lives beside their recipes
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RecipeError(key_path, f"cannot import {module_name!r}: {exc}",
+    except ModuleNotFoundError as exc:
+        raise RecipeError(key_path, f"cannot import {module_name!r}: {short(exc, 150)}",
                           "the module must be importable from the working directory") from None
+    except (Exception, SystemExit) as exc:  # the user's module failed while it ran
+        raise RecipeError(key_path, f"importing {module_name!r} failed: {type(exc).__name__}: {short(exc, 150)}",
+                          "fix that module; it runs when the recipe is loaded") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise RecipeError(key_path, f"{module_name!r} has no {class_name!r}", "check the class name after ':'")
+    if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
+        what = "a class but not an Evaluator" if isinstance(cls, type) else f"a {type(cls).__name__}, not a class"
+        raise RecipeError(key_path, f"{spec_name} is {what}",
+                          "name a class that subclasses evaluators.base.Evaluator")
     return cls
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from runner import inspect as inspect_mod
+from runner import safeio
 
 PLOTS = "report"
 _SKIP = {"file", "split", "examples", "tokens", "count"}
@@ -341,5 +342,5 @@ def write(run_dir: Path, recipe: dict, tokenizer=None, data_stats: dict | None =
             continue
         lines += [*section, ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    safeio.write_text(path, "\n".join(lines))  # written last, whole: report.md marks a finished run
     return path

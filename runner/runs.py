@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
+from runner import checkpoints, safeio
 from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.errors import EnvironmentProblem, RecipeError
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "rouge-score")
 
@@ -21,31 +25,109 @@ def recipe_root(recipe: dict) -> Path:
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return checkpoints.complete_checkpoints(run_dir)
 
 
-def unfinished_run(recipe: dict) -> tuple[Path, Path] | None:
-    """The newest run of this recipe that has a checkpoint but no adapter (it was interrupted)."""
+def trained_adapter(run_dir: Path) -> Path | None:
+    """The run's saved adapter (complete: it is written under another name and renamed), or None."""
+    adapter = Path(run_dir) / "adapter"
+    return adapter if (adapter / "adapter_config.json").is_file() else None
+
+
+def run_state(run_dir: Path) -> str:
+    """finished (report.md written last), diverged, evaluate (trained, not yet evaluated and reported),
+    train (a complete checkpoint to continue from), or empty (nothing to continue from)."""
+    if (run_dir / "report.md").is_file():
+        return "finished"
+    if "diverged" in _read_env(run_dir):
+        return "diverged"
+    if trained_adapter(run_dir) is not None:
+        return "evaluate"
+    return "train" if _checkpoints(run_dir) else "empty"
+
+
+def unfinished_run(recipe: dict) -> tuple[Path, str] | None:
+    """(run folder, its state) of the newest run of this recipe that was interrupted: trained but not evaluated,
+    or with a complete checkpoint. Runs another live process holds are passed over."""
     root = recipe_root(recipe)
     if not root.is_dir():
         return None
-    for run_dir in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
-        if (run_dir / "adapter").exists():
-            return None  # the newest run finished: start fresh rather than reopen an older one
-        ckpts = _checkpoints(run_dir)
-        if ckpts:
-            return run_dir, ckpts[-1]
+    for run_dir in sorted((p for p in root.iterdir() if p.is_dir() and p.name[:1].isdigit()), reverse=True):
+        if holder(run_dir) is not None:
+            continue  # another process is running it: not interrupted
+        state = run_state(run_dir)
+        if state in ("finished", "diverged"):
+            return None  # the newest run ended: start fresh rather than reopen an older one
+        if state != "empty":
+            return run_dir, state
     return None
 
 
-def open_run(recipe: dict) -> tuple[Path, str | None]:
-    """(run folder, checkpoint to resume from or None). A new folder unless resume picks up an interrupted run."""
+def mismatch(run_dir: Path, recipe: dict, fingerprint: str | None) -> str | None:
+    """What differs between the run folder's recipe and data and these (None: the same run)."""
+    try:
+        saved = recipe_mod.parse_yaml((run_dir / "recipe.yaml").read_text(encoding="utf-8"), "recipe.yaml")
+    except (OSError, RecipeError):
+        return "its recipe.yaml is missing or unreadable"
+    diff = _first_difference(_comparable(saved), _comparable(recipe), [])
+    if diff is not None:
+        path, theirs, ours = diff
+        return f"{recipe_mod._fmt(path)} was {recipe_mod._show(theirs)}, this recipe has {recipe_mod._show(ours)}"
+    before = _read_env(run_dir).get("data_fingerprint")
+    if fingerprint and before and before != fingerprint:
+        return f"the data differs (fingerprint {before} then, {fingerprint} now)"
+    return None
+
+
+def _comparable(recipe: dict) -> dict:
+    out = json.loads(json.dumps(recipe, default=str))
+    out.get("training", {}).pop("resume", None)  # how to start is not what is trained
+    return out
+
+
+_MISSING = object()
+
+
+def _first_difference(a, b, path):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = _first_difference(a.get(key, _MISSING), b.get(key, _MISSING), [*path, key])
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, [*path, i])
+            if found:
+                return found
+        return None
+    if a != b:
+        return path, None if a is _MISSING else a, None if b is _MISSING else b
+    return None
+
+
+def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | None]:
+    """(run folder, checkpoint to resume from or None). A new folder unless resume picks up an interrupted run:
+    one of the same recipe and data (else one line says what differs), held by no other process."""
     resume = recipe["training"]["resume"]
     if resume == "auto":
         found = unfinished_run(recipe)
         if found:
-            run_dir, ckpt = found
+            run_dir, state = found
+            differs = mismatch(run_dir, recipe, fingerprint)
+            if differs:
+                also = f", or evaluate its adapter with runner eval RECIPE --run {run_dir}" if state == "evaluate" else ""
+                raise RecipeError("training.resume", f"auto would continue the interrupted run {run_dir}, but "
+                                  f"{differs}", "run it with the same recipe and data to finish it, or start "
+                                  f"fresh with training.resume=never{also}")
+            claim(run_dir)
+            _track(run_dir, created=False)
+            checkpoints.tidy(run_dir)
+            if state == "evaluate":
+                print(f"resuming the interrupted run {run_dir}: trained, evaluating", flush=True)
+                return run_dir, None
+            ckpt = _checkpoints(run_dir)[-1]
+            checkpoints.trim_log(run_dir / "train_log.jsonl", checkpoints.manifest(ckpt)["step"])
             print(f"resuming the interrupted run {run_dir} from {ckpt.name}", flush=True)
             return run_dir, str(ckpt)
     resume_from = None
@@ -54,14 +136,19 @@ def open_run(recipe: dict) -> tuple[Path, str | None]:
         if not (ckpt / "trainer_state.json").is_file():
             raise RecipeError("training.resume", f"{ckpt} is not a checkpoint folder (no trainer_state.json)",
                               "use auto, never, or a path to runs/<name>/<time>/checkpoints/checkpoint-N")
+        if (ckpt / checkpoints.MANIFEST).exists() and not checkpoints.complete(ckpt):
+            raise RecipeError("training.resume", f"{ckpt} is an incomplete checkpoint (a file is missing or "
+                              "cut short)", "resume from an earlier checkpoint")
         resume_from = str(ckpt)
     run_dir = new_run_dir(recipe)
-    (run_dir / "recipe.yaml").write_text(recipe_mod.dump(recipe), encoding="utf-8")
+    safeio.write_text(run_dir / "recipe.yaml", recipe_mod.dump(recipe))
     return run_dir, resume_from
 
 
 def new_run_dir(recipe: dict) -> Path:
-    return _fresh_dir(recipe_root(recipe))
+    run_dir = _fresh_dir(recipe_root(recipe))
+    _track(run_dir, created=True)
+    return run_dir
 
 
 def _fresh_dir(parent: Path, prefix: str = "") -> Path:
@@ -72,9 +159,10 @@ def _fresh_dir(parent: Path, prefix: str = "") -> Path:
         candidate = parent / f"{prefix}{stamp}{'' if i == 0 else f'-{i}'}"
         try:
             candidate.mkdir()  # atomic: two runs started in the same second get different folders
-            return candidate
         except FileExistsError:
             continue
+        claim(candidate)
+        return candidate
     raise RuntimeError(f"could not create a new folder under {parent}")
 
 
@@ -121,14 +209,19 @@ def write_env(run_dir: Path, recipe: dict, prepared, **extra) -> None:
     env = {"versions": _versions(), "device": _device(), "platform": platform.platform(),
            "git_commit": _git_commit(), "data_fingerprint": prepared.fingerprint, "data": prepared.stats,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
+    safeio.write_json(run_dir / "env.json", env)
+
+
+def _read_env(run_dir: Path) -> dict:
+    try:
+        env = json.loads((Path(run_dir) / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
 
 
 def update_env(run_dir: Path, **values) -> None:
-    path = run_dir / "env.json"
-    env = json.loads(path.read_text()) if path.exists() else {}
-    env.update(values)
-    path.write_text(json.dumps(env, indent=2), encoding="utf-8")
+    safeio.write_json(run_dir / "env.json", {**_read_env(run_dir), **values})
 
 
 def peak_memory() -> dict:
@@ -164,8 +257,109 @@ def reopen_or_new(recipe: dict, parent: Path, prefix: str, interrupted) -> Path:
     finished; otherwise a new one holding the resolved recipe."""
     parent.mkdir(parents=True, exist_ok=True)
     previous = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix))
-    if previous and interrupted(previous[-1]):
+    if previous and interrupted(previous[-1]) and holder(previous[-1]) is None:
+        claim(previous[-1])
+        _track(previous[-1], created=False)
         return previous[-1]
     out = _fresh_dir(parent, prefix)
-    (out / "recipe.yaml").write_text(recipe_mod.dump(recipe), encoding="utf-8")
+    _track(out, created=True, keep=lambda p: any(p.rglob("predictions.jsonl")))
+    safeio.write_text(out / "recipe.yaml", recipe_mod.dump(recipe))
     return out
+
+
+# ---------------------------------------------------------------- claims: one process per folder
+
+LOCK = ".lock"
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+_claims: dict[Path, int] = {}  # folder -> open file descriptor holding its lock, until this process ends
+
+
+def holder(folder: Path) -> int | None:
+    """The process id holding ``folder`` when another live process does, else None. The lock is the kernel's
+    (flock): a process that dies, even by kill -9, lets go of it."""
+    folder = Path(folder).resolve()
+    if folder in _claims or not (folder / LOCK).exists():
+        return None
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no claims
+        return None
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in _HELD:
+            return None  # a file system without locks: nobody can be seen holding it
+        try:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0) or -1
+        except (OSError, ValueError):
+            return -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def claim(folder: Path) -> None:
+    """Hold ``folder`` for this process (until it ends); another live holder is an error, a dead one is not."""
+    folder = Path(folder).resolve()
+    if folder in _claims:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in _HELD:  # a file system without locks (ENOLCK): work without the claim
+            os.close(fd)
+            return
+        try:
+            pid = os.pread(fd, 32, 0).decode().strip() or "?"
+        except (OSError, UnicodeDecodeError):
+            pid = "?"
+        os.close(fd)
+        raise EnvironmentProblem(str(folder), f"another runner process (pid {pid}) is using this folder",
+                                 "wait for it to end, or start a separate run with training.resume=never") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _claims[folder] = fd
+
+
+# ---------------------------------------------------------------- what a failed command leaves
+
+_tracked: list[tuple[Path, bool, object]] = []
+
+
+def _has_progress(run_dir: Path) -> bool:
+    return run_state(run_dir) != "empty"
+
+
+def _track(folder: Path, created: bool, keep=_has_progress) -> None:
+    _tracked.append((Path(folder), created, keep))
+
+
+def written() -> list[Path]:
+    """The folders this process created or took over, to write into."""
+    return [folder for folder, _, _ in _tracked if folder.is_dir()]
+
+
+def discard_unfinished() -> None:
+    """After a command failed: remove half-written pieces from the folders it held, and the folders it created
+    that hold nothing a later command could continue from (no checkpoint, no adapter, no prediction; a diverged
+    run keeps its log)."""
+    for folder, created, keep in reversed(_tracked):
+        if not folder.is_dir():
+            continue
+        checkpoints.tidy(folder)
+        if created and not keep(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                folder.parent.rmdir()  # <name>/ or base/ made for it, if now empty
+            except OSError:
+                pass
+    _tracked.clear()

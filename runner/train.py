@@ -11,8 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from runner import checkpoints, dist, divergence, profiles, runs, safeio
 from runner import data as data_mod
-from runner import dist, profiles, runs
 from runner import model as model_mod
 from runner.errors import RecipeError
 
@@ -84,9 +84,10 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         eval_steps=t["eval_every"],
         save_strategy="steps" if t["save_every"] else "no",
         save_steps=t["save_every"] or 500,
-        save_total_limit=t["save_total_limit"],
+        save_total_limit=None,  # runner.checkpoints rotates, counting only complete checkpoints
         logging_steps=t["logging_steps"],
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show (runner.divergence), not become the mean of the rest
         # Mixed precision only on a GPU: TRL turns bf16 on by default, and bf16 matmuls on CPU are ~3x slower.
         bf16=mixed and dtype == torch.bfloat16,
         fp16=mixed and dtype == torch.float16,
@@ -178,9 +179,13 @@ def train(recipe: dict, instrument=None):
     speed, run_recipe = _setup_speed(recipe, meta)
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
-    run_dir, resume_from = dist.broadcast(runs.open_run(recipe) if world.main else None)
+    run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
+                                          if world.main else None)
     print(f"run folder: {run_dir}", flush=True)
     threads = set_threads(recipe)
+    trained = runs.trained_adapter(run_dir)
+    if trained is not None:  # interrupted after training: evaluate what was trained
+        return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
     from trl import SFTTrainer
 
     start = time.time()
@@ -189,14 +194,18 @@ def train(recipe: dict, instrument=None):
         args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
         model, trainable, total = _setup_model(run_recipe, speed)
         columns = ["prompt", "completion"]
+        record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
+        guard = divergence.guard(recipe, run_dir)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=prepared.splits["train"].select_columns(columns),
             eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
             processing_class=tokenizer,
-            callbacks=[_log_callback(run_dir / "train_log.jsonl")],
+            callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl")],
         )
+        guard.attach(trainer)
+        checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
     except RecipeError:
         if world.main and not (resume_from and recipe["training"]["resume"] == "auto"):
@@ -209,14 +218,16 @@ def train(recipe: dict, instrument=None):
         instrument(trainer)
     load_s = time.time() - start
     result = trainer.train(resume_from_checkpoint=resume_from)
-    train_s = time.time() - start - load_s
+    train_s = record.seconds()  # the whole run's, over every session (runner.checkpoints)
+    divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"
     _save_adapter(trainer, tokenizer, adapter_dir, world)
     ranks = dist.gather({"rank": world.rank, "device": runs.device_name(), **runs.peak_memory()})
     if world.main:
         runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
-                        train_loss=result.training_loss, global_step=result.global_step,
-                        **runs.peak_memory(), **({"ranks": ranks} if world.size > 1 else {}))
+                        train_loss=record.mean_loss() if record.mean_loss() is not None else result.training_loss,
+                        global_step=result.global_step, **runs.peak_memory(),
+                        **({"ranks": ranks} if world.size > 1 else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     return run_dir, trainer.model, tokenizer, prepared
 
@@ -224,12 +235,9 @@ def train(recipe: dict, instrument=None):
 def _save_adapter(trainer, tokenizer, adapter_dir: Path, world: dist.World) -> None:
     """The adapter once, by rank 0, loadable with plain ``PeftModel.from_pretrained``. Under FSDP every rank takes
     part in gathering the full (unsharded) adapter weights first."""
-    if trainer.is_fsdp_enabled:
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if world.main:
-            trainer.model.save_pretrained(adapter_dir, state_dict=state)
-    elif world.main:
-        trainer.model.save_pretrained(adapter_dir)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if world.main:
-        tokenizer.save_pretrained(adapter_dir)
+        with safeio.folder(adapter_dir) as partial:  # appears whole or not at all
+            trainer.model.save_pretrained(partial, **({"state_dict": state} if state is not None else {}))
+            tokenizer.save_pretrained(partial)
     dist.barrier()  # no rank reads the adapter (evaluation) before it is complete

@@ -121,7 +121,8 @@ def test_resume_auto_continues_an_interrupted_run(tiny, tmp_path):
             "training.resume=auto", "training.logging_steps=1", "data.train_samples=64", "data.test_samples=4", "--no-eval"]
     ok(run_cli(*args))
     run_dir = run_folder(tmp_path, "xsum_tiny")
-    # What an interruption after step 2 leaves: checkpoint-2, no later checkpoint, no adapter.
+    # What an interruption after step 2 leaves: checkpoint-2, no later checkpoint, no adapter, no report.
+    (run_dir / "report.md").unlink()
     shutil.rmtree(run_dir / "adapter")
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
     log_path = run_dir / "train_log.jsonl"
