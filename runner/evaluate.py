@@ -9,9 +9,11 @@ from pathlib import Path
 
 from evaluators import BUILTINS
 from evaluators.base import Record
+from runner import backend as backend_mod
 from runner import data as data_mod
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
+from runner import runs as runs_mod
 
 
 def build_evaluators(recipe: dict) -> list:
@@ -50,6 +52,15 @@ def predictor(recipe: dict):
     return generate_mod.generate
 
 
+def _chooser(recipe: dict):
+    """The predictor's choice of backend and batch size (runner.backend), made once here so it is recorded."""
+    if recipe["generation"]["mode"] == "rank":
+        from runner.rank import choose
+
+        return choose
+    return generate_mod.choose
+
+
 def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
     if role not in known:
         known[role] = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
@@ -68,23 +79,34 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
         known[role] = examples
     examples = _examples_for(role, recipe, tokenizer, known)
     evaluators = build_evaluators(recipe)
+    _reset_peak_memory()
     start = time.time()
-    records = []
+    records, speed = [], {}
     if any(ev.uses_predictions for _, ev in evaluators):
-        records = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
+        records, speed = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
     metrics = {"split": role, "examples": len(examples), "mode": recipe["generation"]["mode"],
-               "prediction_seconds": round(time.time() - start, 2)}
+               "prediction_seconds": round(time.time() - start, 2), **speed}
     for name, evaluator in evaluators:
         if evaluator.needs_model:
             scored = _examples_for(evaluator.split or role, recipe, tokenizer, known)
             evaluator.score_model(model, tokenizer, scored, recipe)
         metrics[name] = evaluator.evaluate(records, out_dir)
+    metrics["evaluation_seconds"] = round(time.time() - start, 2)
+    metrics.update(runs_mod.peak_memory())  # of this evaluation: the peak was reset at its start
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
 
 
-def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> list[Record]:
-    """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped."""
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> tuple[list[Record], dict]:
+    """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped.
+    Returns the records and the speed: backend, batch size, prompts/s and prediction tokens/s of this call."""
     from tqdm.auto import tqdm
 
     prompts, references = examples["prompt"], [c.strip() for c in examples["completion"]]
@@ -95,8 +117,14 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> l
         print(f"resuming evaluation: {len(done)} of {len(prompts)} predictions already in {pred_path}", flush=True)
     if pred_path.exists():  # rewrite without any torn line, then append
         pred_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
-    verb = "ranking labels" if recipe["generation"]["mode"] == "rank" else "generating"
-    bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples", dynamic_ncols=True)
+    choice = _chooser(recipe)(model, tokenizer, prompts, recipe, skip=set(done))
+    if len(done) < len(prompts):
+        print(f"evaluation: {choice.describe()}", flush=True)
+    rank = recipe["generation"]["mode"] == "rank"
+    bar = tqdm(total=len(prompts), initial=len(done), desc="ranking labels" if rank else "generating",
+               unit=" examples" if rank else " prompts", dynamic_ncols=True)
+    count = {"predictions": 0, "tokens": 0}
+    start = time.time()
 
     def write(batch):
         with open(pred_path, "a", encoding="utf-8") as f:
@@ -104,13 +132,20 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> l
                 row = {"index": i, "id": ids[i], "prompt": prompts[i], "reference": references[i], "prediction": text}
                 done[i] = row
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        count["predictions"] += len(batch)
+        count["tokens"] += sum(map(len, tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]))
+        bar.set_postfix_str(f"{count['tokens'] / max(time.time() - start, 1e-6):,.0f} tok/s", refresh=False)
         bar.update(len(batch))
 
     try:
-        predictor(recipe)(model, tokenizer, prompts, recipe, skip=set(done), on_batch=write)
+        predictor(recipe)(model, tokenizer, prompts, backend_mod.apply(recipe, choice), skip=set(done), on_batch=write)
     finally:
         bar.close()
-    return read_records(pred_path)
+    seconds = time.time() - start
+    rate = (lambda n: round(n / seconds, 3) if count["predictions"] else None)
+    speed = {"backend": choice.backend, "batch_size": choice.batch_size, "new_predictions": count["predictions"],
+             "prompts_per_s": rate(count["predictions"]), "tokens_per_s": rate(count["tokens"])}
+    return read_records(pred_path), speed
 
 
 def read_records(pred_path: Path) -> list[Record]:

@@ -94,17 +94,42 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str],
-                        batch_size: int) -> list[tuple[float, int]]:
-    """(summed log-probability, scored tokens) of each completion + EOS after its prompt."""
+def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str], recipe: dict,
+                        batch_size: int | None = None) -> list[tuple[float, int]]:
+    """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
+    ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
+    from runner import backend
+
     rows = tokenize_pairs(tokenizer, prompts, completions)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    with eval_mode(model):
-        for batch in length_sorted_batches([len(ids) for ids, _ in rows], batch_size):
-            sums = score_rows(model, tokenizer, [rows[i] for i in batch])
+    if not rows:
+        return out
+    lengths = [len(ids) for ids, _ in rows]
+    choice = backend.for_scoring(recipe, model, lengths, max(n for _, n in rows), batch_size=batch_size)
+    with backend.model_for(choice, model) as net, eval_mode(net):
+        for batch in length_sorted_batches(lengths, choice.batch_size):
+            sums = score_rows(net, tokenizer, [rows[i] for i in batch])
             for i, s in zip(batch, sums.tolist()):
                 out[i] = (s, rows[i][1])
     return out
+
+
+def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
+    """(labels, their completion texts, the most tokens a completion + EOS takes)."""
+    labels = rank_labels(recipe)
+    cands = [candidate(recipe, label) for label in labels]
+    longest = max(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for c in cands)
+    return labels, cands, longest
+
+
+def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
+    """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.backend)."""
+    from runner import backend
+
+    _, cands, longest = _candidates(recipe, tokenizer)
+    todo = [prompts[i] for i in range(len(prompts)) if i not in skip]
+    lengths = [len(ids) + longest for ids in tokenizer(todo)["input_ids"]] if todo else [longest]
+    return backend.for_scoring(recipe, model, lengths, longest, rows_per_prompt=len(cands))
 
 
 def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
@@ -114,17 +139,21 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     Same interface as ``runner.generate.generate``. Each batch of prompts becomes prompts x labels rows scored in
     one forward pass; the prediction is always one of the labels (ties go to the label listed first).
     """
-    labels = rank_labels(recipe)
-    cands = [candidate(recipe, label) for label in labels]
+    from runner import backend
+
+    labels, cands, longest = _candidates(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
+    if not todo:
+        return {}
     lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo])["input_ids"]]
+    choice = backend.for_scoring(recipe, model, [n + longest for n in lengths], longest, rows_per_prompt=len(cands))
     results: dict[int, str] = {}
-    with eval_mode(model):
-        for batch in length_sorted_batches(lengths, recipe["generation"]["batch_size"]):
+    with backend.model_for(choice, model) as net, eval_mode(net):
+        for batch in length_sorted_batches(lengths, choice.batch_size):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
                                    [c for _ in indices for c in cands])
-            scores = score_rows(model, tokenizer, pairs).view(len(indices), len(cands))
+            scores = score_rows(net, tokenizer, pairs).view(len(indices), len(cands))
             done = [(i, labels[int(row.argmax())]) for i, row in zip(indices, scores)]
             results.update(done)
             if on_batch:
