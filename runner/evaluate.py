@@ -141,10 +141,11 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> t
         predictor(recipe)(model, tokenizer, prompts, backend_mod.apply(recipe, choice), skip=set(done), on_batch=write)
     finally:
         bar.close()
-    seconds = time.time() - start
-    rate = (lambda n: round(n / seconds, 3) if count["predictions"] else None)
-    speed = {"backend": choice.backend, "batch_size": choice.batch_size, "new_predictions": count["predictions"],
-             "prompts_per_s": rate(count["predictions"]), "tokens_per_s": rate(count["tokens"])}
+    seconds = max(time.time() - start, 1e-6)
+    made = count["predictions"]
+    speed = {"backend": choice.backend, "batch_size": choice.batch_size, "new_predictions": made,
+             "prompts_per_s": round(made / seconds, 3) if made else None,
+             "tokens_per_s": round(count["tokens"] / seconds, 3) if made else None}
     return read_records(pred_path), speed
 
 

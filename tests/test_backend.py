@@ -9,11 +9,10 @@ import json
 
 import pytest
 
-from runner import backend
+from runner import backend, merge, plan
 from runner import data as data_mod
 from runner import evaluate as evaluate_mod
 from runner import generate as generate_mod
-from runner import merge, plan
 from runner import rank as rank_mod
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
