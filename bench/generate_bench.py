@@ -17,7 +17,7 @@ zero and would merge to nothing), loaded by ``runner.model.load_trained`` as ``r
 The benchmark adds timers and a wrapper around ``GenerationMixin.generate`` that records each row's generated
 tokens. Prints a table, writes ``$OUT/eval_bench.json`` and ``$OUT/eval_table.md``.
 
-    python bench/generate_bench.py        # on the device: bash bench/run.sh EVAL 330 (installs the wheels first)
+    python bench/generate_bench.py        # on the device: bash bench/run.sh EVAL 420 (installs the wheels first)
 
 Environment: BENCH_PROMPTS (256), BENCH_OLD_PROMPTS (128: the old path's rate is measured on the first ones),
 BENCH_RANK (512), BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (32), BENCH_COMPILED (1), BENCH_BUDGET (seconds after
