@@ -181,10 +181,12 @@ def for_generation(recipe: dict, model, lengths: list[int]) -> Choice:
 
 
 def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, rows_per_prompt: int = 1,
-                batch_size: int | None = None) -> Choice:
+                batch_size: int | None = None, shared_prefix: bool = False) -> Choice:
     """Backend and prompts per forward pass for scoring rows of ``lengths`` tokens whose last ``scored_tokens``
-    are scored; each prompt is ``rows_per_prompt`` rows (rank mode: one per label). ``batch_size`` overrides
-    generation.batch_size (the loss evaluator's own). Compiling has no decoding step to compile: merged instead."""
+    are scored; each prompt is ``rows_per_prompt`` rows (rank mode: one per label), which the backends other than
+    plain score with the prompt run once when ``shared_prefix`` (runner.rank.score_groups). ``batch_size``
+    overrides generation.batch_size (the loss evaluator's own). There is no decoding step to compile: compiled
+    scores as merged."""
     from runner import plan
 
     g = recipe["generation"]
@@ -195,10 +197,15 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
     shape = plan._shape(model.config)
     c = _dtype_bytes(model)
     attn = model.config._attn_implementation
-    per_row = plan.scoring_row_bytes(shape, c, max(lengths), scored_tokens, attn)
+    longest = max(lengths)
+
+    def prompt_bytes(name: str) -> float:
+        if shared_prefix and name != "plain":
+            return plan.shared_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt, scored_tokens, attn)
+        return rows_per_prompt * plan.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
+
     scoring = {**recipe, "generation": {**g, "backend": backend, "num_beams": 1}}
-    choice = _pick(scoring, model, len(lengths), lambda _: per_row, rows_per_prompt, 0, batch)
-    return choice
+    return _pick(scoring, model, len(lengths), prompt_bytes, 1, 0, batch)
 
 
 # ---------------------------------------------------------------- the model to run

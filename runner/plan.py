@@ -298,6 +298,19 @@ def scoring_row_bytes(shape: dict, c: int, tokens: int, scored: int, attn: str =
     return tokens * forward_token_bytes(shape, c, attn, tokens) + (scored + 1) * shape["vocab"] * (c + 3 * 4)
 
 
+def shared_scoring_bytes(shape: dict, c: int, prompt_tokens: int, rows: int, own_tokens: int,
+                         attn: str = "sdpa") -> float:
+    """Peak bytes of one prompt scored for ``rows`` completions of ``own_tokens`` each, the prompt run once
+    (runner.rank.score_groups): its forward transients and KV cache, the cache repeated for every row, then each
+    row's own tokens with their logits."""
+    width = prompt_tokens + own_tokens
+    prompt = prompt_tokens * (forward_token_bytes(shape, c, attn, prompt_tokens) + (1 + rows) * kv_bytes_per_token(
+        shape, c))
+    own = rows * (own_tokens * forward_token_bytes(shape, c, attn, width) + own_tokens * width
+                  + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
+    return prompt + own
+
+
 def rows_within(budget: float, fixed: float, per_row: float) -> int:
     """The most rows whose predicted reserved memory, ``fixed + rows x per_row`` plus the allocator's slack (as in
     training's estimate), stays within ``budget`` bytes; 0 when not even one fits."""

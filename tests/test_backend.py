@@ -85,6 +85,9 @@ def test_merged_loss_and_rank_scores_match(lora_net):
                                           with_keys(recipe, generation={"backend": "merged"}), batch_size=2)
     for (a, n), (b, m) in zip(plain, merged, strict=True):
         assert n == m and b == pytest.approx(a, abs=1e-3)
+    pairs = rank_mod.tokenize_pairs(tokenizer, [p for p in prompts[:3] for _ in completions], completions * 3)
+    grouped = rank_mod.score_groups(net, tokenizer, [pairs[g:g + 3] for g in (0, 3, 6)])  # each prompt run once
+    assert grouped.flatten().tolist() == pytest.approx(rank_mod.score_rows(net, tokenizer, pairs).tolist(), abs=1e-3)
     ranked = with_keys(recipe, generation={"mode": "rank", "labels": ["Storms", "Norcom", "Rovers"]})
     merged_rank = {**ranked, "generation": {**ranked["generation"], "backend": "merged"}}
     assert rank_mod.rank(net, tokenizer, prompts[:4], merged_rank) == rank_mod.rank(net, tokenizer, prompts[:4], ranked)
