@@ -175,13 +175,15 @@ def agreement(old: dict, new: dict) -> dict:
     n = min(old["prompts"], new["prompts"])
     same_rows = sum(a == b for a, b in zip(old["_tokens"][:n], new["_tokens"][:n]))
     same_preds = sum(a == b for a, b in zip(old["_preds"][:n], new["_preds"][:n]))
-    prefix = []
+    prefix, firsts = [], []
     for a, b in zip(old["_tokens"][:n], new["_tokens"][:n]):
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         prefix.append(k / max(len(a), len(b), 1))
+        if a != b:
+            firsts.append(k)
     return {"prompts": n, "identical_rows": same_rows, "identical_predictions": same_preds,
             "mean_share_before_first_difference": statistics.fmean(prefix),
-            "first_difference_positions": dist([int(p * 64) for p in prefix if p < 1]) if same_rows < n else None}
+            "first_difference_positions": dist(firsts) if firsts else None}
 
 
 def loss_check(model, tokenizer, examples, recipe) -> dict:

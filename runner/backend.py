@@ -98,10 +98,13 @@ def _allocated() -> float:
     return float(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0.0
 
 
-def _dtype_bytes(model) -> int:
+def _dtype_bytes(model, backend: str = "merged") -> int:
+    """Bytes per activation and KV cache element: the compute dtype's on the merged copy; the model as loaded may
+    keep unquantized weights, and so its residual stream and cache, in fp32 (peft's upcast for 4-bit training)."""
     from runner import merge
 
-    return merge.compute_dtype(model).itemsize
+    c = merge.compute_dtype(model).itemsize
+    return c if backend in MERGING else max(c, model.get_input_embeddings().weight.dtype.itemsize)
 
 
 def _round(batch: int, n: int) -> int:
@@ -170,12 +173,12 @@ def for_generation(recipe: dict, model, lengths: list[int]) -> Choice:
     if g["backend"] != "auto" and g["batch_size"] != "auto":
         return Choice(g["backend"], int(g["batch_size"]))
     shape = plan._shape(model.config)
-    c = _dtype_bytes(model)
     attn = model.config._attn_implementation
 
     def row_bytes(backend: str) -> float:
         static = backend != "plain" and g["num_beams"] == 1
-        return plan.generation_row_bytes(shape, c, max(lengths), g["max_new_tokens"], static, attn)
+        return plan.generation_row_bytes(shape, _dtype_bytes(model, backend), max(lengths), g["max_new_tokens"],
+                                         static, attn)
 
     return _pick(recipe, model, len(lengths), row_bytes, g["num_beams"], g["max_new_tokens"], g["batch_size"])
 
@@ -195,11 +198,11 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
     if backend != "auto" and batch != "auto":
         return Choice(backend, int(batch))
     shape = plan._shape(model.config)
-    c = _dtype_bytes(model)
     attn = model.config._attn_implementation
     longest = max(lengths)
 
     def prompt_bytes(name: str) -> float:
+        c = _dtype_bytes(model, name)
         if shared_prefix and name != "plain":
             return plan.shared_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt, scored_tokens, attn)
         return rows_per_prompt * plan.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
