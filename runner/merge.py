@@ -78,14 +78,13 @@ def dequantized_copy(base, dtype):
     """``base`` (a transformers model, possibly with peft's LoRA layers inside) as a plain model in ``dtype`` on the
     same device: the architecture built on the meta device, every weight and buffer filled from ``base``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     device = base.get_input_embeddings().weight.device
     with torch.device("meta"):
-        out = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        out = type(base)._from_config(config, dtype=dtype)  # the loaded class itself (remote code included)
     out.to_empty(device=device)
     targets = dict(chain(out.named_parameters(), out.named_buffers()))
     modules = dict(base.named_modules())
