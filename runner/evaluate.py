@@ -94,6 +94,7 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
     metrics["evaluation_seconds"] = round(time.time() - start, 2)
     metrics.update(runs_mod.peak_memory())  # of this evaluation: the peak was reset at its start
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    print(speed_line(metrics), flush=True)
     return metrics
 
 
@@ -172,3 +173,19 @@ def summary_line(metrics: dict) -> str:
                 elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key not in NOT_METRICS:
                     parts.append(f"{name}.{key} {sub:.4g}")
     return f"{metrics['split']} ({metrics['examples']} examples): " + (", ".join(parts) or "no metrics")
+
+
+def speed_line(metrics: dict) -> str | None:
+    """One line: how long the evaluation took, how fast it predicted, with which backend, batch and peak memory."""
+    if metrics.get("evaluation_seconds") is None:
+        return None
+    text = f"Evaluation: {metrics['evaluation_seconds']:.1f} s"
+    if metrics.get("prompts_per_s"):
+        unit = "examples" if metrics.get("mode") == "rank" else "prompts"
+        text += (f"; {metrics['new_predictions']} predictions at {metrics['prompts_per_s']:.2f} {unit}/s, "
+                 f"{metrics['tokens_per_s']:,.0f} prediction tokens/s")
+    if metrics.get("backend"):
+        text += f"; backend {metrics['backend']}, batch {metrics['batch_size']}"
+    if metrics.get("peak_reserved_gb") is not None:
+        text += f"; peak GPU memory {metrics['peak_reserved_gb']:.2f} GiB reserved"
+    return text + "."

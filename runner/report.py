@@ -11,6 +11,7 @@ import resource
 import sys
 from pathlib import Path
 
+from runner import evaluate as evaluate_mod
 from runner import inspect as inspect_mod
 
 PLOTS = "report"
@@ -210,28 +211,12 @@ def _scalar_rows(name: str, values: dict) -> list[list]:
     return rows
 
 
-def evaluation_speed(metrics: dict) -> str | None:
-    """One line: how long the evaluation took, how fast it predicted, with which backend, batch and peak memory."""
-    if metrics.get("evaluation_seconds") is None:
-        return None
-    text = f"Evaluation: {metrics['evaluation_seconds']:.1f} s"
-    if metrics.get("prompts_per_s"):
-        unit = "examples" if metrics.get("mode") == "rank" else "prompts"
-        text += (f"; {metrics['new_predictions']} predictions at {metrics['prompts_per_s']:.2f} {unit}/s, "
-                 f"{metrics['tokens_per_s']:,.0f} prediction tokens/s")
-    if metrics.get("backend"):
-        text += f"; backend {metrics['backend']}, batch {metrics['batch_size']}"
-    if metrics.get("peak_reserved_gb") is not None:
-        text += f"; peak GPU memory {metrics['peak_reserved_gb']:.2f} GiB reserved"
-    return text + "."
-
-
 def metrics_section(metrics: dict, run_dir: Path) -> list[str]:
     lines = ["## Metrics", ""]
     if not metrics:
         return [*lines, "Not evaluated (`runner train --no-eval`); `runner eval RECIPE --run DIR` evaluates later."]
     lines.append(f"{metrics.get('examples')} examples of the {metrics.get('split')} split.")
-    speed = evaluation_speed(metrics)
+    speed = evaluate_mod.speed_line(metrics)
     if speed:
         lines += ["", speed]
     rows = []

@@ -211,6 +211,10 @@ def test_an_interrupted_merged_evaluation_resumes_to_the_same_predictions(lora_n
     metrics = evaluate_mod.evaluate(recipe, net, tokenizer, full, examples=examples)
     assert (metrics["backend"], metrics["batch_size"], metrics["new_predictions"]) == ("merged", 3, 8)
     assert metrics["prompts_per_s"] > 0 and metrics["tokens_per_s"] > 0 and metrics["evaluation_seconds"] > 0
+    from runner import report
+
+    shown = "\n".join(report.metrics_section(json.loads((full / "metrics.json").read_text()), full))
+    assert "8 predictions at" in shown and "prompts/s" in shown and "backend merged, batch 3" in shown
     real = generate_mod.generate
 
     def killed_after_one_batch(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
