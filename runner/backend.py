@@ -160,6 +160,10 @@ def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_pe
             chosen = replace(option("compiled"), why=f"{steps} decoding steps") if compile_it else merged
     else:
         chosen = option(requested)
+        if requested in MERGING and chosen.batch_size < 1:
+            raise RecipeError("generation.backend", f"{requested} needs {copy / GIB:.1f} GiB for the merged copy "
+                              f"beside {allocated / GIB:.1f} GiB in use, and the memory budget is "
+                              f"{budget / GIB:.1f} GiB", "use batched or auto, or raise training.vram_budget_gb")
     if chosen.batch_size < 1:
         chosen = replace(chosen, batch_size=1, why="even one prompt is predicted over the memory budget")
     return chosen

@@ -196,6 +196,11 @@ def test_auto_merges_when_the_copy_fits_else_batches_and_compiles_long_runs(lora
     assert backend.for_generation(long, net, lengths).backend == "compiled"  # 800/64 x 256 decoding steps
     fixed = with_keys(auto, generation={"backend": "merged", "batch_size": 5})
     assert backend.for_generation(fixed, net, lengths).batch_size == 5  # a number is used as written
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes / 2))
+    assert backend.for_generation(auto, net, lengths).backend == "batched"
+    with pytest.raises(RecipeError) as err:  # asked for explicitly, a copy that cannot fit is the user's to change
+        backend.for_generation(with_keys(auto, generation={"backend": "merged"}), net, lengths)
+    assert err.value.key_path == "generation.backend"
 
 
 # ---------------------------------------------------------------- resume, records
