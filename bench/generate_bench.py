@@ -124,6 +124,7 @@ def peak_reset() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # an earlier stage's cached blocks are not this stage's peak
         torch.cuda.reset_peak_memory_stats()
 
 

@@ -102,6 +102,7 @@ def _reset_peak_memory() -> None:
     import torch
 
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # blocks training cached are not this evaluation's: its peak starts from what is held
         torch.cuda.reset_peak_memory_stats()
 
 
