@@ -17,11 +17,11 @@ zero and would merge to nothing), loaded by ``runner.model.load_trained`` as ``r
 The benchmark adds timers and a wrapper around ``GenerationMixin.generate`` that records each row's generated
 tokens. Prints a table, writes ``$OUT/eval_bench.json`` and ``$OUT/eval_table.md``.
 
-    python bench/generate_bench.py        # on the device: bash bench/run.sh EVAL 420 (installs the wheels first)
+    python bench/generate_bench.py        # on the device: bash bench/run.sh EVAL 480 (installs the wheels first)
 
-Environment: BENCH_PROMPTS (256), BENCH_OLD_PROMPTS (128: the old path's rate is measured on the first ones),
-BENCH_RANK (512), BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (32), BENCH_COMPILED (1), BENCH_BUDGET (seconds after
-which the remaining stages are skipped; 270), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
+Environment: BENCH_PROMPTS (256), BENCH_OLD_PROMPTS (96: the old path's rate is measured on the first ones),
+BENCH_RANK (512), BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after
+which the remaining stages are skipped; 330), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ _spec.loader.exec_module(phi2)  # PHI2's shape, the model folder, the data folde
 
 OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 ENV = os.environ.get
-N_PROMPTS, N_OLD = int(ENV("BENCH_PROMPTS", 256)), int(ENV("BENCH_OLD_PROMPTS", 128))
+N_PROMPTS, N_OLD = int(ENV("BENCH_PROMPTS", 256)), int(ENV("BENCH_OLD_PROMPTS", 96))
 N_RANK, N_RANK_OLD = int(ENV("BENCH_RANK", 512)), int(ENV("BENCH_RANK_OLD", 256))
-N_LOWMEM = int(ENV("BENCH_LOWMEM_PROMPTS", 32))
+N_LOWMEM = int(ENV("BENCH_LOWMEM_PROMPTS", 24))
 COMPILED = ENV("BENCH_COMPILED", "1") == "1"
-BUDGET = float(ENV("BENCH_BUDGET", 270))
+BUDGET = float(ENV("BENCH_BUDGET", 330))
 ADAPTER = Path(str(phi2.MODEL_DIR) + "_adapter")
 T0 = time.time()
 OLD = ["generation.backend=plain", "generation.batch_size=16"]
@@ -279,28 +279,33 @@ def main() -> None:
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
         "generation": [], "rank": [], "skipped": []}
 
-    def stage(name: str, fn):
-        if time.time() - T0 > BUDGET:
+    def stage(name: str, fn, need: float = 0.0, into: list | None = None):
+        """Run a stage unless it would end past BENCH_BUDGET (``need``: its expected seconds); the files are
+        rewritten after every stage, so a run cut off by its time limit still leaves what it measured."""
+        if time.time() - T0 + need > BUDGET:
             report["skipped"].append(name)
-            log(f"SKIP {name}: {time.time() - T0:.0f} s > BENCH_BUDGET {BUDGET:.0f}")
+            log(f"SKIP {name}: {time.time() - T0:.0f} s + {need:.0f} s > BENCH_BUDGET {BUDGET:.0f}")
             return None
         try:
-            return fn()
+            result = fn()
+            if into is not None and result:
+                into.append(result)
+            return result
         except torch.cuda.OutOfMemoryError as exc:  # report it and go on: the other stages still measure
             report["skipped"].append(f"{name}: out of memory ({str(exc)[:120]})")
             log(f"OOM in {name}")
             torch.cuda.empty_cache()
             return None
+        finally:
+            finish(report, show=False)
 
     sampling = []  # the study's decoding
     greedy = ["generation.do_sample=false"]
     runs = report["generation"]
     for label, over, subset in (("old sampling", OLD + sampling, N_OLD), ("new sampling", new + sampling, None),
                                 ("old greedy", OLD + greedy, N_OLD), ("new greedy", new + greedy, None)):
-        r = stage(label, lambda o=over, s=subset, lb=label: generation(lb, model, tokenizer, prompts[:s],
-                                                                        xsum_recipe(o), rows))
-        if r:
-            runs.append(r)
+        stage(label, lambda o=over, s=subset, lb=label: generation(lb, model, tokenizer, prompts[:s], xsum_recipe(o),
+                                                                    rows), into=runs)
     by = {r["run"]: r for r in runs}
     if "old greedy" in by and "new greedy" in by:
         report["greedy_agreement"] = agreement(by["old greedy"], by["new greedy"])
@@ -309,30 +314,25 @@ def main() -> None:
     rank_over, rank_prompts = rank_examples(tokenizer)
     for label, over, subset in (("old rank", ["generation.backend=plain", "generation.batch_size=32"], N_RANK_OLD),
                                 ("new rank", new, None)):
-        r = stage(label, lambda o=over, s=subset, lb=label: ranking(lb, model, tokenizer, rank_prompts[:s],
-                                                                     rank_recipe(rank_over + o)))
-        if r:
-            report["rank"].append(r)
+        stage(label, lambda o=over, s=subset, lb=label: ranking(lb, model, tokenizer, rank_prompts[:s],
+                                                                 rank_recipe(rank_over + o)), into=report["rank"])
     if len(report["rank"]) == 2:
         old_r, new_r = report["rank"]
         n = min(old_r["examples"], new_r["examples"])
         report["rank_agreement"] = sum(a == b for a, b in zip(old_r["_preds"][:n], new_r["_preds"][:n])) / n
     if cuda:
-        r = stage("low_memory", lambda: generation("new sampling, profile low_memory", model, tokenizer,
-                                                   prompts[:N_LOWMEM], xsum_recipe(["training.profile=low_memory"]),
-                                                   rows))
-        if r:
-            runs.append(r)
+        stage("low_memory", lambda: generation("new sampling, profile low_memory", model, tokenizer,
+                                               prompts[:N_LOWMEM], xsum_recipe(["training.profile=low_memory"]),
+                                               rows), need=20, into=runs)
     if COMPILED and cuda:
-        for label in ("compiled sampling (first call: compiles)", "compiled sampling"):
-            r = stage(label, lambda lb=label: generation(lb, model, tokenizer, prompts,
-                                                         xsum_recipe(["generation.backend=compiled"]), rows))
-            if r:
-                runs.append(r)
+        for label in ("compiled sampling (first call: compiles)", "compiled sampling (again: a new copy)"):
+            stage(label, lambda lb=label: generation(lb, model, tokenizer, prompts,
+                                                     xsum_recipe(["generation.backend=compiled"]), rows),
+                  need=90, into=runs)
     finish(report)
 
 
-def finish(report: dict) -> None:
+def finish(report: dict, show: bool = True) -> None:
     runs = {r["run"]: r for r in report["generation"]}
     lines = [f"Evaluation speed, {report['gpu'] or 'CPU'}: {report['prompts']} XSum prompts (mean "
              f"{report['mean_prompt_tokens']:.0f} tokens), 64 new tokens; versions {report['versions']}", "",
@@ -377,7 +377,8 @@ def finish(report: dict) -> None:
         lines += ["", f"Skipped: {'; '.join(report['skipped'])}"]
     lines.append(f"\ntotal {time.time() - T0:.0f} s")
     text = "\n".join(lines)
-    print(text, flush=True)
+    if show:
+        print(text, flush=True)
     if OUT is not None:
         OUT.mkdir(parents=True, exist_ok=True)
         clean = {**report, "generation": [_public(r) for r in report["generation"]],
