@@ -10,7 +10,8 @@ zero and would merge to nothing), loaded by ``runner.model.load_trained`` as ``r
 - new: ``generation.backend=auto generation.batch_size=auto`` (the default now), plus ``compiled`` and, under the
   ``low_memory`` profile's 3.8 GiB budget, what auto does there;
 - sampling as in recipes/xsum_phi2.yaml (top_p 0.9, temperature 0.7, repetition penalty 1.2, stop at a newline),
-  64 new tokens, and greedy on the same prompts: identical rows and tokens old vs new;
+  64 new tokens, and greedy on the same prompts: identical rows and tokens old vs new, and as a yardstick the old
+  path against itself at another batch size (random weights leave near-ties that any rounding flips);
 - the loss of the reference summaries on the 4-bit model and on the merged copy;
 - AG News rank mode (4 labels): examples/s old (batch 32, the recipe's) vs new.
 
@@ -20,8 +21,9 @@ tokens. Prints a table, writes ``$OUT/eval_bench.json`` and ``$OUT/eval_table.md
     python bench/generate_bench.py        # on the device: bash bench/run.sh EVAL 480 (installs the wheels first)
 
 Environment: BENCH_PROMPTS (256), BENCH_OLD_PROMPTS (96: the old path's rate is measured on the first ones),
-BENCH_RANK (512), BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after
-which the remaining stages are skipped; 330), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
+BENCH_SELF_PROMPTS (64: the old path at batch 32, the greedy agreement's yardstick), BENCH_RANK (512),
+BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after which the
+remaining stages are skipped; 330), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ ENV = os.environ.get
 N_PROMPTS, N_OLD = int(ENV("BENCH_PROMPTS", 256)), int(ENV("BENCH_OLD_PROMPTS", 96))
 N_RANK, N_RANK_OLD = int(ENV("BENCH_RANK", 512)), int(ENV("BENCH_RANK_OLD", 256))
 N_LOWMEM = int(ENV("BENCH_LOWMEM_PROMPTS", 24))
+N_SELF = int(ENV("BENCH_SELF_PROMPTS", 64))
 COMPILED = ENV("BENCH_COMPILED", "1") == "1"
 BUDGET = float(ENV("BENCH_BUDGET", 330))
 ADAPTER = Path(str(phi2.MODEL_DIR) + "_adapter")
@@ -306,10 +309,17 @@ def main() -> None:
                                 ("old greedy", OLD + greedy, N_OLD), ("new greedy", new + greedy, None)):
         stage(label, lambda o=over, s=subset, lb=label: generation(lb, model, tokenizer, prompts[:s], xsum_recipe(o),
                                                                     rows), into=runs)
+    # The yardstick: the old path against itself with another batch size (other kernels, other padding).
+    stage("old greedy, batch 32", lambda: generation("old greedy, batch 32", model, tokenizer, prompts[:N_SELF],
+                                                     xsum_recipe(["generation.backend=plain", "generation.batch_size=32",
+                                                                  *greedy]), rows), need=15, into=runs)
     by = {r["run"]: r for r in runs}
     if "old greedy" in by and "new greedy" in by:
         report["greedy_agreement"] = agreement(by["old greedy"], by["new greedy"])
         log("AGREE", json.dumps(report["greedy_agreement"]))
+    if "old greedy" in by and "old greedy, batch 32" in by:
+        report["greedy_agreement_old_batch_16_vs_32"] = agreement(by["old greedy"], by["old greedy, batch 32"])
+        log("AGREE old 16 vs 32", json.dumps(report["greedy_agreement_old_batch_16_vs_32"]))
     report["loss"] = stage("loss", lambda: loss_check(model, tokenizer, examples, base))
     rank_over, rank_prompts = rank_examples(tokenizer)
     for label, over, subset in (("old rank", ["generation.backend=plain", "generation.batch_size=32"], N_RANK_OLD),
@@ -350,14 +360,16 @@ def finish(report: dict, show: bool = True) -> None:
         rate = runs["new sampling"]["prompts_per_s"]
         lines += ["", f"Full XSum test split (11,334 prompts) at the new sampling rate: {11334 / rate / 60:.1f} min "
                       "(plus the merged copy, a few seconds; the rate holds if batches stay as full)."]
-    if report.get("greedy_agreement"):
-        a = report["greedy_agreement"]
-        lines += ["", f"Greedy old vs new on {a['prompts']} prompts: {a['identical_rows']} identical token rows, "
-                      f"{a['identical_predictions']} identical predictions, mean share of tokens before the first "
-                      f"difference {a['mean_share_before_first_difference']:.3f}"
-                      + (f"; first differences at token p10/p50/p90 {a['first_difference_positions']['p10']}/"
-                         f"{a['first_difference_positions']['p50']}/{a['first_difference_positions']['p90']}"
-                         if a["first_difference_positions"] else "")]
+    for key, what in (("greedy_agreement", "old vs new"), ("greedy_agreement_old_batch_16_vs_32",
+                                                           "old at batch 16 vs old at batch 32 (the yardstick)")):
+        if report.get(key):
+            a = report[key]
+            lines += ["", f"Greedy {what} on {a['prompts']} prompts: {a['identical_rows']} identical token rows, "
+                          f"{a['identical_predictions']} identical predictions, mean share of tokens before the first "
+                          f"difference {a['mean_share_before_first_difference']:.3f}"
+                          + (f"; first differences at token p10/p50/p90 {a['first_difference_positions']['p10']}/"
+                             f"{a['first_difference_positions']['p50']}/{a['first_difference_positions']['p90']}"
+                             if a["first_difference_positions"] else "")]
     if report.get("loss"):
         L = report["loss"]
         lines += ["", f"Loss of {L['examples']} reference summaries ({L['tokens']} tokens): 4-bit + LoRA "
