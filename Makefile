@@ -32,7 +32,7 @@ help:  ## list the targets
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
-	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA + generation), see bench/RESULTS.md"
+	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA, generation; EVAL: evaluation old vs new), see bench/RESULTS.md"
 	@echo "make test                       the test suite (CPU, about 6 minutes on 2 cores)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
@@ -95,6 +95,6 @@ clean:
 plan: $(BIN)/runner
 	$(BIN)/runner plan $(RECIPE) $(ARGS)
 
-VARIANTS ?= A L1 L2 L3 L4 low_memory balanced fast GEN fast_pack
+VARIANTS ?= A L1 L2 L3 L4 low_memory balanced fast GEN fast_pack EVAL
 bench: $(BIN)/runner  ## needs a GPU; without one, run `bash bench/run.sh` through the device tool (bench/RESULTS.md)
 	PYTHON=$(BIN)/python bash bench/run.sh "$(VARIANTS)" $${BUDGET:-900}

@@ -37,9 +37,8 @@ class Loss(Evaluator):
     def score_model(self, model, tokenizer, examples, recipe: dict) -> None:
         from runner.rank import completion_logprobs
 
-        batch_size = self.batch_size or recipe["generation"]["batch_size"]
         scored = completion_logprobs(model, tokenizer, list(examples["prompt"]), list(examples["completion"]),
-                                     batch_size)
+                                     recipe, batch_size=self.batch_size)
         self.nll = np.array([-lp for lp, _ in scored], dtype=float)
         self.tokens = np.array([n for _, n in scored], dtype=float)
 

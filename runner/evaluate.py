@@ -9,10 +9,12 @@ from pathlib import Path
 
 from evaluators import BUILTINS
 from evaluators.base import Record
+from runner import backend as backend_mod
 from runner import data as data_mod
 from runner import dist, safeio
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
+from runner import runs as runs_mod
 from runner.errors import RecipeError, short
 
 
@@ -67,6 +69,15 @@ def predictor(recipe: dict):
     return generate_mod.generate
 
 
+def _chooser(recipe: dict):
+    """The predictor's choice of backend and batch size (runner.backend), made once here so it is recorded."""
+    if recipe["generation"]["mode"] == "rank":
+        from runner.rank import choose
+
+        return choose
+    return generate_mod.choose
+
+
 def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
     if role not in known:
         known[role] = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
@@ -87,12 +98,13 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
         known[role] = examples
     examples = _examples_for(role, recipe, tokenizer, known)
     evaluators = build_evaluators(recipe)
+    _reset_peak_memory()
     start = time.time()
-    records = []
+    records, speed = [], {}
     if any(ev.uses_predictions for _, ev in evaluators):
-        records = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
+        records, speed = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
     metrics = {"split": role, "examples": len(examples), "mode": recipe["generation"]["mode"],
-               "prediction_seconds": round(time.time() - start, 2)}
+               "prediction_seconds": round(time.time() - start, 2), **speed}
     for name, evaluator in evaluators:
         if evaluator.needs_model and world.main:
             scored = _examples_for(evaluator.split or role, recipe, tokenizer, known)
@@ -101,8 +113,19 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
             metrics[name] = evaluator.evaluate(records, out_dir)
     if not world.main:
         return None
+    metrics["evaluation_seconds"] = round(time.time() - start, 2)
+    metrics.update(runs_mod.peak_memory())  # of this evaluation: the peak was reset at its start
     safeio.write_json(out_dir / "metrics.json", metrics)
+    print(speed_line(metrics), flush=True)
     return metrics
+
+
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # blocks training cached are not this evaluation's: its peak starts from what is held
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _write_rows(path: Path, rows) -> None:
@@ -122,11 +145,13 @@ def _resumable(pred_path: Path, prompts: list[str]) -> dict[int, dict]:
     return done
 
 
-def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> list[Record]:
+def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> tuple[list[Record], dict]:
     """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped.
+    Returns the records and the speed: backend, batch size, prompts/s and prediction tokens/s of this call.
 
     Under a launcher each rank predicts whole batches of its own (runner.dist.share) into ``predictions.rank<r>.jsonl``
-    and rank 0 merges them, in example order, into ``pred_path``."""
+    and rank 0 merges them, in example order, into ``pred_path``; the backend and batch size are rank 0's, so every
+    rank cuts the same batches."""
     from tqdm.auto import tqdm
 
     world = dist.world()
@@ -134,21 +159,32 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> l
     ids = examples["id"]
     done = dist.broadcast(_resumable(pred_path, prompts) if world.main else None)
     out_path = pred_path if world.size == 1 else pred_path.with_name(f"{pred_path.stem}.rank{world.rank}.jsonl")
-    verb = "ranking labels" if recipe["generation"]["mode"] == "rank" else "generating"
+    choice = dist.broadcast(_chooser(recipe)(model, tokenizer, prompts, recipe, skip=set(done)) if world.main else None)
+    if len(done) < len(prompts):
+        print(f"evaluation: {choice.describe()}" + (f" per process, {world.size} processes" if world.size > 1 else ""),
+              flush=True)
+    rank = recipe["generation"]["mode"] == "rank"
+    verb = "ranking labels" if rank else "generating"
     if world.size > 1:
         verb += f" ({world.size} processes, counted from rank 0)"
-    bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples", dynamic_ncols=True,
-               disable=not world.main)
+    bar = tqdm(total=len(prompts), initial=len(done), desc=verb, unit=" examples" if rank else " prompts",
+               dynamic_ncols=True, disable=not world.main)
+    count = {"predictions": 0, "tokens": 0}
+    start = time.time()
 
     def write(batch):
         with open(out_path, "a", encoding="utf-8") as f:
             for i, text in batch:
                 row = {"index": i, "id": ids[i], "prompt": prompts[i], "reference": references[i], "prediction": text}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        count["predictions"] += len(batch)
+        count["tokens"] += sum(map(len, tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]))
+        bar.set_postfix_str(f"{count['tokens'] * world.size / max(time.time() - start, 1e-6):,.0f} tok/s",
+                            refresh=False)
         bar.update(min(len(batch) * world.size, bar.total - bar.n))
 
     try:
-        predictor(recipe)(model, tokenizer, prompts, recipe, skip=set(done), on_batch=write)
+        predictor(recipe)(model, tokenizer, prompts, backend_mod.apply(recipe, choice), skip=set(done), on_batch=write)
     finally:
         bar.close()
     if world.size > 1:
@@ -157,8 +193,14 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> l
             _write_rows(pred_path, (row for _, row in sorted(_read_done(pred_path).items())))
             for part in _part_files(pred_path):
                 part.unlink()
-        dist.barrier()
-    return read_records(pred_path) if world.main else []
+    seconds = max(time.time() - start, 1e-6)
+    counts = dist.gather(count)
+    made, tokens = sum(c["predictions"] for c in counts), sum(c["tokens"] for c in counts)
+    speed = {"backend": choice.backend, "batch_size": choice.batch_size, "new_predictions": made,
+             "prompts_per_s": round(made / seconds, 3) if made else None,
+             "tokens_per_s": round(tokens / seconds, 3) if made else None,
+             **({"processes": world.size} if world.size > 1 else {})}
+    return (read_records(pred_path) if world.main else []), speed
 
 
 def read_records(pred_path: Path) -> list[Record]:
@@ -184,3 +226,19 @@ def summary_line(metrics: dict) -> str:
                 elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key not in NOT_METRICS:
                     parts.append(f"{name}.{key} {sub:.4g}")
     return f"{metrics['split']} ({metrics['examples']} examples): " + (", ".join(parts) or "no metrics")
+
+
+def speed_line(metrics: dict) -> str | None:
+    """One line: how long the evaluation took, how fast it predicted, with which backend, batch and peak memory."""
+    if metrics.get("evaluation_seconds") is None:
+        return None
+    text = f"Evaluation: {metrics['evaluation_seconds']:.1f} s"
+    if metrics.get("prompts_per_s"):
+        unit = "examples" if metrics.get("mode") == "rank" else "prompts"
+        text += (f"; {metrics['new_predictions']} predictions at {metrics['prompts_per_s']:.2f} {unit}/s, "
+                 f"{metrics['tokens_per_s']:,.0f} prediction tokens/s")
+    if metrics.get("backend"):
+        text += f"; backend {metrics['backend']}, batch {metrics['batch_size']}"
+    if metrics.get("peak_reserved_gb") is not None:
+        text += f"; peak GPU memory {metrics['peak_reserved_gb']:.2f} GiB reserved"
+    return text + "."

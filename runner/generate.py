@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from runner import dist
 
 
-def generation_config(recipe: dict, tokenizer):
+def generation_config(recipe: dict, tokenizer, backend: str = "plain"):
     from transformers import GenerationConfig
 
     g = recipe["generation"]
@@ -18,6 +18,10 @@ def generation_config(recipe: dict, tokenizer):
         kwargs.update(top_p=g["top_p"], temperature=g["temperature"], top_k=g["top_k"] or 0)
     if g["stop"]:
         kwargs["stop_strings"] = list(g["stop"])
+    if backend != "plain" and g["num_beams"] == 1:
+        # Written in place every step instead of re-concatenated; transformers compiles the decoding step of a
+        # model with a static cache on a GPU unless told not to: only the compiled backend lets it.
+        kwargs.update(cache_implementation="static", disable_compile=backend != "compiled")
     return GenerationConfig(**kwargs)
 
 
@@ -39,34 +43,59 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
         yield order[start:start + batch_size]
 
 
+def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
+    """The backend and batch size ``generate`` uses for these prompts (runner.backend)."""
+    from runner import backend
+
+    todo = [i for i in range(len(prompts)) if i not in skip]
+    return backend.for_generation(recipe, model, _lengths(tokenizer, [prompts[i] for i in todo]) or [1])
+
+
+def _lengths(tokenizer, texts: list[str]) -> list[int]:
+    # Special tokens as the tokenizer adds them by default: TRL tokenized the training prompts that way (a BOS).
+    return [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
+
+
 def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
              on_batch: Callable[[list[tuple[int, str]]], None] | None = None) -> dict[int, str]:
-    """Completions for ``prompts`` (by index), streamed batch by batch to ``on_batch``."""
+    """Completions for ``prompts`` (by index), streamed batch by batch to ``on_batch``.
+
+    ``generation.backend`` and ``generation.batch_size`` as runner.backend decides them (``choose``); every backend
+    runs ``model.generate`` with the recipe's decoding settings on length-sorted, left-padded batches.
+    """
     import torch
     from transformers import set_seed
 
-    set_seed(recipe["seed"])
-    config = generation_config(recipe, tokenizer)
+    from runner import backend
+
     todo = [i for i in range(len(prompts)) if i not in skip]
-    # Special tokens as the tokenizer adds them by default: TRL tokenized the training prompts that way (a BOS).
-    lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo])["input_ids"]]
+    if not todo:
+        return {}
+    lengths = _lengths(tokenizer, [prompts[i] for i in todo])
+    choice = backend.for_generation(recipe, model, lengths)
+    config = generation_config(recipe, tokenizer, choice.backend)
     results: dict[int, str] = {}
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        # Under a launcher, this rank's share of the batches (one process: all of them).
-        for batch in dist.share(length_sorted_batches(lengths, recipe["generation"]["batch_size"])):
-            indices = [todo[j] for j in batch]
-            enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(device)
-            with torch.inference_mode():
-                out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts, strict=True)]
-            results.update(done)
-            if on_batch:
-                on_batch(done)
+        with backend.model_for(choice, model) as net:
+            set_seed(recipe["seed"])  # after the copy is made: sampling draws start from the seed on every backend
+            device = next(net.parameters()).device
+            # Under a launcher, this rank's share of the batches (one process: all of them).
+            for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
+                indices = [todo[j] for j in batch]
+                texts = [prompts[i] for i in indices]
+                if choice.backend == "compiled":  # one batch shape: the captured CUDA graph is replayed, not redone
+                    texts += texts[-1:] * (choice.batch_size - len(texts))
+                enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+                with torch.inference_mode():
+                    out = net.generate(**enc, generation_config=config, tokenizer=tokenizer)
+                texts = tokenizer.batch_decode(out[:len(indices), enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts, strict=True)]
+                results.update(done)
+                if on_batch:
+                    on_batch(done)
     finally:
         tokenizer.padding_side = "right"
         model.train(was_training)

@@ -286,3 +286,72 @@ def _lora_text(recipe: dict) -> str:
         return "full fine-tuning"
     targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
     return f"LoRA r={lora['r']} on {targets}"
+
+
+# ---------------------------------------------------------------- evaluation (runner.backend sizes its batches here)
+
+# Bytes per vocabulary entry and row that decoding keeps beside the model's own logits: fp32 logits, the processed
+# scores (repetition penalty, temperature), probabilities, and top-p's sorted values and int64 indices.
+DECODE_LOGIT_BYTES = 4 * 4 + 8
+# A growing (dynamic) KV cache is concatenated anew at every step: the old and the new tensors coexist, and the
+# freed ones rarely fit the next, larger request.
+DYNAMIC_CACHE_COPIES = 2
+
+
+def kv_bytes_per_token(shape: dict, c: int) -> float:
+    """Keys and values of every layer for one token, in ``c``-byte elements."""
+    return 2 * shape["layers"] * shape["kv_dim"] * c
+
+
+def forward_token_bytes(shape: dict, c: int, attn: str, width: int) -> float:
+    """Transient bytes per token of one decoder layer in an inference forward (nothing is saved for backward):
+    the residual stream, norm and branch outputs, q/k/v with their rotated copies and the attention output, the
+    MLP's inner activation with its activation function's temporaries (gelu_new: about four), and with eager
+    attention the softmax over ``width`` keys."""
+    h, i, kv = shape["hidden"], shape["inter"], shape["kv_dim"]
+    mlp = (3 if shape["gated"] else 4) * i
+    total = c * (4 * h + 3 * h + 3 * kv + mlp)
+    if attn == "eager":
+        total += shape["heads"] * width * (4 + c)
+    return total
+
+
+def generation_row_bytes(shape: dict, c: int, prompt_tokens: int, new_tokens: int, static_cache: bool,
+                         attn: str = "sdpa") -> float:
+    """Peak bytes one generated row adds: its KV cache over prompt + new tokens, its prefill transients, and the
+    last position's logits with decoding's copies of them."""
+    width = prompt_tokens + new_tokens
+    kv = kv_bytes_per_token(shape, c) * width * (1 if static_cache else DYNAMIC_CACHE_COPIES)
+    prefill = prompt_tokens * forward_token_bytes(shape, c, attn, width) + prompt_tokens * width  # + the mask
+    return kv + prefill + shape["vocab"] * (c + DECODE_LOGIT_BYTES)
+
+
+def scoring_row_bytes(shape: dict, c: int, tokens: int, scored: int, attn: str = "sdpa") -> float:
+    """Peak bytes one scored row (prompt + completion, no KV cache) adds: its forward transients and the logits of
+    its last ``scored + 1`` positions with their fp32 log-softmax."""
+    return tokens * forward_token_bytes(shape, c, attn, tokens) + (scored + 1) * shape["vocab"] * (c + 3 * 4)
+
+
+def shared_scoring_bytes(shape: dict, c: int, prompt_tokens: int, rows: int, own_tokens: int,
+                         attn: str = "sdpa") -> float:
+    """Peak bytes of one prompt scored for ``rows`` completions of ``own_tokens`` each, the prompt run once
+    (runner.rank.score_groups): its forward transients and KV cache, the cache repeated for every row, then each
+    row's own tokens with their logits."""
+    width = prompt_tokens + own_tokens
+    prompt = prompt_tokens * (forward_token_bytes(shape, c, attn, prompt_tokens) + (1 + rows) * kv_bytes_per_token(
+        shape, c))
+    own = rows * (own_tokens * forward_token_bytes(shape, c, attn, width) + own_tokens * width
+                  + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
+    return prompt + own
+
+
+def rows_within(budget: float, fixed: float, per_row: float) -> int:
+    """The most rows whose predicted reserved memory, ``fixed + rows x per_row`` plus the allocator's slack (as in
+    training's estimate), stays within ``budget`` bytes; 0 when not even one fits."""
+    room = (budget - ALLOCATOR_SLACK_GIB * GIB) / (1 + ALLOCATOR_SLACK) - fixed
+    return max(int(room // per_row), 0) if per_row > 0 else 0
+
+
+def reserved_for(allocated: float) -> float:
+    """Predicted reserved bytes for ``allocated`` bytes (the inverse of rows_within's slack)."""
+    return allocated * (1 + ALLOCATOR_SLACK) + ALLOCATOR_SLACK_GIB * GIB

@@ -84,6 +84,53 @@ def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
     return torch.where(scored.to(device), token_lp, 0.0).sum(-1).cpu()
 
 
+def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
+    """``score_rows`` for groups of rows that start with the same prompt (rank mode: one row per label): the
+    shared tokens run once per group, their KV cache is repeated for the group's rows, and only each row's own
+    tokens run after it. Equal to score_rows up to rounding, for about one prompt's compute instead of one per
+    label. Returns [groups, rows per group]."""
+    import torch
+    from trl.data_utils import common_prefix_length
+
+    device = next(model.parameters()).device
+    pad, k = tokenizer.pad_token_id, len(groups[0])
+    # The shared part stops before the first scored token of every row (a scored token needs the logit before it).
+    shared = [min(min(common_prefix_length(rows[0][0], ids) for ids, _ in rows), *(len(ids) - n for ids, n in rows))
+              for rows in groups]
+    if min(shared) == 0:  # a group whose rows share no token: nothing to run once
+        return score_rows(model, tokenizer, [row for rows in groups for row in rows]).view(len(groups), k)
+    width = max(shared)
+    prefix = torch.full((len(groups), width), pad, dtype=torch.long)
+    prefix_mask = torch.zeros((len(groups), width), dtype=torch.long)
+    for g, (rows, p) in enumerate(zip(groups, shared)):
+        prefix[g, width - p:] = torch.tensor(rows[0][0][:p])  # left-padded: every prefix ends at the right edge
+        prefix_mask[g, width - p:] = 1
+    tails = [(ids[p:], n) for rows, p in zip(groups, shared) for ids, n in rows]
+    tail_width = max(len(t) for t, _ in tails)
+    tail = torch.full((len(tails), tail_width), pad, dtype=torch.long)
+    tail_mask = torch.zeros((len(tails), tail_width), dtype=torch.long)
+    scored = torch.zeros((len(tails), tail_width), dtype=torch.bool)
+    for r, (ids, n) in enumerate(tails):
+        tail[r, :len(ids)] = torch.tensor(ids)  # right-padded: each row continues right after its prefix
+        tail_mask[r, :len(ids)] = 1
+        scored[r, len(ids) - n:len(ids)] = True
+    starts = torch.tensor(shared).repeat_interleave(k)[:, None]
+    with torch.inference_mode():
+        out = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
+                    position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(k, 0)
+        logits = model(input_ids=tail.to(device), past_key_values=cache, use_cache=True,
+                       attention_mask=torch.cat([prefix_mask.repeat_interleave(k, 0), tail_mask], 1).to(device),
+                       position_ids=(starts + torch.arange(tail_width)).to(device)).logits
+    # Tail token j is predicted by the prefix's last logit (j = 0) or by the tail's logit at j - 1.
+    logprobs = torch.cat([first[:, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
+    token_lp = logprobs.gather(-1, tail.to(device).unsqueeze(-1)).squeeze(-1)
+    return torch.where(scored.to(device), token_lp, 0.0).sum(-1).view(len(groups), k).cpu()
+
+
 @contextmanager
 def eval_mode(model):
     """Dropout off while scoring; the model's previous mode restored after."""
@@ -95,38 +142,72 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str],
-                        batch_size: int) -> list[tuple[float, int]]:
-    """(summed log-probability, scored tokens) of each completion + EOS after its prompt."""
+def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str], recipe: dict,
+                        batch_size: int | None = None) -> list[tuple[float, int]]:
+    """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
+    ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
+    from runner import backend
+
     rows = tokenize_pairs(tokenizer, prompts, completions)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    with eval_mode(model):
-        for batch in length_sorted_batches([len(ids) for ids, _ in rows], batch_size):
-            sums = score_rows(model, tokenizer, [rows[i] for i in batch])
+    if not rows:
+        return out
+    lengths = [len(ids) for ids, _ in rows]
+    choice = backend.for_scoring(recipe, model, lengths, max(n for _, n in rows), batch_size=batch_size)
+    with backend.model_for(choice, model) as net, eval_mode(net):
+        for batch in length_sorted_batches(lengths, choice.batch_size):
+            sums = score_rows(net, tokenizer, [rows[i] for i in batch])
             for i, s in zip(batch, sums.tolist()):
                 out[i] = (s, rows[i][1])
     return out
+
+
+def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
+    """(labels, their completion texts, the most tokens a completion + EOS takes)."""
+    labels = rank_labels(recipe)
+    cands = [candidate(recipe, label) for label in labels]
+    longest = max(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for c in cands)
+    return labels, cands, longest
+
+
+def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
+    """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.backend)."""
+    from runner import backend
+
+    _, cands, longest = _candidates(recipe, tokenizer)
+    todo = [prompts[i] for i in range(len(prompts)) if i not in skip]
+    lengths = [len(ids) + longest for ids in tokenizer(todo)["input_ids"]] if todo else [longest]
+    return backend.for_scoring(recipe, model, lengths, longest, rows_per_prompt=len(cands), shared_prefix=True)
 
 
 def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
          on_batch: Callable[[list[tuple[int, str]]], None] | None = None) -> dict[int, str]:
     """The most likely allowed label for each prompt (by index), streamed batch by batch to ``on_batch``.
 
-    Same interface as ``runner.generate.generate``. Each batch of prompts becomes prompts x labels rows scored in
-    one forward pass; the prediction is always one of the labels (ties go to the label listed first).
+    Same interface as ``runner.generate.generate``. Each batch of prompts becomes prompts x labels rows, scored in
+    one forward pass on the plain backend, and on the others with each prompt run once (``score_groups``); the
+    prediction is always one of the labels (ties go to the label listed first).
     """
-    labels = rank_labels(recipe)
-    cands = [candidate(recipe, label) for label in labels]
+    from runner import backend
+
+    labels, cands, longest = _candidates(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
+    if not todo:
+        return {}
     lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo])["input_ids"]]
+    choice = backend.for_scoring(recipe, model, [n + longest for n in lengths], longest, rows_per_prompt=len(cands),
+                                 shared_prefix=True)
     results: dict[int, str] = {}
-    with eval_mode(model):
+    with backend.model_for(choice, model) as net, eval_mode(net):
         # Under a launcher, this rank's share of the batches (one process: all of them).
-        for batch in dist.share(length_sorted_batches(lengths, recipe["generation"]["batch_size"])):
+        for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
                                    [c for _ in indices for c in cands])
-            scores = score_rows(model, tokenizer, pairs).view(len(indices), len(cands))
+            if choice.backend == "plain":
+                scores = score_rows(net, tokenizer, pairs).view(len(indices), len(cands))
+            else:
+                scores = score_groups(net, tokenizer, [pairs[g:g + len(cands)] for g in range(0, len(pairs), len(cands))])
             done = [(i, labels[int(row.argmax())]) for i, row in zip(indices, scores)]
             results.update(done)
             if on_batch:

@@ -565,6 +565,9 @@ def cross_check(recipe: dict) -> None:
     from runner.rank import check_recipe  # rank mode's needs (labels, a one-field completion)
 
     check_recipe(recipe)
+    from runner import backend  # what generation.backend needs (weights it can merge, no beams to compile)
+
+    backend.check_recipe(recipe)
 
 
 def get(recipe: dict, key_path: str) -> Any:

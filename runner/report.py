@@ -11,6 +11,7 @@ import resource
 import sys
 from pathlib import Path
 
+from runner import evaluate as evaluate_mod
 from runner import inspect as inspect_mod
 from runner import safeio
 
@@ -216,6 +217,9 @@ def metrics_section(metrics: dict, run_dir: Path) -> list[str]:
     if not metrics:
         return [*lines, "Not evaluated (`runner train --no-eval`); `runner eval RECIPE --run DIR` evaluates later."]
     lines.append(f"{metrics.get('examples')} examples of the {metrics.get('split')} split.")
+    speed = evaluate_mod.speed_line(metrics)
+    if speed:
+        lines += ["", speed]
     rows = []
     for name, values in metrics.items():
         if isinstance(values, dict):

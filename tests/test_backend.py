@@ -1,0 +1,259 @@
+"""Evaluation backends: the merged copy computes what 4-bit + LoRA computes, every backend gives the plain path's
+greedy predictions and stops where it stopped, batch sizes stay within the memory budget, a merged evaluation
+resumes to the same predictions.jsonl, and `runner validate` checks generation.backend."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from runner import backend, merge, plan
+from runner import data as data_mod
+from runner import evaluate as evaluate_mod
+from runner import generate as generate_mod
+from runner import rank as rank_mod
+from runner import recipe as recipe_mod
+from runner.errors import RecipeError
+from tests.conftest import ROOT
+
+TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
+GIB = 2**30
+
+
+def with_keys(recipe: dict, **sections) -> dict:
+    out = copy.deepcopy(recipe)
+    for section, values in sections.items():
+        out[section].update(values)
+    return recipe_mod.validate(out)
+
+
+@pytest.fixture(scope="module")
+def lora_net(tiny):
+    """The tiny 4-bit Phi with a LoRA whose B matrices are random (a fresh adapter's are zero: nothing to merge).
+    bitsandbytes' CPU inference layout computes in bf16; the training layout computes exactly, so differences
+    below are the merge's own."""
+    import torch
+    from peft import get_peft_model
+
+    from runner import model as model_mod
+
+    torch.set_num_threads(2)
+    recipe = recipe_mod.load(TINY_XSUM)
+    tokenizer = model_mod.load_tokenizer(recipe)
+    base = model_mod.load_base(recipe)
+    model_mod._keep_trainable_layout(base)
+    net = get_peft_model(base, model_mod.lora_config(recipe))
+    gen = torch.Generator().manual_seed(0)
+    for name, param in net.named_parameters():
+        if "lora_B" in name:
+            param.data.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    net.eval()
+    prompts = list(data_mod.prepare(recipe, tokenizer, roles=("test",)).splits["test"]["prompt"][:8])
+    return recipe, tokenizer, net, prompts
+
+
+# ---------------------------------------------------------------- the merged copy
+
+
+def test_the_merged_copy_computes_what_the_4bit_model_with_lora_computes(lora_net):
+    import torch
+
+    recipe, tokenizer, net, prompts = lora_net
+    enc = tokenizer(prompts[:3], return_tensors="pt", padding=True)
+    copy_ = merge.merged_copy(net)
+    assert not merge.is_quantized(copy_) and not hasattr(copy_, "peft_config")
+    with torch.inference_mode():
+        expected, got = net(**enc).logits, copy_(**enc).logits
+        with net.disable_adapter():
+            base_expected = net(**enc).logits
+            base_copy = merge.merged_copy(net)  # inside disable_adapter(): the base alone, as runner compare needs
+            base_got = base_copy(**enc).logits
+    assert (expected - base_expected).abs().max() > 0.5  # the adapter matters, so merging it is tested
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(base_got, base_expected, atol=1e-4, rtol=1e-4)
+    assert merge.adapter_active(net)  # the loaded model is untouched
+
+
+def test_merged_loss_and_rank_scores_match(lora_net):
+    recipe, tokenizer, net, prompts = lora_net
+    completions = [" Storms close schools.", " Norcom cuts jobs.", " Rovers win."]
+    plain = rank_mod.completion_logprobs(net, tokenizer, prompts[:3], completions,
+                                         with_keys(recipe, generation={"backend": "plain"}))
+    merged = rank_mod.completion_logprobs(net, tokenizer, prompts[:3], completions,
+                                          with_keys(recipe, generation={"backend": "merged"}), batch_size=2)
+    for (a, n), (b, m) in zip(plain, merged, strict=True):
+        assert n == m and b == pytest.approx(a, abs=1e-3)
+    pairs = rank_mod.tokenize_pairs(tokenizer, [p for p in prompts[:3] for _ in completions], completions * 3)
+    grouped = rank_mod.score_groups(net, tokenizer, [pairs[g:g + 3] for g in (0, 3, 6)])  # each prompt run once
+    assert grouped.flatten().tolist() == pytest.approx(rank_mod.score_rows(net, tokenizer, pairs).tolist(), abs=1e-3)
+    ranked = with_keys(recipe, generation={"mode": "rank", "labels": ["Storms", "Norcom", "Rovers"]})
+    merged_rank = {**ranked, "generation": {**ranked["generation"], "backend": "merged"}}
+    assert rank_mod.rank(net, tokenizer, prompts[:4], merged_rank) == rank_mod.rank(net, tokenizer, prompts[:4], ranked)
+
+
+# ---------------------------------------------------------------- same predictions, same stops
+
+
+def _generated_rows(monkeypatch) -> list:
+    """Records every row model.generate returns (new tokens, trailing padding dropped), whichever model runs."""
+    from transformers.generation.utils import GenerationMixin
+
+    rows: list = []
+    real = GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        pad = kwargs["generation_config"].pad_token_id
+        for row in out[:, kwargs["input_ids"].shape[1]:].tolist():
+            while row and row[-1] == pad:
+                row.pop()
+            rows.append(row)
+        return out
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def plain_stops(lora_net):
+    """The plain path's greedy predictions with a stop string the random model writes mid-answer, and the tokens
+    model.generate returned for each row (in the length-sorted order of the batch)."""
+    recipe, tokenizer, net, prompts = lora_net
+    free = with_keys(recipe, generation={"max_new_tokens": 10, "stop": [], "backend": "plain", "batch_size": 8})
+    first = generate_mod.generate(net, tokenizer, prompts, free)
+    stop = next(t[3:6] for t in first.values() if len(t) > 8)  # three characters some answer has after its start
+    plain = with_keys(free, generation={"stop": [stop]})
+    with pytest.MonkeyPatch.context() as mp:
+        rows = _generated_rows(mp)
+        expected = generate_mod.generate(net, tokenizer, prompts, plain)
+    assert any(stop not in t and len(t) < len(first[i]) for i, t in expected.items())  # the stop string cut some
+    return plain, expected, rows
+
+
+@pytest.mark.parametrize("name", ["batched", "merged", "compiled"])
+def test_every_backend_predicts_and_stops_as_the_plain_path_does(lora_net, plain_stops, monkeypatch, name):
+    """Greedy: the same cut predictions, and the same generated tokens (each row ended on the same token)."""
+    _, tokenizer, net, prompts = lora_net
+    plain, expected, expected_rows = plain_stops
+    rows = _generated_rows(monkeypatch)
+    got = generate_mod.generate(net, tokenizer, prompts, with_keys(plain, generation={"backend": name,
+                                                                                        "batch_size": 3}))
+    assert got == expected
+    # Rows come in length-sorted order; the compiled backend pads its last batch (3, 3, 2 + 1) with a prompt's copy.
+    assert len(rows) == len(prompts) + (name == "compiled")
+    assert rows[:len(prompts)] == expected_rows
+
+
+def test_sampling_on_a_new_backend_follows_the_seed(lora_net):
+    recipe, tokenizer, net, prompts = lora_net
+    sample = with_keys(recipe, generation={"backend": "merged", "batch_size": 4, "do_sample": True, "top_p": 0.9,
+                                           "temperature": 1.5, "max_new_tokens": 6, "stop": []})
+    first, again = (generate_mod.generate(net, tokenizer, prompts[:3], sample) for _ in range(2))
+    other = generate_mod.generate(net, tokenizer, prompts[:3], {**sample, "seed": sample["seed"] + 1})
+    assert first == again and first != other
+
+
+# ---------------------------------------------------------------- batch sizes within the budget
+
+
+@pytest.mark.parametrize("budget_gib", [1, 3.8, 20, 127])
+@pytest.mark.parametrize("fixed_gib", [0.0, 2.5, 7.5])
+def test_batch_for_budget_never_exceeds_the_budget_and_leaves_little_unused(budget_gib, fixed_gib):
+    from transformers import PhiConfig
+
+    shape = plan._shape(PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                                  num_attention_heads=32))
+    for prompt in (40, 400, 512):
+        for rows_per_prompt in (1, 4):
+            per_row = plan.generation_row_bytes(shape, 2, prompt, 64, static_cache=True)
+            batch = backend.batch_for_budget(budget_gib * GIB, fixed_gib * GIB, per_row, rows_per_prompt, 10_000)
+            used = plan.reserved_for(fixed_gib * GIB + batch * rows_per_prompt * per_row)
+            assert batch == 0 or used <= budget_gib * GIB
+            more = plan.reserved_for(fixed_gib * GIB + (batch + 8) * rows_per_prompt * per_row)
+            assert more > budget_gib * GIB  # within one rounding step (a multiple of 8) of the most that fits
+    assert backend.batch_for_budget(127 * GIB, 0, 1e6, 1, 300) == 300  # never more than the prompts there are
+
+
+def test_auto_merges_when_the_copy_fits_else_batches_and_compiles_long_runs(lora_net, monkeypatch):
+    recipe, tokenizer, net, prompts = lora_net
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] * 100  # 800 prompts
+    auto = with_keys(recipe, generation={"backend": "auto", "batch_size": "auto"})
+    assert backend.for_generation(auto, net, lengths).backend == "plain"  # no GPU: the path and speed of before
+    c = merge.compute_dtype(net).itemsize
+    copy_bytes = merge.copy_bytes(net, c)
+    row = plan.generation_row_bytes(plan._shape(net.config), c, max(lengths), 24, static_cache=True)
+    monkeypatch.setattr(backend, "_allocated", lambda: 1e6)
+    for rows, expected in ((4, "batched"), (40, "merged"), (4000, "merged")):
+        budget = plan.reserved_for(1e6 + copy_bytes + rows * row)
+        monkeypatch.setattr(backend, "budget_bytes", lambda recipe, b=budget: b)
+        choice = backend.for_generation(auto, net, lengths)
+        assert choice.backend == expected
+        assert choice.predicted_gb * GIB <= budget * (1 + 1e-9)
+    long = with_keys(auto, generation={"max_new_tokens": 256})
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes + 64 * row))
+    assert backend.for_generation(long, net, lengths).backend == "compiled"  # 800/64 x 256 decoding steps
+    fixed = with_keys(auto, generation={"backend": "merged", "batch_size": 5})
+    assert backend.for_generation(fixed, net, lengths).batch_size == 5  # a number is used as written
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes / 2))
+    assert backend.for_generation(auto, net, lengths).backend == "batched"
+    with pytest.raises(RecipeError) as err:  # asked for explicitly, a copy that cannot fit is the user's to change
+        backend.for_generation(with_keys(auto, generation={"backend": "merged"}), net, lengths)
+    assert err.value.key_path == "generation.backend"
+
+
+# ---------------------------------------------------------------- resume, records
+
+
+def test_an_interrupted_merged_evaluation_resumes_to_the_same_predictions(lora_net, tmp_path, monkeypatch):
+    recipe, tokenizer, net, _ = lora_net
+    recipe = with_keys(recipe, generation={"max_new_tokens": 4, "batch_size": 3, "backend": "merged"},
+                       evaluation={"evaluators": [{"name": "rouge"}]})
+    examples = data_mod.prepare(recipe, tokenizer, roles=("test",)).splits["test"].select(range(8))
+    full = tmp_path / "full"
+    full.mkdir()
+    metrics = evaluate_mod.evaluate(recipe, net, tokenizer, full, examples=examples)
+    assert (metrics["backend"], metrics["batch_size"], metrics["new_predictions"]) == ("merged", 3, 8)
+    assert metrics["prompts_per_s"] > 0 and metrics["tokens_per_s"] > 0 and metrics["evaluation_seconds"] > 0
+    from runner import report
+
+    shown = "\n".join(report.metrics_section(json.loads((full / "metrics.json").read_text()), full))
+    assert "8 predictions at" in shown and "prompts/s" in shown and "backend merged, batch 3" in shown
+    real = generate_mod.generate
+
+    def killed_after_one_batch(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
+        def stream(batch):
+            on_batch(batch)
+            raise KeyboardInterrupt
+
+        return real(model, tok, prompts, recipe, skip=skip, on_batch=stream)
+
+    out = tmp_path / "resumed"
+    out.mkdir()
+    monkeypatch.setattr(generate_mod, "generate", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)
+    monkeypatch.setattr(generate_mod, "generate", real)
+    resumed = evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)
+    assert resumed["new_predictions"] == 5
+    rows = [sorted((json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()),
+                   key=lambda r: r["index"]) for d in (full, out)]
+    assert rows[0] == rows[1]
+
+
+def test_validate_checks_the_backend():
+    recipe = recipe_mod.load(TINY_XSUM)
+    eight_bit = copy.deepcopy(recipe)
+    eight_bit["quantization"]["method"] = "bnb_8bit"
+    with pytest.raises(RecipeError) as err:
+        with_keys(eight_bit, generation={"backend": "merged"})
+    assert err.value.key_path == "generation.backend"
+    with pytest.raises(RecipeError) as err:
+        with_keys(recipe, generation={"backend": "compiled", "num_beams": 2})
+    assert err.value.key_path == "generation.backend"
+    with pytest.raises(RecipeError) as err:
+        recipe_mod.load(TINY_XSUM, ["generation.batch_size=0"])
+    assert err.value.key_path == "generation.batch_size"
+    assert recipe_mod.load(TINY_XSUM, ["generation.batch_size=auto"])["generation"]["batch_size"] == "auto"
+    assert recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")["generation"]["backend"] == "auto"
