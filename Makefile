@@ -13,10 +13,12 @@ TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 
 TINY := .cache/tiny/BUILT
 THREADS := $(shell nproc 2>/dev/null || echo 2)
 export OMP_NUM_THREADS ?= $(THREADS)
+# Waiting OpenMP threads sleep rather than spin: spinning ones take the cores the working ones need on a busy CPU.
+export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean plan bench
+.PHONY: help install validate inspect train eval compare generate test test-fast smoke tiny lint clean plan bench
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
@@ -69,8 +71,11 @@ generate: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RECIPE=... RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }
 	$(BIN)/runner generate $(RECIPE) --run $(RUN) --input $(INPUT) $(ARGS)
 
-test: $(BIN)/runner $(TINY)
+test: $(BIN)/runner $(TINY)  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(BIN)/runner $(TINY)  ## everything but the tests that train (pytest -m "not slow")
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 smoke: $(BIN)/runner $(TINY)
 	for r in recipes/tiny/*.yaml; do $(BIN)/runner train $$r training.max_steps=5 output_dir=.cache/smoke-runs || exit 1; done

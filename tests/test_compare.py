@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from runner import compare as compare_mod
-from tests.conftest import run_cli
-from tests.trained import TINY_XSUM, xsum_run
+from tests.conftest import ROOT, run_cli
+
+TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 # ---------------------------------------------------------------- statistics
 
@@ -84,8 +85,9 @@ def test_side_by_side_knows_which_direction_is_better():
 
 
 @pytest.fixture(scope="module")
-def compared(tiny):
-    run_dir, out = xsum_run()
+def compared(trained):
+    run = trained("xsum_tiny")
+    run_dir, out = run.run_dir, run.output_dir
     args = ("compare", TINY_XSUM, "--run", run_dir, f"output_dir={out}", "data.test_samples=24",
             "evaluation.evaluators=[{name: rouge}, {name: loss}, {name: samples, count: 4}]")
     result = run_cli(*args)

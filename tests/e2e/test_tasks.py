@@ -60,19 +60,17 @@ def chance(evaluator: str, refs: list[str], labels: list[str]) -> float:
     return max(scores)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
-def test_tiny_twin_learns(task, tiny, tmp_path):
+def test_tiny_twin_learns(task, trained):
     evaluator, metric, floor = TASKS[task]
-    recipe = ROOT / "recipes" / "tiny" / f"{task}.yaml"
-    trained = ok(run_cli("train", recipe, f"output_dir={tmp_path}"))
-    base = ok(run_cli("eval", recipe, "--base", f"output_dir={tmp_path}"))
-    run_dir, base_dir = folder(trained), folder(base)
+    run = trained(task)
+    base = ok(run_cli("eval", run.recipe, "--base", f"output_dir={run.output_dir}"))
+    run_dir, base_dir = run.run_dir, folder(base)
     after = json.loads((run_dir / "metrics.json").read_text())[evaluator]
     before = json.loads((base_dir / "metrics.json").read_text())[evaluator]
     from runner import recipe as recipe_mod
 
-    labels = recipe_mod.load(recipe)["evaluation"]["evaluators"][0]["labels"]
+    labels = recipe_mod.load(run.recipe)["evaluation"]["evaluators"][0]["labels"]
     refs = references(run_dir)
     assert len(refs) == 100 and references(base_dir) == refs  # the same held-out examples
     level = chance(evaluator, refs, labels)
