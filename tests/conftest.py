@@ -1,9 +1,10 @@
 """Shared fixtures: the tiny offline model and data, the tiny twins trained once per session, the real rows in
 ../shared/data, and a CLI runner.
 
-Tiers: a test that trains (or needs a trained twin) is marked `slow`; `make test-fast` runs `pytest -m "not slow"`
-(no training), `make test` runs everything. Any test that uses the `trained` fixture, directly or through another
-fixture, is marked `slow` automatically; one that trains by itself says so with `@pytest.mark.slow`.
+Tiers: `make test` runs everything (what CI runs); `make test-fast` runs `pytest -m "not slow"`, under a minute.
+Mark a test `@pytest.mark.slow` when it trains a model or starts a runner process that loads torch (a few seconds
+of imports each). Tests that use the `trained` fixture, directly or through another fixture, are marked `slow`
+automatically; a test that needs a trained tiny twin should take it from there rather than train its own.
 
 Time limits only catch hangs: a command is stopped when it has printed nothing for HANG_SECONDS (training prints
 a progress bar every step), never because the machine is slow or busy.
