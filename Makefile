@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
-	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin)"
+	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin, ~1-2 min on 2 cores)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
 	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
@@ -30,7 +30,8 @@ help:  ## list the targets
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
 	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA + generation), see bench/RESULTS.md"
-	@echo "make test                       the test suite (CPU, about 6 minutes on 2 cores)"
+	@echo "make test                       the whole test suite, what CI runs (7.3 CPU-minutes; 10.5 min on 2 busy cores)"
+	@echo "make test-fast                  the tests that neither train nor start torch (126 tests, ~30 s)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
 	@echo "make lint                       ruff"

@@ -5,8 +5,8 @@ The margin over chance: the tiny test splits have n = 100 examples, so the stand
 chance level p is sqrt(p(1 - p) / n) <= 0.05. Requiring the trained score to beat the best data-derived chance
 baseline (majority class or uniform guessing; for multi-label, the best constant prediction) by 0.30 puts it at
 least 6 standard errors above what a model that ignores its input can reach. The absolute floors sit below the
-scores measured on 2 CPU threads (AG News 1.00, MNLI 0.78, GoEmotions micro-F1 0.89-0.96), leaving room for the
-small numeric differences between machines and thread counts.
+scores measured on 1 and 2 CPU threads alike (AG News 1.00, MNLI 0.78, GoEmotions micro-F1 0.985), leaving room
+for the small numeric differences between machines and thread counts.
 """
 
 from __future__ import annotations
