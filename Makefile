@@ -16,14 +16,16 @@ TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 
 TINY := .cache/tiny/BUILT
 THREADS := $(shell nproc 2>/dev/null || echo 2)
 export OMP_NUM_THREADS ?= $(THREADS)
+# Waiting OpenMP threads sleep rather than spin: spinning ones take the cores the working ones need on a busy CPU.
+export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate inspect train eval compare generate test smoke tiny lint clean plan bench sweep
+.PHONY: help install validate inspect train eval compare generate test test-fast smoke tiny lint clean plan bench sweep
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
-	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin)"
+	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin, ~1-2 min on 2 cores)"
 	@echo "make train RECIPE=... NPROC=N   the same on N GPUs (torchrun; also for eval and compare)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
@@ -33,7 +35,8 @@ help:  ## list the targets
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
 	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA, generation; EVAL: evaluation old vs new), see bench/RESULTS.md"
-	@echo "make test                       the test suite (CPU, about 6 minutes on 2 cores)"
+	@echo "make test                       the whole test suite, what CI runs (CPU; see README: Tests for its time)"
+	@echo "make test-fast                  the tests that neither train nor start torch (~30 s)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
 	@echo "make lint                       ruff"
@@ -80,8 +83,11 @@ sweep: $(BIN)/runner $(TINY)
 	@test -n "$(AXES)$(filter-out 1,$(SEEDS))" || { echo "error: AXES: missing (make sweep AXES=\"lora.r=8,16\" SEEDS=2)" >&2; exit 2; }
 	$(BIN)/runner sweep $(RECIPE) $(AXES) --seeds $(SEEDS) $(ARGS)
 
-test: $(BIN)/runner $(TINY)
+test: $(BIN)/runner $(TINY)  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(BIN)/runner $(TINY)  ## everything but the tests that train (pytest -m "not slow")
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 smoke: $(BIN)/runner $(TINY)
 	for r in recipes/tiny/*.yaml; do $(BIN)/runner train $$r training.max_steps=5 output_dir=.cache/smoke-runs || exit 1; done

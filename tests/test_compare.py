@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from runner import compare as compare_mod
-from tests.conftest import run_cli
-from tests.trained import TINY_XSUM, xsum_run
+from tests.conftest import ROOT, run_cli
+
+TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 # ---------------------------------------------------------------- statistics
 
@@ -84,8 +85,9 @@ def test_side_by_side_knows_which_direction_is_better():
 
 
 @pytest.fixture(scope="module")
-def compared(tiny):
-    run_dir, out = xsum_run()
+def compared(trained):
+    run = trained("xsum_tiny")
+    run_dir, out = run.run_dir, run.output_dir
     args = ("compare", TINY_XSUM, "--run", run_dir, f"output_dir={out}", "data.test_samples=24",
             "evaluation.evaluators=[{name: rouge}, {name: loss}, {name: samples, count: 4}]")
     result = run_cli(*args)
@@ -150,18 +152,19 @@ def test_compare_needs_a_finished_run(tmp_path, tiny, cli):
 
 
 @pytest.fixture(scope="module")
-def pair(tiny):
-    """A barely-trained adapter (2 steps) as A, the shared trained one (150 steps) as B."""
-    trained, out = xsum_run()
+def pair(trained):
+    """A barely-trained adapter (2 steps) as A, the session's trained one (the recipe as written) as B."""
+    twin = trained("xsum_tiny")
+    full, out = twin.run_dir, twin.output_dir
     result = run_cli("train", TINY_XSUM, f"output_dir={out}/barely", "training.max_steps=2", "--no-eval")
     assert result.returncode == 0, result.stderr[-4000:]
     (barely,) = [p for p in (out / "barely" / "xsum_tiny").iterdir() if (p / "adapter").is_dir()]
-    args = ("compare", TINY_XSUM, "--run", barely, "--run", trained, f"output_dir={out}", "data.test_samples=16",
+    args = ("compare", TINY_XSUM, "--run", barely, "--run", full, f"output_dir={out}", "data.test_samples=16",
             "evaluation.evaluators=[{name: rouge}, {name: samples, count: 2}]")
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-4000:]
-    (folder,) = trained.glob("vs-*")
-    return barely, trained, folder, result
+    (folder,) = full.glob("vs-*")
+    return barely, full, folder, result
 
 
 @pytest.mark.slow
@@ -171,7 +174,7 @@ def test_a_trained_adapter_beats_a_barely_trained_one(pair):
     assert summary["systems"] == ["A", "B"] and summary["runs"] == {"A": str(barely), "B": str(trained)}
     assert json.loads((folder / "runs.json").read_text()) == {"A": str(barely), "B": str(trained)}
     row = summary["metrics"]["rouge.rougeL"]
-    print(f"ROUGE-L A (2 steps) {row['A']:.1f} -> B (150 steps) {row['B']:.1f}")
+    print(f"ROUGE-L A (2 steps) {row['A']:.1f} -> B (fully trained) {row['B']:.1f}")
     assert row["difference"] == pytest.approx(row["B"] - row["A"], abs=1e-6) and row["difference"] > 0
     assert row["better"] == "B" and row["paired"]["difference_ci95"][0] > 0
     rows = {s: [json.loads(line) for line in (folder / s / "predictions.jsonl").read_text().splitlines()]

@@ -73,6 +73,7 @@ def test_fsdp_estimate_shards_the_static_memory(phi2_config):  # noqa: F811
     assert "FSDP gathered layers (current + prefetched)" in four.parts
 
 
+@pytest.mark.slow
 def test_plan_cli_shows_ddp_and_fsdp_per_gpu(phi2_dir, cli):  # noqa: F811
     from tests.conftest import ROOT
 

@@ -76,6 +76,7 @@ def test_missing_required_key(tmp_path, tiny, cli):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_template_field_not_in_columns(tmp_path, tiny, cli):
     def edit(r):
         r["prompt"]["template"] = "Article: {documnt}\nSummary:"
@@ -85,6 +86,7 @@ def test_template_field_not_in_columns(tmp_path, tiny, cli):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_lora_target_the_architecture_lacks(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny, lambda r: r["lora"].update(target_modules=["q_proj", "o_proj"]))
     line = assert_user_error(cli("train", path), "lora.target_modules[1]", "'o_proj'", "dense")
@@ -103,6 +105,7 @@ def test_completion_without_a_field(tmp_path, tiny, cli):
     assert_user_error(cli("validate", path), "prompt.completion", "no dataset field")
 
 
+@pytest.mark.slow
 def test_unreadable_data_file(tmp_path, tiny, cli):
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"document": "a", "summary": "b"}\n{"document": "unterminated\n')
@@ -112,6 +115,7 @@ def test_unreadable_data_file(tmp_path, tiny, cli):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_missing_data_file(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny, lambda r: r["data"]["source"].update(test=str(tmp_path / "nope.jsonl")))
     assert_user_error(cli("train", path), "data.source.test", "file not found")
@@ -125,6 +129,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path, tiny, cli):
     assert "line 5" in line or "line 4" in line
 
 
+@pytest.mark.slow
 def test_model_that_cannot_be_loaded(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny, lambda r: r["model"].update(name_or_path=str(tmp_path / "no-model")))
     assert_user_error(cli("train", path), "model.name_or_path", "cannot load")

@@ -192,6 +192,7 @@ def test_user_evaluator_default_is_filled_and_it_runs(user_package, tiny, monkey
     assert out == {"ratio": pytest.approx((0.5 + 3.0) / 2), "cap": 3.0}
 
 
+@pytest.mark.slow
 def test_eval_runs_a_user_evaluator_and_the_loss(user_package, tiny, cli):
     """`runner eval --base` from the user's folder: their evaluator and the built-in loss land in metrics.json."""
     path = write_recipe(user_package, tiny, _with_user_evaluator({"cap": 2}))

@@ -187,19 +187,21 @@ def test_rank_mode_needs_labels_and_a_one_field_completion():
 # ---------------------------------------------------------------- rank vs generate on the tiny AG News twin
 
 AGNEWS_TINY = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
-STEPS = 100  # about 12 s on 2 idle cores; both modes reach 1.0 on 60 test rows (60 steps: generate 0.63, rank 0.73)
 
 
 @pytest.fixture(scope="module")
-def agnews(tiny, tmp_path_factory):
-    """The AG News twin trained once, in-process; its untrained base is one disable_adapter() away."""
-    from runner import train
+def agnews(trained, tmp_path_factory):
+    """The session's trained AG News twin, its adapter loaded in-process; the untrained base is one
+    disable_adapter() away."""
+    from runner import model as model_mod
 
+    run = trained("agnews_tiny")
     folder = tmp_path_factory.mktemp("agnews")
-    recipe = recipe_mod.load(AGNEWS_TINY, [f"training.max_steps={STEPS}", "training.eval_every=null",
-                                           "data.test_samples=60", f"output_dir={folder}"])
-    _, net, tokenizer, prepared = train.train(recipe)
-    return recipe, net, tokenizer, prepared.splits["test"], folder
+    recipe = recipe_mod.load(AGNEWS_TINY, ["data.test_samples=60", f"output_dir={folder}"])
+    tokenizer = model_mod.load_tokenizer(recipe)
+    net = model_mod.load_trained(recipe, run.run_dir / "adapter")
+    test = data_mod.prepare(recipe, tokenizer, roles=("test",)).splits["test"]
+    return recipe, net, tokenizer, test, folder
 
 
 def evaluate_in(mode: str, agnews, adapter: bool) -> tuple[dict, list[str]]:
@@ -221,12 +223,12 @@ def test_rank_and_generate_agree_with_gold_at_least_as_often_after_training(agne
     recipe = agnews[0]
     labels = next(e["labels"] for e in recipe["evaluation"]["evaluators"] if e["name"] == "classification")
     assert recipe["generation"]["labels"] is None and rank_mod.rank_labels(recipe) == labels
-    results = {(mode, trained): evaluate_in(mode, agnews, trained)
-               for mode in ("generate", "rank") for trained in (False, True)}
+    results = {(mode, adapter): evaluate_in(mode, agnews, adapter)
+               for mode in ("generate", "rank") for adapter in (False, True)}
     acc = {key: value[0]["accuracy"] for key, value in results.items()}
     print({f"{mode} {'trained' if t else 'untrained'}": v for (mode, t), v in acc.items()})
-    for trained in (False, True):  # ranking always answers with a label, trained or not
-        assert set(results[("rank", trained)][1]) <= set(labels) and results[("rank", trained)][0]["invalid"] == 0
+    for adapter in (False, True):  # ranking always answers with a label, trained or not
+        assert set(results[("rank", adapter)][1]) <= set(labels) and results[("rank", adapter)][0]["invalid"] == 0
     assert acc[("generate", True)] >= 0.8 and acc[("rank", True)] >= 0.8
     for mode in ("generate", "rank"):
         assert acc[(mode, True)] >= acc[(mode, False)] + 0.3

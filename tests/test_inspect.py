@@ -112,6 +112,7 @@ def test_no_label_counts_without_a_classification_evaluator(setup, tmp_path):
     assert "labels" not in result["splits"]["train"]
 
 
+@pytest.mark.slow
 def test_the_command_prints_a_table_and_saves_json_and_histograms(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny)
     out = tmp_path / "inspected"
@@ -130,6 +131,7 @@ def test_the_command_prints_a_table_and_saves_json_and_histograms(tmp_path, tiny
     assert (tmp_path / "runs" / "news" / "inspect" / "inspect.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_template_field_that_is_no_column_is_a_one_line_error(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny, template="Text: {txt}\nTopic:", truncate=None)
     result = cli("inspect", path)

@@ -125,6 +125,7 @@ def test_fixed_rows_layout():
         profiles.FixedRows(PAD, 3)([{"input_ids": [1, 2, 3, 4]}])
 
 
+@pytest.mark.slow
 def test_profile_fast_trains_packed_fixed_rows_through_the_cli(tiny, cli, tmp_path):
     result = cli("train", TINY, "training.profile=fast", "training.packing=true", "training.max_steps=3",
                  "training.micro_batch_size=4", "training.gradient_accumulation_steps=2", "data.train_samples=64",

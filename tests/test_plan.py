@@ -37,6 +37,7 @@ def xsum(*overrides: str) -> dict:
     return recipe_mod.load(XSUM, list(overrides))
 
 
+@pytest.mark.slow
 def test_plan_runs_offline_from_a_folder_holding_only_config_json(phi2_dir, cli):
     result = cli("plan", XSUM, f"model.name_or_path={phi2_dir}", "--gpu-gb", "80")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -123,6 +124,7 @@ def test_a_vram_budget_nothing_fits_is_a_recipe_error(phi2_config):
     assert "nothing fits 1 GiB" in err.value.problem
 
 
+@pytest.mark.slow
 def test_train_refuses_a_budget_before_loading_weights_or_writing_anything(tiny, cli, tmp_path):
     result = cli("train", TINY, "training.vram_budget_gb=0.000001", f"output_dir={tmp_path / 'runs'}")
     assert result.returncode == 2, result.stderr[-3000:]

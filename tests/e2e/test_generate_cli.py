@@ -4,15 +4,14 @@ template and a trained adapter; mistakes in the input fail in one line before an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, run_cli
 from tests.test_errors import assert_user_error, write_recipe
-from tests.trained import TINY_XSUM, xsum_run
+
+TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 N = 8
 
@@ -28,8 +27,15 @@ def articles(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def from_jsonl(tiny, articles):
-    run_dir, out = xsum_run()
+def xsum(trained):
+    """(run folder, output_dir) of the session's trained tiny XSum twin."""
+    run = trained("xsum_tiny")
+    return run.run_dir, run.output_dir
+
+
+@pytest.fixture(scope="module")
+def from_jsonl(xsum, articles):
+    run_dir, out = xsum
     result = run_cli("generate", TINY_XSUM, "--run", run_dir, "--input", articles[0] / "articles.jsonl",
                      f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -48,20 +54,19 @@ def test_generate_prints_one_summary_per_article(from_jsonl, articles):
     assert "generating" in from_jsonl.stderr  # the progress bar goes to stderr, stdout holds only completions
 
 
-def test_raw_text_from_stdin_gives_the_same_summaries(from_jsonl, articles):
-    run_dir, out = xsum_run()
+def test_raw_text_from_stdin_gives_the_same_summaries(xsum, from_jsonl, articles):
+    run_dir, out = xsum
     text = (articles[0] / "articles.txt").read_text()
-    result = subprocess.run([sys.executable, "-m", "runner", "generate", str(TINY_XSUM), "--run", str(run_dir),
-                             "--input", "-", "--jsonl", f"output_dir={out}"], input=text, capture_output=True,
-                            text=True, cwd=ROOT, env=cli_env(), timeout=600)
+    result = run_cli("generate", TINY_XSUM, "--run", run_dir, "--input", "-", "--jsonl", f"output_dir={out}",
+                     input=text)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["document"] for r in records] == [line for line in text.splitlines() if line]
     assert [r["completion"] for r in records] == from_jsonl.stdout.splitlines()
 
 
-def test_input_mistakes_fail_before_loading(tmp_path, tiny, cli, articles):
-    run_dir, _ = xsum_run()
+def test_input_mistakes_fail_before_loading(tmp_path, tiny, cli, articles, xsum):
+    run_dir, _ = xsum
     missing = cli("generate", TINY_XSUM, "--run", run_dir, "--input", tmp_path / "nope.jsonl")
     assert_user_error(missing, "--input", "file not found")
     bad_record = tmp_path / "bad.jsonl"

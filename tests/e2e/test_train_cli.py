@@ -26,47 +26,50 @@ def ok(result):
     return result
 
 
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
-    """One training of the tiny XSum twin through `runner train`, shared by the tests below."""
-    out = tmp_path_factory.mktemp("runs")
-    result = ok(run_cli("train", TINY, f"output_dir={out}"))
-    return run_folder(out, "xsum_tiny"), out, result
-
-
 def rouge_l(metrics: dict) -> float:
     return metrics["rouge"]["rougeL"]["f1"]
 
 
 def test_tiny_xsum_learns_to_summarize(trained):
-    run_dir, out, result = trained
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    base = ok(run_cli("eval", TINY, "--base", f"output_dir={out}"))
-    base_dir = next((out / "xsum_tiny" / "base").iterdir())
+    run = trained("xsum_tiny")
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    base = ok(run_cli("eval", TINY, "--base", f"output_dir={run.output_dir}"))
+    base_dir = next((run.output_dir / "xsum_tiny" / "base").iterdir())
     base_metrics = json.loads((base_dir / "metrics.json").read_text())
     assert metrics["examples"] == base_metrics["examples"] == 48
     print(f"ROUGE-L trained {rouge_l(metrics):.1f} vs untrained {rouge_l(base_metrics):.1f}")
     assert rouge_l(metrics) >= 50
     assert rouge_l(metrics) >= 3 * rouge_l(base_metrics)
-    assert "rougeL" in result.stdout and "trainable params:" in result.stdout
+    assert "rougeL" in run.stdout and "trainable params:" in run.stdout
     assert "rougeL" in base.stdout
 
 
 def test_run_folder_holds_the_record(trained):
-    run_dir, _, _ = trained
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    assert recipe["training"]["max_steps"] == 300 and recipe["training"]["num_threads"] is None  # defaults filled
-    env = json.loads((run_dir / "env.json").read_text())
+    run = trained("xsum_tiny")
+    steps = yaml.safe_load(TINY.read_text())["training"]["max_steps"]
+    recipe = yaml.safe_load((run.run_dir / "recipe.yaml").read_text())
+    assert recipe["training"]["max_steps"] == steps and recipe["training"]["num_threads"] is None  # defaults filled
+    env = json.loads((run.run_dir / "env.json").read_text())
     assert env["versions"]["trl"] and env["device"]["type"] in ("cpu", "cuda")
     assert env["data"]["train"]["kept"] == 2000 and len(env["data_fingerprint"]) == 16
-    assert env["trainable"] > 0 and env["train_seconds"] > 0 and env["global_step"] == 300
-    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert env["trainable"] > 0 and env["train_seconds"] > 0 and env["global_step"] == steps
+    log = [json.loads(line) for line in (run.run_dir / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert len(losses) >= 20 and losses[-1] < losses[0]
+    assert len(losses) >= steps // 10 and losses[-1] < losses[0]
     assert any("eval_loss" in r for r in log)
-    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (run.run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 48 and {"prompt", "reference", "prediction"} <= set(predictions[0])
-    assert "| reference | prediction |" in (run_dir / "samples.md").read_text()
+    assert "| reference | prediction |" in (run.run_dir / "samples.md").read_text()
+
+
+def test_the_cpu_trained_adapter_stays_fp32(trained):
+    """TRL casts QLoRA adapters to bf16; on a CPU the runner keeps them fp32 (bf16 matmuls are slow without
+    AVX512-BF16), so the saved adapter is fp32 too."""
+    from safetensors import safe_open
+
+    with safe_open(trained("xsum_tiny").run_dir / "adapter" / "adapter_model.safetensors", "pt") as f:
+        dtypes = {str(f.get_slice(name).get_dtype()) for name in f.keys()}
+    assert dtypes == {"F32"}
 
 
 def test_adapter_loads_with_plain_peft(trained, tiny):
@@ -74,7 +77,7 @@ def test_adapter_loads_with_plain_peft(trained, tiny):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir, _, _ = trained
+    run_dir = trained("xsum_tiny").run_dir
     base = AutoModelForCausalLM.from_pretrained(tiny / "phi")
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
@@ -84,13 +87,14 @@ def test_adapter_loads_with_plain_peft(trained, tiny):
 
 
 def test_eval_of_a_saved_run_reproduces_its_metrics(trained):
-    run_dir, _, _ = trained
+    run_dir = trained("xsum_tiny").run_dir
     ok(run_cli("eval", TINY, "--run", run_dir))
     again = json.loads(next(run_dir.glob("eval-*/metrics.json")).read_text())
     first = json.loads((run_dir / "metrics.json").read_text())
     assert rouge_l(again) == pytest.approx(rouge_l(first), abs=1.0)  # greedy; 4-bit CPU kernels differ slightly
 
 
+@pytest.mark.slow
 def test_the_study_recipe_runs_end_to_end_on_the_tiny_model(tiny, tmp_path):
     """xsum_phi2.yaml unchanged but for model, data and sizes: NF4 double quant, q/k/v/dense LoRA,
     paged_adamw_8bit, gradient checkpointing, eval and checkpoints, nucleus sampling with repetition penalty."""
@@ -116,6 +120,7 @@ def test_the_study_recipe_runs_end_to_end_on_the_tiny_model(tiny, tmp_path):
     assert "trainable params:" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_an_interrupted_run(tiny, tmp_path):
     args = ["train", TINY, f"output_dir={tmp_path}", "training.max_steps=4", "training.save_every=2",
             "training.resume=auto", "training.logging_steps=1", "data.train_samples=64", "data.test_samples=4", "--no-eval"]
