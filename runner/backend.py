@@ -28,8 +28,9 @@ DEFAULT_BATCH = 16
 # auto merges only when the copy leaves room for at least this many prompts a batch (else batched is faster).
 MIN_BATCH = 16
 # auto compiles the decoding step only when an evaluation runs at least this many decoding steps (batches x
-# max_new_tokens). Provisional, to be set from bench/generate_bench.py's measured compile time and per-step gain.
-COMPILE_MIN_STEPS = 2000
+# max_new_tokens): on one H200 (bench/RESULTS.md) compiling cost 27 s and saved ~4.7 ms a step at batch 256
+# (84 -> 80 ms), so it pays after about 5,800 steps.
+COMPILE_MIN_STEPS = 6000
 # Device memory kept out of the budget: cuBLAS workspaces, the CUDA graphs' pool, kernels loaded on first use.
 HEADROOM_GIB = 0.5
 
