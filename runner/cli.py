@@ -358,13 +358,20 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
 
 
+# How gloo and NCCL report that a peer process died: not this rank's failure.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ProcessGroupNCCL")
+
+
 def _for_rank(error: RecipeError, world: dist.World) -> str:
-    """The error line as this rank says it: every rank checks the same recipe the same way, so rank 0 alone
-    reports the user's mistakes; anything else names the rank it happened on (the launcher stops the others)."""
-    if world.size == 1:
+    """The error line as this rank says it. Until the ranks first meet, each runs the same checks on the same recipe
+    and data, so rank 0 alone reports the user's mistakes; anything else, or anything after that, names the rank
+    it happened on (the launcher stops the others)."""
+    if world.size == 1 or (world.main and error.exit_code == 2):
         return error.line() + "\n"
-    if error.exit_code == 2:
-        return error.line() + "\n" if world.main else ""
+    if error.exit_code == 2 and not dist.diverged_yet():
+        return ""
+    if any(sign in error.line() for sign in _PEER_GONE):
+        return f"error: rank {world.rank}: another rank stopped first (its error line above says why)\n"
     return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
 
 

@@ -73,6 +73,15 @@ def init() -> World:
     return w
 
 
+_COLLECTIVES = [0]  # how many collectives this process has joined
+
+
+def diverged_yet() -> bool:
+    """Whether this process has joined a collective. Before the first one every rank runs the same checks on the
+    same recipe and data, so a user error then is every rank's and rank 0 alone needs to say it."""
+    return _COLLECTIVES[0] > 0
+
+
 def _group_ready() -> bool:
     if world().size == 1:
         return False
@@ -88,6 +97,7 @@ def broadcast(obj):
     import torch.distributed as td
 
     box = [obj]
+    _COLLECTIVES[0] += 1
     td.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -99,6 +109,7 @@ def gather(obj) -> list:
     import torch.distributed as td
 
     out = [None] * td.get_world_size()
+    _COLLECTIVES[0] += 1
     td.all_gather_object(out, obj)
     return out
 
@@ -107,6 +118,7 @@ def barrier() -> None:
     if _group_ready():
         import torch.distributed as td
 
+        _COLLECTIVES[0] += 1
         td.barrier()
 
 
