@@ -28,9 +28,8 @@ DEFAULT_BATCH = 16
 # auto merges only when the copy leaves room for at least this many prompts a batch (else batched is faster).
 MIN_BATCH = 16
 # auto compiles the decoding step only when an evaluation runs at least this many decoding steps (batches x
-# max_new_tokens). Measured on one H200 (bench/results/eval_table_h200.md, Phi-2 shape, batch 256, sampling): the
-# compile costs 27 s once, and the compiled step is about 4.7 ms faster than merged's (5.1 vs 5.4 s for 64 steps
-# with prefill), so it pays after about 5,800 steps; the full XSum test split at batch 256 is about 2,900.
+# max_new_tokens): on one H200 (bench/RESULTS.md) compiling cost 27 s and saved ~4.7 ms a step at batch 256
+# (84 -> 80 ms), so it pays after about 5,800 steps.
 COMPILE_MIN_STEPS = 6000
 # Scoring forward passes (rank mode, the loss evaluator) are compute-bound: past this many tokens a pass, a larger
 # batch adds memory, not speed (the plain path reached 100 AG News examples/s with 12,800-token passes on an H200).

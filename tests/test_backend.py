@@ -17,16 +17,10 @@ from runner import rank as rank_mod
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
 from tests.conftest import ROOT
+from tests.test_generate import with_keys
 
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 GIB = 2**30
-
-
-def with_keys(recipe: dict, **sections) -> dict:
-    out = copy.deepcopy(recipe)
-    for section, values in sections.items():
-        out[section].update(values)
-    return recipe_mod.validate(out)
 
 
 @pytest.fixture(scope="module")

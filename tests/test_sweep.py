@@ -67,6 +67,7 @@ def test_grid_mistakes_fail_before_anything_trains(tiny, tmp_path, args, seeds, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_dry_run_plans_every_setting_and_a_config_mistake_names_its_cell(tiny, tmp_path, cli):
     result = cli("sweep", AGNEWS, "lora.r=4,8", "--seeds", "2", f"output_dir={tmp_path}", "--dry-run", "--card", "H200")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -71,6 +71,7 @@ def test_the_card_is_named_detected_or_assumed_and_said():
     assert err.value.key_path == "--card" and "H100, H200" in err.value.hint
 
 
+@pytest.mark.slow
 def test_plan_prints_the_time_per_profile_and_the_card(tmp_path, cli):
     from transformers import PhiConfig
 

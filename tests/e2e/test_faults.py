@@ -24,6 +24,8 @@ ARGS = ["training.max_steps=6", "training.save_every=2", "training.logging_steps
         "training.eval_every=3", "data.train_samples=48", "data.eval_samples=8", "data.test_samples=8",
         "generation.batch_size=4", "generation.max_new_tokens=8", "training.learning_rate=0.01"]
 
+pytestmark = pytest.mark.slow  # every test here trains or runs the CLI
+
 
 def train(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = cli_env() | ({"FAULT": fault} if fault else {})
