@@ -31,6 +31,9 @@ MIN_BATCH = 16
 # max_new_tokens): on one H200 (bench/RESULTS.md) compiling cost 27 s and saved ~4.7 ms a step at batch 256
 # (84 -> 80 ms), so it pays after about 5,800 steps.
 COMPILE_MIN_STEPS = 6000
+# Scoring forward passes (rank mode, the loss evaluator) are compute-bound: past this many tokens a pass, a larger
+# batch adds memory, not speed (the plain path reached 100 AG News examples/s with 12,800-token passes on an H200).
+SCORING_TOKENS = 32768
 # Device memory kept out of the budget: cuBLAS workspaces, the CUDA graphs' pool, kernels loaded on first use.
 HEADROOM_GIB = 0.5
 
@@ -127,8 +130,9 @@ def batch_for_budget(budget: float, fixed: float, per_row: float, rows_per_promp
 
 
 def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_per_batch: int,
-          batch: int | str) -> Choice:
-    """The backend and batch size for ``n`` prompts; ``row_bytes(backend)`` is one row's predicted peak bytes."""
+          batch: int | str, most: int | None = None) -> Choice:
+    """The backend and batch size for ``n`` prompts; ``row_bytes(backend)`` is one row's predicted peak bytes;
+    ``most``: at most this many prompts a batch when sized from memory."""
     from runner import merge, plan
     from runner.plan import GIB
 
@@ -146,7 +150,7 @@ def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_pe
         if fixed_batch or backend == "plain":
             size = fixed_batch or DEFAULT_BATCH
         else:
-            size = batch_for_budget(budget, fixed, row_bytes(backend), rows_per_prompt, n)
+            size = batch_for_budget(budget, fixed, row_bytes(backend), rows_per_prompt, min(n, most or n))
         predicted = plan.reserved_for(fixed + max(size, 1) * rows_per_prompt * row_bytes(backend))
         return Choice(backend, size, predicted_gb=predicted / GIB, budget_gb=budget / GIB)
 
@@ -209,11 +213,13 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
     def prompt_bytes(name: str) -> float:
         c = _dtype_bytes(model, name)
         if shared_prefix and name != "plain":
-            return plan.shared_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt, scored_tokens, attn)
+            return plan.shared_scoring_bytes(shape, c, longest - scored_tokens, scored_tokens, attn)
         return rows_per_prompt * plan.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
 
     scoring = {**recipe, "generation": {**g, "backend": backend, "num_beams": 1}}
-    return _pick(scoring, model, len(lengths), prompt_bytes, 1, 0, batch)
+    # Tokens a forward pass runs per prompt: with a shared prompt, the prompt once and each label's own tokens.
+    per_prompt = longest + (rows_per_prompt - 1) * scored_tokens if shared_prefix else longest * rows_per_prompt
+    return _pick(scoring, model, len(lengths), prompt_bytes, 1, 0, batch, most=max(1, SCORING_TOKENS // per_prompt))
 
 
 # ---------------------------------------------------------------- the model to run

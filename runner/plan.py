@@ -332,26 +332,30 @@ def scoring_row_bytes(shape: dict, c: int, tokens: int, scored: int, attn: str =
     return tokens * forward_token_bytes(shape, c, attn, tokens) + (scored + 1) * shape["vocab"] * (c + 3 * 4)
 
 
-def shared_scoring_bytes(shape: dict, c: int, prompt_tokens: int, rows: int, own_tokens: int,
-                         attn: str = "sdpa") -> float:
-    """Peak bytes of one prompt scored for ``rows`` completions of ``own_tokens`` each, the prompt run once
-    (runner.rank.score_groups): its forward transients and KV cache, the cache repeated for every row, then each
-    row's own tokens with their logits."""
+def shared_scoring_bytes(shape: dict, c: int, prompt_tokens: int, own_tokens: int, attn: str = "sdpa") -> float:
+    """Peak bytes of one prompt scored for several completions of ``own_tokens`` each, the prompt run once and
+    each completion continuing its KV cache in turn (runner.rank.score_groups): the prompt's forward transients and
+    cache, one completion's forward, the cache layer it re-concatenates, and its logits."""
     width = prompt_tokens + own_tokens
-    prompt = prompt_tokens * (forward_token_bytes(shape, c, attn, prompt_tokens) + (1 + rows) * kv_bytes_per_token(
-        shape, c))
-    own = rows * (own_tokens * forward_token_bytes(shape, c, attn, width) + own_tokens * width
-                  + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
+    prompt = prompt_tokens * (forward_token_bytes(shape, c, attn, prompt_tokens) + kv_bytes_per_token(shape, c))
+    own = (own_tokens * forward_token_bytes(shape, c, attn, width) + own_tokens * width
+           + width * kv_bytes_per_token(shape, c) / shape["layers"] + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
     return prompt + own
 
 
+# Reserved over allocated during evaluation: 11-19% on one H200 (bench/results/eval_table_h200.md: the plain path
+# 5.54 / 5.01 GiB, batched 3.72 / 3.30, merged 75.6 / 63.6, compiled 81.8 / 68.8): a new static cache and prefill
+# transients per batch fragment more than training's fixed shapes.
+EVAL_ALLOCATOR_SLACK = 0.15
+
+
 def rows_within(budget: float, fixed: float, per_row: float) -> int:
-    """The most rows whose predicted reserved memory, ``fixed + rows x per_row`` plus the allocator's slack (as in
-    training's estimate), stays within ``budget`` bytes; 0 when not even one fits."""
-    room = (budget - ALLOCATOR_SLACK_GIB * GIB) / (1 + ALLOCATOR_SLACK) - fixed
+    """The most rows whose predicted reserved memory, ``fixed + rows x per_row`` plus evaluation's allocator slack,
+    stays within ``budget`` bytes; 0 when not even one fits."""
+    room = (budget - ALLOCATOR_SLACK_GIB * GIB) / (1 + EVAL_ALLOCATOR_SLACK) - fixed
     return max(int(room // per_row), 0) if per_row > 0 else 0
 
 
 def reserved_for(allocated: float) -> float:
-    """Predicted reserved bytes for ``allocated`` bytes (the inverse of rows_within's slack)."""
-    return allocated * (1 + ALLOCATOR_SLACK) + ALLOCATOR_SLACK_GIB * GIB
+    """Predicted reserved bytes during evaluation for ``allocated`` bytes (the inverse of rows_within's slack)."""
+    return allocated * (1 + EVAL_ALLOCATOR_SLACK) + ALLOCATOR_SLACK_GIB * GIB

@@ -85,10 +85,11 @@ def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
 
 
 def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
-    """``score_rows`` for groups of rows that start with the same prompt (rank mode: one row per label): the
-    shared tokens run once per group, their KV cache is repeated for the group's rows, and only each row's own
-    tokens run after it. Equal to score_rows up to rounding, for about one prompt's compute instead of one per
-    label. Returns [groups, rows per group]."""
+    """``score_rows`` for groups of rows that start with the same prompt (rank mode: one row per label, every group
+    with as many): the shared tokens run once per group, then each label's own tokens continue that KV cache, one
+    label at a time (the cache is cropped back to the prompt after each, so it is held once, not once per label).
+    Equal to score_rows up to rounding, for about one prompt's compute instead of one per label.
+    Returns [groups, rows per group]."""
     import torch
     from trl.data_utils import common_prefix_length
 
@@ -105,30 +106,39 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     for g, (rows, p) in enumerate(zip(groups, shared)):
         prefix[g, width - p:] = torch.tensor(rows[0][0][:p])  # left-padded: every prefix ends at the right edge
         prefix_mask[g, width - p:] = 1
-    tails = [(ids[p:], n) for rows, p in zip(groups, shared) for ids, n in rows]
-    tail_width = max(len(t) for t, _ in tails)
-    tail = torch.full((len(tails), tail_width), pad, dtype=torch.long)
-    tail_mask = torch.zeros((len(tails), tail_width), dtype=torch.long)
-    scored = torch.zeros((len(tails), tail_width), dtype=torch.bool)
-    for r, (ids, n) in enumerate(tails):
-        tail[r, :len(ids)] = torch.tensor(ids)  # right-padded: each row continues right after its prefix
-        tail_mask[r, :len(ids)] = 1
-        scored[r, len(ids) - n:len(ids)] = True
-    starts = torch.tensor(shared).repeat_interleave(k)[:, None]
+    sums = torch.zeros((len(groups), k))
     with torch.inference_mode():
         out = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
                     position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
                     logits_to_keep=1)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(k)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(k, 0)
-        logits = model(input_ids=tail.to(device), past_key_values=cache, use_cache=True,
-                       attention_mask=torch.cat([prefix_mask.repeat_interleave(k, 0), tail_mask], 1).to(device),
-                       position_ids=(starts + torch.arange(tail_width)).to(device)).logits
-    # Tail token j is predicted by the prefix's last logit (j = 0) or by the tail's logit at j - 1.
-    logprobs = torch.cat([first[:, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
-    token_lp = logprobs.gather(-1, tail.to(device).unsqueeze(-1)).squeeze(-1)
-    return torch.where(scored.to(device), token_lp, 0.0).sum(-1).view(len(groups), k).cpu()
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        for j in range(k):
+            tail, tail_mask, scored = _tails([(rows[j][0][p:], rows[j][1]) for rows, p in zip(groups, shared)], pad)
+            logits = model(input_ids=tail.to(device), past_key_values=cache, use_cache=True,
+                           attention_mask=torch.cat([prefix_mask, tail_mask], 1).to(device),
+                           position_ids=(torch.tensor(shared)[:, None] + torch.arange(tail.shape[1])).to(device)).logits
+            cache.crop(-tail.shape[1])  # back to the prompt for the next label
+            # Tail token t is predicted by the prompt's last logit (t = 0) or by the tail's logit at t - 1.
+            logprobs = torch.cat([first[:, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
+            token_lp = logprobs.gather(-1, tail.to(device).unsqueeze(-1)).squeeze(-1)
+            sums[:, j] = torch.where(scored.to(device), token_lp, 0.0).sum(-1).cpu()
+    return sums
+
+
+def _tails(tails: list[tuple[list[int], int]], pad: int):
+    """Right-padded [rows, longest] ids, their mask, and which positions are the row's last ``n`` (scored)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in tails)
+    ids_t = torch.full((len(tails), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(tails), width), dtype=torch.long)
+    scored = torch.zeros((len(tails), width), dtype=torch.bool)
+    for r, (ids, n) in enumerate(tails):
+        ids_t[r, :len(ids)] = torch.tensor(ids)  # right-padded: each row continues right after its prompt
+        mask[r, :len(ids)] = 1
+        scored[r, len(ids) - n:len(ids)] = True
+    return ids_t, mask, scored
 
 
 @contextmanager

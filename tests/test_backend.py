@@ -185,9 +185,13 @@ def test_auto_merges_when_the_copy_fits_else_batches_and_compiles_long_runs(lora
         choice = backend.for_generation(auto, net, lengths)
         assert choice.backend == expected
         assert choice.predicted_gb * GIB <= budget * (1 + 1e-9)
-    long = with_keys(auto, generation={"max_new_tokens": 256})
-    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes + 64 * row))
-    assert backend.for_generation(long, net, lengths).backend == "compiled"  # 800/64 x 256 decoding steps
+    new_tokens = backend.COMPILE_MIN_STEPS // 12  # 800 prompts in 13 batches of 64: 13 x new_tokens steps
+    long = with_keys(auto, generation={"max_new_tokens": new_tokens})
+    long_row = plan.generation_row_bytes(plan._shape(net.config), c, max(lengths), new_tokens, static_cache=True)
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes + 64 * long_row))
+    assert backend.for_generation(long, net, lengths).backend == "compiled"
+    short = with_keys(auto, generation={"max_new_tokens": new_tokens // 2})
+    assert backend.for_generation(short, net, lengths).backend == "merged"  # half the steps: compiling costs more
     fixed = with_keys(auto, generation={"backend": "merged", "batch_size": 5})
     assert backend.for_generation(fixed, net, lengths).batch_size == 5  # a number is used as written
     monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes / 2))
@@ -195,6 +199,25 @@ def test_auto_merges_when_the_copy_fits_else_batches_and_compiles_long_runs(lora
     with pytest.raises(RecipeError) as err:  # asked for explicitly, a copy that cannot fit is the user's to change
         backend.for_generation(with_keys(auto, generation={"backend": "merged"}), net, lengths)
     assert err.value.key_path == "generation.backend"
+
+
+def test_scoring_batches_stop_at_the_token_cap_and_within_the_budget(lora_net, monkeypatch):
+    """Scoring passes are compute-bound: a card with room for thousands of prompts still gets passes of at most
+    SCORING_TOKENS tokens; a small budget gets fewer prompts, within it."""
+    recipe, tokenizer, net, prompts = lora_net
+    lengths = [100] * 5000
+    auto = with_keys(recipe, generation={"backend": "merged", "batch_size": "auto"})
+    monkeypatch.setattr(backend, "_allocated", lambda: 1e6)
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: 1000 * GIB)
+    shared = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4, shared_prefix=True)
+    assert shared.batch_size * (96 + 4 * 4) <= backend.SCORING_TOKENS < (shared.batch_size + 8) * (96 + 4 * 4)
+    rows = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4)  # every label's row runs the prompt
+    assert rows.batch_size * 4 * 100 <= backend.SCORING_TOKENS < (rows.batch_size + 8) * 4 * 100
+    small = plan.reserved_for(1e6 + merge.copy_bytes(net, 4) + 10.5 * plan.shared_scoring_bytes(
+        plan._shape(net.config), 4, 96, 4))
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: small)
+    choice = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4, shared_prefix=True)
+    assert choice.batch_size == 10 and choice.predicted_gb * GIB <= small * (1 + 1e-9)
 
 
 # ---------------------------------------------------------------- resume, records
