@@ -162,7 +162,7 @@ ARGS = ("sweep", AGNEWS, "lora.r=4,8", "training.learning_rate=0.001,0.003", "--
 @pytest.fixture(scope="module")
 def swept(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    result = run_cli(*ARGS, f"output_dir={out}", timeout=1200)
+    result = run_cli(*ARGS, f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-4000:]
     (folder,) = (out / "agnews_tiny" / "sweeps").iterdir()
     return out, folder, result
