@@ -135,7 +135,11 @@ def cmd_train(args) -> int:
     from runner import dist, evaluate, train
 
     run_dir, model, tokenizer, prepared = train.train(recipe)
-    if not args.no_eval:
+    if not args.no_eval and dist.sharded(model):
+        # Each rank would generate its own batches on a model whose every forward needs all ranks in step.
+        print(f"evaluation: skipped after FSDP training; evaluate the saved adapter with `runner eval "
+              f"{args.recipe} --run {run_dir}` (under torchrun for several GPUs)", flush=True)
+    elif not args.no_eval:
         role = recipe["evaluation"]["split"]
         metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role],
                                     splits=prepared.splits)

@@ -129,6 +129,12 @@ def share(items: Iterable, w: World | None = None) -> Iterator:
     return islice(items, w.rank, None, w.size)
 
 
+def sharded(model) -> bool:
+    """Whether ``model`` is sharded by FSDP (1 or 2): then every forward pass needs every rank, in step."""
+    return any("FullyShardedDataParallel" in type(m).__name__ or type(m).__name__.startswith("FSDP")
+               for m in model.modules())
+
+
 def split_step(per_step: int, size: int) -> int:
     """Examples per optimizer step on each rank; the recipe's step must split evenly."""
     if per_step % size:

@@ -89,3 +89,13 @@ def test_plan_cli_shows_ddp_and_fsdp_per_gpu(phi2_dir, cli):  # noqa: F811
     bad = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={phi2_dir}", "--gpus", "3")
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: training.gradient_accumulation_steps: ")
+
+
+def test_a_model_sharded_by_fsdp_is_recognised():
+    import torch
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert not dist.sharded(plain)
+    fsdp_unit = type("FullyShardedDataParallel", (torch.nn.Module,), {})()  # FSDP1's wrapper class, by name
+    fsdp2_unit = type("FSDPLinear", (torch.nn.Linear,), {})(2, 2)  # FSDP2 makes FSDP<Class> subclasses
+    assert dist.sharded(torch.nn.Sequential(fsdp_unit)) and dist.sharded(torch.nn.Sequential(fsdp2_unit))
