@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -175,13 +177,16 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 600 KiB tmpfs where this machine lets the test mount one (a checkpoint needs 1 MB); else None."""
-    disk = tmp_path / "disk"
+def small_disk():
+    """A 600 KiB tmpfs where this machine lets the test mount one (a checkpoint needs 1 MB); else None. Mounted
+    outside pytest's temporary folders, which other sessions may clean up."""
+    disk = Path(tempfile.mkdtemp(prefix="runner-small-disk-"))
     mounted = _mount_tmpfs(disk, "600k")
     yield disk if mounted else None
     if mounted:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    if not os.path.ismount(disk):
+        shutil.rmtree(disk, ignore_errors=True)
 
 
 def test_a_full_disk_ends_in_one_line_and_leaves_nothing_torn(tiny, tmp_path, small_disk):
