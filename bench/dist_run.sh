@@ -9,15 +9,9 @@ STEPS="${1:-ddp16@1 ddp16@2 ddp64@1 ddp64@2 gen@1 gen@2}"
 BUDGET="${2:-560}"
 T0=$(date +%s)
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
-  TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 BITSANDBYTES_NOWELCOME=1 TQDM_DISABLE=1 OMP_NUM_THREADS=4
-export OUT="${OUT:-/tmp/bench_out}" BENCH_MODEL="${BENCH_MODEL:-/tmp/phi2rand}" BENCH_LLAMA="${BENCH_LLAMA:-/tmp/llama_rand}"
-mkdir -p "$OUT"
+BENCH_THREADS=4  # one process per GPU: fewer CPU threads each
+source bench/device_env.sh
+export BENCH_LLAMA="${BENCH_LLAMA:-/tmp/llama_rand}"
 LOG=$OUT/dist_log.txt
 elapsed() { echo $(( $(date +%s) - T0 )); }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader

@@ -10,15 +10,7 @@ VARS="${1:-A fast balanced low_memory GEN L1 L2 L3 L4 fast_pack}"
 BUDGET="${2:-560}"
 T0=$(date +%s)
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-if [ -d .whl ] && [ -z "${PYTHON:-}" ]; then  # the device machine: its image lacks trl, bitsandbytes, datasets, ...
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
-  TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 BITSANDBYTES_NOWELCOME=1 TQDM_DISABLE=1 OMP_NUM_THREADS=8
-export OUT="${OUT:-/tmp/bench_out}" BENCH_MODEL="${BENCH_MODEL:-/tmp/phi2rand}"
-mkdir -p "$OUT"
+source bench/device_env.sh
 LOG=$OUT/log.txt
 elapsed() { echo $(( $(date +%s) - T0 )); }
 "$PY" bench/bench.py env >> "$LOG" 2>&1; echo "env rc=$? t=$(elapsed)s"
