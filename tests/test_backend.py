@@ -17,7 +17,7 @@ from runner import rank as rank_mod
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
 from tests.conftest import ROOT
-from tests.test_generate import with_keys
+from tests.test_generate import interrupted_after, with_keys
 
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 GIB = 2**30
@@ -238,17 +238,9 @@ def test_an_interrupted_merged_evaluation_resumes_to_the_same_predictions(lora_n
     shown = "\n".join(report.metrics_section(json.loads((full / "metrics.json").read_text()), full))
     assert "8 predictions at" in shown and "prompts/s" in shown and "backend merged, batch 3" in shown
     real = generate_mod.generate
-
-    def killed_after_one_batch(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
-        def stream(batch):
-            on_batch(batch)
-            raise KeyboardInterrupt
-
-        return real(model, tok, prompts, recipe, skip=skip, on_batch=stream)
-
     out = tmp_path / "resumed"
     out.mkdir()
-    monkeypatch.setattr(generate_mod, "generate", killed_after_one_batch)
+    monkeypatch.setattr(generate_mod, "generate", interrupted_after(1, real))
     with pytest.raises(KeyboardInterrupt):
         evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)
     monkeypatch.setattr(generate_mod, "generate", real)

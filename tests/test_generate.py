@@ -99,6 +99,23 @@ def test_beam_search_and_sampling_run_and_sampling_follows_the_seed(untrained):
 # ---------------------------------------------------------------- resumable predictions
 
 
+def interrupted_after(batches: int, real):
+    """``real`` (runner.generate.generate) interrupted as by Ctrl-C once ``batches`` batches are written."""
+
+    def generate(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
+        seen = []
+
+        def stream(batch):
+            on_batch(batch)
+            seen.append(batch)
+            if len(seen) == batches:
+                raise KeyboardInterrupt
+
+        return real(model, tok, prompts, recipe, skip=skip, on_batch=stream)
+
+    return generate
+
+
 def test_an_interrupted_evaluation_resumes_where_it_stopped(untrained, tmp_path, monkeypatch):
     recipe, tokenizer, net = untrained
     recipe = with_keys(recipe, generation={"max_new_tokens": 6, "batch_size": 4},
@@ -107,22 +124,10 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(untrained, tmp_path,
     full = tmp_path / "full"
     full.mkdir()
     evaluate_mod.evaluate(recipe, net, tokenizer, full, examples=examples)
-    real = generate_mod.generate
-
-    def killed_after_two_batches(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
-        seen = []
-
-        def stream(batch):
-            on_batch(batch)
-            seen.append(batch)
-            if len(seen) == 2:
-                raise KeyboardInterrupt
-
-        return real(model, tok, prompts, recipe, skip=skip, on_batch=stream)
-
     out = tmp_path / "resumed"
     out.mkdir()
-    monkeypatch.setattr(generate_mod, "generate", killed_after_two_batches)
+    real = generate_mod.generate
+    monkeypatch.setattr(generate_mod, "generate", interrupted_after(2, real))
     with pytest.raises(KeyboardInterrupt):
         evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)
     lines = (out / "predictions.jsonl").read_text().splitlines()
