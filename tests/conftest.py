@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import warm
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 THREADS = str(min(2, len(os.sched_getaffinity(0))))
@@ -38,6 +40,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "trained" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):
+    # Warm starts pay off only where slow tests run many commands that load torch; a fast session runs none.
+    warm.wanted = any(item.get_closest_marker("slow") for item in session.items)
+
+
+def pytest_sessionfinish(session):
+    warm.stop()
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +105,25 @@ def run_watched(command: list[str], cwd: Path, env: dict, input: str | None = No
     return subprocess.CompletedProcess(command, proc.returncode, decode(out), decode(err))
 
 
+# The commands that load torch: these start warm (tests/warm.py); `validate` and the rest start fresh.
+WARM_COMMANDS = {"train", "eval", "compare", "generate", "inspect", "sweep", "plan"}
+
+
+def run_python(argv: list[str], cwd: Path, env: dict, input: str | None = None) -> subprocess.CompletedProcess:
+    """``python *argv`` in a process of its own, under the hang guard, forked from a process that imported torch
+    and the other libraries already (tests/warm.py says what that changes and what not; TEST_COLD_CLI=1 starts
+    every command fresh)."""
+    result = warm.run(argv, cwd, env, input, HANG_SECONDS)
+    return result if result is not None else run_watched([sys.executable, *argv], cwd, env, input)
+
+
 def run_cli(*args, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """The real command line, as a user runs it (one torch process at a time: tests run serially)."""
-    return run_watched([sys.executable, "-m", "runner", *map(str, args)], cwd or ROOT, cli_env(), input)
+    """The real command line, as a user runs it, in a process of its own (one torch process at a time: tests run
+    serially). A command that loads torch starts warm (run_python); the others start fresh."""
+    argv = ["-m", "runner", *map(str, args)]
+    if args and str(args[0]) in WARM_COMMANDS:
+        return run_python(argv, cwd or ROOT, cli_env(), input)
+    return run_watched([sys.executable, *argv], cwd or ROOT, cli_env(), input)
 
 
 @pytest.fixture

@@ -11,13 +11,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, run_python
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 FAULTS = ROOT / "tests" / "faults.py"
@@ -31,8 +30,7 @@ pytestmark = pytest.mark.slow  # every test here trains or runs the CLI
 
 def train(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = cli_env() | ({"FAULT": fault} if fault else {})
-    return subprocess.run([sys.executable, str(FAULTS), "train", str(TINY), f"output_dir={out}", *ARGS, *extra],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return run_python([str(FAULTS), "train", str(TINY), f"output_dir={out}", *ARGS, *extra], ROOT, env)
 
 
 def killed(result) -> None:

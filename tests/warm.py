@@ -1,0 +1,261 @@
+"""Warm starts for the suite's runner commands: one process imports torch, transformers, trl, peft, bitsandbytes,
+datasets and matplotlib once, then forks a child for each `runner ...` command a test runs.
+
+Why: a fresh `python -m runner train ...` spends 5-6 s of CPU importing those libraries before it does anything
+(measured on the 2-core AMD EPYC machine of the README), and the suite runs dozens of such commands; most of them
+train a few steps or fail on purpose, so the imports were about half of the suite's CPU time.
+
+What a child is: a process of its own, forked from the preloaded one, with the test's working directory,
+environment, stdin, stdout and stderr, running ``runner/__main__.py`` as ``python -m runner`` would (or a script, as
+``python script.py`` would); its exit status, its output and a kill -9 are those of a fresh process. What differs:
+the libraries are already imported. Whatever importing them printed (warnings, notices) is put at the start of each
+child's stderr, where a fresh process would have printed it; the preload runs the CLI's own start (its warning
+filters, OMP_WAIT_POLICY) before importing, as a command does. A command whose environment differs from the
+preloaded process's in anything but FAULT or PYTEST_CURRENT_TEST (read at run time) starts fresh, and so does everything when
+TEST_COLD_CLI=1 (to check that warm starts hide nothing).
+
+Run as ``python -m tests.warm FD``: FD is a socket on which requests arrive, one JSON line each:
+``{"argv": [...], "cwd": ..., "env": {...}, "stdin": path, "stdout": path, "stderr": path}``; the answer is the
+child's pid, then, when it has ended, its exit code (negative: the signal that ended it), a line each.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import runpy
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Read at run time, not when the libraries load: may differ between the preloaded process and a command.
+RUNTIME_ENV = ("FAULT", "PYTEST_CURRENT_TEST")
+
+
+def _preload() -> str:
+    """Import what runner commands import, the way a command does; return what that printed."""
+    from runner import cli
+
+    cli._idle_threads_sleep()
+    cli._quiet_libraries()
+    # Capture at the file descriptors, not by swapping sys.stderr: loggers made while importing keep the real
+    # sys.stderr, which in a child writes to the child's stderr.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 1)
+        os.dup2(captured.fileno(), 2)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import accelerate  # noqa: F401
+            import bitsandbytes  # noqa: F401
+            import datasets  # noqa: F401
+            import matplotlib.pyplot  # noqa: F401
+            import peft  # noqa: F401
+            import rouge_score.rouge_scorer  # noqa: F401
+            import scipy.stats  # noqa: F401
+            import torch  # noqa: F401
+            import transformers
+            from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
+            from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+            for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "BitsAndBytesConfig",
+                         "PhiForCausalLM", "Trainer", "TrainerCallback", "GenerationConfig", "PreTrainedTokenizerFast"):
+                getattr(transformers, name)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        captured.seek(0)
+        return captured.read().decode("utf-8", errors="replace")
+
+
+def _child(request: dict, preamble: str, control: socket.socket) -> None:
+    """In the forked child: become the command and exit as it would."""
+    code = 1
+    try:
+        control.close()
+        for fd, path, flags in ((0, request["stdin"], os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
+                                (2, request["stderr"], os.O_WRONLY)):
+            opened = os.open(path, flags)
+            os.dup2(opened, fd)
+            os.close(opened)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        if preamble:
+            sys.stderr.write(preamble)
+            sys.stderr.flush()
+        argv = request["argv"]
+        try:
+            if argv[0] == "-m":  # python -m module args: the working directory first on sys.path
+                sys.path[0] = os.getcwd()
+                sys.argv = [argv[1], *argv[2:]]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:  # python script args: the script's folder first on sys.path
+                sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+                sys.argv = list(argv)
+                runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        # What the interpreter does at exit: wait for non-daemon threads, run the atexit functions.
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def serve(fd: int) -> None:
+    control = socket.socket(fileno=fd)
+    preamble = _preload()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stream = control.makefile("rw", encoding="utf-8")
+    # Forking copies only this thread. The libraries' native threads (OpenBLAS's pool, jemalloc's background
+    # thread) hold no lock across fork (their atfork handlers see to it); a Python thread could, so none may run.
+    stream.write(json.dumps({"ready": threading.active_count() == 1, "preamble": preamble}) + "\n")
+    stream.flush()
+    for line in stream:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request, preamble, control)
+        stream.write(f"{pid}\n")
+        stream.flush()
+        _, status = os.waitpid(pid, 0)
+        stream.write(f"{os.waitstatus_to_exitcode(status)}\n")
+        stream.flush()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
+
+
+# ---------------------------------------------------------------- the test side
+
+
+class Server:
+    """The preloaded process, started on the first warm command of a session."""
+
+    def __init__(self, env: dict, cwd: Path, hang_seconds: float):
+        self.env = env
+        ours, theirs = socket.socketpair()
+        self.log = tempfile.NamedTemporaryFile(prefix="warm-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.warm", str(theirs.fileno())], cwd=cwd, env=env,
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log)
+        theirs.close()
+        self.control = ours
+        self.stream = ours.makefile("rw", encoding="utf-8")
+        ready = self._line(hang_seconds)
+        self.ready = ready is not None and json.loads(ready)["ready"]
+
+    def _line(self, timeout: float) -> str | None:
+        if not select.select([self.control], [], [], timeout)[0]:
+            return None
+        return self.stream.readline() or None
+
+    def why_not(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.control.fileno() == -1:
+            return
+        self.stream.close()
+        self.control.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.unlink(self.log.name)
+
+    def run(self, argv: list[str], cwd: Path, env: dict, input: str | None,
+            hang_seconds: float) -> subprocess.CompletedProcess:
+        """``subprocess.run([python, *argv], ...)``, forked from the preloaded process, with the same hang guard
+        as conftest.run_watched: stopped only when it writes nothing on stdout or stderr for ``hang_seconds``."""
+        with tempfile.TemporaryDirectory(prefix="warm-") as folder:
+            paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            paths["stdin"].write_bytes((input or "").encode())
+            paths["stdout"].touch()
+            paths["stderr"].touch()
+            request = {"argv": argv, "cwd": str(cwd), "env": env, **{k: str(v) for k, v in paths.items()}}
+            self.stream.write(json.dumps(request) + "\n")
+            self.stream.flush()
+            pid = int(self._line(hang_seconds))
+            sizes, last, code = (0, 0), time.monotonic(), None
+            while code is None:
+                line = self._line(min(0.2, hang_seconds / 4))
+                if line is not None:
+                    code = int(line)
+                    break
+                now = (paths["stdout"].stat().st_size, paths["stderr"].stat().st_size)
+                if now != sizes:
+                    sizes, last = now, time.monotonic()
+                elif time.monotonic() - last > hang_seconds:
+                    import pytest
+
+                    os.kill(pid, signal.SIGKILL)
+                    self._line(hang_seconds)
+                    err = paths["stderr"].read_bytes()[-2000:].decode(errors="replace")
+                    pytest.fail(f"`{' '.join(map(str, argv))}` printed nothing for {hang_seconds:g} s and was "
+                                f"stopped as hung; its last output:\n{err}")
+            read = lambda name: paths[name].read_bytes().decode("utf-8", errors="replace")  # noqa: E731
+            return subprocess.CompletedProcess([sys.executable, *argv], code, read("stdout"), read("stderr"))
+
+
+_server: Server | None = None
+wanted = True  # conftest turns it off for sessions without slow tests: there a preload costs more than it saves
+
+
+def run(argv: list[str], cwd: Path, env: dict, input: str | None,
+        hang_seconds: float) -> subprocess.CompletedProcess | None:
+    """The command's result from a warm start, or None where it must start fresh (then the caller does)."""
+    global _server, wanted
+    if not wanted or os.environ.get("TEST_COLD_CLI") == "1":
+        return None
+    if _server is None:
+        _server = Server(env, ROOT, hang_seconds)
+        if not _server.ready:
+            warnings.warn(f"warm starts unavailable, every command starts fresh: {_server.why_not()}", stacklevel=2)
+            stop()
+            wanted = False
+            return None
+    strip = lambda e: {k: v for k, v in e.items() if k not in RUNTIME_ENV}  # noqa: E731
+    if strip(env) != strip(_server.env):
+        return None
+    return _server.run(argv, cwd, env, input, hang_seconds)
+
+
+def stop() -> None:
+    global _server
+    if _server is not None:
+        _server.stop()
+        _server = None
