@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -83,6 +84,7 @@ class _Parser(argparse.ArgumentParser):
         raise RecipeError("command line", message, f"see {self.prog} --help")
 
 
+@functools.lru_cache(maxsize=1)  # built once per process: the fuzz tests call main() thousands of times (~4 ms each)
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
