@@ -6,6 +6,10 @@ Mark a test `@pytest.mark.slow` when it trains a model or starts a runner proces
 of imports each). Tests that use the `trained` fixture, directly or through another fixture, are marked `slow`
 automatically; a test that needs a trained tiny twin should take it from there rather than train its own.
 
+Runner commands run as processes of their own (`run_cli`, `run_python`). In a session with slow tests, those that
+load torch are forked from one process that imported torch and the other libraries once (tests/warm.py), which
+halves the suite's CPU time; `TEST_COLD_CLI=1` starts every command fresh instead.
+
 Time limits only catch hangs: a command is stopped when it has printed nothing for HANG_SECONDS (training prints
 a progress bar every step), never because the machine is slow or busy.
 """
