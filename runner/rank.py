@@ -8,49 +8,25 @@ completion ends at the right edge, and only the last positions' logits are compu
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner import dist
-from runner.data import render
-from runner.errors import RecipeError
+from runner import backend, dist
 from runner.generate import length_sorted_batches
-
-
-def rank_labels(recipe: dict) -> list[str] | None:
-    """The allowed labels: ``generation.labels``, else the first classification evaluator's ``labels``."""
-    if recipe["generation"].get("labels"):
-        return list(recipe["generation"]["labels"])
-    for spec in recipe["evaluation"]["evaluators"]:
-        if spec["name"] == "classification" and spec.get("labels"):
-            return list(spec["labels"])
-    return None
-
-
-def check_recipe(recipe: dict) -> None:
-    """What rank mode needs from a recipe; called by the recipe cross-checks (no torch here)."""
-    if recipe["generation"].get("mode") != "rank":
-        return
-    if not rank_labels(recipe):
-        raise RecipeError("generation.mode", "rank needs the allowed labels",
-                          "set generation.labels: [...] or give the classification evaluator its labels")
-    fields = [f for _, f, _, _ in string.Formatter().parse(recipe["prompt"]["completion"]) if f]
-    if len(set(fields)) != 1:
-        raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
-                          f"exactly one field, found {len(set(fields))}", "e.g. completion: \" {label}\"")
+from runner.recipe import rank_labels
+from runner.templates import render, template_fields
 
 
 def candidate(recipe: dict, label: str) -> str:
     """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``)."""
     template = recipe["prompt"]["completion"]
-    field = next(f for _, f, _, _ in string.Formatter().parse(template) if f)
+    (field,) = template_fields(template, "prompt.completion")  # one field: the recipe checks say so in rank mode
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
 def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
     """(ids of prompt + completion + EOS, number of scored tokens at the end) per pair, as TRL trains on them."""
-    from trl.data_utils import common_prefix_length  # lazy: `runner validate` imports this module without torch
+    from trl.data_utils import common_prefix_length  # lazy: trl (and torch) load only when something is scored
 
     eos = tokenizer.eos_token
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
@@ -156,8 +132,6 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
                         batch_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
     ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
-    from runner import backend
-
     rows = tokenize_pairs(tokenizer, prompts, completions)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     if not rows:
@@ -182,8 +156,6 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
 
 def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
     """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.backend)."""
-    from runner import backend
-
     _, cands, longest = _candidates(recipe, tokenizer)
     todo = [prompts[i] for i in range(len(prompts)) if i not in skip]
     lengths = [len(ids) + longest for ids in tokenizer(todo)["input_ids"]] if todo else [longest]
@@ -198,8 +170,6 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     one forward pass on the plain backend, and on the others with each prompt run once (``score_groups``); the
     prediction is always one of the labels (ties go to the label listed first).
     """
-    from runner import backend
-
     labels, cands, longest = _candidates(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
