@@ -227,15 +227,48 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
     return deep_merge(base, data)
 
 
-def deep_merge(base: dict, top: dict) -> dict:
-    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had."""
+# Values that an extending recipe replaces as a whole rather than key by key: the files of one dataset
+# ({train, eval, test}) are one choice; keeping a parent's eval file beside a child's train file mixes datasets.
+REPLACED_WHOLE = (("data", "source"),)
+
+
+def deep_merge(base: dict, top: dict, path: tuple = ()) -> dict:
+    """Mappings merge key by key (except REPLACED_WHOLE); anything else in ``top`` replaces what ``base`` had.
+    ``key: null`` in ``top`` removes the key, where null is not itself a value of the key (``data.splits.eval:
+    null`` means "no eval split" and is kept): the key is then as if never written, its default applies."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        here = (*path, key)
+        if value is None and not _allows_null(here):
+            out.pop(key, None)
+        elif isinstance(value, dict):  # merged into what it inherits, or (nulls read as above) replacing it
+            merge_into = isinstance(out.get(key), dict) and here not in REPLACED_WHOLE
+            out[key] = deep_merge(out[key] if merge_into else {}, value, here)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _allows_null(path: tuple) -> bool:
+    """Whether the schema accepts null at ``path`` (True for a key it does not know: validation names it)."""
+    node = schema()
+    for key in path:
+        node = _resolve_ref(node)
+        branches = [node, *node.get("oneOf", []), *node.get("anyOf", [])]
+        found = [b["properties"][key] for b in branches if key in b.get("properties", {})]
+        if not found:
+            return True
+        node = found[0]
+    return _null_ok(_resolve_ref(node))
+
+
+def _null_ok(node: dict) -> bool:
+    kinds = node.get("type", [])
+    if "null" in (kinds if isinstance(kinds, list) else [kinds]) or None in node.get("enum", []):
+        return True
+    if "const" in node and node["const"] is None:
+        return True
+    return any(_null_ok(_resolve_ref(b)) for b in [*node.get("oneOf", []), *node.get("anyOf", [])])
 
 
 def is_local_path(value: str) -> bool:

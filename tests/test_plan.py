@@ -136,3 +136,17 @@ def test_train_refuses_a_budget_before_loading_weights_or_writing_anything(tiny,
     assert result.stderr.strip().endswith(errors[0]) and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
     assert "Loading weights" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_training_arguments_are_the_resolved_speeds_not_the_recipes(tmp_path):
+    """train.py builds SFTConfig from the one resolved Speed (what env.json, recipe.yaml's note and report.md show),
+    not from a second, rewritten recipe."""
+    from runner import train
+
+    recipe = recipe_mod.load(TINY)  # as written: 16 x 1, no checkpointing
+    speed = profiles.Speed("low_memory", 4, 4, True)
+    args = train._setup_training(recipe, tmp_path, has_eval=False, speed=speed)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
+    assert any(getattr(args, f"{prefix}_checkpointing", False) for prefix in ("activation", "gradient"))
+    assert recipe["training"]["micro_batch_size"] == 16  # the recipe itself is left as written
