@@ -247,6 +247,7 @@ def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
     from runner import rank as rank_mod
 
     choice = rank_mod.choose(model, tokenizer, prompts, recipe)
+    rank_mod.rank(model, tokenizer, prompts[:8], recipe)  # untimed warm-up: the first stage would pay CUDA's start
     peak_reset()
     start = time.perf_counter()
     preds = rank_mod.rank(model, tokenizer, prompts, recipe)

@@ -104,31 +104,33 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     packed = [_pack(rows, p) for rows, p in zip(groups, shared)]
     width = max(len(ids) for ids, _, _ in packed)
     keep = max(len(ids) - p for (ids, _, _), p in zip(packed, shared)) + 1  # the prompt's last logit + every tail
-    input_ids = torch.full((len(groups), width), tokenizer.pad_token_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(len(groups), 1, 1)  # padding attends to itself: no NaN
+    input_ids, positions, segments = [], [], []  # segment: -1 padding, 0 the prompt, j + 1 label j's own tokens
     picks: list[tuple[int, int, int, int]] = []  # (group, kept column, target token, label)
     for g, ((ids, pos, spans), p) in enumerate(zip(packed, shared)):
         off = width - len(ids)  # left-padded: every packed row ends at the right edge
-        input_ids[g, off:] = torch.tensor(ids)
-        positions[g, off:] = torch.tensor(pos)
-        allowed[g, off:off + p, off:off + p] = torch.ones(p, p, dtype=torch.bool).tril()
+        input_ids.append([tokenizer.pad_token_id] * off + ids)
+        positions.append([0] * off + pos)
+        seg = [-1] * off + [0] * p
         for j, (a, b, n) in enumerate(spans):
-            allowed[g, off + a:off + b, off:off + p] = True
-            allowed[g, off + a:off + b, off + a:off + b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            seg += [j + 1] * (b - a)
             for t in range(b - n, b):  # the label's scored tokens, each predicted by the position before it
                 before = p - 1 if t == a else t - 1
                 picks.append((g, off + before - (width - keep), ids[t], j))
-    dtype = model.get_input_embeddings().weight.dtype
+        segments.append(seg)
     device = next(model.parameters()).device
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    dtype = model.get_input_embeddings().weight.dtype
+    seg = torch.tensor(segments, device=device)
+    # A query sees the keys at or before it that are the prompt's or its own label's (padding: only padding).
+    allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (
+        (seg[:, None, :] == 0) & (seg[:, :, None] >= 0) | (seg[:, None, :] == seg[:, :, None]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), logits_to_keep=keep, use_cache=False).logits
-    rows, cols, targets, labels = (torch.tensor(x) for x in zip(*picks))
-    rows, cols, targets = rows.to(device), cols.to(device), targets.to(device)
+        logits = model(input_ids=torch.tensor(input_ids, device=device), attention_mask=mask[:, None],
+                       position_ids=torch.tensor(positions, device=device), logits_to_keep=keep,
+                       use_cache=False).logits
+    rows, cols, targets, labels = (torch.tensor(x, device=device) for x in zip(*picks))
     token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels.to(device), token_lp)
+    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels, token_lp)
     return sums.view(len(groups), k).cpu()
 
 
