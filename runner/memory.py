@@ -30,6 +30,9 @@ HEAD_TOKENS, HEAD_VOCAB = 4096, 32768
 # Reserved over the allocated peak: a share plus a constant (fitted to the H200 runs in bench/RESULTS.md, which
 # ranged from +3.5% without checkpointing to +12% with checkpointing and padded batches).
 ALLOCATOR_SLACK, ALLOCATOR_SLACK_GIB = 0.035, 0.15
+# Under FSDP the gathered layers come and go in blocks of many sizes, on two streams: 2x H200, Llama-shaped 13.2B,
+# micro-batch 2 with checkpointing, reserved 7.28 GiB over an allocated peak of 5.71 (bench/RESULTS.md).
+FSDP_ALLOCATOR_SLACK = 0.27
 # CUDA context, cuBLAS and cuDNN workspaces: device memory outside torch's allocator (H100, bench/RESULTS.md).
 CUDA_CONTEXT_GB = 0.75
 PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")
@@ -172,7 +175,8 @@ def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
     else:
         est.parts["backward transients (widest layer gradients)"] = transient
     est.allocated = sum(est.parts.values())
-    est.parts["allocator slack"] = est.allocated * ALLOCATOR_SLACK + ALLOCATOR_SLACK_GIB * GIB
+    share = FSDP_ALLOCATOR_SLACK if speed.distributed == "fsdp" and speed.world_size > 1 else ALLOCATOR_SLACK
+    est.parts["allocator slack"] = est.allocated * share + ALLOCATOR_SLACK_GIB * GIB
     est.reserved = est.allocated + est.parts["allocator slack"]
     return est
 
@@ -252,15 +256,13 @@ def scoring_row_bytes(shape: dict, c: int, tokens: int, scored: int, attn: str =
     return tokens * forward_token_bytes(shape, c, attn, tokens) + (scored + 1) * shape["vocab"] * (c + 3 * 4)
 
 
-def shared_scoring_bytes(shape: dict, c: int, prompt_tokens: int, own_tokens: int, attn: str = "sdpa") -> float:
-    """Peak bytes of one prompt scored for several completions of ``own_tokens`` each, the prompt run once and
-    each completion continuing its KV cache in turn (runner.rank.score_groups): the prompt's forward transients and
-    cache, one completion's forward, the cache layer it re-concatenates, and its logits."""
+def packed_scoring_bytes(shape: dict, c: int, prompt_tokens: int, own_tokens: int) -> float:
+    """Peak bytes of one prompt scored for several completions packed into one row after it, ``own_tokens`` in all
+    (runner.rank.score_groups): the row's forward transients with the softmax over the row (a custom mask can take
+    SDPA off its fused kernels), its 4-D mask, and the completions' logits with their fp32 log-softmax."""
     width = prompt_tokens + own_tokens
-    prompt = prompt_tokens * (forward_token_bytes(shape, c, attn, prompt_tokens) + kv_bytes_per_token(shape, c))
-    own = (own_tokens * forward_token_bytes(shape, c, attn, width) + own_tokens * width
-           + width * kv_bytes_per_token(shape, c) / shape["layers"] + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
-    return prompt + own
+    return (width * forward_token_bytes(shape, c, "eager", width) + width * width * c
+            + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
 
 
 # Reserved over allocated during evaluation: 11-19% on one H200 (bench/results/eval_table_h200.md: the plain path

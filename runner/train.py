@@ -38,11 +38,13 @@ def _setup_model(recipe: dict, speed):
     return model, trainable, total
 
 
-def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed):
-    """SFTConfig from the recipe; the micro-batch, accumulation and checkpointing are the resolved ``speed``'s."""
+def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
+    """SFTConfig from the recipe; the micro-batch, accumulation and checkpointing are the resolved ``speed``'s
+    (None: as the recipe writes them)."""
     import torch
     from trl import SFTConfig
 
+    speed = speed or profiles.as_written(recipe)
     t = recipe["training"]
     on_gpu = torch.cuda.is_available()
     dtype = model_mod.resolve_dtype(recipe["model"]["dtype"])
@@ -187,7 +189,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
-    from trl import SFTTrainer
+    from runner.sft import Trainer
 
     start = time.time()
     try:
@@ -197,7 +199,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         columns = ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
         guard = divergence.guard(recipe, run_dir)
-        trainer = SFTTrainer(
+        trainer = Trainer(
             model=model,
             args=args,
             train_dataset=prepared.splits["train"].select_columns(columns),
