@@ -258,7 +258,41 @@ def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
               **peaks()}
     log("RANK", json.dumps(result))
     result["_preds"] = [preds[i] for i in range(len(prompts))]
+    if ENV("BENCH_PROFILE_RANK") and choice.backend != "plain":
+        profile_rank(model, tokenizer, prompts[:4 * choice.batch_size], recipe)
     return result
+
+
+def profile_rank(model, tokenizer, prompts: list[str], recipe) -> None:
+    """Where rank mode's time goes (BENCH_PROFILE_RANK=1): Python functions (cProfile), then ops and kernels
+    (torch.profiler), each over the same four batches; written to $OUT/prof_rank.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from runner import rank as rank_mod
+
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    rank_mod.rank(model, tokenizer, prompts, recipe)
+    sync()
+    prof.disable()
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(45)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as tprof:
+        rank_mod.rank(model, tokenizer, prompts, recipe)
+        sync()
+    events = tprof.key_averages()
+    out = [f"## rank mode, {len(prompts)} prompts: {wall:.2f} s under cProfile", text.getvalue(),
+           events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70),
+           events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "prof_rank.txt").write_text("\n".join(out))
 
 
 # ---------------------------------------------------------------- main
