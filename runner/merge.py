@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from itertools import chain
 
-from runner.model import count_parameters
+from runner.model import FUSED_ACTIVATIONS, count_parameters
 
 QUANTIZED = ("Params4bit", "Int8Params")
 
@@ -82,6 +82,10 @@ def dequantized_copy(base, dtype):
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    # The same function in one kernel instead of five (gelu_new's multiplies, adds and tanh, each a pass over the
+    # MLP's widest activation): a third of a scoring pass's GPU time on Phi-2 (bench/RESULTS.md).
+    if getattr(config, "hidden_act", None) in FUSED_ACTIVATIONS:
+        config.hidden_act = FUSED_ACTIVATIONS[config.hidden_act]
     device = base.get_input_embeddings().weight.device
     with torch.device("meta"):
         out = type(base)._from_config(config, dtype=dtype)  # the loaded class itself (remote code included)

@@ -30,8 +30,9 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> lis
 
     eos = tokenizer.eos_token
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
-    alone = tokenizer(list(prompts))["input_ids"]
-    return [(ids, len(ids) - common_prefix_length(p_ids, ids)) for ids, p_ids in zip(full, alone)]
+    unique = list(dict.fromkeys(prompts))  # rank mode repeats each prompt once per label: tokenize it once
+    alone = dict(zip(unique, tokenizer(unique)["input_ids"], strict=True))
+    return [(ids, len(ids) - common_prefix_length(alone[p], ids)) for ids, p in zip(full, prompts)]
 
 
 def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
