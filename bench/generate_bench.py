@@ -315,6 +315,10 @@ def main() -> None:
     model = model_mod.load_trained(base, ADAPTER)
     log(f"loaded: {len(prompts)} prompts, model {phi2.MODEL_DIR}, adapter {ADAPTER}, cuda {cuda}")
     rows = Rows()
+    if ONLY:  # the stages that ran first in a full run paid CUDA's start; a chosen few start warm instead
+        from runner import generate as generate_mod
+
+        generate_mod.generate(model, tokenizer, prompts[:8], xsum_recipe(["generation.max_new_tokens=4"]))
     new = [] if cuda else ["generation.backend=merged"]  # CPU smoke test: auto would be plain there
     report: dict = {"prompts": len(prompts), "mean_prompt_tokens": statistics.fmean(
         len(ids) for ids in tokenizer(prompts)["input_ids"]), "gpu": torch.cuda.get_device_name(0) if cuda else None,
