@@ -54,7 +54,7 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if t["eval_every"] else "epoch"
-    return SFTConfig(
+    return _one_gpu_per_process(SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         seed=recipe["seed"],
         num_train_epochs=t["epochs"],
@@ -91,7 +91,17 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         dataloader_num_workers=0,
         dataset_num_proc=None,
         save_only_model=False,
-    )
+    ))
+
+
+def _one_gpu_per_process(args):
+    """One process trains on one GPU. Without a launcher, transformers would wrap the model in nn.DataParallel over
+    every visible GPU, which TRL refuses (and which the 4-bit model, placed on one GPU, could not use)."""
+    if dist.world().size == 1 and args.n_gpu > 1:
+        print(f"note: {args.n_gpu} GPUs visible to one process: training on {args.device} (to use them all, launch "
+              f"with torchrun --nproc-per-node {args.n_gpu}, or make train NPROC={args.n_gpu})", flush=True)
+        args._n_gpu = 1  # read by Trainer as args.n_gpu; set by args.device above
+    return args
 
 
 def _fsdp_args(speed) -> dict:

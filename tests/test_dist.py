@@ -115,3 +115,26 @@ def test_a_model_sharded_by_fsdp_is_recognised():
     fsdp_unit = type("FullyShardedDataParallel", (torch.nn.Module,), {})()  # FSDP1's wrapper class, by name
     fsdp2_unit = type("FSDPLinear", (torch.nn.Linear,), {})(2, 2)  # FSDP2 makes FSDP<Class> subclasses
     assert dist.sharded(torch.nn.Sequential(fsdp_unit)) and dist.sharded(torch.nn.Sequential(fsdp2_unit))
+
+
+def test_one_process_trains_on_one_gpu_even_when_several_are_visible(tmp_path, monkeypatch, capsys):
+    """Without a launcher, transformers would wrap the model in nn.DataParallel over every visible GPU, which TRL
+    refuses with an internal error (seen on a 2x H200 machine): the runner keeps one process on one GPU and says how
+    to use the others. Under a launcher each process already has its own GPU."""
+    from trl import SFTConfig
+
+    from runner import train as train_mod
+
+    def config(gpus: int):
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+        assert args.device is not None  # devices are set up, as TRL's check and the Trainer will see them
+        args._n_gpu = gpus  # what transformers finds on a machine with that many GPUs
+        return args
+
+    args = train_mod._one_gpu_per_process(config(2))
+    assert args.n_gpu == 1
+    assert "2 GPUs visible to one process" in capsys.readouterr().out
+    assert train_mod._one_gpu_per_process(config(1)).n_gpu == 1
+    launched = config(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_mod._one_gpu_per_process(launched).n_gpu == 2  # a launcher's process: not ours to change
