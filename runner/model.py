@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from runner import chat
 from runner.errors import RecipeError
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -54,6 +55,7 @@ def load_tokenizer(recipe: dict):
     if tok.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe; a new token would resize 4-bit embeddings.
         tok.pad_token = tok.eos_token
+    chat.attach(recipe, tok)  # chat data: the recipe's chat template, on the tokenizer every command uses
     return tok
 
 

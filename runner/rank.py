@@ -12,7 +12,7 @@ import string
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner import dist
+from runner import chat, dist
 from runner.data import render
 from runner.errors import RecipeError
 from runner.generate import length_sorted_batches
@@ -35,6 +35,8 @@ def check_recipe(recipe: dict) -> None:
     if not rank_labels(recipe):
         raise RecipeError("generation.mode", "rank needs the allowed labels",
                           "set generation.labels: [...] or give the classification evaluator its labels")
+    if chat.is_chat(recipe):
+        return  # each label is the last assistant turn's content
     fields = [f for _, f, _, _ in string.Formatter().parse(recipe["prompt"]["completion"]) if f]
     if len(set(fields)) != 1:
         raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
@@ -42,17 +44,21 @@ def check_recipe(recipe: dict) -> None:
 
 
 def candidate(recipe: dict, label: str) -> str:
-    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``)."""
+    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``; chat: the label)."""
+    if chat.is_chat(recipe):
+        return label
     template = recipe["prompt"]["completion"]
     field = next(f for _, f, _, _ in string.Formatter().parse(template) if f)
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
-    """(ids of prompt + completion + EOS, number of scored tokens at the end) per pair, as TRL trains on them."""
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
+                   end: str | None = None) -> list[tuple[list[int], int]]:
+    """(ids of prompt + completion + ``end``, number of scored tokens at the end) per pair, as TRL trains on them.
+    ``end``: EOS, or a chat template's end of turn (runner.chat.completion_end)."""
     from trl.data_utils import common_prefix_length  # lazy: `runner validate` imports this module without torch
 
-    eos = tokenizer.eos_token
+    eos = tokenizer.eos_token if end is None else end
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
     alone = tokenizer(list(prompts))["input_ids"]
     return [(ids, len(ids) - common_prefix_length(p_ids, ids)) for ids, p_ids in zip(full, alone)]
@@ -158,7 +164,7 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
     ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
     from runner import backend
 
-    rows = tokenize_pairs(tokenizer, prompts, completions)
+    rows = tokenize_pairs(tokenizer, prompts, completions, chat.completion_end(recipe, tokenizer))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     if not rows:
         return out
@@ -176,7 +182,8 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
     """(labels, their completion texts, the most tokens a completion + EOS takes)."""
     labels = rank_labels(recipe)
     cands = [candidate(recipe, label) for label in labels]
-    longest = max(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for c in cands)
+    end = chat.completion_end(recipe, tokenizer)
+    longest = max(len(tokenizer(c + end, add_special_tokens=False)["input_ids"]) for c in cands)
     return labels, cands, longest
 
 
@@ -213,7 +220,7 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
         for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
-                                   [c for _ in indices for c in cands])
+                                   [c for _ in indices for c in cands], chat.completion_end(recipe, tokenizer))
             if choice.backend == "plain":
                 scores = score_rows(net, tokenizer, pairs).view(len(indices), len(cands))
             else:
