@@ -137,9 +137,12 @@ def recipe_section(recipe: dict) -> list[str]:
     ]
     lines = ["## Recipe", ""] + _table(["", ""], rows)
     if p.get("messages"):
-        lines += ["", f"Chat data in `{p['messages']}`, rendered with the chat template "
-                  f"`{p['chat_template'] or 'of the tokenizer'}` (saved with the adapter's tokenizer); loss on the "
-                  "assistant turns only.", "", "The full resolved recipe is `recipe.yaml`."]
+        template = p["chat_template"]
+        named = "of the tokenizer" if template is None else (f"`{template}`" if "{" not in template
+                                                             else "written in recipe.yaml")
+        lines += ["", f"Chat data in `{p['messages']}`, rendered with the chat template {named} (saved with the "
+                  "adapter's tokenizer); loss on the assistant turns only.", "", "The full resolved recipe is "
+                  "`recipe.yaml`."]
         return lines
     lines += ["", "Template (completion: `" + p["completion"].replace("`", "'") + "`):", "", "```text",
               p["template"], "```", "", "The full resolved recipe is `recipe.yaml`."]
