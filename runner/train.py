@@ -21,7 +21,8 @@ def set_threads(recipe: dict) -> int:
     """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
     import torch
 
-    n = recipe["training"]["num_threads"] or len(os.sched_getaffinity(0))
+    # Under a launcher the processes of one machine share its cores (torchrun would leave each one thread).
+    n = recipe["training"]["num_threads"] or max(1, len(os.sched_getaffinity(0)) // dist.world().local_size)
     torch.set_num_threads(n)
     return n
 
@@ -204,7 +205,7 @@ def train(recipe: dict, instrument=None):
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
-    from trl import SFTTrainer
+    from runner.sft import Trainer
 
     if chat.is_chat(recipe):
         chat.quiet_trl_stop_token_warning()
@@ -216,7 +217,7 @@ def train(recipe: dict, instrument=None):
         columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
         guard = divergence.guard(recipe, run_dir)
-        trainer = SFTTrainer(
+        trainer = Trainer(
             model=model,
             args=args,
             train_dataset=prepared.splits["train"].select_columns(columns),
