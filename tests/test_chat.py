@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import chat
+from runner import chat, rank
 from runner import data as data_mod
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
@@ -139,6 +139,8 @@ def test_examples_are_the_turns_before_the_last_answer_rendered_by_the_template_
     assert chat.stop_strings(recipe, tok) == ["<|im_end|>"]
     assert chat.cut_partial_end(recipe, tok, "Sports<|im") == "Sports"
     assert chat.cut_partial_end(recipe, tok, "a < b") == "a < b"
+    # rank mode and the loss evaluator score an answer as trained: the label, then the end-of-turn marker
+    assert rank.candidate(recipe, "Sports") == "Sports" and chat.completion_end(recipe, tok) == "<|im_end|>"
 
 
 def test_loss_covers_the_assistant_turns_and_their_end_markers_only(tmp_path, tokenizer):
