@@ -187,6 +187,24 @@ def test_trl_builds_labels_from_the_assistant_turns_only(tmp_path, tiny):
     assert tok.decode([t for t in labels if t != -100]) == "Sports<|im_end|>Business<|im_end|>"
 
 
+@pytest.mark.slow
+def test_the_runners_scoring_path_scores_an_answer_with_its_end_of_turn_marker(tiny):
+    """Loss-style evaluators read log-likelihoods that runner.evaluate.scored_records computes: for chat data, of
+    the answer followed by the template's end of turn, as it was trained (not by EOS)."""
+    from runner import evaluate
+    from runner import model as model_mod
+
+    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml", ["data.test_samples=3"])
+    tok = model_mod.load_tokenizer(recipe)
+    examples = data_mod.prepare(recipe, tok, roles=("test",)).splits["test"]
+    records = evaluate.scored_records(recipe, model_mod.load_for_inference(recipe, None), tok, examples)
+    prompts, answers = list(examples["prompt"]), list(examples["completion"])
+    with_end = rank.tokenize_pairs(tok, prompts, answers, "<|im_end|>")
+    with_eos = rank.tokenize_pairs(tok, prompts, answers, tok.eos_token)
+    assert [r.tokens for r in records] == [n for _, n in with_end] != [n for _, n in with_eos]
+    assert all(r.logprob < 0 for r in records)
+
+
 # ---------------------------------------------------------------- the chat twin: learns, one template everywhere
 
 

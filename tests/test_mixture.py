@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from runner import data as data_mod
-from runner import inspect as inspect_mod
+from runner import inspection as inspect_mod
 from runner import mixture
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
