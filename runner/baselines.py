@@ -41,6 +41,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def input_field(recipe: dict) -> str | None:
     """The field holding the text to summarize: prompt.truncate, else the template's only field."""
+    if recipe["prompt"].get("messages"):
+        return None  # chat data: the input is a conversation, not one field of a template
     if recipe["prompt"]["truncate"]:
         return recipe["prompt"]["truncate"]
     fields = template_fields(recipe["prompt"]["template"], "prompt.template")
@@ -64,6 +66,9 @@ def train_references(recipe: dict) -> list[str] | None:
     if raw is None:
         return None
     rows = data_mod.name_labels(raw, recipe)
+    if recipe["prompt"].get("messages"):  # chat data: the reference is the last (assistant) turn's content
+        refs = [row[recipe["prompt"]["messages"]][-1]["content"].strip() for row in rows]
+        return [r for r in refs if r]
     completion, sep = recipe["prompt"]["completion"], recipe["prompt"]["list_separator"]
     refs = [render(completion, row, sep).strip() for row in rows]
     return [r for r in refs if r]  # an empty target is dropped from training too

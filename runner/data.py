@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner import chat, mixture
 from runner.errors import RecipeError
 from runner.recipe import DATA_SUFFIXES, is_local_path
 from runner.templates import render, template_fields, text
@@ -74,7 +75,7 @@ def _read_local(path: str, key_path: str):
                           f"check that it is valid {p.suffix.lstrip('.').upper()}") from None
 
 
-def _load_hub_split(recipe: dict, split: str, key_path: str):
+def _load_hub_split(recipe: dict, split: str, key_path: str, source_key: str = "data.source"):
     from datasets import load_dataset
 
     data = recipe["data"]
@@ -84,26 +85,44 @@ def _load_hub_split(recipe: dict, split: str, key_path: str):
         if "split" in str(exc).lower():
             raise RecipeError(key_path, f"split {split!r} not found in {data['source']}: {str(exc)[:150]}",
                               "set data.splits to the dataset's split names") from None
-        raise RecipeError("data.source", f"cannot load {data['source']!r}: {str(exc)[:200]}",
+        raise RecipeError(source_key, f"cannot load {data['source']!r}: {str(exc)[:200]}",
                           "check the dataset id and data.config") from None
     except Exception as exc:
-        raise RecipeError("data.source", f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
+        raise RecipeError(source_key, f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
                           "check the id, your network or HF_HUB_OFFLINE; offline, point data.source at local files"
                           ) from None
 
 
 def load_raw(recipe: dict) -> dict:
-    """{role: Dataset} for every role the recipe uses, before sampling."""
+    """{role: Dataset} for every role the recipe uses, before sampling (a mixture: already drawn by weight)."""
     _quiet_datasets()
+    if recipe["data"].get("sources") is not None:
+        return _load_mixture(recipe)
+    return _load_source(recipe)
+
+
+def _load_mixture(recipe: dict) -> dict:
+    """Every source loaded as data.source would be, mapped onto the prompt's fields, then drawn by weight."""
+    per_role: dict = {}
+    names = mixture.source_names(recipe)
+    for i, name in enumerate(names):
+        raw = _load_source(mixture.sub_recipe(recipe, i), f"data.sources[{i}].source")
+        for role, ds in raw.items():
+            if ds is not None:
+                per_role.setdefault(role, []).append((i, name_labels(mixture.conform(ds, recipe, i, name), recipe)))
+    return mixture.mix(per_role, recipe, sample_seed(recipe))
+
+
+def _load_source(recipe: dict, key: str = "data.source") -> dict:
     data = recipe["data"]
     source, splits, holdout = data["source"], data["splits"], data["holdout"]
     raw: dict = {}
     if isinstance(source, dict):
         for role in ROLES:
             if splits[role] is not None and role in source:
-                raw[role] = _read_local(source[role], f"data.source.{role}")
+                raw[role] = _read_local(source[role], f"{key}.{role}")
     elif is_local_path(source):
-        ds = _read_local(source, "data.source")
+        ds = _read_local(source, key)
         for role in ROLES:
             if splits[role] is not None:
                 # data.holdout carves the role out of train here too, as it does for a hub source.
@@ -112,7 +131,7 @@ def load_raw(recipe: dict) -> dict:
     else:
         for role in ROLES:
             if splits[role] is not None and not (holdout.get(role) and role != "train"):
-                raw[role] = _load_hub_split(recipe, splits[role], f"data.splits.{role}")
+                raw[role] = _load_hub_split(recipe, splits[role], f"data.splits.{role}", key)
             elif splits[role] is not None:
                 raw[role] = None
     for role in ("eval", "test"):
@@ -206,15 +225,27 @@ def name_labels(ds, recipe: dict):
 
 
 def check_columns(ds, recipe: dict, role: str) -> None:
+    import difflib
+
     columns = set(ds.column_names)
+    if chat.is_chat(recipe):
+        name = recipe["prompt"]["messages"]
+        if name not in columns:
+            close = difflib.get_close_matches(name, sorted(columns), n=1)
+            raise RecipeError("prompt.messages", f"{name!r} is not a column of the {role} data",
+                              f"did you mean {close[0]!r}?" if close else f"columns: {', '.join(sorted(columns))}")
+        return
     for key in ("template", "completion"):
         for name in template_fields(recipe["prompt"][key], f"prompt.{key}"):
             if name not in columns:
-                import difflib
-
                 close = difflib.get_close_matches(name, sorted(columns), n=1)
                 hint = f"did you mean {{{close[0]}}}?" if close else f"columns: {', '.join(sorted(columns))}"
                 raise RecipeError(f"prompt.{key}", f"field {{{name}}} is not a column of the {role} data", hint)
+            if len(ds) and chat.looks_like_chat(ds[0][name]):
+                raise RecipeError(f"prompt.{key}", f"field {{{name}}} holds chat conversations (role/content turns), "
+                                  "which a prompt template would paste in as text",
+                                  f"set prompt.messages: {name} (and prompt.chat_template) instead of "
+                                  "prompt.template and prompt.completion")
 
 
 # ---------------------------------------------------------------- rendering
@@ -305,7 +336,9 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
             continue
         ds = name_labels(raw[role], recipe)
         check_columns(ds, recipe, role)
-        rendered = ds.map(fit_batch, batched=True, batch_size=256, remove_columns=ds.column_names,
+        shares = mixture.shares(ds, recipe)
+        rendered = ds.map(chat.render_batch if chat.is_chat(recipe) else fit_batch, batched=True, batch_size=256,
+                          remove_columns=ds.column_names,
                           fn_kwargs={"recipe": recipe, "tokenizer": tokenizer},
                           keep_in_memory=True, load_from_cache_file=False)
         empty = rendered.filter(lambda c: not c.strip(), input_columns="completion", keep_in_memory=True)
@@ -314,7 +347,7 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
         out.splits[role] = kept
         out.stats[role] = {"rows": len(rendered), "kept": len(kept), "truncated": sum(rendered["truncated"]),
                            "dropped_too_long": len(rendered) - len(kept) - len(empty),
-                           "dropped_empty_completion": len(empty)}
+                           "dropped_empty_completion": len(empty), **({"sources": shares} if shares else {})}
         digest.update(role.encode())
         for prompt, completion in zip(kept["prompt"], kept["completion"], strict=True):
             digest.update(f"{prompt}\0{completion}\0".encode())
@@ -334,5 +367,8 @@ def describe(stats: dict) -> str:
             extra.append(f"{s['dropped_too_long']} dropped as too long")
         if s["dropped_empty_completion"]:
             extra.append(f"{s['dropped_empty_completion']} dropped for an empty target")
+        if s.get("sources"):
+            total = max(sum(s["sources"].values()), 1)
+            extra.append("drawn from " + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in s["sources"].items()))
         parts.append(part + (f" ({', '.join(extra)})" if extra else ""))
     return "; ".join(parts)

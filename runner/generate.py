@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from runner import backend as backend_mod
-from runner import dist
+from runner import chat, dist
 
 
 def generation_config(recipe: dict, tokenizer, backend: str = "plain"):
@@ -17,8 +17,9 @@ def generation_config(recipe: dict, tokenizer, backend: str = "plain"):
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     if g["do_sample"]:
         kwargs.update(top_p=g["top_p"], temperature=g["temperature"], top_k=g["top_k"] or 0)
-    if g["stop"]:
-        kwargs["stop_strings"] = list(g["stop"])
+    stops = chat.stop_strings(recipe, tokenizer)
+    if stops:
+        kwargs["stop_strings"] = stops
     if backend != "plain" and g["num_beams"] == 1:
         # Written in place every step instead of re-concatenated; transformers compiles the decoding step of a
         # model with a static cache on a GPU unless told not to: only the compiled backend lets it.
@@ -71,6 +72,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     lengths = _lengths(tokenizer, [prompts[i] for i in todo])
     choice = backend_mod.for_generation(recipe, model, lengths)
     config = generation_config(recipe, tokenizer, choice.backend)
+    stops = chat.stop_strings(recipe, tokenizer)
     results: dict[int, str] = {}
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     was_training = model.training
@@ -90,7 +92,8 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
                 with torch.inference_mode():
                     out = net.generate(**enc, generation_config=config, tokenizer=tokenizer)
                 texts = tokenizer.batch_decode(out[:len(indices), enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts, strict=True)]
+                done = [(i, chat.cut_partial_end(recipe, tokenizer, cut_at_stop(t, stops)))
+                        for i, t in zip(indices, texts, strict=True)]
                 results.update(done)
                 if on_batch:
                     on_batch(done)

@@ -6,7 +6,7 @@ import difflib
 import os
 from pathlib import Path
 
-from runner import dist
+from runner import chat, dist
 from runner.errors import RecipeError
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -56,6 +56,7 @@ def load_tokenizer(recipe: dict):
     if tok.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe; a new token would resize 4-bit embeddings.
         tok.pad_token = tok.eos_token
+    chat.attach(recipe, tok)  # chat data: the recipe's chat template, on the tokenizer every command uses
     return tok
 
 

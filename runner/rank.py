@@ -1,7 +1,8 @@
 """Log-likelihood scoring of completions after a prompt: classification by ranking the allowed labels
 (``generation.mode: rank``) and the ``loss`` evaluator share it.
 
-A completion is tokenized as TRL tokenizes it for training: ``prompt + completion + EOS`` as one text, the scored
+A completion is tokenized as TRL tokenizes it for training: ``prompt + completion + EOS`` as one text (chat data:
+the chat template's end of turn instead of EOS, runner.chat.completion_end), the scored
 tokens being those after the longest common prefix with the tokenized prompt alone. Rows are left-padded so every
 completion ends at the right edge, and only the last positions' logits are computed (``logits_to_keep``).
 """
@@ -11,24 +12,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner import backend, dist
+from runner import backend, chat, dist
 from runner.generate import length_sorted_batches
 from runner.recipe import rank_labels
 from runner.templates import render, template_fields
 
 
 def candidate(recipe: dict, label: str) -> str:
-    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``)."""
+    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``; chat: the label)."""
+    if chat.is_chat(recipe):
+        return label
     template = recipe["prompt"]["completion"]
     (field,) = template_fields(template, "prompt.completion")  # one field: the recipe checks say so in rank mode
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
-    """(ids of prompt + completion + EOS, number of scored tokens at the end) per pair, as TRL trains on them."""
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
+                   end: str | None = None) -> list[tuple[list[int], int]]:
+    """(ids of prompt + completion + ``end``, number of scored tokens at the end) per pair, as TRL trains on them.
+    ``end``: EOS, or a chat template's end of turn (runner.chat.completion_end)."""
     from trl.data_utils import common_prefix_length  # lazy: trl (and torch) load only when something is scored
 
-    eos = tokenizer.eos_token
+    eos = tokenizer.eos_token if end is None else end
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
     unique = list(dict.fromkeys(prompts))  # rank mode repeats each prompt once per label: tokenize it once
     alone = dict(zip(unique, tokenizer(unique)["input_ids"], strict=True))
@@ -137,7 +142,7 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
                         batch_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
     ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
-    rows = tokenize_pairs(tokenizer, prompts, completions)
+    rows = tokenize_pairs(tokenizer, prompts, completions, chat.completion_end(recipe, tokenizer))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     if not rows:
         return out
@@ -155,7 +160,8 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
     """(labels, their completion texts, the most tokens a completion + EOS takes)."""
     labels = rank_labels(recipe)
     cands = [candidate(recipe, label) for label in labels]
-    longest = max(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for c in cands)
+    end = chat.completion_end(recipe, tokenizer)
+    longest = max(len(tokenizer(c + end, add_special_tokens=False)["input_ids"]) for c in cands)
     return labels, cands, longest
 
 
@@ -188,7 +194,7 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
         for batch in dist.share(length_sorted_batches(lengths, dist.balanced(choice.batch_size, len(lengths)))):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
-                                   [c for _ in indices for c in cands])
+                                   [c for _ in indices for c in cands], chat.completion_end(recipe, tokenizer))
             if choice.backend == "plain":
                 scores = score_rows(net, tokenizer, pairs).view(len(indices), len(cands))
             else:

@@ -21,7 +21,7 @@ import yaml
 
 from evaluators import BUILTINS, builtin
 from evaluators.base import Evaluator
-from runner import backend
+from runner import backend, chat, mixture
 from runner.errors import RecipeError, short
 from runner.templates import template_fields
 
@@ -53,6 +53,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
         key_path, value = parse_override(text)
         if tuple(key_path[:2]) in PATH_KEYS:  # a path typed on the command line is relative to the shell's directory
             value = _fix_path(value, Path.cwd()) if len(key_path) == 3 else _fix_paths(value, Path.cwd())
+        elif key_path[:2] == ["data", "sources"]:
+            value = _fix_source_paths(value, key_path[2:], Path.cwd())
         _set_path(raw, key_path, value, text)
     raw.pop("extends", None)
     raw["extends"] = None
@@ -294,7 +296,23 @@ def _absolutize(data: dict, base_dir: Path) -> dict:
         block = data.get(section)
         if isinstance(block, dict) and key in block:
             block[key] = _fix_paths(block[key], base_dir)
+    if isinstance(data.get("data"), dict) and "sources" in data["data"]:
+        data["data"]["sources"] = _fix_source_paths(data["data"]["sources"], [], base_dir)
     return data
+
+
+def _fix_source_paths(value, below: list, base_dir: Path):
+    """data.sources (or the part of it at ``below``: [i], [i, "source"], [i, "source", role]) with relative local
+    paths made absolute."""
+    if not below:
+        return [_fix_source_paths(v, [0], base_dir) for v in value] if isinstance(value, list) else value
+    if len(below) == 1:
+        if isinstance(value, dict) and "source" in value:
+            return {**value, "source": _fix_paths(value["source"], base_dir)}
+        return value
+    if below[1] != "source":
+        return value
+    return _fix_paths(value, base_dir) if len(below) == 2 else _fix_path(value, base_dir)
 
 
 # ---------------------------------------------------------------- overrides
@@ -555,21 +573,25 @@ def import_evaluator(spec_name: str, key_path: str):
 def cross_check(recipe: dict) -> None:
     """Checks across keys that a schema cannot express."""
     prompt, data, training = recipe["prompt"], recipe["data"], recipe["training"]
-    fields = template_fields(prompt["template"], "prompt.template")
-    completion_fields = template_fields(prompt["completion"], "prompt.completion")
-    if not prompt["completion"].strip():
-        raise RecipeError("prompt.completion", "is empty", "the completion is what the model learns to write")
-    if not completion_fields:
-        raise RecipeError("prompt.completion", "uses no dataset field",
-                          "reference the target column, e.g. ' {summary}'")
-    if prompt["truncate"] is not None and prompt["truncate"] not in fields:
-        raise RecipeError("prompt.truncate", f"{prompt['truncate']!r} is not a field of prompt.template",
-                          f"template fields: {', '.join(fields) or 'none'}")
+    chat.check_recipe(recipe)  # prompt.messages (chat data) or template + completion, and the chat template
+    completion_fields = None  # chat data: each label is the last assistant turn's content, no completion template
+    if not chat.is_chat(recipe):
+        fields = template_fields(prompt["template"], "prompt.template")
+        completion_fields = template_fields(prompt["completion"], "prompt.completion")
+        if not prompt["completion"].strip():
+            raise RecipeError("prompt.completion", "is empty", "the completion is what the model learns to write")
+        if not completion_fields:
+            raise RecipeError("prompt.completion", "uses no dataset field",
+                              "reference the target column, e.g. ' {summary}'")
+        if prompt["truncate"] is not None and prompt["truncate"] not in fields:
+            raise RecipeError("prompt.truncate", f"{prompt['truncate']!r} is not a field of prompt.template",
+                              f"template fields: {', '.join(fields) or 'none'}")
+    mixture.check_recipe(recipe)  # data.source or data.sources, and each source's field mapping
     if recipe["quantization"]["method"] != "none" and recipe["lora"] is None:
         raise RecipeError("lora", "a quantized model cannot be fully fine-tuned",
                           "add a lora section or set quantization.method: none")
     splits = data["splits"]
-    if isinstance(data["source"], dict):
+    if isinstance(data.get("source"), dict):
         for role, name in splits.items():
             if name is not None and role not in data["source"] and not data["holdout"].get(role):
                 splits[role] = None  # a {train, eval, test} source without this file: the role is unused
@@ -603,14 +625,15 @@ def rank_labels(recipe: dict) -> list[str] | None:
     return None
 
 
-def _check_rank_mode(recipe: dict, completion_fields: list[str]) -> None:
-    """Rank mode puts each allowed label into the completion: it needs the labels and a one-field completion."""
+def _check_rank_mode(recipe: dict, completion_fields: list[str] | None) -> None:
+    """Rank mode puts each allowed label into the completion: it needs the labels and a one-field completion
+    (``completion_fields`` None: chat data, whose completion is the label itself)."""
     if recipe["generation"].get("mode") != "rank":
         return
     if not rank_labels(recipe):
         raise RecipeError("generation.mode", "rank needs the allowed labels",
                           "set generation.labels: [...] or give the classification evaluator its labels")
-    if len(completion_fields) != 1:
+    if completion_fields is not None and len(completion_fields) != 1:
         raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
                           f"exactly one field, found {len(completion_fields)}", "e.g. completion: \" {label}\"")
 

@@ -89,6 +89,9 @@ def _num(value) -> str:
 
 
 def _source(source) -> str:
+    if isinstance(source, list):  # data.sources: a weighted mixture
+        total = sum(s["weight"] for s in source)
+        return "mixture of " + "; ".join(f"{_source(s['source'])} ({100 * s['weight'] / total:.0f}%)" for s in source)
     if isinstance(source, dict):
         return ", ".join(f"{role}: {path}" for role, path in source.items())
     return str(source)
@@ -111,7 +114,8 @@ def recipe_section(recipe: dict) -> list[str]:
         ["model", m["name_or_path"]],
         ["quantization", quant],
         ["adapter", adapter],
-        ["data", f"{_source(d['source'])}" + (f" (config {d['config']})" if d["config"] else "")
+        ["data", f"{_source(d['source'] if d.get('sources') is None else d['sources'])}"
+                 + (f" (config {d['config']})" if d["config"] else "")
                  + f"; samples: {samples}"],
         ["prompt", f"max_length {p['max_length']}, truncate {p['truncate']}, data.max_tokens {d['max_tokens']}"],
         ["training", f"{steps}, micro-batch {t['micro_batch_size']} x {t['gradient_accumulation_steps']} "
@@ -123,6 +127,14 @@ def recipe_section(recipe: dict) -> list[str]:
         ["seed", recipe["seed"]],
     ]
     lines = ["## Recipe", ""] + table(["", ""], rows)
+    if p.get("messages"):
+        template = p["chat_template"]
+        named = "of the tokenizer" if template is None else (f"`{template}`" if "{" not in template
+                                                             else "written in recipe.yaml")
+        lines += ["", f"Chat data in `{p['messages']}`, rendered with the chat template {named} (saved with the "
+                  "adapter's tokenizer); loss on the assistant turns only.", "", "The full resolved recipe is "
+                  "`recipe.yaml`."]
+        return lines
     lines += ["", "Template (completion: `" + p["completion"].replace("`", "'") + "`):", "", "```text",
               p["template"], "```", "", "The full resolved recipe is `recipe.yaml`."]
     return lines

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner import checkpoints, dist, divergence, profiles, runs, safeio
+from runner import chat, checkpoints, dist, divergence, profiles, runs, safeio
 from runner import data as data_mod
 from runner import model as model_mod
 from runner.errors import RecipeError
@@ -71,7 +71,10 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         **_checkpointing_args(SFTConfig, speed.gradient_checkpointing),
         packing=t["packing"],
         max_length=recipe["prompt"]["max_length"],
-        completion_only_loss=True,
+        # Loss on the completion only; for chat data on every assistant turn, as the chat template's
+        # {% generation %} markers delimit them (runner.chat).
+        completion_only_loss=not chat.is_chat(recipe),
+        assistant_only_loss=chat.is_chat(recipe),
         eval_strategy=eval_strategy,
         eval_steps=t["eval_every"],
         save_strategy="steps" if t["save_every"] else "no",
@@ -201,12 +204,14 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
     from runner.sft import Trainer
 
+    if chat.is_chat(recipe):
+        chat.quiet_trl_stop_token_warning()
     start = time.time()
     try:
         # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
         args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
         model, trainable, total = _setup_model(recipe, speed)
-        columns = ["prompt", "completion"]
+        columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
         guard = divergence.guard(recipe, run_dir)
         trainer = Trainer(

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 THREADS = str(min(2, len(os.sched_getaffinity(0))))
 HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", 900))
-TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny")
+TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny", "chat_tiny")
 
 # Waiting OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads steal the cores the
 # working ones need (measured on 2 busy cores: ~10x slower training steps). Read when torch loads, so set it here,
