@@ -281,11 +281,9 @@ def _quant_text(recipe: dict) -> str:
 
 
 def _lora_text(recipe: dict) -> str:
-    lora = recipe["lora"]
-    if lora is None:
-        return "full fine-tuning"
-    targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
-    return f"LoRA r={lora['r']} on {targets}"
+    from runner.model import lora_text
+
+    return lora_text(recipe["lora"])
 
 
 # ---------------------------------------------------------------- evaluation (runner.backend sizes its batches here)
