@@ -143,7 +143,7 @@ def check_lora_variants(recipe: dict, model) -> None:
         from peft import get_peft_model
 
         try:  # peft finds the layers and modules itself: its refusal is the recipe's mistake
-            get_peft_model(meta_model(model.config), lora_config(recipe, counting=True))
+            get_peft_model(meta_model(model.config), lora_config(recipe, counting=True, model=model))
         except ValueError as exc:
             raise RecipeError("lora", f"peft cannot apply it to this model: {str(exc).splitlines()[0][:200]}",
                               "check lora.layers_to_transform, lora.modules_to_save and lora.target_modules") from None
@@ -198,14 +198,19 @@ def lora_text(lora: dict | None) -> str:
 PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": True}
 
 
-def lora_config(recipe: dict, counting: bool = False):
+def lora_config(recipe: dict, counting: bool = False, model=None):
     """peft's LoraConfig for the recipe. ``counting``: the default init whatever the recipe says (parameter counts
-    on a meta-device model, where PiSSA's SVD cannot run)."""
+    on a meta-device model, where PiSSA's SVD cannot run). ``model``: the model it is for; with
+    layers_to_transform, "all-linear" is spelled out as its linear layers' names (peft takes a layer subset only
+    with a list of targets)."""
     from peft import LoraConfig
 
     lora = recipe["lora"]
+    targets = lora["target_modules"]
+    if targets == "all-linear" and lora["layers_to_transform"] and model is not None:
+        targets = linear_module_names(model)
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], bias=lora["bias"], task_type="CAUSAL_LM",
+                      target_modules=targets, bias=lora["bias"], task_type="CAUSAL_LM",
                       use_dora=lora["dora"], use_rslora=lora["rslora"],
                       modules_to_save=list(lora["modules_to_save"]) or None,
                       layers_to_transform=lora["layers_to_transform"],
@@ -284,7 +289,7 @@ def load_for_training(recipe: dict, speed=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe["lora"] is not None:
-        model = get_peft_model(model, lora_config(recipe))
+        model = get_peft_model(model, lora_config(recipe, model=model))
         if recipe["lora"]["init"] == "loftq":
             _loftq(model, recipe)
     model.config.use_cache = False
@@ -367,5 +372,5 @@ def meta_lora_counts(recipe: dict, model) -> tuple[int, int]:
     if recipe["lora"] is None:
         n = sum(p.numel() for p in model.parameters())
         return n, n
-    peft_model = get_peft_model(model, lora_config(recipe, counting=True))
+    peft_model = get_peft_model(model, lora_config(recipe, counting=True, model=model))
     return count_parameters(peft_model)
