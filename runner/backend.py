@@ -196,7 +196,7 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
                 batch_size: int | None = None, shared_prefix: bool = False) -> Choice:
     """Backend and prompts per forward pass for scoring rows of ``lengths`` tokens whose last ``scored_tokens``
     are scored; each prompt is ``rows_per_prompt`` rows (rank mode: one per label), which the backends other than
-    plain score with the prompt run once when ``shared_prefix`` (runner.rank.score_groups). ``batch_size``
+    plain score as one packed row, the prompt run once, when ``shared_prefix`` (runner.rank.score_groups). ``batch_size``
     overrides generation.batch_size (the loss evaluator's own). There is no decoding step to compile: compiled
     scores as merged."""
     from runner import plan
@@ -213,7 +213,7 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
     def prompt_bytes(name: str) -> float:
         c = _dtype_bytes(model, name)
         if shared_prefix and name != "plain":
-            return plan.shared_scoring_bytes(shape, c, longest - scored_tokens, scored_tokens, attn)
+            return plan.packed_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt * scored_tokens)
         return rows_per_prompt * plan.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
 
     scoring = {**recipe, "generation": {**g, "backend": backend, "num_beams": 1}}

@@ -82,12 +82,13 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
         with backend.model_for(choice, model) as net:
             set_seed(recipe["seed"])  # after the copy is made: sampling draws start from the seed on every backend
             device = next(net.parameters()).device
+            size = dist.balanced(choice.batch_size, len(lengths))
             # Under a launcher, this rank's share of the batches (one process: all of them).
-            for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
+            for batch in dist.share(length_sorted_batches(lengths, size)):
                 indices = [todo[j] for j in batch]
                 texts = [prompts[i] for i in indices]
                 if choice.backend == "compiled":  # one batch shape: the captured CUDA graph is replayed, not redone
-                    texts += texts[-1:] * (choice.batch_size - len(texts))
+                    texts += texts[-1:] * (size - len(texts))
                 enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
                 with torch.inference_mode():
                     out = net.generate(**enc, generation_config=config, tokenizer=tokenizer)

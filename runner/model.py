@@ -266,12 +266,18 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
         act = getattr(load_config(recipe), "hidden_act", None)
         if act in FUSED_ACTIVATIONS:
             kwargs["hidden_act"] = FUSED_ACTIVATIONS[act]
-    if torch.cuda.is_available() and not sharded:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if torch.cuda.is_available():
+        # Sharded: quantized on the CPU, so no GPU ever holds the whole model (bitsandbytes' loader would put it on
+        # this process's GPU); FSDP then moves one layer at a time to the GPU and keeps this rank's shard of it.
+        kwargs["device_map"] = {"": "cpu" if sharded else torch.cuda.current_device()}
     try:
-        return AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error("model.name_or_path", m["name_or_path"], exc) from None
+    if sharded and hasattr(model, "hf_device_map"):
+        # accelerate refuses a 4-bit model whose device map differs from the training device; FSDP places it.
+        del model.hf_device_map
+    return model
 
 
 def load_for_training(recipe: dict, speed=None):

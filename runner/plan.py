@@ -337,15 +337,13 @@ def scoring_row_bytes(shape: dict, c: int, tokens: int, scored: int, attn: str =
     return tokens * forward_token_bytes(shape, c, attn, tokens) + (scored + 1) * shape["vocab"] * (c + 3 * 4)
 
 
-def shared_scoring_bytes(shape: dict, c: int, prompt_tokens: int, own_tokens: int, attn: str = "sdpa") -> float:
-    """Peak bytes of one prompt scored for several completions of ``own_tokens`` each, the prompt run once and
-    each completion continuing its KV cache in turn (runner.rank.score_groups): the prompt's forward transients and
-    cache, one completion's forward, the cache layer it re-concatenates, and its logits."""
+def packed_scoring_bytes(shape: dict, c: int, prompt_tokens: int, own_tokens: int) -> float:
+    """Peak bytes of one prompt scored for several completions packed into one row after it, ``own_tokens`` in all
+    (runner.rank.score_groups): the row's forward transients with the softmax over the row (a custom mask can take
+    SDPA off its fused kernels), its 4-D mask, and the completions' logits with their fp32 log-softmax."""
     width = prompt_tokens + own_tokens
-    prompt = prompt_tokens * (forward_token_bytes(shape, c, attn, prompt_tokens) + kv_bytes_per_token(shape, c))
-    own = (own_tokens * forward_token_bytes(shape, c, attn, width) + own_tokens * width
-           + width * kv_bytes_per_token(shape, c) / shape["layers"] + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
-    return prompt + own
+    return (width * forward_token_bytes(shape, c, "eager", width) + width * width * c
+            + (own_tokens + 1) * shape["vocab"] * (c + 3 * 4))
 
 
 # Reserved over allocated during evaluation: 11-19% on one H200 (bench/results/eval_table_h200.md: the plain path

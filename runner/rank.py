@@ -86,59 +86,61 @@ def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
 
 def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     """``score_rows`` for groups of rows that start with the same prompt (rank mode: one row per label, every group
-    with as many): the shared tokens run once per group, then each label's own tokens continue that KV cache, one
-    label at a time (the cache is cropped back to the prompt after each, so it is held once, not once per label).
-    Equal to score_rows up to rounding, for about one prompt's compute instead of one per label.
+    with as many), packed: each group is one row holding the shared prompt once and then every label's own tokens
+    side by side. A 4-D attention mask lets each label's tokens see the prompt and themselves only, and their
+    positions continue the prompt's, so each label is scored as if it followed the prompt alone: one forward pass
+    per batch for about one prompt's compute, no KV cache. Equal to score_rows up to rounding.
     Returns [groups, rows per group]."""
     import torch
     from trl.data_utils import common_prefix_length
 
-    device = next(model.parameters()).device
-    pad, k = tokenizer.pad_token_id, len(groups[0])
+    k = len(groups[0])
     # The shared part stops before the first scored token of every row (a scored token needs the logit before it).
     shared = [min(min(common_prefix_length(rows[0][0], ids) for ids, _ in rows), *(len(ids) - n for ids, n in rows))
               for rows in groups]
-    if min(shared) == 0:  # a group whose rows share no token: nothing to run once
+    if min(shared) == 0 or model.config._attn_implementation not in ("sdpa", "eager"):
+        # no shared prompt to run once, or an attention kernel that takes no custom mask: a row per label
         return score_rows(model, tokenizer, [row for rows in groups for row in rows]).view(len(groups), k)
-    width = max(shared)
-    prefix = torch.full((len(groups), width), pad, dtype=torch.long)
-    prefix_mask = torch.zeros((len(groups), width), dtype=torch.long)
-    for g, (rows, p) in enumerate(zip(groups, shared)):
-        prefix[g, width - p:] = torch.tensor(rows[0][0][:p])  # left-padded: every prefix ends at the right edge
-        prefix_mask[g, width - p:] = 1
-    sums = torch.zeros((len(groups), k))
+    packed = [_pack(rows, p) for rows, p in zip(groups, shared)]
+    width = max(len(ids) for ids, _, _ in packed)
+    keep = max(len(ids) - p for (ids, _, _), p in zip(packed, shared)) + 1  # the prompt's last logit + every tail
+    input_ids = torch.full((len(groups), width), tokenizer.pad_token_id, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(groups), 1, 1)  # padding attends to itself: no NaN
+    picks: list[tuple[int, int, int, int]] = []  # (group, kept column, target token, label)
+    for g, ((ids, pos, spans), p) in enumerate(zip(packed, shared)):
+        off = width - len(ids)  # left-padded: every packed row ends at the right edge
+        input_ids[g, off:] = torch.tensor(ids)
+        positions[g, off:] = torch.tensor(pos)
+        allowed[g, off:off + p, off:off + p] = torch.ones(p, p, dtype=torch.bool).tril()
+        for j, (a, b, n) in enumerate(spans):
+            allowed[g, off + a:off + b, off:off + p] = True
+            allowed[g, off + a:off + b, off + a:off + b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            for t in range(b - n, b):  # the label's scored tokens, each predicted by the position before it
+                before = p - 1 if t == a else t - 1
+                picks.append((g, off + before - (width - keep), ids[t], j))
+    dtype = model.get_input_embeddings().weight.dtype
+    device = next(model.parameters()).device
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
     with torch.inference_mode():
-        out = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
-                    position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
-                    logits_to_keep=1)
-        cache = out.past_key_values
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        for j in range(k):
-            tail, tail_mask, scored = _tails([(rows[j][0][p:], rows[j][1]) for rows, p in zip(groups, shared)], pad)
-            logits = model(input_ids=tail.to(device), past_key_values=cache, use_cache=True,
-                           attention_mask=torch.cat([prefix_mask, tail_mask], 1).to(device),
-                           position_ids=(torch.tensor(shared)[:, None] + torch.arange(tail.shape[1])).to(device)).logits
-            cache.crop(-tail.shape[1])  # back to the prompt for the next label
-            # Tail token t is predicted by the prompt's last logit (t = 0) or by the tail's logit at t - 1.
-            logprobs = torch.cat([first[:, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
-            token_lp = logprobs.gather(-1, tail.to(device).unsqueeze(-1)).squeeze(-1)
-            sums[:, j] = torch.where(scored.to(device), token_lp, 0.0).sum(-1).cpu()
-    return sums
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), logits_to_keep=keep, use_cache=False).logits
+    rows, cols, targets, labels = (torch.tensor(x) for x in zip(*picks))
+    rows, cols, targets = rows.to(device), cols.to(device), targets.to(device)
+    token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels.to(device), token_lp)
+    return sums.view(len(groups), k).cpu()
 
 
-def _tails(tails: list[tuple[list[int], int]], pad: int):
-    """Right-padded [rows, longest] ids, their mask, and which positions are the row's last ``n`` (scored)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in tails)
-    ids_t = torch.full((len(tails), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(tails), width), dtype=torch.long)
-    scored = torch.zeros((len(tails), width), dtype=torch.bool)
-    for r, (ids, n) in enumerate(tails):
-        ids_t[r, :len(ids)] = torch.tensor(ids)  # right-padded: each row continues right after its prompt
-        mask[r, :len(ids)] = 1
-        scored[r, len(ids) - n:len(ids)] = True
-    return ids_t, mask, scored
+def _pack(rows: list[tuple[list[int], int]], p: int) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+    """One group as a packed row: (ids, position ids, per label (start, end, scored tokens) of its own tokens)."""
+    ids, pos, spans = list(rows[0][0][:p]), list(range(p)), []
+    for row, n in rows:
+        tail = row[p:]
+        spans.append((len(ids), len(ids) + len(tail), n))
+        ids += tail
+        pos += range(p, p + len(tail))
+    return ids, pos, spans
 
 
 @contextmanager
@@ -210,7 +212,7 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     results: dict[int, str] = {}
     with backend.model_for(choice, model) as net, eval_mode(net):
         # Under a launcher, this rank's share of the batches (one process: all of them).
-        for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
+        for batch in dist.share(length_sorted_batches(lengths, dist.balanced(choice.batch_size, len(lengths)))):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
                                    [c for _ in indices for c in cands])

@@ -21,7 +21,8 @@ def set_threads(recipe: dict) -> int:
     """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
     import torch
 
-    n = recipe["training"]["num_threads"] or len(os.sched_getaffinity(0))
+    # Under a launcher the processes of one machine share its cores (torchrun would leave each one thread).
+    n = recipe["training"]["num_threads"] or max(1, len(os.sched_getaffinity(0)) // dist.world().local_size)
     torch.set_num_threads(n)
     return n
 
@@ -248,7 +249,7 @@ def train(recipe: dict, instrument=None):
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
-    from trl import SFTTrainer
+    from runner.sft import Trainer
 
     start = time.time()
     try:
@@ -260,7 +261,7 @@ def train(recipe: dict, instrument=None):
         guard = divergence.guard(recipe, run_dir)
         init_dir = _save_pissa_init(model, run_recipe, run_dir, world)
         with tracking.environment(recipe, run_dir):  # the tracker callbacks read it when they are made
-            trainer = SFTTrainer(
+            trainer = Trainer(
                 model=model,
                 args=args,
                 train_dataset=prepared.splits["train"].select_columns(columns),

@@ -213,8 +213,8 @@ def test_scoring_batches_stop_at_the_token_cap_and_within_the_budget(lora_net, m
     assert shared.batch_size * (96 + 4 * 4) <= backend.SCORING_TOKENS < (shared.batch_size + 8) * (96 + 4 * 4)
     rows = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4)  # every label's row runs the prompt
     assert rows.batch_size * 4 * 100 <= backend.SCORING_TOKENS < (rows.batch_size + 8) * 4 * 100
-    small = plan.reserved_for(1e6 + merge.copy_bytes(net, 4) + 10.5 * plan.shared_scoring_bytes(
-        plan._shape(net.config), 4, 96, 4))
+    small = plan.reserved_for(1e6 + merge.copy_bytes(net, 4) + 10.5 * plan.packed_scoring_bytes(
+        plan._shape(net.config), 4, 96, 4 * 4))
     monkeypatch.setattr(backend, "budget_bytes", lambda recipe: small)
     choice = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4, shared_prefix=True)
     assert choice.batch_size == 10 and choice.predicted_gb * GIB <= small * (1 + 1e-9)

@@ -30,6 +30,22 @@ def test_each_rank_gets_whole_batches_and_every_batch_goes_to_one_rank():
     assert sorted(b for share in shares for b in share) == batches
 
 
+@pytest.mark.parametrize("n, batch, size", [(1000, 424, 2), (20, 16, 2), (7, 16, 2), (11334, 424, 4), (5, 2, 3)])
+def test_evaluation_batches_give_every_rank_the_same_number(n, batch, size):
+    from runner.generate import length_sorted_batches
+
+    w = dist.World(rank=0, size=size)
+    got = dist.balanced(batch, n, w)
+    assert 1 <= got <= batch
+    batches = list(length_sorted_batches([1] * n, got))
+    per_rank = [len(list(dist.share(batches, dist.World(rank=r, size=size)))) for r in range(size)]
+    assert max(per_rank) == -(-n // (size * batch))  # no rank does more batches than the largest size needs
+    assert max(per_rank) - min(per_rank) <= 1 and sum(len(b) for b in batches) == n
+    if n >= size * got:
+        assert max(per_rank) == min(per_rank)
+    assert dist.balanced(batch, n, dist.World()) == batch  # one process: the batch as chosen
+
+
 def test_the_step_splits_evenly_or_fails_naming_the_key():
     assert dist.split_step(16, 4) == 4
     with pytest.raises(RecipeError) as err:
