@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from runner.errors import RecipeError
@@ -69,6 +70,15 @@ def environment(recipe: dict, run_dir: Path):
             os.environ.pop(key, None)
 
 
+def _purge_after(callback, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint, which the interrupted session may have logged
+    already: TensorBoard's own purge_step hides those older events, so every step shows once (like
+    train_log.jsonl). The writer is made here, as the callback would make it, with that one argument more."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    callback.tb_writer = SummaryWriter(log_dir=callback.logging_dir, purge_step=step + 1)
+
+
 def _integration_classes() -> tuple:
     from transformers.integrations import MLflowCallback, TensorBoardCallback, TrackioCallback, WandbCallback
 
@@ -92,7 +102,7 @@ class _Held:
 class Session:
     """The trainer's tracker callbacks, held open past training (see the module docstring)."""
 
-    def __init__(self, trainer, split: str):
+    def __init__(self, trainer, split: str, resumed_step: int | None = None):
         self.trainer, self.split = trainer, split
         self.held: list[_Held] = []
         handler = trainer.callback_handler
@@ -101,6 +111,8 @@ class Session:
             if isinstance(callback, classes):
                 handler.callbacks[i] = held = _Held(callback)
                 self.held.append(held)
+            if resumed_step and isinstance(callback, classes[0]) and trainer.is_world_process_zero():
+                _purge_after(callback, resumed_step)
 
     def finish(self, metrics: dict | None = None) -> None:
         """Send the evaluation's numbers (flattened to ``test/rouge.rougeL``-style names, at the last training
@@ -149,10 +161,12 @@ COUNTS = {"count", "examples", "tokens", "support", "predicted", "labels_scored"
 _current: Session | None = None
 
 
-def attach(trainer, split: str) -> Session:
-    """Hold the trainer's tracker callbacks open until :func:`finish`; ``split`` names the evaluation's metrics."""
+def attach(trainer, split: str, resumed_from: str | Path | None = None) -> Session:
+    """Hold the trainer's tracker callbacks open until :func:`finish`; ``split`` names the evaluation's metrics;
+    ``resumed_from``: the checkpoint the run goes on from."""
     global _current
-    _current = Session(trainer, split)
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(resumed_from).name) if resumed_from else None
+    _current = Session(trainer, split, int(match.group(1)) if match else None)
     return _current
 
 

@@ -269,7 +269,7 @@ def train(recipe: dict, instrument=None):
                 processing_class=tokenizer,
                 callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *_early_stopping_callbacks(recipe)],
             )
-        tracking.attach(trainer, recipe["evaluation"]["split"])
+        tracking.attach(trainer, recipe["evaluation"]["split"], resume_from)
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
