@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import RecipeError
-from runner.recipe import DATA_SUFFIXES, is_local_path, template_fields
+from runner.recipe import DATA_SUFFIXES, is_local_path
+from runner.templates import render, template_fields, text
 
 ROLES = ("train", "eval", "test")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -220,20 +220,6 @@ def check_columns(ds, recipe: dict, role: str) -> None:
 # ---------------------------------------------------------------- rendering
 
 
-def _text(value, separator: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return separator.join(_text(v, separator) for v in value)
-    return str(value)
-
-
-def render(template: str, row: dict, separator: str = ", ") -> str:
-    fields = {name: _text(row.get(name), separator)
-              for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    return template.format(**fields)
-
-
 _LONGEST_TOKEN: dict[int, tuple[object, int]] = {}
 
 
@@ -258,10 +244,32 @@ def char_cap(tokenizer, max_length: int) -> int:
 def cap_text(value, cap: int, separator: str):
     """``value`` as the template would render it, cut to ``cap`` characters when it is longer; else unchanged."""
     if isinstance(value, (str, list)):
-        text = _text(value, separator)
-        if len(text) > cap:
-            return text[:cap]
+        joined = text(value, separator)
+        if len(joined) > cap:
+            return joined[:cap]
     return value
+
+
+def shorten(row: dict, prompt_cfg: dict, tokenizer, count: int, budget: int, completion: str | None = None):
+    """Cut ``prompt.truncate``'s field of ``row`` from its end, in tokens, until the prompt's ``count`` fits
+    ``budget``: the prompt alone, or with ``completion`` given, prompt + completion + EOS (as training counts
+    it). Returns (the shortened prompt, its count), or (None, count) when there is nothing to cut."""
+    sep, field_name = prompt_cfg["list_separator"], prompt_cfg["truncate"]
+    ids = tokenizer(text(row.get(field_name), sep), add_special_tokens=False)["input_ids"]
+    prompt = None
+    for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
+        keep = len(ids) - (count - budget)
+        if keep <= 0:
+            break
+        ids = ids[:keep]
+        prompt = render(prompt_cfg["template"], {**row, field_name: tokenizer.decode(ids)}, sep)
+        if completion is None:
+            count = len(tokenizer(prompt)["input_ids"])
+        else:
+            count = len(tokenizer(prompt + completion)["input_ids"]) + 1
+        if count <= budget:
+            break
+    return prompt, count
 
 
 def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
@@ -278,19 +286,9 @@ def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
     for i in range(n):
         if counts[i] <= max_length or field_name is None or not completions[i].strip():
             continue
-        value = _text(examples[i].get(field_name), sep)
-        ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-        for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
-            keep = len(ids) - (counts[i] - max_length)
-            if keep <= 0:
-                break
-            ids = ids[:keep]
-            example = {**examples[i], field_name: tokenizer.decode(ids)}
-            prompts[i] = render(prompt_cfg["template"], example, sep)
-            counts[i] = len(tokenizer(prompts[i] + completions[i])["input_ids"]) + 1
-            truncated[i] = True
-            if counts[i] <= max_length:
-                break
+        cut, count = shorten(examples[i], prompt_cfg, tokenizer, counts[i], max_length, completion=completions[i])
+        if cut is not None:
+            prompts[i], counts[i], truncated[i] = cut, count, True
     ids = rows.get("id") or [None] * n
     return {"prompt": prompts, "completion": completions, "n_tokens": counts, "truncated": truncated,
             "id": [str(x) if x is not None else None for x in ids]}

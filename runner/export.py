@@ -19,6 +19,7 @@ from pathlib import Path
 
 from runner import dist, safeio
 from runner.errors import RecipeError
+from runner.templates import render, template_fields
 
 RECORD = "export.json"
 
@@ -34,11 +35,9 @@ def check_out(out: Path) -> Path:
 
 def _probe_prompt(recipe: dict) -> str:
     """A prompt in the recipe's own shape (its template, each field filled with one plain sentence)."""
-    from runner.recipe import template_fields
-
     text = "The council approved the new budget on Tuesday after a long debate about schools and roads."
-    fields = template_fields(recipe["prompt"]["template"], "prompt.template")
-    return recipe["prompt"]["template"].format(**{name: text for name in fields})
+    template = recipe["prompt"]["template"]
+    return render(template, {name: text for name in template_fields(template, "prompt.template")})
 
 
 def logit_gap(reference, other, tokenizer, prompt: str) -> dict:
@@ -60,7 +59,7 @@ def export(recipe: dict, run_dir: Path, out: Path) -> dict:
     from runner import model as model_mod
 
     tokenizer = model_mod.load_tokenizer(recipe)
-    net = model_mod.load_trained(recipe, run_dir / "adapter")
+    net = model_mod.load_for_inference(recipe, run_dir / "adapter")
     # Inference on CPU repacks bitsandbytes' 4-bit weights (bf16 scales); training computed with the plain layout.
     model_mod._keep_trainable_layout(net)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from runner import backend as backend_mod
 from runner import dist
 
 
@@ -45,10 +46,8 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
 
 def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
     """The backend and batch size ``generate`` uses for these prompts (runner.backend)."""
-    from runner import backend
-
     todo = [i for i in range(len(prompts)) if i not in skip]
-    return backend.for_generation(recipe, model, _lengths(tokenizer, [prompts[i] for i in todo]) or [1])
+    return backend_mod.for_generation(recipe, model, _lengths(tokenizer, [prompts[i] for i in todo]) or [1])
 
 
 def _lengths(tokenizer, texts: list[str]) -> list[int]:
@@ -66,20 +65,18 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     import torch
     from transformers import set_seed
 
-    from runner import backend
-
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
         return {}
     lengths = _lengths(tokenizer, [prompts[i] for i in todo])
-    choice = backend.for_generation(recipe, model, lengths)
+    choice = backend_mod.for_generation(recipe, model, lengths)
     config = generation_config(recipe, tokenizer, choice.backend)
     results: dict[int, str] = {}
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     was_training = model.training
     model.eval()
     try:
-        with backend.model_for(choice, model) as net:
+        with backend_mod.model_for(choice, model) as net:
             set_seed(recipe["seed"])  # after the copy is made: sampling draws start from the seed on every backend
             device = next(net.parameters()).device
             size = dist.balanced(choice.batch_size, len(lengths))

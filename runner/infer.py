@@ -8,9 +8,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from runner.data import cap_text, char_cap, render
+from runner import evaluate
+from runner.data import cap_text, char_cap, shorten
 from runner.errors import RecipeError
-from runner.recipe import template_fields
+from runner.templates import render, template_fields
 
 
 def main_field(recipe: dict) -> str:
@@ -90,25 +91,14 @@ def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
     count = len(tokenizer(prompt)["input_ids"])
     if count <= budget or field is None:
         return prompt, False
-    ids = tokenizer(render("{x}", {"x": row.get(field)}, sep), add_special_tokens=False)["input_ids"]
-    for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
-        keep = len(ids) - (count - budget)
-        if keep <= 0:
-            break
-        ids = ids[:keep]
-        prompt = render(p["template"], {**row, field: tokenizer.decode(ids)}, sep)
-        count = len(tokenizer(prompt)["input_ids"])
-        if count <= budget:
-            break
-    return prompt, True
+    cut, _ = shorten(row, p, tokenizer, count, budget)
+    return (prompt if cut is None else cut), True
 
 
 def complete(model, tokenizer, prompts: list[str], recipe: dict) -> list[str]:
     """Completions in input order, with the recipe's generation.mode and decoding settings."""
     from tqdm.auto import tqdm
 
-    from runner.evaluate import predictor
-
     with tqdm(total=len(prompts), desc="generating", unit=" inputs", file=sys.stderr, dynamic_ncols=True) as bar:
-        results = predictor(recipe)(model, tokenizer, prompts, recipe, on_batch=lambda b: bar.update(len(b)))
+        results = evaluate.predictor(recipe)(model, tokenizer, prompts, recipe, on_batch=lambda b: bar.update(len(b)))
     return [results[i] for i in range(len(prompts))]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 from itertools import chain
 
+from runner.model import count_parameters
+
 QUANTIZED = ("Params4bit", "Int8Params")
 
 
@@ -47,8 +49,6 @@ def compute_dtype(model):
 
 def copy_bytes(model, dtype_bytes: int) -> float:
     """Bytes of the merged copy: every base parameter (4-bit ones at their real element count) in the compute dtype."""
-    from runner.model import count_parameters
-
     _, total = count_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     return (total - lora) * dtype_bytes

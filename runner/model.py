@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
+from runner import dist
 from runner.errors import RecipeError
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -162,6 +164,23 @@ def check(recipe: dict):
     return model
 
 
+def preflight(recipe: dict):
+    """Everything that can fail from the recipe and the model's config, before a folder or weight exists: the
+    config-only checks, then the tokenizer. Returns (meta-device model, tokenizer)."""
+    meta = check(recipe)
+    return meta, load_tokenizer(recipe)
+
+
+def set_threads(recipe: dict) -> int:
+    """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
+    import torch
+
+    # Under a launcher the processes of one machine share its cores (torchrun would leave each one thread).
+    n = recipe["training"]["num_threads"] or max(1, len(os.sched_getaffinity(0)) // dist.world().local_size)
+    torch.set_num_threads(n)
+    return n
+
+
 def quantization_config(recipe: dict, sharded: bool = False):
     """``sharded``: FSDP shards only floating-point tensors, so the packed 4-bit weights are stored in the compute
     dtype (bitsandbytes' quant_storage), like the unquantized weights of the same layer."""
@@ -178,18 +197,24 @@ def quantization_config(recipe: dict, sharded: bool = False):
     return None
 
 
+def lora_variants(lora: dict) -> list[str]:
+    """The variants in use, one short phrase each (for `runner validate`, `runner plan` and report.md)."""
+    parts = [name for name, on in (("DoRA", lora.get("dora")), ("rsLoRA", lora.get("rslora"))) if on]
+    if lora.get("init", "default") != "default":
+        parts.append(f"init {lora['init']}")
+    if lora.get("layers_to_transform"):
+        parts.append(f"layers {', '.join(map(str, lora['layers_to_transform']))}")
+    if lora.get("modules_to_save"):
+        parts.append(f"training in full {', '.join(lora['modules_to_save'])}")
+    return parts
+
+
 def lora_text(lora: dict | None) -> str:
     """The adapter in one line: rank, targets and the variants in use."""
     if lora is None:
         return "full fine-tuning"
     targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
-    extras = [name for name, on in (("DoRA", lora.get("dora")), ("rsLoRA", lora.get("rslora"))) if on]
-    if lora.get("init", "default") != "default":
-        extras.append(f"init {lora['init']}")
-    if lora.get("layers_to_transform"):
-        extras.append(f"layers {', '.join(map(str, lora['layers_to_transform']))}")
-    if lora.get("modules_to_save"):
-        extras.append(f"training in full {', '.join(lora['modules_to_save'])}")
+    extras = lora_variants(lora)
     return f"LoRA r={lora['r']} on {targets}" + (f" ({'; '.join(extras)})" if extras else "")
 
 
@@ -281,13 +306,14 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
 
 
 def load_for_training(recipe: dict, speed=None):
-    """``speed`` (runner.profiles.Speed) may keep the loaded dtype and fuse the activation; None = as written."""
+    """``speed`` (runner.profiles.Speed) may keep the loaded dtype, fuse the activation and decide gradient
+    checkpointing; None = as the recipe writes it."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     sharded = speed is not None and speed.distributed == "fsdp"
     model = load_base(recipe, fused_activation=bool(speed and speed.fused_activation), sharded=sharded)
     _keep_trainable_layout(model)
-    gc = recipe["training"]["gradient_checkpointing"]
+    gc = speed.gradient_checkpointing if speed is not None else recipe["training"]["gradient_checkpointing"]
     # FSDP flattens each layer's frozen weights into one tensor of one dtype: no fp32 upcast of the norms there.
     if recipe["quantization"]["method"] != "none" and speed is not None and (speed.keep_dtype or sharded):
         _freeze_for_kbit_training(model)
@@ -329,6 +355,14 @@ def load_trained(recipe: dict, adapter_dir: Path | None):
         _adapter_as_saved(model, Path(adapter_dir))
     model.eval()
     return model
+
+
+def load_for_inference(recipe: dict, adapter_dir: Path | None):
+    """The model that `runner eval`, `compare` and `generate` predict with: the recipe's threads, the base model
+    and the saved adapter (None: the base alone), in eval mode. Call ``preflight`` first, so the recipe's mistakes
+    show before any weight loads."""
+    set_threads(recipe)
+    return load_trained(recipe, adapter_dir)
 
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}

@@ -8,49 +8,25 @@ completion ends at the right edge, and only the last positions' logits are compu
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner import dist
-from runner.data import render
-from runner.errors import RecipeError
+from runner import backend, dist
 from runner.generate import length_sorted_batches
-
-
-def rank_labels(recipe: dict) -> list[str] | None:
-    """The allowed labels: ``generation.labels``, else the first classification evaluator's ``labels``."""
-    if recipe["generation"].get("labels"):
-        return list(recipe["generation"]["labels"])
-    for spec in recipe["evaluation"]["evaluators"]:
-        if spec["name"] == "classification" and spec.get("labels"):
-            return list(spec["labels"])
-    return None
-
-
-def check_recipe(recipe: dict) -> None:
-    """What rank mode needs from a recipe; called by the recipe cross-checks (no torch here)."""
-    if recipe["generation"].get("mode") != "rank":
-        return
-    if not rank_labels(recipe):
-        raise RecipeError("generation.mode", "rank needs the allowed labels",
-                          "set generation.labels: [...] or give the classification evaluator its labels")
-    fields = [f for _, f, _, _ in string.Formatter().parse(recipe["prompt"]["completion"]) if f]
-    if len(set(fields)) != 1:
-        raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
-                          f"exactly one field, found {len(set(fields))}", "e.g. completion: \" {label}\"")
+from runner.recipe import rank_labels
+from runner.templates import render, template_fields
 
 
 def candidate(recipe: dict, label: str) -> str:
     """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``)."""
     template = recipe["prompt"]["completion"]
-    field = next(f for _, f, _, _ in string.Formatter().parse(template) if f)
+    (field,) = template_fields(template, "prompt.completion")  # one field: the recipe checks say so in rank mode
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
 def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
     """(ids of prompt + completion + EOS, number of scored tokens at the end) per pair, as TRL trains on them."""
-    from trl.data_utils import common_prefix_length  # lazy: `runner validate` imports this module without torch
+    from trl.data_utils import common_prefix_length  # lazy: trl (and torch) load only when something is scored
 
     eos = tokenizer.eos_token
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
@@ -104,31 +80,33 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     packed = [_pack(rows, p) for rows, p in zip(groups, shared)]
     width = max(len(ids) for ids, _, _ in packed)
     keep = max(len(ids) - p for (ids, _, _), p in zip(packed, shared)) + 1  # the prompt's last logit + every tail
-    input_ids = torch.full((len(groups), width), tokenizer.pad_token_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(len(groups), 1, 1)  # padding attends to itself: no NaN
+    input_ids, positions, segments = [], [], []  # segment: -1 padding, 0 the prompt, j + 1 label j's own tokens
     picks: list[tuple[int, int, int, int]] = []  # (group, kept column, target token, label)
     for g, ((ids, pos, spans), p) in enumerate(zip(packed, shared)):
         off = width - len(ids)  # left-padded: every packed row ends at the right edge
-        input_ids[g, off:] = torch.tensor(ids)
-        positions[g, off:] = torch.tensor(pos)
-        allowed[g, off:off + p, off:off + p] = torch.ones(p, p, dtype=torch.bool).tril()
+        input_ids.append([tokenizer.pad_token_id] * off + ids)
+        positions.append([0] * off + pos)
+        seg = [-1] * off + [0] * p
         for j, (a, b, n) in enumerate(spans):
-            allowed[g, off + a:off + b, off:off + p] = True
-            allowed[g, off + a:off + b, off + a:off + b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            seg += [j + 1] * (b - a)
             for t in range(b - n, b):  # the label's scored tokens, each predicted by the position before it
                 before = p - 1 if t == a else t - 1
                 picks.append((g, off + before - (width - keep), ids[t], j))
-    dtype = model.get_input_embeddings().weight.dtype
+        segments.append(seg)
     device = next(model.parameters()).device
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    dtype = model.get_input_embeddings().weight.dtype
+    seg = torch.tensor(segments, device=device)
+    # A query sees the keys at or before it that are the prompt's or its own label's (padding: only padding).
+    allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (
+        (seg[:, None, :] == 0) & (seg[:, :, None] >= 0) | (seg[:, None, :] == seg[:, :, None]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), logits_to_keep=keep, use_cache=False).logits
-    rows, cols, targets, labels = (torch.tensor(x) for x in zip(*picks))
-    rows, cols, targets = rows.to(device), cols.to(device), targets.to(device)
+        logits = model(input_ids=torch.tensor(input_ids, device=device), attention_mask=mask[:, None],
+                       position_ids=torch.tensor(positions, device=device), logits_to_keep=keep,
+                       use_cache=False).logits
+    rows, cols, targets, labels = (torch.tensor(x, device=device) for x in zip(*picks))
     token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels.to(device), token_lp)
+    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels, token_lp)
     return sums.view(len(groups), k).cpu()
 
 
@@ -158,8 +136,6 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
                         batch_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
     ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
-    from runner import backend
-
     rows = tokenize_pairs(tokenizer, prompts, completions)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     if not rows:
@@ -184,8 +160,6 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
 
 def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
     """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.backend)."""
-    from runner import backend
-
     _, cands, longest = _candidates(recipe, tokenizer)
     todo = [prompts[i] for i in range(len(prompts)) if i not in skip]
     lengths = [len(ids) + longest for ids in tokenizer(todo)["input_ids"]] if todo else [longest]
@@ -200,8 +174,6 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     one forward pass on the plain backend, and on the others with each prompt run once (``score_groups``); the
     prediction is always one of the labels (ties go to the label listed first).
     """
-    from runner import backend
-
     labels, cands, longest = _candidates(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:

@@ -13,14 +13,17 @@ import json
 import math
 import re
 import reprlib
-import string
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evaluators import BUILTINS, builtin
+from evaluators.base import Evaluator
+from runner import backend
 from runner.errors import RecipeError, short
+from runner.templates import template_fields
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "recipe.schema.json"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -224,15 +227,48 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
     return deep_merge(base, data)
 
 
-def deep_merge(base: dict, top: dict) -> dict:
-    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had."""
+# Values that an extending recipe replaces as a whole rather than key by key: the files of one dataset
+# ({train, eval, test}) are one choice; keeping a parent's eval file beside a child's train file mixes datasets.
+REPLACED_WHOLE = (("data", "source"),)
+
+
+def deep_merge(base: dict, top: dict, path: tuple = ()) -> dict:
+    """Mappings merge key by key (except REPLACED_WHOLE); anything else in ``top`` replaces what ``base`` had.
+    ``key: null`` in ``top`` removes the key, where null is not itself a value of the key (``data.splits.eval:
+    null`` means "no eval split" and is kept): the key is then as if never written, its default applies."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        here = (*path, key)
+        if value is None and not _allows_null(here):
+            out.pop(key, None)
+        elif isinstance(value, dict):  # merged into what it inherits, or (nulls read as above) replacing it
+            merge_into = isinstance(out.get(key), dict) and here not in REPLACED_WHOLE
+            out[key] = deep_merge(out[key] if merge_into else {}, value, here)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _allows_null(path: tuple) -> bool:
+    """Whether the schema accepts null at ``path`` (True for a key it does not know: validation names it)."""
+    node = schema()
+    for key in path:
+        node = _resolve_ref(node)
+        branches = [node, *node.get("oneOf", []), *node.get("anyOf", [])]
+        found = [b["properties"][key] for b in branches if key in b.get("properties", {})]
+        if not found:
+            return True
+        node = found[0]
+    return _null_ok(_resolve_ref(node))
+
+
+def _null_ok(node: dict) -> bool:
+    kinds = node.get("type", [])
+    if "null" in (kinds if isinstance(kinds, list) else [kinds]) or None in node.get("enum", []):
+        return True
+    if "const" in node and node["const"] is None:
+        return True
+    return any(_null_ok(_resolve_ref(b)) for b in [*node.get("oneOf", []), *node.get("anyOf", [])])
 
 
 def is_local_path(value: str) -> bool:
@@ -383,8 +419,6 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
         allowed = ", ".join(str(v) for v in error.validator_value)
         close = difflib.get_close_matches(str(value), [str(v) for v in error.validator_value], n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"one of: {allowed}"
-        if path and path[-1] == "name" and "evaluators" in path:
-            hint += " Or give your own as package.module:ClassName"
         return RecipeError(where, f"{_show(value)} is not allowed", hint)
     if kind == "const":
         return RecipeError(where, f"{_show(value)} is not allowed", f"expected {error.validator_value!r}")
@@ -440,12 +474,9 @@ def _fill_defaults(instance, sch: dict, validator) -> None:
 
 
 def _check_evaluator_params(recipe: dict) -> None:
-    """A user's evaluator class may declare ``params_schema``; check it here, like the built-ins."""
-
-    for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
-        if ":" not in spec["name"]:
-            continue
-        cls = import_evaluator(spec["name"], f"evaluation.evaluators[{i}].name")
+    """Each evaluator's keys against its class's ``params_schema`` (built-ins and a user's own alike), with the
+    defaults filled in."""
+    for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
         params_schema = getattr(cls, "params_schema", None)
         if params_schema is None:
             continue
@@ -468,6 +499,24 @@ def _check_evaluator_params(recipe: dict) -> None:
         _fill_defaults(spec, full, validator)
 
 
+def evaluator_class(name: str, key_path: str) -> type[Evaluator]:
+    """The class a recipe's evaluator name stands for: a built-in's (evaluators.BUILTINS), or a user's
+    ``package.module:ClassName``."""
+    if ":" in name:
+        return import_evaluator(name, key_path)
+    if name not in BUILTINS:
+        close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(BUILTINS)}"
+        raise RecipeError(key_path, f"{_show(name)} is not allowed", f"{hint} Or give your own as package.module:ClassName")
+    return builtin(name)
+
+
+def evaluator_classes(recipe: dict) -> list[tuple[dict, type[Evaluator]]]:
+    """(spec, class) of each of the recipe's evaluators, in order."""
+    return [(spec, evaluator_class(spec["name"], f"evaluation.evaluators[{i}].name"))
+            for i, spec in enumerate(recipe["evaluation"]["evaluators"])]
+
+
 _EVALUATOR_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -475,8 +524,6 @@ def import_evaluator(spec_name: str, key_path: str):
     """The class a recipe names as ``package.module:ClassName``. Importing it runs that module: a recipe naming
     one is trusted like a script. The working directory is searched after the installed packages, so a stray
     file there (a ``trl.py``) cannot take a library's place."""
-    from evaluators.base import Evaluator
-
     if not _EVALUATOR_REF.fullmatch(spec_name):
         raise RecipeError(key_path, f"{_show(spec_name)} is not a package.module:ClassName reference",
                           "e.g. myevals.length:LengthRatio, or a built-in name")
@@ -503,27 +550,6 @@ def import_evaluator(spec_name: str, key_path: str):
 
 
 # ---------------------------------------------------------------- cross-checks
-
-
-def template_fields(template: str, key_path: str) -> list[str]:
-    """Field names used by a ``{field}`` template, in order of first use."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise RecipeError(key_path, f"bad template: {exc}", "write {field} for a column and {{ }} for braces") from None
-    fields = []
-    for _, field, spec, conv in parsed:
-        if field is None:
-            continue
-        if not field.isidentifier():
-            raise RecipeError(key_path, f"bad template field {{{field}}}",
-                              "use a plain column name like {document}; {{ }} for literal braces")
-        if spec or conv:
-            raise RecipeError(key_path, f"template field {{{field}}} has a format spec or conversion",
-                              "write plain {field}")
-        if field not in fields:
-            fields.append(field)
-    return fields
 
 
 def cross_check(recipe: dict) -> None:
@@ -559,17 +585,36 @@ def cross_check(recipe: dict) -> None:
     if data["max_tokens"] is not None and data["max_tokens"] > prompt["max_length"]:
         raise RecipeError("data.max_tokens", f"{data['max_tokens']} is larger than prompt.max_length "
                           f"{prompt['max_length']}", "examples are truncated to prompt.max_length first")
-    for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
-        scored = spec.get("split") if spec["name"] == "loss" else None
+    for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
+        scored = spec.get("split") if "logprobs" in cls.needs else None
         if scored and splits.get(scored) is None and not data["holdout"].get(scored):
             raise RecipeError(f"evaluation.evaluators[{i}].split", f"scores the {scored!r} split, but "
                               f"data.splits.{scored} is null", f"set data.splits.{scored} or another split")
-    from runner.rank import check_recipe  # rank mode's needs (labels, a one-field completion)
+    _check_rank_mode(recipe, completion_fields)
+    backend.check_recipe(recipe)  # what generation.backend needs (weights it can merge, no beams to compile)
 
-    check_recipe(recipe)
-    from runner import backend  # what generation.backend needs (weights it can merge, no beams to compile)
 
-    backend.check_recipe(recipe)
+def rank_labels(recipe: dict) -> list[str] | None:
+    """The labels rank mode (``generation.mode: rank``) chooses from: ``generation.labels``, else the ``labels`` of
+    the first evaluator whose completion is one label (``classification``)."""
+    if recipe["generation"].get("labels"):
+        return list(recipe["generation"]["labels"])
+    for spec, cls in evaluator_classes(recipe):
+        if cls.completion == "label" and spec.get("labels"):
+            return list(spec["labels"])
+    return None
+
+
+def _check_rank_mode(recipe: dict, completion_fields: list[str]) -> None:
+    """Rank mode puts each allowed label into the completion: it needs the labels and a one-field completion."""
+    if recipe["generation"].get("mode") != "rank":
+        return
+    if not rank_labels(recipe):
+        raise RecipeError("generation.mode", "rank needs the allowed labels",
+                          "set generation.labels: [...] or give the classification evaluator its labels")
+    if len(completion_fields) != 1:
+        raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
+                          f"exactly one field, found {len(completion_fields)}", "e.g. completion: \" {label}\"")
 
 
 def _check_early_stopping(training: dict, has_eval: bool) -> None:

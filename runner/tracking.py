@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from runner.errors import RecipeError
+from runner.metrics import finite, flatten
 
 # tracker -> (the package it needs, how to install it)
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb"),
@@ -135,26 +136,11 @@ def metric_prefix(split: str) -> str:
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """The evaluators' numbers of a metrics.json, flattened: {"rouge": {"rougeL": {"f1": 74.1, "ci95": [..]}}} ->
-    {"test_rouge.rougeL.f1": 74.1} (with prefix test_). Lists (intervals, confusion matrices) and counts are left out, and so are the
-    top-level timings and sizes, which describe the evaluation rather than the model."""
-    out: dict[str, float] = {}
-
-    def walk(node, path: list[str]) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key not in COUNTS:
-                    walk(value, [*path, str(key)])
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            out[prefix + ".".join(path)] = float(node)
-
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            walk(value, [name])
-    return out
-
-
-COUNTS = {"count", "examples", "tokens", "support", "predicted", "labels_scored", "invalid"}
+    """The evaluators' numbers of a metrics.json under the names report.md and ``runner compare`` give them
+    (runner.metrics): {"rouge": {"rougeL": {"f1": 74.1, "ci95": [..]}}} -> {"test_rouge.rougeL": 74.1} (with prefix
+    test_). Intervals, counts and NaNs are left out, and so are the top-level timings and sizes, which describe the
+    evaluation rather than the model."""
+    return {prefix + key: float(m["value"]) for key, m in flatten(metrics).items() if finite(m["value"])}
 
 
 # The session of the training in this process (runner train evaluates after training, then calls finish()).

@@ -6,7 +6,6 @@ Reads top to bottom like the run itself: check, set up each recipe section, trai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -15,17 +14,6 @@ from runner import checkpoints, dist, divergence, profiles, runs, safeio, tracki
 from runner import data as data_mod
 from runner import model as model_mod
 from runner.errors import RecipeError
-
-
-def set_threads(recipe: dict) -> int:
-    """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
-    import torch
-
-    # Under a launcher the processes of one machine share its cores (torchrun would leave each one thread).
-    n = recipe["training"]["num_threads"] or max(1, len(os.sched_getaffinity(0)) // dist.world().local_size)
-    torch.set_num_threads(n)
-    return n
-
 
 # ---------------------------------------------------------------- one _setup_* per recipe section
 
@@ -39,7 +27,7 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
     return prepared
 
 
-def _setup_model(recipe: dict, speed=None):
+def _setup_model(recipe: dict, speed):
     from transformers import set_seed
 
     # LoRA's random init happens here, before the trainer seeds anything: the same on every rank and every world size.
@@ -51,15 +39,18 @@ def _setup_model(recipe: dict, speed=None):
 
 
 def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
+    """SFTConfig from the recipe; the micro-batch, accumulation and checkpointing are the resolved ``speed``'s
+    (None: as the recipe writes them)."""
     import torch
     from trl import SFTConfig
 
+    speed = speed or profiles.as_written(recipe)
     t = recipe["training"]
     on_gpu = torch.cuda.is_available()
     dtype = model_mod.resolve_dtype(recipe["model"]["dtype"])
     # A model kept in bf16 needs no autocast; under it, CUDA runs every LayerNorm in fp32, and the 4-bit layers
     # return their input's dtype, so the residual stream and all activations downstream would be fp32 again.
-    mixed = on_gpu and not (speed is not None and speed.keep_dtype)
+    mixed = on_gpu and not speed.keep_dtype
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if t["eval_every"] else "epoch"
@@ -71,16 +62,16 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         seed=recipe["seed"],
         num_train_epochs=t["epochs"],
         max_steps=t["max_steps"] or -1,
-        per_device_train_batch_size=t["micro_batch_size"],
-        per_device_eval_batch_size=t["micro_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        per_device_train_batch_size=speed.micro_batch_size,
+        per_device_eval_batch_size=speed.micro_batch_size,
+        gradient_accumulation_steps=speed.gradient_accumulation_steps,
         learning_rate=t["learning_rate"],
         lr_scheduler_type=t["lr_scheduler"],
         warmup_steps=t["warmup_ratio"] if t["warmup_ratio"] < 1 else 0,
         weight_decay=t["weight_decay"],
         max_grad_norm=t["max_grad_norm"] or 0.0,
         optim=t["optimizer"],
-        **_checkpointing_args(SFTConfig, t["gradient_checkpointing"]),
+        **_checkpointing_args(SFTConfig, speed.gradient_checkpointing),
         packing=t["packing"],
         max_length=recipe["prompt"]["max_length"],
         completion_only_loss=True,
@@ -152,7 +143,7 @@ def _fsdp_args(speed) -> dict:
     """FSDP-QLoRA as peft and accelerate document it: every decoder layer its own shard unit (peft's wrap policy
     puts the LoRA weights in units of their own), flat parameters of the frozen 4-bit storage in the compute dtype,
     rank 0's weights synchronized to the others, full state dicts so the adapter saves as usual."""
-    if speed is None or speed.distributed != "fsdp":
+    if speed.distributed != "fsdp":
         return {}
     return {"fsdp": "full_shard auto_wrap",
             "fsdp_config": {"version": 1, "use_orig_params": False, "sync_module_states": True,
@@ -185,16 +176,10 @@ def _log_callback(path: Path):
 # ---------------------------------------------------------------- the run
 
 
-def check(recipe: dict):
-    """Everything that can fail from the recipe, the data and the model config — before a folder or weight exists."""
-    meta = model_mod.check(recipe)
-    tokenizer = model_mod.load_tokenizer(recipe)
-    return meta, tokenizer
-
-
-def _setup_speed(recipe: dict, meta):
-    """The profile's settings (runner.profiles), decided from the config before any weight loads."""
-    speed = profiles.resolve(recipe, meta.config)
+def _setup_speed(recipe: dict, meta, speed=None):
+    """The profile's settings (runner.profiles), decided from the config before any weight loads; ``speed``, when
+    given, instead of them."""
+    speed = speed or profiles.resolve(recipe, meta.config)
     model_mod.check_trainable_here(recipe, speed)
     if speed.distributed == "fsdp":
         import torch
@@ -209,7 +194,7 @@ def _setup_speed(recipe: dict, meta):
 
         # cuDNN's SDPA builds an execution graph per new shape (seconds of host time); flash attention does not.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return speed, profiles.apply(recipe, speed)
+    return speed
 
 
 def _setup_adapter_dtype(trainer, recipe: dict) -> None:
@@ -232,20 +217,22 @@ def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
         trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"])
 
 
-def train(recipe: dict, instrument=None):
+def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation.
 
-    ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
+    The recipe says what is trained; how (micro-batch x accumulation, checkpointing, the profile's switches, the
+    processes) is ``speed``, resolved here by the recipe's training.profile unless given (the benchmark gives its
+    own). ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
     world = dist.init()
-    meta, tokenizer = check(recipe)
+    meta, tokenizer = model_mod.preflight(recipe)
     tracking.check(recipe)
-    speed, run_recipe = _setup_speed(recipe, meta)
+    speed = _setup_speed(recipe, meta, speed)
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
     run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
                                           if world.main else None)
     print(f"run folder: {run_dir}", flush=True)
-    threads = set_threads(recipe)
+    threads = model_mod.set_threads(recipe)
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
@@ -254,12 +241,12 @@ def train(recipe: dict, instrument=None):
     start = time.time()
     try:
         # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
-        args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
-        model, trainable, total = _setup_model(run_recipe, speed)
+        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
+        model, trainable, total = _setup_model(recipe, speed)
         columns = ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
         guard = divergence.guard(recipe, run_dir)
-        init_dir = _save_pissa_init(model, run_recipe, run_dir, world)
+        init_dir = _save_pissa_init(model, recipe, run_dir, world)
         with tracking.environment(recipe, run_dir):  # the tracker callbacks read it when they are made
             trainer = Trainer(
                 model=model,
@@ -273,7 +260,7 @@ def train(recipe: dict, instrument=None):
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
-        _setup_adapter_dtype(trainer, run_recipe)
+        _setup_adapter_dtype(trainer, recipe)
     except RecipeError:
         if world.main and not (resume_from and recipe["training"]["resume"] == "auto"):
             shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
@@ -281,6 +268,7 @@ def train(recipe: dict, instrument=None):
     if world.main:
         runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total,
                        speed=speed.as_dict(), world_size=world.size, nodes=world.nodes, distributed=speed.distributed)
+        runs.note_resolved(run_dir, recipe, speed.as_dict())
     if instrument is not None:
         instrument(trainer)
     load_s = time.time() - start

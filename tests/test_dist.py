@@ -1,11 +1,11 @@
 """Several processes without launching any: how a step splits across ranks, which strategy auto picks, what the
-plan predicts per GPU, and how evaluation batches are shared (runner.dist, runner.profiles, runner.plan)."""
+plan predicts per GPU, and how evaluation batches are shared (runner.dist, runner.profiles, runner.memory)."""
 
 from __future__ import annotations
 
 import pytest
 
-from runner import dist, plan, profiles
+from runner import dist, memory, profiles
 from runner.errors import RecipeError
 from tests.test_plan import phi2_config, phi2_dir, xsum  # noqa: F401  (fixtures)
 
@@ -77,13 +77,13 @@ def test_auto_shards_with_fsdp_when_one_card_cannot_hold_the_model(phi2_config):
     assert speed.distributed == "fsdp" and speed.predicted_gb <= 1.8
     ddp = profiles.as_written(recipe, world_size=4, strategy="ddp")
     fsdp = profiles.as_written(recipe, world_size=4, strategy="fsdp")
-    assert plan.estimate(recipe, phi2_config, fsdp).reserved_gb < plan.estimate(recipe, phi2_config, ddp).reserved_gb
+    assert memory.estimate(recipe, phi2_config, fsdp).reserved_gb < memory.estimate(recipe, phi2_config, ddp).reserved_gb
 
 
 def test_fsdp_estimate_shards_the_static_memory(phi2_config):  # noqa: F811
     recipe = xsum("training.profile=none")
-    one = plan.estimate(recipe, phi2_config, profiles.as_written(recipe))
-    four = plan.estimate(recipe, phi2_config, profiles.as_written(recipe, world_size=4, strategy="fsdp"))
+    one = memory.estimate(recipe, phi2_config, profiles.as_written(recipe))
+    four = memory.estimate(recipe, phi2_config, profiles.as_written(recipe, world_size=4, strategy="fsdp"))
     weights = next(v for k, v in one.parts.items() if k.startswith("4-bit weights"))
     assert four.parts["4-bit weights / 4 (FSDP shard)"] == pytest.approx(weights / 4)
     assert "FSDP gathered layers (current + prefetched)" in four.parts

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
+from runner import memory, plan, profiles
 from runner import model as model_mod
-from runner import plan, profiles
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
 from tests.conftest import ROOT
@@ -65,7 +65,7 @@ def test_dora_and_fewer_layers_move_the_activation_estimate_the_right_way(phi2_d
 
     def activations(*overrides):
         recipe = recipe_mod.load(XSUM, [f"model.name_or_path={phi2_dir}", *overrides])
-        est = plan.estimate(recipe, config, speed)
+        est = memory.estimate(recipe, config, speed)
         return next(v for k, v in est.parts.items() if k.startswith("activations"))
 
     plain = activations()

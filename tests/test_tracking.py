@@ -63,7 +63,7 @@ def test_evaluation_metrics_are_flattened_to_the_trackers_test_namespace():
                                   "per_class": {"World": {"f1": 0.8, "support": 27}}},
                "samples": {"count": 8, "file": "samples.md"}}
     assert tracking.flat_metrics(metrics, tracking.metric_prefix("test")) == {
-        "test_rouge.rougeL.f1": 74.1, "test_classification.accuracy": 0.9,
+        "test_rouge.rougeL": 74.1, "test_classification.accuracy": 0.9, "test_classification.invalid": 2.0,
         "test_classification.per_class.World.f1": 0.8}
     assert tracking.metric_prefix("eval") == "eval_"
 
@@ -79,10 +79,10 @@ def test_the_trained_twin_has_tensorboard_curves_and_its_test_scores_in_the_same
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/learning_rate", "eval/loss", "test/rouge.rougeL.f1"} <= tags
+    assert {"train/loss", "train/learning_rate", "eval/loss", "test/rouge.rougeL"} <= tags
     metrics = json.loads((run / "metrics.json").read_text())
     env = json.loads((run / "env.json").read_text())
-    [rouge] = acc.Scalars("test/rouge.rougeL.f1")
+    [rouge] = acc.Scalars("test/rouge.rougeL")
     assert rouge.value == pytest.approx(metrics["rouge"]["rougeL"]["f1"], rel=1e-6)
     assert rouge.step == env["global_step"]
     logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]

@@ -21,12 +21,12 @@ import numpy as np
 
 from runner import data as data_mod
 from runner import safeio
-from runner.recipe import template_fields
+from runner.recipe import evaluator_classes
+from runner.templates import render, template_fields, text
 
 PERCENTILES = (50, 90, 95, 99)
 KEEP_SHARE = 0.95
 CACHE_DIR = Path(".cache") / "inspect"
-CLASSIFIERS = ("classification", "multilabel")
 _BATCH = 1000
 
 
@@ -58,11 +58,11 @@ def keep_length(totals: np.ndarray, share: float = KEEP_SHARE) -> int:
 
 
 def label_column(recipe: dict) -> str | None:
-    """The completion's field when the recipe classifies (a classification/multilabel evaluator or rank mode)."""
-    names = {spec["name"] for spec in recipe["evaluation"]["evaluators"]}
+    """The completion's field when the recipe classifies (an evaluator whose completion is labels, or rank mode)."""
+    labelled = any(cls.completion is not None for _, cls in evaluator_classes(recipe))
     ranks = recipe["generation"].get("mode") == "rank"
     fields = template_fields(recipe["prompt"]["completion"], "prompt.completion")
-    if (names & set(CLASSIFIERS) or ranks) and len(fields) == 1:
+    if (labelled or ranks) and len(fields) == 1:
         return fields[0]
     return None
 
@@ -92,10 +92,10 @@ def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
         rows.append(capped)
     fields = template_fields(prompt_cfg["template"], "prompt.template")
     fields += [f for f in template_fields(prompt_cfg["completion"], "prompt.completion") if f not in fields]
-    series = {f"{{{name}}}": token_lengths(tokenizer, [data_mod._text(r.get(name), sep) for r in rows])
+    series = {f"{{{name}}}": token_lengths(tokenizer, [text(r.get(name), sep) for r in rows])
               for name in fields}
-    prompts = [data_mod.render(prompt_cfg["template"], r, sep) for r in rows]
-    completions = [data_mod.render(prompt_cfg["completion"], r, sep) for r in rows]
+    prompts = [render(prompt_cfg["template"], r, sep) for r in rows]
+    completions = [render(prompt_cfg["completion"], r, sep) for r in rows]
     series["prompt"] = token_lengths(tokenizer, prompts)
     series["completion"] = token_lengths(tokenizer, completions)
     # Counted the way data.fit_batch counts: prompt and completion tokenized together, plus EOS.
