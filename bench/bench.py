@@ -65,7 +65,8 @@ def base_overrides(steps: int) -> list[str]:
     over = [f"model.name_or_path={MODEL_DIR}", f"data.source={DATA / 'xsum' / 'sample.jsonl'}",
             "data.train_samples=null", "data.splits.eval=null", "data.splits.test=null", "evaluation.split=train",
             "training.eval_every=null", "training.save_every=null", "training.resume=never",
-            f"training.max_steps={steps}", "training.logging_steps=1", "output_dir=/tmp/bench_runs"]
+            f"training.max_steps={steps}", "training.logging_steps=1", "output_dir=/tmp/bench_runs",
+            "training.report_to=none"]  # the device image has no tensorboard; trackers are not what is timed
     import torch
 
     if not torch.cuda.is_available():  # CPU smoke test: bitsandbytes' paged optimizers need CUDA

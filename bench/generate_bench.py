@@ -84,7 +84,7 @@ def make_adapter(recipe) -> None:
 
     if (ADAPTER / "adapter_config.json").is_file():
         return
-    net = get_peft_model(model_mod.load_base(recipe), model_mod.lora_config(recipe))
+    net = get_peft_model(base := model_mod.load_base(recipe), model_mod.lora_config(recipe, model=base))
     gen = torch.Generator().manual_seed(0)
     for name, param in net.named_parameters():
         if "lora_B" in name:

@@ -52,6 +52,11 @@ def _args_generate(p):
     p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
 
 
+def _args_export(p):
+    p.add_argument("--run", required=True, help="a finished run folder whose adapter is merged")
+    p.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist)")
+
+
 def _args_plan(p):
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
                    help="plan for a card of this much memory (default: --card's, else this machine's GPU, if any)")
@@ -121,10 +126,14 @@ def cmd_validate(args) -> int:
 
     start = time.perf_counter()
     recipe = _recipe(args)
+    from runner import tracking
+
+    tracking.check(recipe)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
-    lora = recipe["lora"]
-    targets = "full fine-tuning" if lora is None else f"LoRA r={lora['r']} on {lora['target_modules']}"
+    from runner.model import lora_text
+
+    targets = lora_text(recipe["lora"])
     print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
           f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)")
     return 0
@@ -242,6 +251,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    recipe = _recipe(args)
+    from runner import export, model, runs
+
+    export.refuse_launcher()
+    run_dir = runs.find_run(args.run)
+    out = export.check_out(Path(args.out))
+    model.preflight(recipe)
+    record = export.export(recipe, run_dir, out)
+    print(export.summary(record, out))
+    print(f"done: {out}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     recipe = _recipe(args)
     from runner import plan, throughput
@@ -280,6 +303,8 @@ COMMANDS = {
               "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
                  _args_generate, cmd_generate),
+    "export": ("merge a run's adapter into the dequantized base and save a plain transformers model folder "
+               "(safetensors, tokenizer, generation config)", _args_export, cmd_export),
     "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",
              _args_plan, cmd_plan),
 }

@@ -64,7 +64,8 @@ def model_shape(config) -> dict:
 
 
 def _linears(meta) -> tuple[int, int, dict]:
-    """(quantizable linear elements, all parameter elements, {module name: in_features} in layer 0)."""
+    """(quantizable linear elements, all parameter elements, {module name: (in_features, out_features)} in layer
+    0)."""
     import torch
 
     out = meta.get_output_embeddings()
@@ -75,7 +76,7 @@ def _linears(meta) -> tuple[int, int, dict]:
             quantizable += module.weight.numel()
             parts = name.split(".")
             if "0" in parts:
-                layer0[parts[-1]] = module.in_features
+                layer0[parts[-1]] = (module.in_features, module.out_features)
     total = sum(p.numel() for p in meta.parameters())
     return quantizable, total, layer0
 
@@ -113,14 +114,20 @@ def layer_activation_bytes(shape: dict, recipe: dict, upcast: bool, fused_act: b
 
 def _lora_bytes(recipe: dict, shape: dict, c: int) -> float:
     """Each LoRA target keeps its own copy of its input for lora_A's gradient (its dropout output; measured as a
-    separate copy even without dropout), and with dropout on a one-byte mask."""
+    separate copy even without dropout), and with dropout on a one-byte mask. DoRA also keeps the base and LoRA
+    outputs of each target (its magnitude's gradient multiplies them). With layers_to_transform, only those layers'
+    share (the per-layer figure is an average over the layers)."""
     lora = recipe["lora"]
     if lora is None:
         return 0.0
+    width = (shape["hidden"], shape["hidden"])
     targets = shape["layer0"] if lora["target_modules"] == "all-linear" else {
-        t: shape["layer0"].get(t, shape["hidden"]) for t in lora["target_modules"]}
+        t: shape["layer0"].get(t, width) for t in lora["target_modules"]}
     per_element = c + (1 if lora["dropout"] > 0 else 0)
-    return sum(per_element * d for d in targets.values())
+    total = sum(per_element * d_in + (2 * c * d_out if lora.get("dora") else 0) for d_in, d_out in targets.values())
+    if lora.get("layers_to_transform"):
+        total *= len(lora["layers_to_transform"]) / shape["layers"]
+    return total
 
 
 def model_info(recipe: dict, config) -> dict:

@@ -95,9 +95,11 @@ def dequantized_copy(base, dtype):
     filled = set()
     with torch.no_grad():
         for name, tensor in chain(base.named_parameters(), base.named_buffers()):
-            if ".lora_" in name:
+            if ".lora_" in name or ".modules_to_save." in name:  # the adapter's; merged_copy loads them
                 continue
-            key = name.replace(".base_layer.", ".")  # peft wraps each target Linear as <name>.base_layer
+            # peft wraps each target Linear as <name>.base_layer, and each of lora.modules_to_save as
+            # <name>.original_module beside its trained copy
+            key = name.replace(".base_layer.", ".").replace(".original_module.", ".")
             if key not in targets:
                 raise ValueError(f"cannot place {name!r} in a plain {type(out).__name__}")
             target = targets[key]

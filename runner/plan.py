@@ -80,8 +80,4 @@ def _quant_text(recipe: dict) -> str:
 
 
 def _lora_text(recipe: dict) -> str:
-    lora = recipe["lora"]
-    if lora is None:
-        return "full fine-tuning"
-    targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
-    return f"LoRA r={lora['r']} on {targets}"
+    return model_mod.lora_text(recipe["lora"])

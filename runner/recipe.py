@@ -602,6 +602,8 @@ def cross_check(recipe: dict) -> None:
     if training["eval_every"] is not None and splits["eval"] is None and not data["holdout"]["eval"]:
         raise RecipeError("training.eval_every", "needs an eval split, but data.splits.eval is null",
                           "set data.splits.eval, or training.eval_every: null")
+    _check_early_stopping(training, splits["eval"] is not None or bool(data["holdout"]["eval"]))
+    _check_lora_init(recipe)
     if data["max_tokens"] is not None and data["max_tokens"] > prompt["max_length"]:
         raise RecipeError("data.max_tokens", f"{data['max_tokens']} is larger than prompt.max_length "
                           f"{prompt['max_length']}", "examples are truncated to prompt.max_length first")
@@ -636,6 +638,35 @@ def _check_rank_mode(recipe: dict, completion_fields: list[str] | None) -> None:
     if completion_fields is not None and len(completion_fields) != 1:
         raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
                           f"exactly one field, found {len(completion_fields)}", "e.g. completion: \" {label}\"")
+
+
+def _check_early_stopping(training: dict, has_eval: bool) -> None:
+    """Early stopping decides at evaluations and restores a checkpoint: it needs both, at the same steps."""
+    if training["early_stopping"] is None:
+        return
+    if not has_eval:
+        raise RecipeError("training.early_stopping", "needs an eval split to evaluate on, but data.splits.eval is null",
+                          "set data.splits.eval (or data.holdout.eval), or training.early_stopping: null")
+    if training["save_every"] is not None and training["save_every"] != training["eval_every"]:
+        raise RecipeError("training.save_every", f"is {training['save_every']}, but with training.early_stopping a "
+                          f"checkpoint is saved at every evaluation (eval_every {training['eval_every']})",
+                          "leave save_every null, or set it to eval_every")
+
+
+def _check_lora_init(recipe: dict) -> None:
+    """The LoRA inits that need particular weights (peft refuses the others, or computes nothing useful)."""
+    lora, method = recipe["lora"], recipe["quantization"]["method"]
+    if lora is None:
+        return
+    if lora["init"] == "pissa" and method != "none":
+        raise RecipeError("lora.init", f"pissa decomposes the full-precision weights; peft refuses {method} ones",
+                          "use quantization.method: none with pissa, or init: loftq for a 4-bit base")
+    if lora["init"] == "pissa" and lora["dora"]:
+        raise RecipeError("lora.init", "pissa with dora: peft cannot convert the trained adapter back to a plain "
+                          "LoRA of the original weights", "use one of them")
+    if lora["init"] == "loftq" and method != "bnb_4bit":
+        raise RecipeError("lora.init", f"loftq fits the LoRA weights to the 4-bit quantization error; with {method} "
+                          "there is none", "use quantization.method: bnb_4bit, or init: default / pissa")
 
 
 def get(recipe: dict, key_path: str) -> Any:

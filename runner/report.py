@@ -16,6 +16,7 @@ from runner import evaluate as evaluate_mod
 from runner import inspection as inspect_mod
 from runner.markdown import cell, table
 from runner.metrics import by_evaluator, headline
+from runner.model import lora_variants
 
 PLOTS = "report"
 
@@ -103,7 +104,8 @@ def recipe_section(recipe: dict) -> list[str]:
     quant = q["method"] if q["method"] == "none" else (
         f"{q['method']} ({q['quant_type']}, double quant {q['double_quant']})" if q["method"] == "bnb_4bit" else q["method"])
     adapter = "full fine-tuning" if lora is None else (
-        f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {lora['target_modules']}")
+        f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {lora['target_modules']}"
+        + "".join(f"; {part}" for part in lora_variants(lora)))
     steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
     decode = ("sampling (top_p {top_p}, temperature {temperature})".format(**g) if g["do_sample"]
               else ("beam search" if g["num_beams"] > 1 else "greedy"))
@@ -195,6 +197,10 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
     _, evals = loss_points(log)
     if evals:
         rows.append(["last eval loss", f"{evals[-1][1]:.4g} (step {evals[-1][0]})"])
+    if env.get("early_stopping"):
+        from runner.train import describe_best
+
+        rows.append(["adapter kept (early stopping)", describe_best(env["early_stopping"])])
     if env.get("train_seconds") is not None:
         rows.append(["training time", f"{env['train_seconds']:.1f} s (+ {env.get('load_seconds', 0):.1f} s loading)"])
     if env.get("peak_allocated_gb") is not None:

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner import chat, checkpoints, dist, divergence, profiles, runs, safeio
+from runner import chat, checkpoints, dist, divergence, profiles, runs, safeio, tracking
 from runner import data as data_mod
 from runner import model as model_mod
 from runner.errors import RecipeError
@@ -54,6 +54,9 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if t["eval_every"] else "epoch"
+    save_strategy = "steps" if t["save_every"] else "no"
+    if t["early_stopping"] is not None:  # a checkpoint at every evaluation, so the best one can be restored
+        save_strategy = eval_strategy
     return _one_gpu_per_process(SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         seed=recipe["seed"],
@@ -77,8 +80,8 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         assistant_only_loss=chat.is_chat(recipe),
         eval_strategy=eval_strategy,
         eval_steps=t["eval_every"],
-        save_strategy="steps" if t["save_every"] else "no",
-        save_steps=t["save_every"] or 500,
+        save_strategy=save_strategy,
+        save_steps=t["save_every"] or t["eval_every"] or 500,
         save_total_limit=None,  # runner.checkpoints rotates, counting only complete checkpoints
         logging_steps=t["logging_steps"],
         logging_first_step=True,
@@ -90,7 +93,8 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         # Every LoRA weight takes part in every forward: no extra autograd traversal to look for unused ones.
         ddp_find_unused_parameters=False,
         **_fsdp_args(speed),
-        report_to="none",
+        **tracking.trainer_args(recipe, run_dir),
+        **_best_args(t["early_stopping"]),
         dataloader_num_workers=0,
         dataset_num_proc=None,
         save_only_model=False,
@@ -105,6 +109,47 @@ def _one_gpu_per_process(args):
               f"with torchrun --nproc-per-node {args.n_gpu}, or make train NPROC={args.n_gpu})", flush=True)
         args._n_gpu = 1  # read by Trainer as args.n_gpu; set by args.device above
     return args
+
+
+def _best_args(early: dict | None) -> dict:
+    """Early stopping's metric and direction, and whether the best checkpoint becomes the run's adapter."""
+    if early is None:
+        return {}
+    return {"metric_for_best_model": early["metric"], "greater_is_better": early["metric"] != "eval_loss",
+            "load_best_model_at_end": early["restore_best"],
+            # the patience count and best metric so far come back with a resumed checkpoint
+            "restore_callback_states_from_checkpoint": True}
+
+
+def _early_stopping_callbacks(recipe: dict) -> list:
+    from transformers import EarlyStoppingCallback
+
+    early = recipe["training"]["early_stopping"]
+    if early is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=early["patience"], early_stopping_threshold=early["min_delta"])]
+
+
+def best_record(trainer, recipe: dict) -> dict | None:
+    """What early stopping decided, for env.json and report.md: the best evaluation, the step whose adapter was
+    kept, and whether (and after how many evaluations without improvement) training stopped early."""
+    early = recipe["training"]["early_stopping"]
+    if early is None:
+        return None
+    state = trainer.state
+    metric = early["metric"]
+    evals = [(row["step"], row[metric]) for row in state.log_history if metric in row]
+    best_step = state.best_global_step
+    restored = early["restore_best"] and state.best_model_checkpoint is not None
+    from transformers import EarlyStoppingCallback
+
+    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    since = stopper.early_stopping_patience_counter if stopper is not None else 0
+    return {"metric": metric, "patience": early["patience"], "min_delta": early["min_delta"],
+            "evaluations": len(evals), "best_step": best_step, "best_value": state.best_metric,
+            "kept_step": best_step if restored else state.global_step, "restored_best": restored,
+            "last_step": state.global_step, "max_steps": state.max_steps,
+            "stopped_early": state.global_step < state.max_steps, "evaluations_without_improvement": since}
 
 
 def _fsdp_args(speed) -> dict:
@@ -148,6 +193,7 @@ def _setup_speed(recipe: dict, meta, speed=None):
     """The profile's settings (runner.profiles), decided from the config before any weight loads; ``speed``, when
     given, instead of them."""
     speed = speed or profiles.resolve(recipe, meta.config)
+    model_mod.check_trainable_here(recipe, speed)
     if speed.distributed == "fsdp":
         import torch
 
@@ -192,6 +238,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     own). ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
     world = dist.init()
     meta, tokenizer = model_mod.preflight(recipe)
+    tracking.check(recipe)
     speed = _setup_speed(recipe, meta, speed)
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
@@ -214,14 +261,17 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
         guard = divergence.guard(recipe, run_dir)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=prepared.splits["train"].select_columns(columns),
-            eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
-            processing_class=tokenizer,
-            callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl")],
-        )
+        init_dir = _save_pissa_init(model, recipe, run_dir, world)
+        with tracking.environment(recipe, run_dir):  # the tracker callbacks read it when they are made
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=prepared.splits["train"].select_columns(columns),
+                eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
+                processing_class=tokenizer,
+                callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *_early_stopping_callbacks(recipe)],
+            )
+        tracking.attach(trainer, recipe["evaluation"]["split"], resume_from)
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
@@ -241,23 +291,63 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     train_s = record.seconds()  # the whole run's, over every session (runner.checkpoints)
     divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"
-    _save_adapter(trainer, tokenizer, adapter_dir, world)
+    _save_adapter(trainer, tokenizer, adapter_dir, world, init_dir)
     ranks = dist.gather({"rank": world.rank, "device": runs.device_name(), **runs.peak_memory()})
+    best = best_record(trainer, recipe)
     if world.main:
         runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
                         train_loss=record.mean_loss() if record.mean_loss() is not None else result.training_loss,
                         global_step=result.global_step, **runs.peak_memory(),
-                        **({"ranks": ranks} if world.size > 1 else {}))
+                        **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
+    if best is not None:
+        print(f"early stopping: {describe_best(best)}", flush=True)
     return run_dir, trainer.model, tokenizer, prepared
 
 
-def _save_adapter(trainer, tokenizer, adapter_dir: Path, world: dist.World) -> None:
+def describe_best(best: dict) -> str:
+    """One sentence: which step's adapter the run kept, and why."""
+    value = f"{best['best_value']:.4g}" if isinstance(best.get("best_value"), (int, float)) else "n/a"
+    lower = "lowest" if best["metric"] == "eval_loss" else "highest"
+    if best["best_step"] is None:
+        return f"no evaluation gave {best['metric']}; kept the last step's adapter (step {best['last_step']})"
+    stop = (f"stopped at step {best['last_step']} of {best['max_steps']}: {best['evaluations_without_improvement']} "
+            f"evaluation(s) in a row without an improvement larger than {best['min_delta']:g} (patience "
+            f"{best['patience']})" if best["stopped_early"] else f"trained all {best['last_step']} steps")
+    kept = (f"kept step {best['kept_step']}'s adapter, the {lower} {best['metric']} ({value}) of "
+            f"{best['evaluations']} evaluations" if best["restored_best"]
+            else f"kept the last step's adapter (step {best['kept_step']}; restore_best is off); the best "
+                 f"{best['metric']} was {value} at step {best['best_step']}")
+    return f"{kept}; {stop}"
+
+
+def _save_pissa_init(model, recipe: dict, run_dir: Path, world: dist.World) -> Path | None:
+    """PiSSA trains against a residual base (the weights minus their principal part). peft converts the trained
+    adapter to a plain LoRA of the original weights at save time, from the adapter as it was initialized: saved
+    here once (a resumed run initializes the same, deterministically from the seed), with init marked done so that
+    loading it does not decompose again."""
+    lora = recipe["lora"]
+    if lora is None or lora["init"] != "pissa":
+        return None
+    init_dir = run_dir / "adapter_init"
+    model.peft_config["default"].init_lora_weights = True
+    if world.main and not init_dir.is_dir():
+        with safeio.folder(init_dir) as partial:
+            model.save_pretrained(partial)
+    dist.barrier()
+    return init_dir
+
+
+def _save_adapter(trainer, tokenizer, adapter_dir: Path, world: dist.World, init_dir: Path | None = None) -> None:
     """The adapter once, by rank 0, loadable with plain ``PeftModel.from_pretrained``. Under FSDP every rank takes
-    part in gathering the full (unsharded) adapter weights first."""
+    part in gathering the full (unsharded) adapter weights first. ``init_dir``: a PiSSA adapter's initial state,
+    from which peft converts it to a plain LoRA of the original base weights."""
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    extra = {"state_dict": state} if state is not None else {}
+    if init_dir is not None:
+        extra["path_initial_model_for_weight_conversion"] = str(init_dir)
     if world.main:
         with safeio.folder(adapter_dir) as partial:  # appears whole or not at all
-            trainer.model.save_pretrained(partial, **({"state_dict": state} if state is not None else {}))
+            trainer.model.save_pretrained(partial, **extra)
             tokenizer.save_pretrained(partial)
     dist.barrier()  # no rank reads the adapter (evaluation) before it is complete
