@@ -48,6 +48,17 @@ def tiny() -> Path:
     return tiny_mod.build()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    """The tiny twins' tokenizer as stored (padding with EOS), without a recipe's settings; one per test module,
+    which may change it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "phi")
+    tok.pad_token = tok.eos_token
+    return tok
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

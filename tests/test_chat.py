@@ -39,15 +39,6 @@ def chat_recipe(tmp_path: Path, rows=None, **prompt) -> dict:
     return recipe_mod.load(path)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny / "phi")
-    tok.pad_token = tok.eos_token
-    return tok
-
-
 def attached(tokenizer, recipe):
     import copy
 

@@ -46,15 +46,6 @@ def two_sources(news, briefs, w_news=3, w_briefs=1):
             {"source": briefs.name, "weight": w_briefs, "fields": {"document": "text", "summary": "headline"}}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny / "phi")
-    tok.pad_token = tok.eos_token
-    return tok
-
-
 # ---------------------------------------------------------------- recipe rules
 
 
