@@ -21,7 +21,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate inspect train eval compare generate test test-fast smoke tiny lint clean plan bench sweep
+.PHONY: help install validate inspect train eval compare generate export test test-fast smoke tiny lint clean plan bench sweep
 
 help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
@@ -31,6 +31,7 @@ help:  ## list the targets
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
 	@echo "make sweep [RECIPE=...] AXES=\"lora.r=8,16 ...\" [SEEDS=N] [ARGS=...]   a grid of settings x seeds -> sweep.md/json/png"
 	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
+	@echo "make export RECIPE=... RUN=runs/<name>/<time> OUT=dir   merge the adapter into the dequantized base -> a plain transformers model folder"
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
@@ -76,6 +77,11 @@ compare: $(BIN)/runner $(TINY)
 generate: $(BIN)/runner $(TINY)
 	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RECIPE=... RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }
 	$(BIN)/runner generate $(RECIPE) --run $(RUN) --input $(INPUT) $(ARGS)
+
+OUT ?=
+export: $(BIN)/runner $(TINY)
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "error: RUN, OUT: missing (make export RECIPE=... RUN=runs/<name>/<time> OUT=merged/<name>)" >&2; exit 2; }
+	$(BIN)/runner export $(RECIPE) --run $(RUN) --out $(OUT) $(ARGS)
 
 AXES ?=
 SEEDS ?= 1

@@ -2,7 +2,7 @@
 
 Builds one- and two-layer models of Phi-2's width (random weights, CPU), loads them through the runner's own
 path with NF4 + the recipe's LoRA, runs one forward under bf16 autocast, and records every tensor autograd saves
-for backward (deduplicated by storage). The difference is one full layer, compared with runner.plan's formula:
+for backward (deduplicated by storage). The difference is one full layer, compared with runner.memory's formula:
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/activations.py [--seq 128]
 
@@ -67,7 +67,7 @@ def measure(settings: dict, seq: int, layers: int) -> float:
 def main() -> None:
     from transformers import PhiConfig
 
-    from runner import plan
+    from runner import memory
 
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=128)
@@ -76,9 +76,9 @@ def main() -> None:
                     "profiles (bf16, fused gelu)": dict(profile="fast", dropout=0.0)}.items():
         one, _, _ = measure(s, args.seq, 1)
         two, recipe, speed = measure(s, args.seq, 2)
-        info = plan.model_info(recipe, PhiConfig(vocab_size=256, hidden_size=2560, intermediate_size=10240,
+        info = memory.model_info(recipe, PhiConfig(vocab_size=256, hidden_size=2560, intermediate_size=10240,
                                                  num_hidden_layers=1, num_attention_heads=32, hidden_act="gelu_new"))
-        formula = plan.layer_activation_bytes(info, recipe, upcast=s["profile"] == "none",
+        formula = memory.layer_activation_bytes(info, recipe, upcast=s["profile"] == "none",
                                               fused_act=s["profile"] != "none")
         row = {"measured_bytes_per_token_per_layer": round(two - one), "plan_formula": round(formula)}
         print(name, "lora.dropout 0:", json.dumps(row), flush=True)

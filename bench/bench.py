@@ -65,7 +65,8 @@ def base_overrides(steps: int) -> list[str]:
     over = [f"model.name_or_path={MODEL_DIR}", f"data.source={DATA / 'xsum' / 'sample.jsonl'}",
             "data.train_samples=null", "data.splits.eval=null", "data.splits.test=null", "evaluation.split=train",
             "training.eval_every=null", "training.save_every=null", "training.resume=never",
-            f"training.max_steps={steps}", "training.logging_steps=1", "output_dir=/tmp/bench_runs"]
+            f"training.max_steps={steps}", "training.logging_steps=1", "output_dir=/tmp/bench_runs",
+            "training.report_to=none"]  # the device image has no tensorboard; trackers are not what is timed
     import torch
 
     if not torch.cuda.is_available():  # CPU smoke test: bitsandbytes' paged optimizers need CUDA
@@ -171,17 +172,15 @@ class Counter:
         return batch
 
 
-def force_speed(flags: dict) -> None:
-    """Benchmark-only: the ladder variants switch profile features one at a time on top of profile none."""
-    from runner import plan, profiles
+def forced_speed(recipe: dict, flags: dict):
+    """Benchmark-only: the ladder variants switch profile features one at a time on top of the profile's own
+    settings; ``runner.train.train`` trains with the result (its ``speed`` parameter)."""
+    from runner import memory, profiles
+    from runner import model as model_mod
 
-    original = profiles.resolve
-
-    def resolve(recipe, config, *args, **kwargs):
-        speed = dataclasses.replace(original(recipe, config, *args, **kwargs), **flags)
-        return dataclasses.replace(speed, predicted_gb=plan.estimate(recipe, config, speed).reserved_gb)
-
-    profiles.resolve = resolve
+    config = model_mod.load_config(recipe)
+    speed = dataclasses.replace(profiles.resolve(recipe, config), **flags)
+    return dataclasses.replace(speed, predicted_gb=memory.estimate(recipe, config, speed).reserved_gb)
 
 
 def cmd_train(name: str) -> None:
@@ -196,9 +195,8 @@ def cmd_train(name: str) -> None:
         warm, meas = 1, 2
     flags = dict(flags)
     pad_to = flags.pop("pad_to", None)
-    if flags:
-        force_speed(flags)
     recipe = recipe_mod.load(RECIPE, base_overrides(warm + meas) + overrides)
+    speed = forced_speed(recipe, flags) if flags else None
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     stamps: dict[int, float] = {}
@@ -221,7 +219,7 @@ def cmd_train(name: str) -> None:
         trainer.add_callback(Timer())
 
     t0 = time.time()
-    run_dir, model, tokenizer, prepared = train_mod.train(recipe, instrument=instrument)
+    run_dir, model, tokenizer, prepared = train_mod.train(recipe, instrument=instrument, speed=speed)
     env = json.loads((run_dir / "env.json").read_text())
     speed = env["speed"]
     ga = speed["gradient_accumulation_steps"]
@@ -314,10 +312,10 @@ def cmd_generate() -> None:
 
 
 def plan_now(row: dict) -> float:
-    """runner.plan's prediction for a measured row, from the code as it is now (the config is PHI2's)."""
+    """runner.memory's prediction for a measured row, from the code as it is now (the config is PHI2's)."""
     from transformers import PhiConfig
 
-    from runner import plan, profiles
+    from runner import memory, profiles
     from runner import recipe as recipe_mod
 
     _, overrides, flags, _, _ = VARIANTS[row["variant"]]
@@ -326,7 +324,7 @@ def plan_now(row: dict) -> float:
         flags = ALL_FLAGS
     recipe = recipe_mod.load(RECIPE, overrides + ["training.packing=false"])
     speed = profiles.Speed(row["profile"], row["micro_batch"], row["accumulation"], row["checkpointing"], **flags)
-    return plan.estimate(recipe, PhiConfig(**PHI2), speed).reserved_gb
+    return memory.estimate(recipe, PhiConfig(**PHI2), speed).reserved_gb
 
 
 def cmd_table() -> None:

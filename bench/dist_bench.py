@@ -78,7 +78,11 @@ def cmd_train(name: str) -> None:
 
     what, overrides, warm, meas = VARIANTS[name]
     extra = os.environ.get("BENCH_EXTRA", "").split()
-    base = bench.base_overrides(warm + meas)
+    profiled = name in os.environ.get("BENCH_PROFILE", "").split()  # every rank runs the extra steps
+    profile = profiled and dist.world().main
+    base = bench.base_overrides(warm + meas + (PROFILED if profiled else 0))
+    # logging as the recipe has it (every 10 steps): every log reads values on the host
+    base = [o for o in base if not o.startswith("training.logging_steps=")]
     if name == "fsdp_llama":
         base = [o for o in base if not o.startswith("model.name_or_path=")] + [f"model.name_or_path={LLAMA_DIR}"]
     recipe = recipe_mod.load(bench.RECIPE, base + overrides + extra)
@@ -95,9 +99,19 @@ def cmd_train(name: str) -> None:
                 held["begin_alloc_gib"] = torch.cuda.memory_allocated() / 2**30
             stamps[0] = time.perf_counter()
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile and state.global_step == warm + meas:  # after the measured window: the profiler costs time
+                held["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                                      + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+                held["prof"].__enter__()
+                held["prof_start"] = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             stamps[state.global_step] = time.perf_counter()
+            if "prof" in held and state.global_step == warm + meas + PROFILED:
+                held["prof"].__exit__(None, None, None)
+                write_profile(name, held.pop("prof"), (time.perf_counter() - held["prof_start"]) / PROFILED)
 
     def instrument(trainer):
         held["counter"] = trainer.data_collator = bench.Counter(trainer.data_collator)
@@ -132,6 +146,27 @@ def cmd_train(name: str) -> None:
     with open(OUT / "dist.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print("RESULT " + json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+
+
+PROFILED = 3  # steps under torch.profiler, after the measured ones (BENCH_PROFILE="ddp16 ...": rank 0 of those)
+
+
+def write_profile(name: str, prof, wall_per_step: float) -> None:
+    """Where one step's time goes: host (self CPU) per op, GPU kernel time, and how busy the GPU was."""
+    from runner import dist
+
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / PROFILED
+    cpu_us = sum(e.self_cpu_time_total for e in events) / PROFILED
+    head = (f"## {name} on {dist.world().size} GPU(s), rank 0: wall {wall_per_step * 1e3:.1f} ms/step, "
+            f"GPU kernels {gpu_us / 1e3:.1f} ms/step ({gpu_us / 1e4 / wall_per_step:.0f}% busy), "
+            f"host ops {cpu_us / 1e3:.1f} ms/step")
+    text = "\n".join([head, events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60),
+                      events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), ""])
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "prof.txt", "a") as f:
+        f.write(text + "\n")
+    print(head, flush=True)
 
 
 def cmd_eval(what: str) -> None:

@@ -2,6 +2,8 @@
 # The several-GPU benchmark on the device machine, from the repository root (carry .whl and .shared-data):
 #   bash bench/dist_run.sh "STEP ..." [BUDGET_SECONDS]
 # STEP is VARIANT@GPUS for training (ddp16@2, ddp64@4, fsdp_llama@2), gen@GPUS / greedy@GPUS for evaluation.
+# fsdp_llama runs with FSDP_EXTRA (default: a 6 GiB per-GPU budget); BENCH_PROFILE="ddp16" adds a torch.profiler
+# table of 3 steps after the measured ones ($OUT/prof.txt).
 # Every step is one torchrun launch of the runner's code. Writes $OUT/{dist.jsonl,dist_generate.jsonl,dist_table.md,
 # dist_log.txt} and prints the table last.
 set -u
@@ -30,6 +32,7 @@ for S in $STEPS; do
   case "$V" in
     gen) "${RUN[@]}" eval sampling >> "$LOG" 2>&1 ;;
     greedy) "${RUN[@]}" eval greedy >> "$LOG" 2>&1 ;;
+    fsdp_llama) BENCH_EXTRA="${FSDP_EXTRA:-training.vram_budget_gb=6}" "${RUN[@]}" train "$V" >> "$LOG" 2>&1 ;;
     *) "${RUN[@]}" train "$V" >> "$LOG" 2>&1 ;;
   esac
   RC=$?

@@ -49,6 +49,8 @@ OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 ENV = os.environ.get
 N_PROMPTS, N_OLD = int(ENV("BENCH_PROMPTS", 256)), int(ENV("BENCH_OLD_PROMPTS", 96))
 N_RANK, N_RANK_OLD = int(ENV("BENCH_RANK", 512)), int(ENV("BENCH_RANK_OLD", 256))
+# BENCH_ONLY="new rank;old rank": run only the stages named (separated by ";"); unset: every stage
+ONLY = [name for name in ENV("BENCH_ONLY", "").split(";") if name]
 N_LOWMEM = int(ENV("BENCH_LOWMEM_PROMPTS", 24))
 N_SELF = int(ENV("BENCH_SELF_PROMPTS", 64))
 N_EVERY = ENV("BENCH_EVERY_PROMPTS", "null")  # null: every row of .shared-data/xsum (1,000)
@@ -82,7 +84,7 @@ def make_adapter(recipe) -> None:
 
     if (ADAPTER / "adapter_config.json").is_file():
         return
-    net = get_peft_model(model_mod.load_base(recipe), model_mod.lora_config(recipe))
+    net = get_peft_model(base := model_mod.load_base(recipe), model_mod.lora_config(recipe, model=base))
     gen = torch.Generator().manual_seed(0)
     for name, param in net.named_parameters():
         if "lora_B" in name:
@@ -245,6 +247,7 @@ def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
     from runner import rank as rank_mod
 
     choice = rank_mod.choose(model, tokenizer, prompts, recipe)
+    rank_mod.rank(model, tokenizer, prompts[:8], recipe)  # untimed warm-up: the first stage would pay CUDA's start
     peak_reset()
     start = time.perf_counter()
     preds = rank_mod.rank(model, tokenizer, prompts, recipe)
@@ -255,7 +258,41 @@ def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
               **peaks()}
     log("RANK", json.dumps(result))
     result["_preds"] = [preds[i] for i in range(len(prompts))]
+    if ENV("BENCH_PROFILE_RANK") and choice.backend != "plain":
+        profile_rank(model, tokenizer, prompts[:4 * choice.batch_size], recipe)
     return result
+
+
+def profile_rank(model, tokenizer, prompts: list[str], recipe) -> None:
+    """Where rank mode's time goes (BENCH_PROFILE_RANK=1): Python functions (cProfile), then ops and kernels
+    (torch.profiler), each over the same four batches; written to $OUT/prof_rank.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from runner import rank as rank_mod
+
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    rank_mod.rank(model, tokenizer, prompts, recipe)
+    sync()
+    prof.disable()
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(45)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as tprof:
+        rank_mod.rank(model, tokenizer, prompts, recipe)
+        sync()
+    events = tprof.key_averages()
+    out = [f"## rank mode, {len(prompts)} prompts: {wall:.2f} s under cProfile", text.getvalue(),
+           events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70),
+           events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "prof_rank.txt").write_text("\n".join(out))
 
 
 # ---------------------------------------------------------------- main
@@ -278,6 +315,10 @@ def main() -> None:
     model = model_mod.load_trained(base, ADAPTER)
     log(f"loaded: {len(prompts)} prompts, model {phi2.MODEL_DIR}, adapter {ADAPTER}, cuda {cuda}")
     rows = Rows()
+    if ONLY:  # the stages that ran first in a full run paid CUDA's start; a chosen few start warm instead
+        from runner import generate as generate_mod
+
+        generate_mod.generate(model, tokenizer, prompts[:8], xsum_recipe(["generation.max_new_tokens=4"]))
     new = [] if cuda else ["generation.backend=merged"]  # CPU smoke test: auto would be plain there
     report: dict = {"prompts": len(prompts), "mean_prompt_tokens": statistics.fmean(
         len(ids) for ids in tokenizer(prompts)["input_ids"]), "gpu": torch.cuda.get_device_name(0) if cuda else None,
@@ -287,6 +328,9 @@ def main() -> None:
     def stage(name: str, fn, need: float = 0.0, into: list | None = None):
         """Run a stage unless it would end past BENCH_BUDGET (``need``: its expected seconds); the files are
         rewritten after every stage, so a run cut off by its time limit still leaves what it measured."""
+        if ONLY and name not in ONLY:
+            report["skipped"].append(f"{name}: not in BENCH_ONLY")
+            return None
         if time.time() - T0 + need > BUDGET:
             report["skipped"].append(name)
             log(f"SKIP {name}: {time.time() - T0:.0f} s + {need:.0f} s > BENCH_BUDGET {BUDGET:.0f}")

@@ -1,4 +1,10 @@
-"""The evaluator interface."""
+"""The evaluator interface: the one contract between the runner and every evaluator, built-in or a user's own.
+
+An evaluator is a pure function of records: the runner computes everything that needs the model (generated or
+ranked predictions, log-likelihoods of the references) and hands it over in the records. Evaluators import this
+module and the runner's leaf helpers only (``runner.stats`` for intervals, ``runner.safeio`` and
+``runner.markdown`` for files), never the runner's machinery.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +14,42 @@ from pathlib import Path
 
 @dataclass
 class Record:
-    """One evaluated example: the rendered prompt, the reference completion and the model's prediction."""
+    """One evaluated example: the rendered prompt, the reference completion and the model's prediction.
+
+    ``logprob`` and ``tokens`` are set for an evaluator that ``needs`` "logprobs": the summed log-probability of
+    the reference completion + EOS after the prompt, and how many tokens it sums over (as training counts them).
+    """
 
     index: int
     prompt: str
     reference: str
     prediction: str
     id: str | None = None
+    logprob: float | None = None
+    tokens: int | None = None
 
 
 class Evaluator:
     """Subclass and implement ``evaluate``. Recipe keys other than ``name`` arrive as keyword arguments.
 
-    ``params_schema`` (JSON Schema ``properties``/``required``) lets ``runner validate`` check those keys.
-    An evaluator that needs the model itself (e.g. ``loss``) sets ``needs_model`` and implements ``score_model``;
-    one that reads no generated predictions sets ``uses_predictions = False`` (generation is skipped when no
-    evaluator of the recipe uses them).
+    ``params_schema`` (JSON Schema ``properties``/``required``) lets ``runner validate`` check those keys and fill
+    their defaults. ``needs`` says what the runner puts into the records: ``"predictions"`` (generated or ranked,
+    of the evaluation split) and/or ``"logprobs"`` (of the ``split`` attribute's role, None = the evaluation split);
+    generation is skipped when no evaluator of the recipe needs predictions. ``completion`` tells the runner what
+    the recipe's completion holds for this evaluator: ``"label"`` (one label name of a ``labels`` parameter: rank
+    mode may choose among them), ``"labels"`` (several, joined by a separator) or None (free text).
     """
 
     name = "evaluator"
     params_schema: dict | None = None
-    needs_model = False
-    uses_predictions = True
-    split: str | None = None  # the role whose examples score_model() gets; None = evaluation.split
+    needs: tuple[str, ...] = ("predictions",)
+    completion: str | None = None
+    split: str | None = None  # the role whose examples get "logprobs"; None = evaluation.split
+    batch_size: int | None = None  # examples per forward pass for "logprobs"; None = as generation sizes them
 
     def __init__(self, seed: int = 42, **params):
         self.seed = seed
         self.params = params
-
-    def score_model(self, model, tokenizer, examples, recipe: dict) -> None:
-        """Called before ``evaluate`` when ``needs_model``: the model (in eval mode, adapter as evaluated), its
-        tokenizer and the prepared examples of ``split`` (columns prompt, completion, n_tokens, truncated, id)."""
 
     def evaluate(self, records: list[Record], out_dir: Path) -> dict:
         raise NotImplementedError

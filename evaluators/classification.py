@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.base import Evaluator, Record
-from evaluators.rouge import bootstrap_ci
+from runner.stats import bootstrap_ci
 
 INVALID = "(invalid)"
 
@@ -30,6 +30,21 @@ def label_lookup(labels: list[str]) -> dict[str, str]:
             raise ValueError(f"labels {lookup[key]!r} and {label!r} are the same once case and spaces are ignored")
         lookup[key] = label
     return lookup
+
+
+def with_unlisted(labels: list[str] | None, gold_names) -> tuple[list[str], list[str]]:
+    """(classes, gold names outside ``labels``): the recipe's labels and then, sorted, every gold name they miss
+    (a row each, and reported: the list is probably incomplete); without a list, the gold names alone."""
+    known = label_lookup(labels) if labels else {}
+    seen = {}
+    for name in gold_names:
+        seen.setdefault(normalize(name), " ".join(name.split()))
+    extra = sorted(v for k, v in seen.items() if k not in known)
+    return (labels + extra, extra) if labels else (extra, [])
+
+
+LABELS_PARAM = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}, "minItems": 2,
+                "uniqueItems": True, "default": None}
 
 
 def prf(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +84,16 @@ def plot_confusion(matrix: np.ndarray, rows: list[str], columns: list[str], path
 
 
 class Classification(Evaluator):
+    """Single-label classification: the prediction is a label name (case and spaces ignored). Accuracy with a
+    bootstrap 95% CI, macro-F1, per-class precision/recall/F1, confusion_matrix.png; predictions naming no label
+    are counted as invalid."""
+
     name = "classification"
+    completion = "label"
+    params_schema = {"properties": {
+        "labels": {**LABELS_PARAM, "description": "The label names, in the order the confusion matrix shows them; "
+                                                  "null = the labels found in the references."},
+        "confusion_matrix": {"type": "boolean", "default": True, "description": "Write confusion_matrix.png."}}}
 
     def __init__(self, labels=None, confusion_matrix=True, **kw):
         super().__init__(**kw)
@@ -78,15 +102,7 @@ class Classification(Evaluator):
 
     def classes(self, records: list[Record]) -> tuple[list[str], list[str]]:
         """(classes, gold labels outside the recipe's list): without a list, the labels the references use."""
-        known = label_lookup(self.labels) if self.labels else {}
-        # Gold labels the recipe did not list still get a row, and are reported: the list is probably incomplete.
-        extra = {}
-        for r in records:
-            extra.setdefault(normalize(r.reference), " ".join(r.reference.split()))
-        extra = sorted(v for k, v in extra.items() if k not in known)
-        if self.labels is None:
-            return extra, []
-        return self.labels + extra, extra
+        return with_unlisted(self.labels, [r.reference for r in records])
 
     def encode(self, records: list[Record]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
         """(classes, unlisted gold labels, gold class ids, predicted class ids with -1 for invalid)."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.base import Evaluator, Record
-from evaluators.classification import label_lookup, normalize, prf
-from evaluators.rouge import bootstrap_ci
+from evaluators.classification import LABELS_PARAM, label_lookup, normalize, prf, with_unlisted
+from runner.stats import bootstrap_ci
 
 
 def split_names(text: str, separator: str) -> list[str]:
@@ -23,7 +23,17 @@ def split_names(text: str, separator: str) -> list[str]:
 
 
 class Multilabel(Evaluator):
+    """Multi-label classification: reference and prediction are label names joined by a separator (order
+    ignored). Micro/macro-F1, exact match with a bootstrap 95% CI, per-label scores; names that are no label are
+    counted as invalid."""
+
     name = "multilabel"
+    completion = "labels"
+    params_schema = {"properties": {
+        "labels": {**LABELS_PARAM, "description": "The label names; null = the names found in the references."},
+        "separator": {"type": "string", "minLength": 1, "default": ",",
+                      "description": "What separates names in a prediction (surrounding spaces are ignored); "
+                                     "prompt.list_separator writes the references."}}}
 
     def __init__(self, labels=None, separator=",", **kw):
         super().__init__(**kw)
@@ -32,13 +42,7 @@ class Multilabel(Evaluator):
 
     def label_set(self, records: list[Record]) -> tuple[list[str], list[str]]:
         """(labels, gold names outside the recipe's list): without a list, the names the references use."""
-        known = label_lookup(self.labels) if self.labels else {}
-        seen = {}
-        for r in records:
-            for name in split_names(r.reference, self.separator):
-                seen.setdefault(normalize(name), name)
-        extra = sorted(v for k, v in seen.items() if k not in known)
-        return (self.labels + extra, extra) if self.labels else (extra, [])
+        return with_unlisted(self.labels, [n for r in records for n in split_names(r.reference, self.separator)])
 
     def encode(self, records: list[Record]):
         """(labels, unlisted gold names, gold and predicted indicator matrices, invalid names, rows with one)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.base import Evaluator, Record
+from runner.stats import bootstrap_ci
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -17,19 +18,14 @@ def sentences_on_lines(text: str) -> str:
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
 
 
-def bootstrap_ci(scores: np.ndarray, seed: int, resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap of the mean; the same seed gives the same interval."""
-    if len(scores) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(scores), size=(resamples, len(scores)))
-    means = scores[idx].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
 class Rouge(Evaluator):
+    """ROUGE F1 (rouge-score) between prediction and the rendered completion."""
+
     name = "rouge"
+    params_schema = {"properties": {
+        "types": {"type": "array", "items": {"enum": ["rouge1", "rouge2", "rougeL", "rougeLsum"]}, "minItems": 1,
+                  "uniqueItems": True, "default": ["rouge1", "rouge2", "rougeL", "rougeLsum"]},
+        "use_stemmer": {"type": "boolean", "default": True}}}
 
     def __init__(self, types=("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True, **kw):
         super().__init__(**kw)

@@ -6,18 +6,17 @@ from pathlib import Path
 
 from evaluators.base import Evaluator, Record
 from runner import safeio
-
-
-def cell(text: str, limit: int | None = None) -> str:
-    text = " ".join(text.split())
-    if limit is not None and len(text) > limit:
-        half = (limit - 5) // 2
-        text = f"{text[:half]} [...] {text[-half:]}"
-    return text.replace("|", "\\|") or " "
+from runner.markdown import cell
 
 
 class Samples(Evaluator):
+    """A markdown table (samples.md) of input, reference and prediction."""
+
     name = "samples"
+    params_schema = {"properties": {
+        "count": {"type": "integer", "minimum": 1, "default": 8},
+        "input_chars": {"type": "integer", "minimum": 20, "default": 300,
+                        "description": "Inputs longer than this are shortened in the table."}}}
 
     def __init__(self, count=8, input_chars=300, **kw):
         super().__init__(**kw)

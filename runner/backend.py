@@ -10,7 +10,7 @@
 ``auto`` is plain without a GPU (the tiny recipes keep their path and speed). On a GPU it is merged (or compiled)
 when the copy fits beside a batch of at least MIN_BATCH prompts, else batched. The budget is the training profile's
 (training.vram_budget_gb, or the profile's: low_memory's 3.8 GiB holds during evaluation too), capped by what the
-card has free now. Batch sizes come from runner.plan's memory model: the fixed part (what torch holds now, plus the
+card has free now. Batch sizes come from runner.memory's model: the fixed part (what torch holds now, plus the
 copy) and per row the KV cache of prompt + new tokens, the prefill's activations and decoding's logits.
 Rank mode and the loss evaluator score rows (no KV cache) in batches sized the same way.
 """
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from runner import memory, merge, profiles
 from runner.errors import RecipeError
+from runner.memory import GIB
 
 BACKENDS = ("plain", "batched", "merged", "compiled")
 MERGING = ("merged", "compiled")
@@ -84,8 +86,6 @@ def budget_bytes(recipe: dict) -> float | None:
     memory torch holds now plus what the card has free. None without a GPU."""
     import torch
 
-    from runner import profiles
-    from runner.plan import GIB
 
     if not torch.cuda.is_available():
         return None
@@ -105,8 +105,6 @@ def _allocated() -> float:
 def _dtype_bytes(model, backend: str = "merged") -> int:
     """Bytes per activation and KV cache element: the compute dtype's on the merged copy; the model as loaded may
     keep unquantized weights, and so its residual stream and cache, in fp32 (peft's upcast for 4-bit training)."""
-    from runner import merge
-
     c = merge.compute_dtype(model).itemsize
     return c if backend in MERGING else max(c, model.get_input_embeddings().weight.dtype.itemsize)
 
@@ -121,9 +119,7 @@ def _round(batch: int, n: int) -> int:
 def batch_for_budget(budget: float, fixed: float, per_row: float, rows_per_prompt: int, n: int) -> int:
     """The most prompts a batch (each ``rows_per_prompt`` rows of ``per_row`` bytes) whose predicted reserved
     memory with ``fixed`` bytes stays within ``budget``; 0 when not even one fits."""
-    from runner import plan
-
-    return _round(plan.rows_within(budget, fixed, per_row) // rows_per_prompt, n)
+    return _round(memory.rows_within(budget, fixed, per_row) // rows_per_prompt, n)
 
 
 # ---------------------------------------------------------------- the choice
@@ -133,9 +129,6 @@ def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_pe
           batch: int | str, most: int | None = None) -> Choice:
     """The backend and batch size for ``n`` prompts; ``row_bytes(backend)`` is one row's predicted peak bytes;
     ``most``: at most this many prompts a batch when sized from memory."""
-    from runner import merge, plan
-    from runner.plan import GIB
-
     requested = recipe["generation"]["backend"]
     fixed_batch = None if batch == "auto" else int(batch)
     budget = budget_bytes(recipe)
@@ -151,7 +144,7 @@ def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_pe
             size = fixed_batch or DEFAULT_BATCH
         else:
             size = batch_for_budget(budget, fixed, row_bytes(backend), rows_per_prompt, min(n, most or n))
-        predicted = plan.reserved_for(fixed + max(size, 1) * rows_per_prompt * row_bytes(backend))
+        predicted = memory.reserved_for(fixed + max(size, 1) * rows_per_prompt * row_bytes(backend))
         return Choice(backend, size, predicted_gb=predicted / GIB, budget_gb=budget / GIB)
 
     if requested == "auto":
@@ -176,17 +169,15 @@ def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_pe
 
 def for_generation(recipe: dict, model, lengths: list[int]) -> Choice:
     """Backend and prompts per generate() call for prompts of ``lengths`` tokens."""
-    from runner import plan
-
     g = recipe["generation"]
     if g["backend"] != "auto" and g["batch_size"] != "auto":
         return Choice(g["backend"], int(g["batch_size"]))
-    shape = plan._shape(model.config)
+    shape = memory.model_shape(model.config)
     attn = model.config._attn_implementation
 
     def row_bytes(backend: str) -> float:
         static = backend != "plain" and g["num_beams"] == 1
-        return plan.generation_row_bytes(shape, _dtype_bytes(model, backend), max(lengths), g["max_new_tokens"],
+        return memory.generation_row_bytes(shape, _dtype_bytes(model, backend), max(lengths), g["max_new_tokens"],
                                          static, attn)
 
     return _pick(recipe, model, len(lengths), row_bytes, g["num_beams"], g["max_new_tokens"], g["batch_size"])
@@ -196,25 +187,23 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
                 batch_size: int | None = None, shared_prefix: bool = False) -> Choice:
     """Backend and prompts per forward pass for scoring rows of ``lengths`` tokens whose last ``scored_tokens``
     are scored; each prompt is ``rows_per_prompt`` rows (rank mode: one per label), which the backends other than
-    plain score with the prompt run once when ``shared_prefix`` (runner.rank.score_groups). ``batch_size``
+    plain score as one packed row, the prompt run once, when ``shared_prefix`` (runner.rank.score_groups). ``batch_size``
     overrides generation.batch_size (the loss evaluator's own). There is no decoding step to compile: compiled
     scores as merged."""
-    from runner import plan
-
     g = recipe["generation"]
     batch = batch_size or g["batch_size"]
     backend = "merged" if g["backend"] == "compiled" else g["backend"]
     if backend != "auto" and batch != "auto":
         return Choice(backend, int(batch))
-    shape = plan._shape(model.config)
+    shape = memory.model_shape(model.config)
     attn = model.config._attn_implementation
     longest = max(lengths)
 
     def prompt_bytes(name: str) -> float:
         c = _dtype_bytes(model, name)
         if shared_prefix and name != "plain":
-            return plan.shared_scoring_bytes(shape, c, longest - scored_tokens, scored_tokens, attn)
-        return rows_per_prompt * plan.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
+            return memory.packed_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt * scored_tokens)
+        return rows_per_prompt * memory.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
 
     scoring = {**recipe, "generation": {**g, "backend": backend, "num_beams": 1}}
     # Tokens a forward pass runs per prompt: with a shared prompt, the prompt once and each label's own tokens.
@@ -232,7 +221,6 @@ class model_for:
         self.choice, self.model, self.copy = choice, model, None
 
     def __enter__(self):
-        from runner import merge
 
         if not self.choice.merges or not merge.needs_copy(self.model):
             return self.model

@@ -19,38 +19,30 @@ from __future__ import annotations
 
 import json
 import re
-import string
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from evaluators.base import Record
+from evaluators.classification import Classification, normalize
+from evaluators.multilabel import Multilabel, split_names
+from evaluators.rouge import Rouge
+from evaluators.samples import Samples
+from runner import compare
+from runner import data as data_mod
+from runner import evaluate as evaluate_mod
 from runner.errors import RecipeError
+from runner.metrics import headline
+from runner.templates import render, template_fields, unrender
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-# ---------------------------------------------------------------- reading inputs back
-
-
-def unrender(template: str, prompt: str) -> dict[str, str] | None:
-    """The field values that ``template`` was filled with to give ``prompt``; None when it does not match."""
-    pattern, seen = "", set()
-    for literal, field, _, _ in string.Formatter().parse(template):
-        pattern += re.escape(literal)
-        if field is None:
-            continue
-        pattern += f"(?P={field})" if field in seen else f"(?P<{field}>.*?)"
-        seen.add(field)
-    match = re.fullmatch(pattern, prompt, flags=re.DOTALL)
-    return match.groupdict() if match else None
-
-
 def input_field(recipe: dict) -> str | None:
     """The field holding the text to summarize: prompt.truncate, else the template's only field."""
-    from runner.recipe import template_fields
-
+    if recipe["prompt"].get("messages"):
+        return None  # chat data: the input is a conversation, not one field of a template
     if recipe["prompt"]["truncate"]:
         return recipe["prompt"]["truncate"]
     fields = template_fields(recipe["prompt"]["template"], "prompt.template")
@@ -68,16 +60,17 @@ def first_words(text: str, n: int) -> str:
 
 def train_references(recipe: dict) -> list[str] | None:
     """The completions of the train rows the recipe samples (stripped), or None without a train split."""
-    from runner import data as data_mod
-
     if recipe["data"]["splits"]["train"] is None:
         return None
     raw = data_mod.sample(data_mod.load_raw(recipe), recipe).get("train")
     if raw is None:
         return None
     rows = data_mod.name_labels(raw, recipe)
+    if recipe["prompt"].get("messages"):  # chat data: the reference is the last (assistant) turn's content
+        refs = [row[recipe["prompt"]["messages"]][-1]["content"].strip() for row in rows]
+        return [r for r in refs if r]
     completion, sep = recipe["prompt"]["completion"], recipe["prompt"]["list_separator"]
-    refs = [data_mod.render(completion, row, sep).strip() for row in rows]
+    refs = [render(completion, row, sep).strip() for row in rows]
     return [r for r in refs if r]  # an empty target is dropped from training too
 
 
@@ -86,10 +79,6 @@ def train_references(recipe: dict) -> list[str] | None:
 
 def _predictors(recipe: dict, evaluators: list, records: list[Record], train_refs: list[str] | None):
     """{name: (description, [prediction per record])} for the evaluators of the recipe, and skipped reasons."""
-    from evaluators.classification import Classification, normalize
-    from evaluators.multilabel import Multilabel, split_names
-    from evaluators.rouge import Rouge
-
     out, skipped = {}, []
     kinds = {type(ev) for _, ev in evaluators}
     classifies = any(issubclass(k, Classification) for k in kinds)
@@ -145,12 +134,9 @@ def _slug(name: str) -> str:
 def compute(recipe: dict, run_dir: Path, records: list[Record]) -> dict:
     """Score every baseline that fits the recipe's evaluators on ``records``' examples; writes
     ``<run_dir>/baselines/<name>/`` and ``<run_dir>/baselines.json`` and returns the latter's content."""
-    from evaluators.samples import Samples
-    from runner import compare
-    from runner import evaluate as evaluate_mod
-
+    # Baselines make predictions only: evaluators that read the model's scores of the references are left out.
     evaluators = [(name, ev) for name, ev in evaluate_mod.build_evaluators(recipe)
-                  if ev.uses_predictions and not ev.needs_model and not isinstance(ev, Samples)]
+                  if "predictions" in ev.needs and "logprobs" not in ev.needs and not isinstance(ev, Samples)]
     result = {"examples": len(records), "baselines": {}, "skipped": []}
     if not evaluators or not records:
         return result
@@ -189,13 +175,6 @@ def _fmt(value) -> str:
     if value is None:
         return "–"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def headline(metrics: dict) -> dict[str, dict]:
-    """Top-level metrics of a metrics.json ("rouge.rougeL", "classification.accuracy"; no per-class rows)."""
-    from runner.compare import flatten
-
-    return {m: v for m, v in flatten(metrics).items() if m.count(".") == 1}
 
 
 def markdown(result: dict, model_metrics: dict) -> list[str]:

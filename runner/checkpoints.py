@@ -93,26 +93,31 @@ def _mark_complete(ckpt: Path, record: dict) -> None:
     safeio.write_json(ckpt / MANIFEST, {"step": _step(ckpt), "files": files, **record})
 
 
-def rotate(folder: Path, keep: int | None) -> None:
+def rotate(folder: Path, keep: int | None, best: str | Path | None = None) -> None:
     """Delete all but the newest ``keep`` complete checkpoints: manifest first, so a deletion cut short leaves
-    a folder that no longer counts as a checkpoint."""
+    a folder that no longer counts as a checkpoint. ``best`` (the trainer's best checkpoint, which early stopping
+    restores at the end) is kept besides them."""
     if not keep:
         return
-    done = [p for p in _candidates(folder) if complete(p)]
+    best_name = Path(best).name if best else None
+    done = [p for p in _candidates(folder) if complete(p) and p.name != best_name]
     for old in done[: max(len(done) - keep, 0)]:
         (old / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
 
 
 def resume_in_the_same_precision(trainer) -> None:
-    """The trainer resumes a LoRA model through peft's load_adapter, which upcasts the adapter to fp32, while TRL
-    trains a quantized model's LoRA weights in bf16: the resumed run would go on in another precision than it
-    began, and save another adapter. Cast the trainable weights back right after loading, before the optimizer
-    (and its state) is made for them."""
-    load = getattr(trainer, "_load_from_checkpoint", None)
-    if load is None:
-        return
+    """The trainer resumes a LoRA model (and restores the best checkpoint at the end, with early stopping) through
+    peft's load_adapter, which upcasts the adapter to fp32, while TRL trains a quantized model's LoRA weights in
+    bf16: the resumed run would go on in another precision than it began, and save another adapter. Cast the
+    trainable weights back right after loading, before the optimizer (and its state) is made for them."""
+    for method in ("_load_from_checkpoint", "_load_best_model"):
+        load = getattr(trainer, method, None)
+        if load is not None:
+            setattr(trainer, method, _keeping_dtypes(trainer, load))
 
+
+def _keeping_dtypes(trainer, load):
     def load_keeping_dtypes(*args, **kwargs):
         dtypes = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
         load(*args, **kwargs)
@@ -120,7 +125,7 @@ def resume_in_the_same_precision(trainer) -> None:
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
 
-    trainer._load_from_checkpoint = load_keeping_dtypes
+    return load_keeping_dtypes
 
 
 def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
@@ -170,6 +175,6 @@ def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
             ckpt = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
             if ckpt.is_dir() and args.should_save:
                 _mark_complete(ckpt, {"loss_sum": self.loss_sum, "train_seconds": self.seconds()})
-                rotate(ckpt.parent, self.keep)
+                rotate(ckpt.parent, self.keep, best=state.best_model_checkpoint)
 
     return RunRecord()

@@ -53,6 +53,11 @@ def _args_generate(p):
     p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
 
 
+def _args_export(p):
+    p.add_argument("--run", required=True, help="a finished run folder whose adapter is merged")
+    p.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist)")
+
+
 def _args_plan(p):
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
                    help="plan for a card of this much memory (default: --card's, else this machine's GPU, if any)")
@@ -111,9 +116,9 @@ def _recipe(args) -> dict:
 def _evaluation_examples(recipe: dict):
     """(tokenizer, the evaluation split's prepared examples), after the config-only checks."""
     from runner import data as data_mod
-    from runner import train
+    from runner import model
 
-    _, tokenizer = train.check(recipe)
+    _, tokenizer = model.preflight(recipe)
     role = recipe["evaluation"]["split"]
     return tokenizer, data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
 
@@ -123,10 +128,14 @@ def cmd_validate(args) -> int:
 
     start = time.perf_counter()
     recipe = _recipe(args)
+    from runner import tracking
+
+    tracking.check(recipe)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
-    lora = recipe["lora"]
-    targets = "full fine-tuning" if lora is None else f"LoRA r={lora['r']} on {lora['target_modules']}"
+    from runner.model import lora_text
+
+    targets = lora_text(recipe["lora"])
     print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
           f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)")
     return 0
@@ -134,42 +143,27 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     recipe = _recipe(args)
-    from runner import dist, evaluate, train
+    from runner import pipeline
 
-    run_dir, model, tokenizer, prepared = train.train(recipe)
-    if not args.no_eval and dist.sharded(model):
-        # Each rank would generate its own batches on a model whose every forward needs all ranks in step.
-        print(f"evaluation: skipped after FSDP training; evaluate the saved adapter with `runner eval "
-              f"{args.recipe} --run {run_dir}` (under torchrun for several GPUs)", flush=True)
-    elif not args.no_eval:
-        role = recipe["evaluation"]["split"]
-        metrics = evaluate.evaluate(recipe, model, tokenizer, run_dir, examples=prepared.splits[role],
-                                    splits=prepared.splits)
-        if metrics is not None:
-            print(evaluate.summary_line(metrics))
-    if not dist.world().main:
-        return 0
-    from runner import report
-
-    print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
-    print(f"done: {run_dir}")
+    pipeline.train_evaluate_report(recipe, args.recipe, evaluate_after=not args.no_eval)
     return 0
 
 
 def cmd_inspect(args) -> int:
     recipe = _recipe(args)
-    from runner import inspect, model
+    from runner import inspection, model
 
-    result = inspect.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
-    print(inspect.table(result))
-    path = inspect.write(result, Path(args.out) if args.out else inspect.default_out_dir(recipe))
+    result = inspection.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
+    print(inspection.table(result))
+    path = inspection.write(result, Path(args.out) if args.out else inspection.default_out_dir(recipe))
     print(f"\nsaved: {path} and length histograms in {path.parent}" + (" (from the cache)" if result["cached"] else ""))
     return 0
 
 
 def cmd_eval(args) -> int:
     recipe = _recipe(args)
-    from runner import dist, evaluate, model, runs, train
+    from runner import dist, evaluate, model, runs
+    from runner.metrics import summary_line
 
     world = dist.init()
     adapter = None if args.base else runs.find_run(args.run) / "adapter"
@@ -177,11 +171,10 @@ def cmd_eval(args) -> int:
     # Rank 0 opens (or reopens) the one evaluation folder; every rank writes its share of predictions there.
     out_dir = dist.broadcast(runs.open_eval_dir(recipe, Path(args.run) if args.run else None) if world.main else None)
     print(f"evaluation folder: {out_dir}", flush=True)
-    train.set_threads(recipe)
-    net = model.load_trained(recipe, adapter)
+    net = model.load_for_inference(recipe, adapter)
     metrics = evaluate.evaluate(recipe, net, tokenizer, out_dir, examples=examples)
     if metrics is not None:
-        print(evaluate.summary_line(metrics))
+        print(summary_line(metrics))
         print(f"done: {out_dir}")
     return 0
 
@@ -192,15 +185,14 @@ def cmd_compare(args) -> int:
         raise RecipeError("--run", f"given {len(args.run)} times", "one run (vs the base model) or two (A vs B)")
     if len(args.run) == 2:
         return _compare_adapters(args, recipe)
-    from runner import compare, dist, model, runs, train
+    from runner import compare, dist, model, runs
 
     world = dist.init()
     run_dir = runs.find_run(args.run[0])
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
-    train.set_threads(recipe)
-    net = model.load_trained(recipe, run_dir / "adapter")
+    net = model.load_for_inference(recipe, run_dir / "adapter")
     summary = compare.compare(recipe, run_dir, net, tokenizer, examples, out_dir)
     if summary is not None:
         print("\n".join(compare.summary_lines(summary)))
@@ -219,7 +211,7 @@ def cmd_sweep(args) -> int:
 
 
 def _compare_adapters(args, recipe: dict) -> int:
-    from runner import compare, dist, model, runs, train
+    from runner import compare, dist, model, runs
 
     run_a, run_b = (runs.find_run(r) for r in args.run)
     if run_a.resolve() == run_b.resolve():
@@ -229,8 +221,7 @@ def _compare_adapters(args, recipe: dict) -> int:
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_pair_dir(recipe, run_a, run_b) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
-    train.set_threads(recipe)
-    net = model.load_trained(recipe, run_a / "adapter")
+    net = model.load_for_inference(recipe, run_a / "adapter")
     net.load_adapter(str(run_b / "adapter"), adapter_name="B")
     summary = compare.compare_adapters(recipe, run_a, run_b, net, tokenizer, examples, out_dir)
     if summary is not None:
@@ -243,23 +234,36 @@ def cmd_generate(args) -> int:
     import json
 
     recipe = _recipe(args)
-    from runner import dist, infer, model, runs, train
+    from runner import dist, infer, model, runs
 
     if dist.world().size > 1:
         raise RecipeError("runner generate", "prints completions from one process, not under a launcher",
                           "run it without torchrun / accelerate launch; `runner eval` spreads over several GPUs")
     adapter = None if args.base else runs.find_run(args.run) / "adapter"
     rows = infer.read_inputs(infer.open_input(args.input), recipe)  # input mistakes show before weights load
-    _, tokenizer = train.check(recipe)
+    _, tokenizer = model.preflight(recipe)
     fitted = [infer.fit_prompt(row, recipe, tokenizer) for row in rows]
     shortened = sum(cut for _, cut in fitted)
     if shortened:
         print(f"{shortened} of {len(rows)} inputs shortened to fit prompt.max_length", file=sys.stderr, flush=True)
-    train.set_threads(recipe)
-    net = model.load_trained(recipe, adapter)
+    net = model.load_for_inference(recipe, adapter)
     completions = infer.complete(net, tokenizer, [prompt for prompt, _ in fitted], recipe)
     for row, text in zip(rows, completions):
         print(json.dumps({**row, "completion": text}, ensure_ascii=False) if args.jsonl else " ".join(text.split()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    recipe = _recipe(args)
+    from runner import export, model, runs
+
+    export.refuse_launcher()
+    run_dir = runs.find_run(args.run)
+    out = export.check_out(Path(args.out))
+    model.preflight(recipe)
+    record = export.export(recipe, run_dir, out)
+    print(export.summary(record, out))
+    print(f"done: {out}")
     return 0
 
 
@@ -301,6 +305,8 @@ COMMANDS = {
               "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
                  _args_generate, cmd_generate),
+    "export": ("merge a run's adapter into the dequantized base and save a plain transformers model folder "
+               "(safetensors, tokenizer, generation config)", _args_export, cmd_export),
     "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",
              _args_plan, cmd_plan),
 }

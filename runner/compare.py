@@ -13,82 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
-
-import numpy as np
 
 from runner import dist, runs, safeio
 from runner import evaluate as evaluate_mod
 from runner.errors import RecipeError
+from runner.markdown import cell
+from runner.metrics import finite, flatten
+from runner.stats import ci_overlap, paired_bootstrap
 
 SYSTEMS = ("base", "adapter")
-LOWER_IS_BETTER = ("loss", "perplexity", "invalid")
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def paired_bootstrap(base: np.ndarray, adapter: np.ndarray, seed: int, resamples: int = 1000,
-                     level: float = 0.95) -> dict:
-    """Bootstrap of mean(adapter - base) over examples resampled together: its CI and a two-sided p-value."""
-    diffs = np.asarray(adapter, dtype=float) - np.asarray(base, dtype=float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
-    means = diffs[idx].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    # The share of resampled differences on the far side of zero, doubled: how often chance alone flips the sign.
-    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
-    return {"difference": round(float(diffs.mean()), 4),
-            "difference_ci95": [round(float(np.percentile(means, tail)), 4),
-                                round(float(np.percentile(means, 100 - tail)), 4)],
-            "p_value": round(p, 4), "resamples": resamples}
-
-
-def ci_overlap(a: list | None, b: list | None) -> bool | None:
-    if not a or not b:
-        return None
-    return not (a[1] < b[0] or b[1] < a[0])
 
 
 # ---------------------------------------------------------------- metrics side by side
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
-
-
-def flatten(metrics: dict) -> dict[str, dict]:
-    """``{"rouge.rougeL": {"value": 68.1, "ci95": [..]}, "loss.perplexity": {...}, ...}`` from a metrics.json.
-
-    A block holding one number and ``ci95`` (ROUGE's ``{"f1", "ci95"}``) is one metric; ``<key>_ci95`` beside
-    ``<key>`` is that key's interval.
-    """
-    out: dict[str, dict] = {}
-    for name, block in metrics.items():
-        if isinstance(block, dict):
-            _walk(block, name, out)
-    return out
-
-
-def _walk(block: dict, prefix: str, out: dict) -> None:
-    numbers = {k: v for k, v in block.items() if _is_number(v) and k not in evaluate_mod.NOT_METRICS}
-    if isinstance(block.get("ci95"), list) and len(numbers) == 1:
-        out[prefix] = {"value": next(iter(numbers.values())), "ci95": block["ci95"]}
-        return
-    for key, value in block.items():
-        if key in evaluate_mod.NOT_METRICS or key.endswith("_ci95"):
-            continue
-        if _is_number(value):
-            ci = block.get(f"{key}_ci95")
-            out[f"{prefix}.{key}"] = {"value": value, "ci95": ci if isinstance(ci, list) else None}
-        elif isinstance(value, dict):
-            _walk(value, f"{prefix}.{key}", out)
-
-
-def lower_is_better(metric: str) -> bool:
-    last = metric.rsplit(".", 1)[-1]
-    return any(word in last for word in LOWER_IS_BETTER)
 
 
 def side_by_side(base: dict, adapter: dict, paired: dict, names: tuple[str, str] = SYSTEMS) -> dict[str, dict]:
@@ -96,10 +33,10 @@ def side_by_side(base: dict, adapter: dict, paired: dict, names: tuple[str, str]
     first, second = names
     flat_b, flat_a = flatten(base), flatten(adapter)
     rows = {}
-    for metric in [m for m in flat_b if m in flat_a]:
+    for metric in [m for m in flat_b if m in flat_a and finite(flat_b[m]["value"]) and finite(flat_a[m]["value"])]:
         b, a = flat_b[metric], flat_a[metric]
         diff = a["value"] - b["value"]
-        better = "tie" if diff == 0 else (second if (diff < 0) == lower_is_better(metric) else first)
+        better = "tie" if diff == 0 else (second if (diff < 0) == b["lower_is_better"] else first)
         rows[metric] = {first: b["value"], second: a["value"], "difference": round(diff, 6),
                         f"{first}_ci95": b["ci95"], f"{second}_ci95": a["ci95"],
                         "ci_overlap": ci_overlap(b["ci95"], a["ci95"]), "better": better}
@@ -146,8 +83,6 @@ def _with_ci(value, ci) -> str:
 
 
 def _cell(text: str, limit: int = 160) -> str:
-    from evaluators.samples import cell
-
     return cell(text, limit)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner import chat, mixture
 from runner.errors import RecipeError
-from runner.recipe import DATA_SUFFIXES, is_local_path, template_fields
+from runner.recipe import DATA_SUFFIXES, is_local_path
+from runner.templates import render, template_fields, text
 
 ROLES = ("train", "eval", "test")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -74,7 +75,7 @@ def _read_local(path: str, key_path: str):
                           f"check that it is valid {p.suffix.lstrip('.').upper()}") from None
 
 
-def _load_hub_split(recipe: dict, split: str, key_path: str):
+def _load_hub_split(recipe: dict, split: str, key_path: str, source_key: str = "data.source"):
     from datasets import load_dataset
 
     data = recipe["data"]
@@ -84,26 +85,44 @@ def _load_hub_split(recipe: dict, split: str, key_path: str):
         if "split" in str(exc).lower():
             raise RecipeError(key_path, f"split {split!r} not found in {data['source']}: {str(exc)[:150]}",
                               "set data.splits to the dataset's split names") from None
-        raise RecipeError("data.source", f"cannot load {data['source']!r}: {str(exc)[:200]}",
+        raise RecipeError(source_key, f"cannot load {data['source']!r}: {str(exc)[:200]}",
                           "check the dataset id and data.config") from None
     except Exception as exc:
-        raise RecipeError("data.source", f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
+        raise RecipeError(source_key, f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
                           "check the id, your network or HF_HUB_OFFLINE; offline, point data.source at local files"
                           ) from None
 
 
 def load_raw(recipe: dict) -> dict:
-    """{role: Dataset} for every role the recipe uses, before sampling."""
+    """{role: Dataset} for every role the recipe uses, before sampling (a mixture: already drawn by weight)."""
     _quiet_datasets()
+    if recipe["data"].get("sources") is not None:
+        return _load_mixture(recipe)
+    return _load_source(recipe)
+
+
+def _load_mixture(recipe: dict) -> dict:
+    """Every source loaded as data.source would be, mapped onto the prompt's fields, then drawn by weight."""
+    per_role: dict = {}
+    names = mixture.source_names(recipe)
+    for i, name in enumerate(names):
+        raw = _load_source(mixture.sub_recipe(recipe, i), f"data.sources[{i}].source")
+        for role, ds in raw.items():
+            if ds is not None:
+                per_role.setdefault(role, []).append((i, name_labels(mixture.conform(ds, recipe, i, name), recipe)))
+    return mixture.mix(per_role, recipe, sample_seed(recipe))
+
+
+def _load_source(recipe: dict, key: str = "data.source") -> dict:
     data = recipe["data"]
     source, splits, holdout = data["source"], data["splits"], data["holdout"]
     raw: dict = {}
     if isinstance(source, dict):
         for role in ROLES:
             if splits[role] is not None and role in source:
-                raw[role] = _read_local(source[role], f"data.source.{role}")
+                raw[role] = _read_local(source[role], f"{key}.{role}")
     elif is_local_path(source):
-        ds = _read_local(source, "data.source")
+        ds = _read_local(source, key)
         for role in ROLES:
             if splits[role] is not None:
                 # data.holdout carves the role out of train here too, as it does for a hub source.
@@ -112,7 +131,7 @@ def load_raw(recipe: dict) -> dict:
     else:
         for role in ROLES:
             if splits[role] is not None and not (holdout.get(role) and role != "train"):
-                raw[role] = _load_hub_split(recipe, splits[role], f"data.splits.{role}")
+                raw[role] = _load_hub_split(recipe, splits[role], f"data.splits.{role}", key)
             elif splits[role] is not None:
                 raw[role] = None
     for role in ("eval", "test"):
@@ -206,32 +225,30 @@ def name_labels(ds, recipe: dict):
 
 
 def check_columns(ds, recipe: dict, role: str) -> None:
+    import difflib
+
     columns = set(ds.column_names)
+    if chat.is_chat(recipe):
+        name = recipe["prompt"]["messages"]
+        if name not in columns:
+            close = difflib.get_close_matches(name, sorted(columns), n=1)
+            raise RecipeError("prompt.messages", f"{name!r} is not a column of the {role} data",
+                              f"did you mean {close[0]!r}?" if close else f"columns: {', '.join(sorted(columns))}")
+        return
     for key in ("template", "completion"):
         for name in template_fields(recipe["prompt"][key], f"prompt.{key}"):
             if name not in columns:
-                import difflib
-
                 close = difflib.get_close_matches(name, sorted(columns), n=1)
                 hint = f"did you mean {{{close[0]}}}?" if close else f"columns: {', '.join(sorted(columns))}"
                 raise RecipeError(f"prompt.{key}", f"field {{{name}}} is not a column of the {role} data", hint)
+            if len(ds) and chat.looks_like_chat(ds[0][name]):
+                raise RecipeError(f"prompt.{key}", f"field {{{name}}} holds chat conversations (role/content turns), "
+                                  "which a prompt template would paste in as text",
+                                  f"set prompt.messages: {name} (and prompt.chat_template) instead of "
+                                  "prompt.template and prompt.completion")
 
 
 # ---------------------------------------------------------------- rendering
-
-
-def _text(value, separator: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return separator.join(_text(v, separator) for v in value)
-    return str(value)
-
-
-def render(template: str, row: dict, separator: str = ", ") -> str:
-    fields = {name: _text(row.get(name), separator)
-              for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    return template.format(**fields)
 
 
 _LONGEST_TOKEN: dict[int, tuple[object, int]] = {}
@@ -258,10 +275,32 @@ def char_cap(tokenizer, max_length: int) -> int:
 def cap_text(value, cap: int, separator: str):
     """``value`` as the template would render it, cut to ``cap`` characters when it is longer; else unchanged."""
     if isinstance(value, (str, list)):
-        text = _text(value, separator)
-        if len(text) > cap:
-            return text[:cap]
+        joined = text(value, separator)
+        if len(joined) > cap:
+            return joined[:cap]
     return value
+
+
+def shorten(row: dict, prompt_cfg: dict, tokenizer, count: int, budget: int, completion: str | None = None):
+    """Cut ``prompt.truncate``'s field of ``row`` from its end, in tokens, until the prompt's ``count`` fits
+    ``budget``: the prompt alone, or with ``completion`` given, prompt + completion + EOS (as training counts
+    it). Returns (the shortened prompt, its count), or (None, count) when there is nothing to cut."""
+    sep, field_name = prompt_cfg["list_separator"], prompt_cfg["truncate"]
+    ids = tokenizer(text(row.get(field_name), sep), add_special_tokens=False)["input_ids"]
+    prompt = None
+    for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
+        keep = len(ids) - (count - budget)
+        if keep <= 0:
+            break
+        ids = ids[:keep]
+        prompt = render(prompt_cfg["template"], {**row, field_name: tokenizer.decode(ids)}, sep)
+        if completion is None:
+            count = len(tokenizer(prompt)["input_ids"])
+        else:
+            count = len(tokenizer(prompt + completion)["input_ids"]) + 1
+        if count <= budget:
+            break
+    return prompt, count
 
 
 def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
@@ -278,19 +317,9 @@ def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
     for i in range(n):
         if counts[i] <= max_length or field_name is None or not completions[i].strip():
             continue
-        value = _text(examples[i].get(field_name), sep)
-        ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-        for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
-            keep = len(ids) - (counts[i] - max_length)
-            if keep <= 0:
-                break
-            ids = ids[:keep]
-            example = {**examples[i], field_name: tokenizer.decode(ids)}
-            prompts[i] = render(prompt_cfg["template"], example, sep)
-            counts[i] = len(tokenizer(prompts[i] + completions[i])["input_ids"]) + 1
-            truncated[i] = True
-            if counts[i] <= max_length:
-                break
+        cut, count = shorten(examples[i], prompt_cfg, tokenizer, counts[i], max_length, completion=completions[i])
+        if cut is not None:
+            prompts[i], counts[i], truncated[i] = cut, count, True
     ids = rows.get("id") or [None] * n
     return {"prompt": prompts, "completion": completions, "n_tokens": counts, "truncated": truncated,
             "id": [str(x) if x is not None else None for x in ids]}
@@ -307,7 +336,9 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
             continue
         ds = name_labels(raw[role], recipe)
         check_columns(ds, recipe, role)
-        rendered = ds.map(fit_batch, batched=True, batch_size=256, remove_columns=ds.column_names,
+        shares = mixture.shares(ds, recipe)
+        rendered = ds.map(chat.render_batch if chat.is_chat(recipe) else fit_batch, batched=True, batch_size=256,
+                          remove_columns=ds.column_names,
                           fn_kwargs={"recipe": recipe, "tokenizer": tokenizer},
                           keep_in_memory=True, load_from_cache_file=False)
         empty = rendered.filter(lambda c: not c.strip(), input_columns="completion", keep_in_memory=True)
@@ -316,7 +347,7 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
         out.splits[role] = kept
         out.stats[role] = {"rows": len(rendered), "kept": len(kept), "truncated": sum(rendered["truncated"]),
                            "dropped_too_long": len(rendered) - len(kept) - len(empty),
-                           "dropped_empty_completion": len(empty)}
+                           "dropped_empty_completion": len(empty), **({"sources": shares} if shares else {})}
         digest.update(role.encode())
         for prompt, completion in zip(kept["prompt"], kept["completion"], strict=True):
             digest.update(f"{prompt}\0{completion}\0".encode())
@@ -336,5 +367,8 @@ def describe(stats: dict) -> str:
             extra.append(f"{s['dropped_too_long']} dropped as too long")
         if s["dropped_empty_completion"]:
             extra.append(f"{s['dropped_empty_completion']} dropped for an empty target")
+        if s.get("sources"):
+            total = max(sum(s["sources"].values()), 1)
+            extra.append("drawn from " + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in s["sources"].items()))
         parts.append(part + (f" ({', '.join(extra)})" if extra else ""))
     return "; ".join(parts)

@@ -129,6 +129,17 @@ def share(items: Iterable, w: World | None = None) -> Iterator:
     return islice(items, w.rank, None, w.size)
 
 
+def balanced(batch_size: int, n: int, w: World | None = None) -> int:
+    """Under a launcher, the batch size (at most ``batch_size``) that cuts ``n`` items into a number of batches
+    every rank gets the same share of: whole batches go round-robin (``share``), so three batches on two ranks
+    would leave one rank twice the work. One process: ``batch_size``."""
+    w = w or world()
+    if w.size == 1 or n <= 0:
+        return batch_size
+    each = -(-n // (w.size * batch_size))  # batches per rank at the largest size allowed
+    return -(-n // (w.size * each))
+
+
 def sharded(model) -> bool:
     """Whether ``model`` is sharded by FSDP (1 or 2): then every forward pass needs every rank, in step."""
     return any("FullyShardedDataParallel" in type(m).__name__ or type(m).__name__.startswith("FSDP")

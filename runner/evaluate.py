@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
 
-from evaluators import BUILTINS
 from evaluators.base import Record
 from runner import backend as backend_mod
 from runner import data as data_mod
-from runner import dist, safeio
+from runner import dist, rank, safeio
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
 from runner import runs as runs_mod
@@ -19,19 +17,14 @@ from runner.errors import RecipeError, short
 
 
 def build_evaluators(recipe: dict) -> list:
+    """(name, evaluator) of each of the recipe's evaluators, built with its keys."""
     built = []
-    for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
+    for i, (spec, cls) in enumerate(recipe_mod.evaluator_classes(recipe)):
         params = {k: v for k, v in spec.items() if k != "name"}
-        target = BUILTINS.get(spec["name"], spec["name"])
-        if target in BUILTINS.values():
-            module, _, cls_name = target.partition(":")
-            cls = getattr(importlib.import_module(module), cls_name)
-        else:
-            cls = recipe_mod.import_evaluator(target, f"evaluation.evaluators[{i}].name")
         try:
             built.append((spec["name"], cls(seed=recipe["seed"], **params)))
         except Exception as exc:
-            if target in BUILTINS.values():
+            if ":" not in spec["name"]:  # a built-in refusing keys its params_schema accepted: a bug, not the recipe's
                 raise
             # a user's class refusing the recipe's keys: the recipe's mistake
             raise RecipeError(f"evaluation.evaluators[{i}]", f"{spec['name']} refused its parameters: "
@@ -62,20 +55,12 @@ def _read_done(path: Path) -> dict[int, dict]:
 
 def predictor(recipe: dict):
     """generation.mode: free generation, or ranking the allowed labels; both stream (index, text) batches."""
-    if recipe["generation"]["mode"] == "rank":
-        from runner.rank import rank
-
-        return rank
-    return generate_mod.generate
+    return rank.rank if recipe["generation"]["mode"] == "rank" else generate_mod.generate
 
 
 def _chooser(recipe: dict):
     """The predictor's choice of backend and batch size (runner.backend), made once here so it is recorded."""
-    if recipe["generation"]["mode"] == "rank":
-        from runner.rank import choose
-
-        return choose
-    return generate_mod.choose
+    return rank.choose if recipe["generation"]["mode"] == "rank" else generate_mod.choose
 
 
 def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
@@ -101,23 +86,38 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
     _reset_peak_memory()
     start = time.time()
     records, speed = [], {}
-    if any(ev.uses_predictions for _, ev in evaluators):
+    if any("predictions" in ev.needs for _, ev in evaluators):
         records, speed = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
     metrics = {"split": role, "examples": len(examples), "mode": recipe["generation"]["mode"],
                "prediction_seconds": round(time.time() - start, 2), **speed}
-    for name, evaluator in evaluators:
-        if evaluator.needs_model and world.main:
-            scored = _examples_for(evaluator.split or role, recipe, tokenizer, known)
-            evaluator.score_model(model, tokenizer, scored, recipe)
-        if world.main:
-            metrics[name] = evaluator.evaluate(records, out_dir)
     if not world.main:
         return None
+    for name, evaluator in evaluators:
+        given = records
+        if "logprobs" in evaluator.needs:
+            scored_role = evaluator.split or role
+            given = scored_records(recipe, model, tokenizer, _examples_for(scored_role, recipe, tokenizer, known),
+                                   evaluator.batch_size, records if scored_role == role else [])
+        metrics[name] = evaluator.evaluate(given, out_dir)
     metrics["evaluation_seconds"] = round(time.time() - start, 2)
     metrics.update(runs_mod.peak_memory())  # of this evaluation: the peak was reset at its start
     safeio.write_json(out_dir / "metrics.json", metrics)
     print(speed_line(metrics), flush=True)
     return metrics
+
+
+def scored_records(recipe: dict, model, tokenizer, examples, batch_size: int | None = None,
+                   predicted: list[Record] = ()) -> list[Record]:
+    """The examples as records carrying the model's log-probability of each reference completion + EOS and its
+    token count (what an evaluator that ``needs`` "logprobs" reads), with the predictions made for them, if any."""
+    completions = list(examples["completion"])
+    scores = rank.completion_logprobs(model, tokenizer, list(examples["prompt"]), completions, recipe,
+                                      batch_size=batch_size)
+    made = {r.index: r.prediction for r in predicted}
+    ids = examples["id"] if "id" in getattr(examples, "column_names", examples) else [None] * len(completions)
+    return [Record(index=i, prompt=prompt, reference=completion.strip(), prediction=made.get(i, ""), id=ids[i],
+                   logprob=logprob, tokens=tokens)
+            for i, (prompt, completion, (logprob, tokens)) in enumerate(zip(examples["prompt"], completions, scores))]
 
 
 def _reset_peak_memory() -> None:
@@ -207,25 +207,6 @@ def read_records(pred_path: Path) -> list[Record]:
     """The records of a predictions.jsonl, by example index."""
     return [Record(index=i, prompt=r["prompt"], reference=r["reference"], prediction=r["prediction"], id=r["id"])
             for i, r in sorted(_read_done(pred_path).items())]
-
-
-# Numbers in metrics.json that describe the evaluation rather than measure the model (summary line, compare).
-NOT_METRICS = {"count", "examples", "tokens", "support", "predicted", "labels_scored"}
-
-
-def summary_line(metrics: dict) -> str:
-    parts = []
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                if isinstance(sub, dict) and "f1" in sub:
-                    parts.append(f"{key} {sub['f1']:.2f} [{sub['ci95'][0]:.2f}, {sub['ci95'][1]:.2f}]")
-                elif isinstance(value.get(f"{key}_ci95"), list):
-                    low, high = value[f"{key}_ci95"]
-                    parts.append(f"{key} {sub:.4g} [{low:.4g}, {high:.4g}]")
-                elif isinstance(sub, (int, float)) and not isinstance(sub, bool) and key not in NOT_METRICS:
-                    parts.append(f"{name}.{key} {sub:.4g}")
-    return f"{metrics['split']} ({metrics['examples']} examples): " + (", ".join(parts) or "no metrics")
 
 
 def speed_line(metrics: dict) -> str | None:

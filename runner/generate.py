@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from runner import dist
+from runner import backend as backend_mod
+from runner import chat, dist
 
 
 def generation_config(recipe: dict, tokenizer, backend: str = "plain"):
@@ -16,8 +17,9 @@ def generation_config(recipe: dict, tokenizer, backend: str = "plain"):
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     if g["do_sample"]:
         kwargs.update(top_p=g["top_p"], temperature=g["temperature"], top_k=g["top_k"] or 0)
-    if g["stop"]:
-        kwargs["stop_strings"] = list(g["stop"])
+    stops = chat.stop_strings(recipe, tokenizer)
+    if stops:
+        kwargs["stop_strings"] = stops
     if backend != "plain" and g["num_beams"] == 1:
         # Written in place every step instead of re-concatenated; transformers compiles the decoding step of a
         # model with a static cache on a GPU unless told not to: only the compiled backend lets it.
@@ -45,10 +47,8 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
 
 def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
     """The backend and batch size ``generate`` uses for these prompts (runner.backend)."""
-    from runner import backend
-
     todo = [i for i in range(len(prompts)) if i not in skip]
-    return backend.for_generation(recipe, model, _lengths(tokenizer, [prompts[i] for i in todo]) or [1])
+    return backend_mod.for_generation(recipe, model, _lengths(tokenizer, [prompts[i] for i in todo]) or [1])
 
 
 def _lengths(tokenizer, texts: list[str]) -> list[int]:
@@ -66,33 +66,34 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     import torch
     from transformers import set_seed
 
-    from runner import backend
-
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
         return {}
     lengths = _lengths(tokenizer, [prompts[i] for i in todo])
-    choice = backend.for_generation(recipe, model, lengths)
+    choice = backend_mod.for_generation(recipe, model, lengths)
     config = generation_config(recipe, tokenizer, choice.backend)
+    stops = chat.stop_strings(recipe, tokenizer)
     results: dict[int, str] = {}
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     was_training = model.training
     model.eval()
     try:
-        with backend.model_for(choice, model) as net:
+        with backend_mod.model_for(choice, model) as net:
             set_seed(recipe["seed"])  # after the copy is made: sampling draws start from the seed on every backend
             device = next(net.parameters()).device
+            size = dist.balanced(choice.batch_size, len(lengths))
             # Under a launcher, this rank's share of the batches (one process: all of them).
-            for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
+            for batch in dist.share(length_sorted_batches(lengths, size)):
                 indices = [todo[j] for j in batch]
                 texts = [prompts[i] for i in indices]
                 if choice.backend == "compiled":  # one batch shape: the captured CUDA graph is replayed, not redone
-                    texts += texts[-1:] * (choice.batch_size - len(texts))
+                    texts += texts[-1:] * (size - len(texts))
                 enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
                 with torch.inference_mode():
                     out = net.generate(**enc, generation_config=config, tokenizer=tokenizer)
                 texts = tokenizer.batch_decode(out[:len(indices), enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                done = [(i, cut_at_stop(t, recipe["generation"]["stop"])) for i, t in zip(indices, texts, strict=True)]
+                done = [(i, chat.cut_partial_end(recipe, tokenizer, cut_at_stop(t, stops)))
+                        for i, t in zip(indices, texts, strict=True)]
                 results.update(done)
                 if on_batch:
                     on_batch(done)

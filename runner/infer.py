@@ -8,9 +8,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from runner.data import cap_text, char_cap, render
+from runner import chat, evaluate
+from runner.data import cap_text, char_cap, shorten
 from runner.errors import RecipeError
-from runner.recipe import template_fields
+from runner.templates import render, template_fields
 
 
 def main_field(recipe: dict) -> str:
@@ -46,7 +47,11 @@ def _decode(raw: bytes, name: str) -> list[str]:
 
 
 def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:
-    """One record per non-empty line: a JSON object with the template's fields, or raw text for the main field."""
+    """One record per non-empty line: a JSON object with the template's fields, or raw text for the main field.
+    Chat recipes: a JSON object whose prompt.messages field holds the conversation so far (ending with a user turn),
+    or raw text as one user turn."""
+    if chat.is_chat(recipe):
+        return _read_conversations(lines, recipe)
     fields = template_fields(recipe["prompt"]["template"], "prompt.template")
     rows, main = [], None
     for number, line in enumerate(lines, 1):
@@ -67,6 +72,32 @@ def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:
     return rows
 
 
+def _read_conversations(lines: Iterable[str], recipe: dict) -> list[dict]:
+    column = recipe["prompt"]["messages"]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _json_object(line)
+        if record is None:
+            rows.append({column: [{"role": "user", "content": line.strip()}]})
+            continue
+        if column not in record:
+            raise RecipeError("--input", f"line {number}: the record has no {column!r} field",
+                              "give the conversation so far as {\"" + column + "\": [{\"role\": \"user\", ...}]}")
+        try:
+            turns = chat.check_turns(record[column], f"line {number}", final_assistant=False)
+        except RecipeError as exc:
+            raise RecipeError("--input", exc.problem, exc.hint) from None
+        if turns[-1]["role"] == "assistant":
+            raise RecipeError("--input", f"line {number}: the conversation ends with an assistant turn",
+                              "end it with the user turn the model answers")
+        rows.append({**record, column: turns})
+    if not rows:
+        raise RecipeError("--input", "has no inputs", "give one JSON record or one text per line")
+    return rows
+
+
 def _json_object(line: str) -> dict | None:
     text = line.strip()
     if not text.startswith("{"):
@@ -80,8 +111,11 @@ def _json_object(line: str) -> dict | None:
 
 def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
     """The rendered prompt, with ``prompt.truncate`` shortened (from the end, in tokens) so the prompt and
-    ``generation.max_new_tokens`` fit ``prompt.max_length`` as in training. Returns (prompt, was it shortened)."""
+    ``generation.max_new_tokens`` fit ``prompt.max_length`` as in training. Returns (prompt, was it shortened).
+    A chat input is rendered with the recipe's chat template, as evaluation renders it, and never shortened."""
     p = recipe["prompt"]
+    if chat.is_chat(recipe):
+        return chat.render_prompt(tokenizer, row[p["messages"]]), False
     sep, field = p["list_separator"], p["truncate"]
     budget = max(p["max_length"] - recipe["generation"]["max_new_tokens"], 1)
     cap = char_cap(tokenizer, p["max_length"])  # a huge input is cut before it is tokenized whole
@@ -90,25 +124,14 @@ def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
     count = len(tokenizer(prompt)["input_ids"])
     if count <= budget or field is None:
         return prompt, False
-    ids = tokenizer(render("{x}", {"x": row.get(field)}, sep), add_special_tokens=False)["input_ids"]
-    for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
-        keep = len(ids) - (count - budget)
-        if keep <= 0:
-            break
-        ids = ids[:keep]
-        prompt = render(p["template"], {**row, field: tokenizer.decode(ids)}, sep)
-        count = len(tokenizer(prompt)["input_ids"])
-        if count <= budget:
-            break
-    return prompt, True
+    cut, _ = shorten(row, p, tokenizer, count, budget)
+    return (prompt if cut is None else cut), True
 
 
 def complete(model, tokenizer, prompts: list[str], recipe: dict) -> list[str]:
     """Completions in input order, with the recipe's generation.mode and decoding settings."""
     from tqdm.auto import tqdm
 
-    from runner.evaluate import predictor
-
     with tqdm(total=len(prompts), desc="generating", unit=" inputs", file=sys.stderr, dynamic_ncols=True) as bar:
-        results = predictor(recipe)(model, tokenizer, prompts, recipe, on_batch=lambda b: bar.update(len(b)))
+        results = evaluate.predictor(recipe)(model, tokenizer, prompts, recipe, on_batch=lambda b: bar.update(len(b)))
     return [results[i] for i in range(len(prompts))]

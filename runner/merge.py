@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 from itertools import chain
 
+from runner.model import FUSED_ACTIVATIONS, count_parameters
+
 QUANTIZED = ("Params4bit", "Int8Params")
 
 
@@ -47,8 +49,6 @@ def compute_dtype(model):
 
 def copy_bytes(model, dtype_bytes: int) -> float:
     """Bytes of the merged copy: every base parameter (4-bit ones at their real element count) in the compute dtype."""
-    from runner.model import count_parameters
-
     _, total = count_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     return (total - lora) * dtype_bytes
@@ -82,6 +82,10 @@ def dequantized_copy(base, dtype):
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    # The same function in one kernel instead of five (gelu_new's multiplies, adds and tanh, each a pass over the
+    # MLP's widest activation): a third of a scoring pass's GPU time on Phi-2 (bench/RESULTS.md).
+    if getattr(config, "hidden_act", None) in FUSED_ACTIVATIONS:
+        config.hidden_act = FUSED_ACTIVATIONS[config.hidden_act]
     device = base.get_input_embeddings().weight.device
     with torch.device("meta"):
         out = type(base)._from_config(config, dtype=dtype)  # the loaded class itself (remote code included)
@@ -91,9 +95,11 @@ def dequantized_copy(base, dtype):
     filled = set()
     with torch.no_grad():
         for name, tensor in chain(base.named_parameters(), base.named_buffers()):
-            if ".lora_" in name:
+            if ".lora_" in name or ".modules_to_save." in name:  # the adapter's; merged_copy loads them
                 continue
-            key = name.replace(".base_layer.", ".")  # peft wraps each target Linear as <name>.base_layer
+            # peft wraps each target Linear as <name>.base_layer, and each of lora.modules_to_save as
+            # <name>.original_module beside its trained copy
+            key = name.replace(".base_layer.", ".").replace(".original_module.", ".")
             if key not in targets:
                 raise ValueError(f"cannot place {name!r} in a plain {type(out).__name__}")
             target = targets[key]

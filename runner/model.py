@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
+from runner import chat, dist
 from runner.errors import RecipeError
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -54,6 +56,7 @@ def load_tokenizer(recipe: dict):
     if tok.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe; a new token would resize 4-bit embeddings.
         tok.pad_token = tok.eos_token
+    chat.attach(recipe, tok)  # chat data: the recipe's chat template, on the tokenizer every command uses
     return tok
 
 
@@ -104,6 +107,51 @@ def check_targets(recipe: dict, model) -> None:
                               f"{hint}available: {', '.join(available)}")
 
 
+def _leaf_module_names(model) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name and not any(True for _ in module.children())})
+
+
+def check_lora_variants(recipe: dict, model) -> None:
+    """modules_to_save and layers_to_transform against the architecture (meta-device model, no weights)."""
+    lora = recipe["lora"]
+    if lora is None:
+        return
+    linear = linear_module_names(model)
+    targets = set(linear) if lora["target_modules"] == "all-linear" else set(lora["target_modules"])
+    leaves = _leaf_module_names(model)
+    quantized = recipe["quantization"]["method"] != "none"
+    for i, name in enumerate(lora["modules_to_save"]):
+        where = f"lora.modules_to_save[{i}]"
+        if name not in leaves:
+            close = difflib.get_close_matches(name, leaves, n=1)
+            raise RecipeError(where, f"{model.config.model_type} has no module {name!r}",
+                              (f"did you mean {close[0]!r}? " if close else "") + f"modules: {', '.join(leaves)}")
+        if name in targets:
+            raise RecipeError(where, f"{name!r} is also a LoRA target (lora.target_modules)",
+                              "a module gets LoRA or is trained in full, not both")
+        if quantized and name in linear:
+            raise RecipeError(where, f"{name!r} is a linear layer the {recipe['quantization']['method']} base "
+                              "stores quantized, so its weights cannot be trained",
+                              "give LoRA to it (lora.target_modules), or train unquantized modules such as the "
+                              "output head, embeddings or norms")
+    layers = lora["layers_to_transform"]
+    if layers:
+        n = model.config.get_text_config().num_hidden_layers
+        for i, index in enumerate(layers):
+            if index >= n:
+                raise RecipeError(f"lora.layers_to_transform[{i}]", f"layer {index} does not exist",
+                                  f"{model.config.model_type} here has {n} layers: 0 to {n - 1}")
+    if layers or lora["modules_to_save"]:
+        from peft import get_peft_model
+
+        try:  # peft finds the layers and modules itself: its refusal is the recipe's mistake
+            get_peft_model(meta_model(model.config), lora_config(recipe, counting=True, model=model))
+        except ValueError as exc:
+            raise RecipeError("lora", f"peft cannot apply it to this model: {str(exc).splitlines()[0][:200]}",
+                              "check lora.layers_to_transform, lora.modules_to_save and lora.target_modules") from None
+
+
 def check(recipe: dict):
     """Config-only checks; returns the meta-device model for parameter counting."""
     config = load_config(recipe)
@@ -113,7 +161,25 @@ def check(recipe: dict):
         raise RecipeError("model.name_or_path", f"not a causal language model: {str(exc)[:150]}",
                           "use a model with an AutoModelForCausalLM class") from None
     check_targets(recipe, model)
+    check_lora_variants(recipe, model)
     return model
+
+
+def preflight(recipe: dict):
+    """Everything that can fail from the recipe and the model's config, before a folder or weight exists: the
+    config-only checks, then the tokenizer. Returns (meta-device model, tokenizer)."""
+    meta = check(recipe)
+    return meta, load_tokenizer(recipe)
+
+
+def set_threads(recipe: dict) -> int:
+    """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
+    import torch
+
+    # Under a launcher the processes of one machine share its cores (torchrun would leave each one thread).
+    n = recipe["training"]["num_threads"] or max(1, len(os.sched_getaffinity(0)) // dist.world().local_size)
+    torch.set_num_threads(n)
+    return n
 
 
 def quantization_config(recipe: dict, sharded: bool = False):
@@ -132,12 +198,78 @@ def quantization_config(recipe: dict, sharded: bool = False):
     return None
 
 
-def lora_config(recipe: dict):
+def lora_variants(lora: dict) -> list[str]:
+    """The variants in use, one short phrase each (for `runner validate`, `runner plan` and report.md)."""
+    parts = [name for name, on in (("DoRA", lora.get("dora")), ("rsLoRA", lora.get("rslora"))) if on]
+    if lora.get("init", "default") != "default":
+        parts.append(f"init {lora['init']}")
+    if lora.get("layers_to_transform"):
+        parts.append(f"layers {', '.join(map(str, lora['layers_to_transform']))}")
+    if lora.get("modules_to_save"):
+        parts.append(f"training in full {', '.join(lora['modules_to_save'])}")
+    return parts
+
+
+def lora_text(lora: dict | None) -> str:
+    """The adapter in one line: rank, targets and the variants in use."""
+    if lora is None:
+        return "full fine-tuning"
+    targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
+    extras = lora_variants(lora)
+    return f"LoRA r={lora['r']} on {targets}" + (f" ({'; '.join(extras)})" if extras else "")
+
+
+# lora.init -> peft's init_lora_weights. loftq starts from the default and is computed after the adapter exists
+# (peft's replace_lora_weights_loftq, the way peft documents LoftQ for a model already loaded in 4-bit).
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": True}
+
+
+def lora_config(recipe: dict, counting: bool = False, model=None):
+    """peft's LoraConfig for the recipe. ``counting``: the default init whatever the recipe says (parameter counts
+    on a meta-device model, where PiSSA's SVD cannot run). ``model``: the model it is for; with
+    layers_to_transform, "all-linear" is spelled out as its linear layers' names (peft takes a layer subset only
+    with a list of targets)."""
     from peft import LoraConfig
 
     lora = recipe["lora"]
+    targets = lora["target_modules"]
+    if targets == "all-linear" and lora["layers_to_transform"] and model is not None:
+        targets = linear_module_names(model)
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=lora["target_modules"], bias=lora["bias"], task_type="CAUSAL_LM")
+                      target_modules=targets, bias=lora["bias"], task_type="CAUSAL_LM",
+                      use_dora=lora["dora"], use_rslora=lora["rslora"],
+                      modules_to_save=list(lora["modules_to_save"]) or None,
+                      layers_to_transform=lora["layers_to_transform"],
+                      init_lora_weights=True if counting else PEFT_INIT[lora["init"]])
+
+
+def check_trainable_here(recipe: dict, speed=None) -> None:
+    """What the LoRA init needs of this machine and launch, before weights load."""
+    import torch
+
+    lora = recipe["lora"]
+    init = lora["init"] if lora else "default"
+    if init == "loftq" and not torch.cuda.is_available():
+        raise RecipeError("lora.init", "loftq is computed on a CUDA GPU (peft's replace_lora_weights_loftq) and "
+                          "this machine has none", "use init: default or gaussian here")
+    if init in ("loftq", "pissa") and speed is not None and speed.distributed == "fsdp":
+        raise RecipeError("lora.init", f"{init} initializes from whole weights, which FSDP shards",
+                          "use init: default or gaussian with training.distributed: fsdp")
+
+
+def _loftq(model, recipe: dict) -> None:
+    """LoftQ on the 4-bit model: A and B from the SVD of (original weight - its 4-bit version), read from the
+    model's safetensors (peft's replace_lora_weights_loftq)."""
+    from peft import replace_lora_weights_loftq
+
+    src = recipe["model"]["name_or_path"]
+    local = Path(src).expanduser()
+    try:
+        replace_lora_weights_loftq(model, model_path=str(local) if local.is_dir() else None)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise RecipeError("lora.init", f"loftq needs the model's original weights as safetensors: "
+                          f"{str(exc).splitlines()[0][:150]}",
+                          "a local directory with model.safetensors, or a hub model already in the cache") from None
 
 
 # Activations written as a chain of Python elementwise ops, and the one fused kernel computing the same formula:
@@ -160,22 +292,29 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
         act = getattr(load_config(recipe), "hidden_act", None)
         if act in FUSED_ACTIVATIONS:
             kwargs["hidden_act"] = FUSED_ACTIVATIONS[act]
-    if torch.cuda.is_available() and not sharded:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if torch.cuda.is_available():
+        # Sharded: quantized on the CPU, so no GPU ever holds the whole model (bitsandbytes' loader would put it on
+        # this process's GPU); FSDP then moves one layer at a time to the GPU and keeps this rank's shard of it.
+        kwargs["device_map"] = {"": "cpu" if sharded else torch.cuda.current_device()}
     try:
-        return AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error("model.name_or_path", m["name_or_path"], exc) from None
+    if sharded and hasattr(model, "hf_device_map"):
+        # accelerate refuses a 4-bit model whose device map differs from the training device; FSDP places it.
+        del model.hf_device_map
+    return model
 
 
 def load_for_training(recipe: dict, speed=None):
-    """``speed`` (runner.profiles.Speed) may keep the loaded dtype and fuse the activation; None = as written."""
+    """``speed`` (runner.profiles.Speed) may keep the loaded dtype, fuse the activation and decide gradient
+    checkpointing; None = as the recipe writes it."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     sharded = speed is not None and speed.distributed == "fsdp"
     model = load_base(recipe, fused_activation=bool(speed and speed.fused_activation), sharded=sharded)
     _keep_trainable_layout(model)
-    gc = recipe["training"]["gradient_checkpointing"]
+    gc = speed.gradient_checkpointing if speed is not None else recipe["training"]["gradient_checkpointing"]
     # FSDP flattens each layer's frozen weights into one tensor of one dtype: no fp32 upcast of the norms there.
     if recipe["quantization"]["method"] != "none" and speed is not None and (speed.keep_dtype or sharded):
         _freeze_for_kbit_training(model)
@@ -183,7 +322,9 @@ def load_for_training(recipe: dict, speed=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe["lora"] is not None:
-        model = get_peft_model(model, lora_config(recipe))
+        model = get_peft_model(model, lora_config(recipe, model=model))
+        if recipe["lora"]["init"] == "loftq":
+            _loftq(model, recipe)
     model.config.use_cache = False
     return model
 
@@ -215,6 +356,14 @@ def load_trained(recipe: dict, adapter_dir: Path | None):
         _adapter_as_saved(model, Path(adapter_dir))
     model.eval()
     return model
+
+
+def load_for_inference(recipe: dict, adapter_dir: Path | None):
+    """The model that `runner eval`, `compare` and `generate` predict with: the recipe's threads, the base model
+    and the saved adapter (None: the base alone), in eval mode. Call ``preflight`` first, so the recipe's mistakes
+    show before any weight loads."""
+    set_threads(recipe)
+    return load_trained(recipe, adapter_dir)
 
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -264,5 +413,5 @@ def meta_lora_counts(recipe: dict, model) -> tuple[int, int]:
     if recipe["lora"] is None:
         n = sum(p.numel() for p in model.parameters())
         return n, n
-    peft_model = get_peft_model(model, lora_config(recipe))
+    peft_model = get_peft_model(model, lora_config(recipe, counting=True, model=model))
     return count_parameters(peft_model)

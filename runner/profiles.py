@@ -9,7 +9,7 @@ LoRA, optimizer and schedule. It changes only the layout of the work:
   and without autocast (which runs LayerNorm in fp32, making the residual stream fp32 again behind 4-bit layers);
 - a fused GELU where the model's activation is the same formula written as Python ops;
 - the cuDNN SDPA backend off (it builds an execution graph per new shape; flash attention is as fast here);
-- the micro-batch / accumulation split and gradient checkpointing chosen from runner.plan's memory estimate to fit
+- the micro-batch / accumulation split and gradient checkpointing chosen from runner.memory's estimate to fit
   the profile's budget, preferring large micro-batches without recompute.
 
 ``none`` is the recipe exactly as written; ``auto`` picks ``none`` on a CPU (the tiny recipes keep their speed)
@@ -18,11 +18,10 @@ and a profile by card memory on a GPU.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, replace
 
-from runner import dist
+from runner import dist, memory
 from runner.errors import RecipeError
 
 # The memory each profile fits (GiB of torch's peak reserved memory); fast takes the card's.
@@ -135,11 +134,9 @@ def pick_strategy(recipe: dict, config, world_size: int, budget: float | None, i
         return chosen
     if budget is None:  # CPU processes (gloo): every process holds the model
         return "ddp"
-    from runner import plan
-
     smallest = Speed("none", 1, 1, True, keep_dtype=True, fused_activation=True, world_size=world_size,
                      distributed="ddp")
-    return "ddp" if plan.estimate(recipe, config, smallest, info).reserved_gb <= budget else "fsdp"
+    return "ddp" if memory.estimate(recipe, config, smallest, info).reserved_gb <= budget else "fsdp"
 
 
 def score(speed: Speed, seq_len: int) -> float:
@@ -152,8 +149,6 @@ def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool 
             info: dict | None = None, world_size: int | None = None) -> Speed:
     """The settings training will use on each of ``world_size`` processes (default: the launcher's). Raises
     RecipeError (before any weight loads) when the step cannot be split or nothing fits the budget."""
-    from runner import plan
-
     if detect and card_gb is None:
         card_gb = gpu_memory_gb()
     world_size = world_size or dist.world().size
@@ -162,12 +157,12 @@ def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool 
     as_written_only = profile == "none" and recipe["training"]["vram_budget_gb"] is None
     if as_written_only and card_gb is None:  # on a CPU there is no GPU memory to predict
         return as_written(recipe, world_size=world_size, strategy=pick_strategy(recipe, config, world_size, None, None))
-    info = info if info is not None else plan.model_info(recipe, config)  # a LoRA'd meta model: only when needed
+    info = info if info is not None else memory.model_info(recipe, config)  # a LoRA'd meta model: only when needed
     strategy = pick_strategy(recipe, config, world_size, budget if budget is not None else card_gb, info)
     if as_written_only:
         speed = as_written(recipe, world_size=world_size, strategy=strategy)
-        return replace(speed, predicted_gb=plan.estimate(recipe, config, speed, info).reserved_gb)
-    options = [replace(s, budget_gb=budget, predicted_gb=plan.estimate(recipe, config, s, info).reserved_gb)
+        return replace(speed, predicted_gb=memory.estimate(recipe, config, speed, info).reserved_gb)
+    options = [replace(s, budget_gb=budget, predicted_gb=memory.estimate(recipe, config, s, info).reserved_gb)
                for s in candidates(recipe, profile, world_size, strategy)]
     seq_len = recipe["prompt"]["max_length"]
     fitting = [s for s in options if budget is None or s.predicted_gb <= budget]
@@ -179,15 +174,6 @@ def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool 
                           "raise the budget, lower prompt.max_length, or use a smaller model; `runner plan` shows the"
                           " breakdown")
     return max(fitting, key=lambda s: (score(s, seq_len), s.micro_batch_size))
-
-
-def apply(recipe: dict, speed: Speed) -> dict:
-    """The recipe with the training keys the profile decides replaced (the user's file is not touched)."""
-    out = copy.deepcopy(recipe)
-    out["training"].update(micro_batch_size=speed.micro_batch_size,
-                           gradient_accumulation_steps=speed.gradient_accumulation_steps,
-                           gradient_checkpointing=speed.gradient_checkpointing)
-    return out
 
 
 @dataclass(frozen=True)

@@ -1,61 +1,43 @@
 """Log-likelihood scoring of completions after a prompt: classification by ranking the allowed labels
 (``generation.mode: rank``) and the ``loss`` evaluator share it.
 
-A completion is tokenized as TRL tokenizes it for training: ``prompt + completion + EOS`` as one text, the scored
+A completion is tokenized as TRL tokenizes it for training: ``prompt + completion + EOS`` as one text (chat data:
+the chat template's end of turn instead of EOS, runner.chat.completion_end), the scored
 tokens being those after the longest common prefix with the tokenized prompt alone. Rows are left-padded so every
 completion ends at the right edge, and only the last positions' logits are computed (``logits_to_keep``).
 """
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner import dist
-from runner.data import render
-from runner.errors import RecipeError
+from runner import backend, chat, dist
 from runner.generate import length_sorted_batches
-
-
-def rank_labels(recipe: dict) -> list[str] | None:
-    """The allowed labels: ``generation.labels``, else the first classification evaluator's ``labels``."""
-    if recipe["generation"].get("labels"):
-        return list(recipe["generation"]["labels"])
-    for spec in recipe["evaluation"]["evaluators"]:
-        if spec["name"] == "classification" and spec.get("labels"):
-            return list(spec["labels"])
-    return None
-
-
-def check_recipe(recipe: dict) -> None:
-    """What rank mode needs from a recipe; called by the recipe cross-checks (no torch here)."""
-    if recipe["generation"].get("mode") != "rank":
-        return
-    if not rank_labels(recipe):
-        raise RecipeError("generation.mode", "rank needs the allowed labels",
-                          "set generation.labels: [...] or give the classification evaluator its labels")
-    fields = [f for _, f, _, _ in string.Formatter().parse(recipe["prompt"]["completion"]) if f]
-    if len(set(fields)) != 1:
-        raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
-                          f"exactly one field, found {len(set(fields))}", "e.g. completion: \" {label}\"")
+from runner.recipe import rank_labels
+from runner.templates import render, template_fields
 
 
 def candidate(recipe: dict, label: str) -> str:
-    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``)."""
+    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``; chat: the label)."""
+    if chat.is_chat(recipe):
+        return label
     template = recipe["prompt"]["completion"]
-    field = next(f for _, f, _, _ in string.Formatter().parse(template) if f)
+    (field,) = template_fields(template, "prompt.completion")  # one field: the recipe checks say so in rank mode
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]) -> list[tuple[list[int], int]]:
-    """(ids of prompt + completion + EOS, number of scored tokens at the end) per pair, as TRL trains on them."""
-    from trl.data_utils import common_prefix_length  # lazy: `runner validate` imports this module without torch
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
+                   end: str | None = None) -> list[tuple[list[int], int]]:
+    """(ids of prompt + completion + ``end``, number of scored tokens at the end) per pair, as TRL trains on them.
+    ``end``: EOS, or a chat template's end of turn (runner.chat.completion_end)."""
+    from trl.data_utils import common_prefix_length  # lazy: trl (and torch) load only when something is scored
 
-    eos = tokenizer.eos_token
+    eos = tokenizer.eos_token if end is None else end
     full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
-    alone = tokenizer(list(prompts))["input_ids"]
-    return [(ids, len(ids) - common_prefix_length(p_ids, ids)) for ids, p_ids in zip(full, alone)]
+    unique = list(dict.fromkeys(prompts))  # rank mode repeats each prompt once per label: tokenize it once
+    alone = dict(zip(unique, tokenizer(unique)["input_ids"], strict=True))
+    return [(ids, len(ids) - common_prefix_length(alone[p], ids)) for ids, p in zip(full, prompts)]
 
 
 def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
@@ -86,59 +68,63 @@ def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
 
 def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     """``score_rows`` for groups of rows that start with the same prompt (rank mode: one row per label, every group
-    with as many): the shared tokens run once per group, then each label's own tokens continue that KV cache, one
-    label at a time (the cache is cropped back to the prompt after each, so it is held once, not once per label).
-    Equal to score_rows up to rounding, for about one prompt's compute instead of one per label.
+    with as many), packed: each group is one row holding the shared prompt once and then every label's own tokens
+    side by side. A 4-D attention mask lets each label's tokens see the prompt and themselves only, and their
+    positions continue the prompt's, so each label is scored as if it followed the prompt alone: one forward pass
+    per batch for about one prompt's compute, no KV cache. Equal to score_rows up to rounding.
     Returns [groups, rows per group]."""
     import torch
     from trl.data_utils import common_prefix_length
 
-    device = next(model.parameters()).device
-    pad, k = tokenizer.pad_token_id, len(groups[0])
+    k = len(groups[0])
     # The shared part stops before the first scored token of every row (a scored token needs the logit before it).
     shared = [min(min(common_prefix_length(rows[0][0], ids) for ids, _ in rows), *(len(ids) - n for ids, n in rows))
               for rows in groups]
-    if min(shared) == 0:  # a group whose rows share no token: nothing to run once
+    if min(shared) == 0 or model.config._attn_implementation not in ("sdpa", "eager"):
+        # no shared prompt to run once, or an attention kernel that takes no custom mask: a row per label
         return score_rows(model, tokenizer, [row for rows in groups for row in rows]).view(len(groups), k)
-    width = max(shared)
-    prefix = torch.full((len(groups), width), pad, dtype=torch.long)
-    prefix_mask = torch.zeros((len(groups), width), dtype=torch.long)
-    for g, (rows, p) in enumerate(zip(groups, shared)):
-        prefix[g, width - p:] = torch.tensor(rows[0][0][:p])  # left-padded: every prefix ends at the right edge
-        prefix_mask[g, width - p:] = 1
-    sums = torch.zeros((len(groups), k))
+    packed = [_pack(rows, p) for rows, p in zip(groups, shared)]
+    width = max(len(ids) for ids, _, _ in packed)
+    keep = max(len(ids) - p for (ids, _, _), p in zip(packed, shared)) + 1  # the prompt's last logit + every tail
+    input_ids, positions, segments = [], [], []  # segment: -1 padding, 0 the prompt, j + 1 label j's own tokens
+    picks: list[tuple[int, int, int, int]] = []  # (group, kept column, target token, label)
+    for g, ((ids, pos, spans), p) in enumerate(zip(packed, shared)):
+        off = width - len(ids)  # left-padded: every packed row ends at the right edge
+        input_ids.append([tokenizer.pad_token_id] * off + ids)
+        positions.append([0] * off + pos)
+        seg = [-1] * off + [0] * p
+        for j, (a, b, n) in enumerate(spans):
+            seg += [j + 1] * (b - a)
+            for t in range(b - n, b):  # the label's scored tokens, each predicted by the position before it
+                before = p - 1 if t == a else t - 1
+                picks.append((g, off + before - (width - keep), ids[t], j))
+        segments.append(seg)
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    seg = torch.tensor(segments, device=device)
+    # A query sees the keys at or before it that are the prompt's or its own label's (padding: only padding).
+    allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (
+        (seg[:, None, :] == 0) & (seg[:, :, None] >= 0) | (seg[:, None, :] == seg[:, :, None]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     with torch.inference_mode():
-        out = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
-                    position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
-                    logits_to_keep=1)
-        cache = out.past_key_values
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        for j in range(k):
-            tail, tail_mask, scored = _tails([(rows[j][0][p:], rows[j][1]) for rows, p in zip(groups, shared)], pad)
-            logits = model(input_ids=tail.to(device), past_key_values=cache, use_cache=True,
-                           attention_mask=torch.cat([prefix_mask, tail_mask], 1).to(device),
-                           position_ids=(torch.tensor(shared)[:, None] + torch.arange(tail.shape[1])).to(device)).logits
-            cache.crop(-tail.shape[1])  # back to the prompt for the next label
-            # Tail token t is predicted by the prompt's last logit (t = 0) or by the tail's logit at t - 1.
-            logprobs = torch.cat([first[:, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
-            token_lp = logprobs.gather(-1, tail.to(device).unsqueeze(-1)).squeeze(-1)
-            sums[:, j] = torch.where(scored.to(device), token_lp, 0.0).sum(-1).cpu()
-    return sums
+        logits = model(input_ids=torch.tensor(input_ids, device=device), attention_mask=mask[:, None],
+                       position_ids=torch.tensor(positions, device=device), logits_to_keep=keep,
+                       use_cache=False).logits
+    rows, cols, targets, labels = (torch.tensor(x, device=device) for x in zip(*picks))
+    token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels, token_lp)
+    return sums.view(len(groups), k).cpu()
 
 
-def _tails(tails: list[tuple[list[int], int]], pad: int):
-    """Right-padded [rows, longest] ids, their mask, and which positions are the row's last ``n`` (scored)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in tails)
-    ids_t = torch.full((len(tails), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(tails), width), dtype=torch.long)
-    scored = torch.zeros((len(tails), width), dtype=torch.bool)
-    for r, (ids, n) in enumerate(tails):
-        ids_t[r, :len(ids)] = torch.tensor(ids)  # right-padded: each row continues right after its prompt
-        mask[r, :len(ids)] = 1
-        scored[r, len(ids) - n:len(ids)] = True
-    return ids_t, mask, scored
+def _pack(rows: list[tuple[list[int], int]], p: int) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+    """One group as a packed row: (ids, position ids, per label (start, end, scored tokens) of its own tokens)."""
+    ids, pos, spans = list(rows[0][0][:p]), list(range(p)), []
+    for row, n in rows:
+        tail = row[p:]
+        spans.append((len(ids), len(ids) + len(tail), n))
+        ids += tail
+        pos += range(p, p + len(tail))
+    return ids, pos, spans
 
 
 @contextmanager
@@ -156,9 +142,7 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
                         batch_size: int | None = None) -> list[tuple[float, int]]:
     """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
     ``batch_size`` rows, else as runner.backend sizes them (on the merged copy where the backend merges)."""
-    from runner import backend
-
-    rows = tokenize_pairs(tokenizer, prompts, completions)
+    rows = tokenize_pairs(tokenizer, prompts, completions, chat.completion_end(recipe, tokenizer))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     if not rows:
         return out
@@ -176,14 +160,13 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
     """(labels, their completion texts, the most tokens a completion + EOS takes)."""
     labels = rank_labels(recipe)
     cands = [candidate(recipe, label) for label in labels]
-    longest = max(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for c in cands)
+    end = chat.completion_end(recipe, tokenizer)
+    longest = max(len(tokenizer(c + end, add_special_tokens=False)["input_ids"]) for c in cands)
     return labels, cands, longest
 
 
 def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
     """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.backend)."""
-    from runner import backend
-
     _, cands, longest = _candidates(recipe, tokenizer)
     todo = [prompts[i] for i in range(len(prompts)) if i not in skip]
     lengths = [len(ids) + longest for ids in tokenizer(todo)["input_ids"]] if todo else [longest]
@@ -198,8 +181,6 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     one forward pass on the plain backend, and on the others with each prompt run once (``score_groups``); the
     prediction is always one of the labels (ties go to the label listed first).
     """
-    from runner import backend
-
     labels, cands, longest = _candidates(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
@@ -210,10 +191,10 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     results: dict[int, str] = {}
     with backend.model_for(choice, model) as net, eval_mode(net):
         # Under a launcher, this rank's share of the batches (one process: all of them).
-        for batch in dist.share(length_sorted_batches(lengths, choice.batch_size)):
+        for batch in dist.share(length_sorted_batches(lengths, dist.balanced(choice.batch_size, len(lengths)))):
             indices = [todo[j] for j in batch]
             pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
-                                   [c for _ in indices for c in cands])
+                                   [c for _ in indices for c in cands], chat.completion_end(recipe, tokenizer))
             if choice.backend == "plain":
                 scores = score_rows(net, tokenizer, pairs).view(len(indices), len(cands))
             else:

@@ -13,14 +13,17 @@ import json
 import math
 import re
 import reprlib
-import string
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evaluators import BUILTINS, builtin
+from evaluators.base import Evaluator
+from runner import backend, chat, mixture
 from runner.errors import RecipeError, short
+from runner.templates import template_fields
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "recipe.schema.json"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -50,6 +53,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
         key_path, value = parse_override(text)
         if tuple(key_path[:2]) in PATH_KEYS:  # a path typed on the command line is relative to the shell's directory
             value = _fix_path(value, Path.cwd()) if len(key_path) == 3 else _fix_paths(value, Path.cwd())
+        elif key_path[:2] == ["data", "sources"]:
+            value = _fix_source_paths(value, key_path[2:], Path.cwd())
         _set_path(raw, key_path, value, text)
     raw.pop("extends", None)
     raw["extends"] = None
@@ -224,15 +229,48 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
     return deep_merge(base, data)
 
 
-def deep_merge(base: dict, top: dict) -> dict:
-    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had."""
+# Values that an extending recipe replaces as a whole rather than key by key: the files of one dataset
+# ({train, eval, test}) are one choice; keeping a parent's eval file beside a child's train file mixes datasets.
+REPLACED_WHOLE = (("data", "source"),)
+
+
+def deep_merge(base: dict, top: dict, path: tuple = ()) -> dict:
+    """Mappings merge key by key (except REPLACED_WHOLE); anything else in ``top`` replaces what ``base`` had.
+    ``key: null`` in ``top`` removes the key, where null is not itself a value of the key (``data.splits.eval:
+    null`` means "no eval split" and is kept): the key is then as if never written, its default applies."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        here = (*path, key)
+        if value is None and not _allows_null(here):
+            out.pop(key, None)
+        elif isinstance(value, dict):  # merged into what it inherits, or (nulls read as above) replacing it
+            merge_into = isinstance(out.get(key), dict) and here not in REPLACED_WHOLE
+            out[key] = deep_merge(out[key] if merge_into else {}, value, here)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _allows_null(path: tuple) -> bool:
+    """Whether the schema accepts null at ``path`` (True for a key it does not know: validation names it)."""
+    node = schema()
+    for key in path:
+        node = _resolve_ref(node)
+        branches = [node, *node.get("oneOf", []), *node.get("anyOf", [])]
+        found = [b["properties"][key] for b in branches if key in b.get("properties", {})]
+        if not found:
+            return True
+        node = found[0]
+    return _null_ok(_resolve_ref(node))
+
+
+def _null_ok(node: dict) -> bool:
+    kinds = node.get("type", [])
+    if "null" in (kinds if isinstance(kinds, list) else [kinds]) or None in node.get("enum", []):
+        return True
+    if "const" in node and node["const"] is None:
+        return True
+    return any(_null_ok(_resolve_ref(b)) for b in [*node.get("oneOf", []), *node.get("anyOf", [])])
 
 
 def is_local_path(value: str) -> bool:
@@ -258,7 +296,23 @@ def _absolutize(data: dict, base_dir: Path) -> dict:
         block = data.get(section)
         if isinstance(block, dict) and key in block:
             block[key] = _fix_paths(block[key], base_dir)
+    if isinstance(data.get("data"), dict) and "sources" in data["data"]:
+        data["data"]["sources"] = _fix_source_paths(data["data"]["sources"], [], base_dir)
     return data
+
+
+def _fix_source_paths(value, below: list, base_dir: Path):
+    """data.sources (or the part of it at ``below``: [i], [i, "source"], [i, "source", role]) with relative local
+    paths made absolute."""
+    if not below:
+        return [_fix_source_paths(v, [0], base_dir) for v in value] if isinstance(value, list) else value
+    if len(below) == 1:
+        if isinstance(value, dict) and "source" in value:
+            return {**value, "source": _fix_paths(value["source"], base_dir)}
+        return value
+    if below[1] != "source":
+        return value
+    return _fix_paths(value, base_dir) if len(below) == 2 else _fix_path(value, base_dir)
 
 
 # ---------------------------------------------------------------- overrides
@@ -383,8 +437,6 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
         allowed = ", ".join(str(v) for v in error.validator_value)
         close = difflib.get_close_matches(str(value), [str(v) for v in error.validator_value], n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"one of: {allowed}"
-        if path and path[-1] == "name" and "evaluators" in path:
-            hint += " Or give your own as package.module:ClassName"
         return RecipeError(where, f"{_show(value)} is not allowed", hint)
     if kind == "const":
         return RecipeError(where, f"{_show(value)} is not allowed", f"expected {error.validator_value!r}")
@@ -440,12 +492,9 @@ def _fill_defaults(instance, sch: dict, validator) -> None:
 
 
 def _check_evaluator_params(recipe: dict) -> None:
-    """A user's evaluator class may declare ``params_schema``; check it here, like the built-ins."""
-
-    for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
-        if ":" not in spec["name"]:
-            continue
-        cls = import_evaluator(spec["name"], f"evaluation.evaluators[{i}].name")
+    """Each evaluator's keys against its class's ``params_schema`` (built-ins and a user's own alike), with the
+    defaults filled in."""
+    for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
         params_schema = getattr(cls, "params_schema", None)
         if params_schema is None:
             continue
@@ -468,6 +517,24 @@ def _check_evaluator_params(recipe: dict) -> None:
         _fill_defaults(spec, full, validator)
 
 
+def evaluator_class(name: str, key_path: str) -> type[Evaluator]:
+    """The class a recipe's evaluator name stands for: a built-in's (evaluators.BUILTINS), or a user's
+    ``package.module:ClassName``."""
+    if ":" in name:
+        return import_evaluator(name, key_path)
+    if name not in BUILTINS:
+        close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(BUILTINS)}"
+        raise RecipeError(key_path, f"{_show(name)} is not allowed", f"{hint} Or give your own as package.module:ClassName")
+    return builtin(name)
+
+
+def evaluator_classes(recipe: dict) -> list[tuple[dict, type[Evaluator]]]:
+    """(spec, class) of each of the recipe's evaluators, in order."""
+    return [(spec, evaluator_class(spec["name"], f"evaluation.evaluators[{i}].name"))
+            for i, spec in enumerate(recipe["evaluation"]["evaluators"])]
+
+
 _EVALUATOR_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -475,8 +542,6 @@ def import_evaluator(spec_name: str, key_path: str):
     """The class a recipe names as ``package.module:ClassName``. Importing it runs that module: a recipe naming
     one is trusted like a script. The working directory is searched after the installed packages, so a stray
     file there (a ``trl.py``) cannot take a library's place."""
-    from evaluators.base import Evaluator
-
     if not _EVALUATOR_REF.fullmatch(spec_name):
         raise RecipeError(key_path, f"{_show(spec_name)} is not a package.module:ClassName reference",
                           "e.g. myevals.length:LengthRatio, or a built-in name")
@@ -505,45 +570,28 @@ def import_evaluator(spec_name: str, key_path: str):
 # ---------------------------------------------------------------- cross-checks
 
 
-def template_fields(template: str, key_path: str) -> list[str]:
-    """Field names used by a ``{field}`` template, in order of first use."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise RecipeError(key_path, f"bad template: {exc}", "write {field} for a column and {{ }} for braces") from None
-    fields = []
-    for _, field, spec, conv in parsed:
-        if field is None:
-            continue
-        if not field.isidentifier():
-            raise RecipeError(key_path, f"bad template field {{{field}}}",
-                              "use a plain column name like {document}; {{ }} for literal braces")
-        if spec or conv:
-            raise RecipeError(key_path, f"template field {{{field}}} has a format spec or conversion",
-                              "write plain {field}")
-        if field not in fields:
-            fields.append(field)
-    return fields
-
-
 def cross_check(recipe: dict) -> None:
     """Checks across keys that a schema cannot express."""
     prompt, data, training = recipe["prompt"], recipe["data"], recipe["training"]
-    fields = template_fields(prompt["template"], "prompt.template")
-    completion_fields = template_fields(prompt["completion"], "prompt.completion")
-    if not prompt["completion"].strip():
-        raise RecipeError("prompt.completion", "is empty", "the completion is what the model learns to write")
-    if not completion_fields:
-        raise RecipeError("prompt.completion", "uses no dataset field",
-                          "reference the target column, e.g. ' {summary}'")
-    if prompt["truncate"] is not None and prompt["truncate"] not in fields:
-        raise RecipeError("prompt.truncate", f"{prompt['truncate']!r} is not a field of prompt.template",
-                          f"template fields: {', '.join(fields) or 'none'}")
+    chat.check_recipe(recipe)  # prompt.messages (chat data) or template + completion, and the chat template
+    completion_fields = None  # chat data: each label is the last assistant turn's content, no completion template
+    if not chat.is_chat(recipe):
+        fields = template_fields(prompt["template"], "prompt.template")
+        completion_fields = template_fields(prompt["completion"], "prompt.completion")
+        if not prompt["completion"].strip():
+            raise RecipeError("prompt.completion", "is empty", "the completion is what the model learns to write")
+        if not completion_fields:
+            raise RecipeError("prompt.completion", "uses no dataset field",
+                              "reference the target column, e.g. ' {summary}'")
+        if prompt["truncate"] is not None and prompt["truncate"] not in fields:
+            raise RecipeError("prompt.truncate", f"{prompt['truncate']!r} is not a field of prompt.template",
+                              f"template fields: {', '.join(fields) or 'none'}")
+    mixture.check_recipe(recipe)  # data.source or data.sources, and each source's field mapping
     if recipe["quantization"]["method"] != "none" and recipe["lora"] is None:
         raise RecipeError("lora", "a quantized model cannot be fully fine-tuned",
                           "add a lora section or set quantization.method: none")
     splits = data["splits"]
-    if isinstance(data["source"], dict):
+    if isinstance(data.get("source"), dict):
         for role, name in splits.items():
             if name is not None and role not in data["source"] and not data["holdout"].get(role):
                 splits[role] = None  # a {train, eval, test} source without this file: the role is unused
@@ -554,20 +602,71 @@ def cross_check(recipe: dict) -> None:
     if training["eval_every"] is not None and splits["eval"] is None and not data["holdout"]["eval"]:
         raise RecipeError("training.eval_every", "needs an eval split, but data.splits.eval is null",
                           "set data.splits.eval, or training.eval_every: null")
+    _check_early_stopping(training, splits["eval"] is not None or bool(data["holdout"]["eval"]))
+    _check_lora_init(recipe)
     if data["max_tokens"] is not None and data["max_tokens"] > prompt["max_length"]:
         raise RecipeError("data.max_tokens", f"{data['max_tokens']} is larger than prompt.max_length "
                           f"{prompt['max_length']}", "examples are truncated to prompt.max_length first")
-    for i, spec in enumerate(recipe["evaluation"]["evaluators"]):
-        scored = spec.get("split") if spec["name"] == "loss" else None
+    for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
+        scored = spec.get("split") if "logprobs" in cls.needs else None
         if scored and splits.get(scored) is None and not data["holdout"].get(scored):
             raise RecipeError(f"evaluation.evaluators[{i}].split", f"scores the {scored!r} split, but "
                               f"data.splits.{scored} is null", f"set data.splits.{scored} or another split")
-    from runner.rank import check_recipe  # rank mode's needs (labels, a one-field completion)
+    _check_rank_mode(recipe, completion_fields)
+    backend.check_recipe(recipe)  # what generation.backend needs (weights it can merge, no beams to compile)
 
-    check_recipe(recipe)
-    from runner import backend  # what generation.backend needs (weights it can merge, no beams to compile)
 
-    backend.check_recipe(recipe)
+def rank_labels(recipe: dict) -> list[str] | None:
+    """The labels rank mode (``generation.mode: rank``) chooses from: ``generation.labels``, else the ``labels`` of
+    the first evaluator whose completion is one label (``classification``)."""
+    if recipe["generation"].get("labels"):
+        return list(recipe["generation"]["labels"])
+    for spec, cls in evaluator_classes(recipe):
+        if cls.completion == "label" and spec.get("labels"):
+            return list(spec["labels"])
+    return None
+
+
+def _check_rank_mode(recipe: dict, completion_fields: list[str] | None) -> None:
+    """Rank mode puts each allowed label into the completion: it needs the labels and a one-field completion
+    (``completion_fields`` None: chat data, whose completion is the label itself)."""
+    if recipe["generation"].get("mode") != "rank":
+        return
+    if not rank_labels(recipe):
+        raise RecipeError("generation.mode", "rank needs the allowed labels",
+                          "set generation.labels: [...] or give the classification evaluator its labels")
+    if completion_fields is not None and len(completion_fields) != 1:
+        raise RecipeError("prompt.completion", f"rank mode puts each label into the completion, which must use "
+                          f"exactly one field, found {len(completion_fields)}", "e.g. completion: \" {label}\"")
+
+
+def _check_early_stopping(training: dict, has_eval: bool) -> None:
+    """Early stopping decides at evaluations and restores a checkpoint: it needs both, at the same steps."""
+    if training["early_stopping"] is None:
+        return
+    if not has_eval:
+        raise RecipeError("training.early_stopping", "needs an eval split to evaluate on, but data.splits.eval is null",
+                          "set data.splits.eval (or data.holdout.eval), or training.early_stopping: null")
+    if training["save_every"] is not None and training["save_every"] != training["eval_every"]:
+        raise RecipeError("training.save_every", f"is {training['save_every']}, but with training.early_stopping a "
+                          f"checkpoint is saved at every evaluation (eval_every {training['eval_every']})",
+                          "leave save_every null, or set it to eval_every")
+
+
+def _check_lora_init(recipe: dict) -> None:
+    """The LoRA inits that need particular weights (peft refuses the others, or computes nothing useful)."""
+    lora, method = recipe["lora"], recipe["quantization"]["method"]
+    if lora is None:
+        return
+    if lora["init"] == "pissa" and method != "none":
+        raise RecipeError("lora.init", f"pissa decomposes the full-precision weights; peft refuses {method} ones",
+                          "use quantization.method: none with pissa, or init: loftq for a 4-bit base")
+    if lora["init"] == "pissa" and lora["dora"]:
+        raise RecipeError("lora.init", "pissa with dora: peft cannot convert the trained adapter back to a plain "
+                          "LoRA of the original weights", "use one of them")
+    if lora["init"] == "loftq" and method != "bnb_4bit":
+        raise RecipeError("lora.init", f"loftq fits the LoRA weights to the 4-bit quantization error; with {method} "
+                          "there is none", "use quantization.method: bnb_4bit, or init: default / pissa")
 
 
 def get(recipe: dict, key_path: str) -> Any:

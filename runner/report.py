@@ -11,12 +11,14 @@ import resource
 import sys
 from pathlib import Path
 
+from runner import baselines, profiles, safeio, stats
 from runner import evaluate as evaluate_mod
-from runner import inspect as inspect_mod
-from runner import safeio
+from runner import inspection as inspect_mod
+from runner.markdown import cell, table
+from runner.metrics import by_evaluator, headline
+from runner.model import lora_variants
 
 PLOTS = "report"
-_SKIP = {"file", "split", "examples", "tokens", "count"}
 
 
 # ---------------------------------------------------------------- reading the run folder
@@ -79,10 +81,6 @@ def plot_loss(log: list[dict], path: Path) -> Path | None:
 # ---------------------------------------------------------------- markdown pieces
 
 
-def _cell(value) -> str:
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
 def _num(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -91,13 +89,10 @@ def _num(value) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def _source(source) -> str:
+    if isinstance(source, list):  # data.sources: a weighted mixture
+        total = sum(s["weight"] for s in source)
+        return "mixture of " + "; ".join(f"{_source(s['source'])} ({100 * s['weight'] / total:.0f}%)" for s in source)
     if isinstance(source, dict):
         return ", ".join(f"{role}: {path}" for role, path in source.items())
     return str(source)
@@ -109,7 +104,8 @@ def recipe_section(recipe: dict) -> list[str]:
     quant = q["method"] if q["method"] == "none" else (
         f"{q['method']} ({q['quant_type']}, double quant {q['double_quant']})" if q["method"] == "bnb_4bit" else q["method"])
     adapter = "full fine-tuning" if lora is None else (
-        f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {lora['target_modules']}")
+        f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {lora['target_modules']}"
+        + "".join(f"; {part}" for part in lora_variants(lora)))
     steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
     decode = ("sampling (top_p {top_p}, temperature {temperature})".format(**g) if g["do_sample"]
               else ("beam search" if g["num_beams"] > 1 else "greedy"))
@@ -120,7 +116,8 @@ def recipe_section(recipe: dict) -> list[str]:
         ["model", m["name_or_path"]],
         ["quantization", quant],
         ["adapter", adapter],
-        ["data", f"{_source(d['source'])}" + (f" (config {d['config']})" if d["config"] else "")
+        ["data", f"{_source(d['source'] if d.get('sources') is None else d['sources'])}"
+                 + (f" (config {d['config']})" if d["config"] else "")
                  + f"; samples: {samples}"],
         ["prompt", f"max_length {p['max_length']}, truncate {p['truncate']}, data.max_tokens {d['max_tokens']}"],
         ["training", f"{steps}, micro-batch {t['micro_batch_size']} x {t['gradient_accumulation_steps']} "
@@ -131,7 +128,15 @@ def recipe_section(recipe: dict) -> list[str]:
          + f" on the {recipe['evaluation']['split']} split"],
         ["seed", recipe["seed"]],
     ]
-    lines = ["## Recipe", ""] + _table(["", ""], rows)
+    lines = ["## Recipe", ""] + table(["", ""], rows)
+    if p.get("messages"):
+        template = p["chat_template"]
+        named = "of the tokenizer" if template is None else (f"`{template}`" if "{" not in template
+                                                             else "written in recipe.yaml")
+        lines += ["", f"Chat data in `{p['messages']}`, rendered with the chat template {named} (saved with the "
+                  "adapter's tokenizer); loss on the assistant turns only.", "", "The full resolved recipe is "
+                  "`recipe.yaml`."]
+        return lines
     lines += ["", "Template (completion: `" + p["completion"].replace("`", "'") + "`):", "", "```text",
               p["template"], "```", "", "The full resolved recipe is `recipe.yaml`."]
     return lines
@@ -143,7 +148,7 @@ def data_section(result: dict | None, env: dict, images: list[Path], run_dir: Pa
         rows = [[role, s["rows"], s["kept"], s["truncated"], s["dropped_too_long"], s["dropped_empty_completion"]]
                 for role, s in env["data"].items()]
         lines += ["Used by this run:", ""]
-        lines += _table(["split", "rows", "kept", "truncated", "dropped (too long)", "dropped (empty target)"], rows)
+        lines += table(["split", "rows", "kept", "truncated", "dropped (too long)", "dropped (empty target)"], rows)
         lines.append("")
     if result is None:
         return [*lines, "Data statistics were not computed."]
@@ -157,7 +162,7 @@ def data_section(result: dict | None, env: dict, images: list[Path], run_dir: Pa
         lines += ["", f"**{role}** ({s['rows']} rows; {s['over_max_length']} longer than max_length, "
                   f"{s['truncated']} truncated, {s['dropped_too_long']} dropped; 95% fit whole in "
                   f"{s[keep_key]} tokens)", ""]
-        lines += _table(["tokens", *(f"p{p}" for p in inspect_mod.PERCENTILES), "max", "mean"], rows)
+        lines += table(["tokens", *(f"p{p}" for p in inspect_mod.PERCENTILES), "max", "mean"], rows)
         if "labels" in s:
             total = max(sum(s["labels"].values()), 1)
             lines += ["", "Labels: " + ", ".join(f"{k or '(empty)'} {v} ({100 * v / total:.1f}%)"
@@ -167,12 +172,24 @@ def data_section(result: dict | None, env: dict, images: list[Path], run_dir: Pa
     return lines
 
 
+def _speed_text(speed: dict) -> str:
+    """What trained, as the speed profile resolved it (env.json's ``speed``): the recipe section shows what the
+    recipe writes, which a profile may split differently or checkpoint otherwise."""
+    known = {k: v for k, v in speed.items() if k in profiles.Speed.__dataclass_fields__}
+    try:
+        return profiles.Speed(**known).describe()
+    except TypeError:  # a record from a version that lacked a setting: show what it has
+        return ", ".join(f"{k} {v}" for k, v in speed.items())
+
+
 def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir: Path, rss_gb: float | None) -> list[str]:
     lines = ["## Training", ""]
     rows = []
     if env.get("trainable") is not None and env.get("total"):
         rows.append(["trainable parameters", f"{env['trainable']:,} of {env['total']:,} "
                                              f"({100 * env['trainable'] / env['total']:.4f}%)"])
+    if env.get("speed"):
+        rows.append(["settings used", _speed_text(env["speed"])])
     if env.get("global_step") is not None:
         rows.append(["optimizer steps", env["global_step"]])
     if env.get("train_loss") is not None:
@@ -180,6 +197,10 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
     _, evals = loss_points(log)
     if evals:
         rows.append(["last eval loss", f"{evals[-1][1]:.4g} (step {evals[-1][0]})"])
+    if env.get("early_stopping"):
+        from runner.train import describe_best
+
+        rows.append(["adapter kept (early stopping)", describe_best(env["early_stopping"])])
     if env.get("train_seconds") is not None:
         rows.append(["training time", f"{env['train_seconds']:.1f} s (+ {env.get('load_seconds', 0):.1f} s loading)"])
     if env.get("peak_allocated_gb") is not None:
@@ -193,7 +214,7 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
     versions = env.get("versions", {})
     if versions:
         rows.append(["versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)])
-    lines += _table(["", ""], rows) if rows else ["No training record (env.json) in this folder."]
+    lines += table(["", ""], rows) if rows else ["No training record (env.json) in this folder."]
     if loss_png is not None:
         lines += ["", f"![loss]({loss_png.relative_to(run_dir).as_posix()})"]
     return lines
@@ -201,14 +222,11 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
 
 def _scalar_rows(name: str, values: dict) -> list[list]:
     rows = []
-    for key, value in values.items():
-        if key in _SKIP or key.endswith("_ci95"):
+    for key, m in by_evaluator({name: values})[name].items():
+        if "." in key:  # per-class rows have tables of their own
             continue
-        if isinstance(value, dict) and "f1" in value and "ci95" in value:  # rouge-style {f1, ci95}
-            rows.append([name, key, _num(value["f1"]), f"[{_num(value['ci95'][0])}, {_num(value['ci95'][1])}]"])
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            ci = values.get(f"{key}_ci95")
-            rows.append([name, key, _num(value), f"[{_num(ci[0])}, {_num(ci[1])}]" if isinstance(ci, list) else ""])
+        ci = m["ci95"]
+        rows.append([name, key, _num(m["value"]), f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else ""])
     return rows
 
 
@@ -224,7 +242,7 @@ def metrics_section(metrics: dict, run_dir: Path) -> list[str]:
     for name, values in metrics.items():
         if isinstance(values, dict):
             rows += _scalar_rows(name, values)
-    lines += [""] + _table(["evaluator", "metric", "value", "95% CI"], rows)
+    lines += [""] + table(["evaluator", "metric", "value", "95% CI"], rows)
     for name, values in metrics.items():
         if not isinstance(values, dict):
             continue
@@ -233,10 +251,10 @@ def metrics_section(metrics: dict, run_dir: Path) -> list[str]:
             if per:
                 columns = list(next(iter(per.values())))
                 lines += ["", f"{name}, {key.replace('_', ' ')}:", ""]
-                lines += _table([key.split("_")[1], *columns],
+                lines += table([key.split("_")[1], *columns],
                                 [[label, *(_num(v[c]) for c in columns)] for label, v in per.items()])
         if values.get("invalid_examples"):
-            shown = "; ".join(f"`{_cell(e.get('prediction', e.get('name')))}` x{e['count']}"
+            shown = "; ".join(f"`{cell(e.get('prediction', e.get('name')))}` x{e['count']}"
                               for e in values["invalid_examples"])
             lines += ["", f"{name}: invalid predictions, most frequent: {shown}"]
         if values.get("references_not_in_labels"):
@@ -269,15 +287,12 @@ def samples_section(run_dir: Path, count: int = 8) -> list[str]:
                          r["reference"], r["prediction"]])
             if len(rows) >= count:
                 break
-    return lines + _table(["#", "input", "reference", "prediction"], rows)
+    return lines + table(["#", "input", "reference", "prediction"], rows)
 
 
 def resolution_section(metrics: dict) -> list[str]:
     """How precise the test set is: per metric with a bootstrap interval, the smallest difference between two
     systems it resolves at 95%, and the test examples a one-point difference would need (runner.stats)."""
-    from runner import stats
-    from runner.baselines import headline
-
     n = metrics.get("examples") or 0
     rows = []
     for metric, row in headline(metrics).items():
@@ -295,19 +310,16 @@ def resolution_section(metrics: dict) -> list[str]:
              "of examples could produce (95%, two systems scored separately; a paired comparison such as "
              "`runner compare` often resolves somewhat less). The interval narrows with the square root of the "
              "number of examples.", ""]
-    return lines + _table(["metric", "value", "95% CI half-width", "smallest resolvable difference",
+    return lines + table(["metric", "value", "95% CI half-width", "smallest resolvable difference",
                            "examples to resolve one point"], rows)
 
 
 def baselines_section(run_dir: Path, recipe: dict, metrics: dict) -> list[str]:
     """Trivial baselines on the evaluated examples (runner.baselines); nothing without predictions."""
-    from runner import baselines
-    from runner.evaluate import read_records
-
     pred = run_dir / "predictions.jsonl"
     if not metrics or not pred.is_file():
         return []
-    result = baselines.compute(recipe, run_dir, read_records(pred))
+    result = baselines.compute(recipe, run_dir, evaluate_mod.read_records(pred))
     return baselines.markdown(result, metrics)
 
 
@@ -323,7 +335,7 @@ def peak_rss_gb() -> float:
 def write(run_dir: Path, recipe: dict, tokenizer=None, data_stats: dict | None = None,
           rss_gb: float | None = None) -> Path:
     """Write ``<run_dir>/report.md`` and its plots. ``tokenizer`` lets it compute the data statistics
-    (cached, see runner.inspect); ``data_stats`` passes ones already computed."""
+    (cached, see runner.inspection); ``data_stats`` passes ones already computed."""
     run_dir = Path(run_dir)
     plots = run_dir / PLOTS
     plots.mkdir(exist_ok=True)

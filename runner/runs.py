@@ -13,6 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from runner import checkpoints, safeio
 from runner import recipe as recipe_mod
 from runner.errors import EnvironmentProblem, RecipeError
@@ -210,6 +212,21 @@ def write_env(run_dir: Path, recipe: dict, prepared, **extra) -> None:
            "git_commit": _git_commit(), "data_fingerprint": prepared.fingerprint, "data": prepared.stats,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     safeio.write_json(run_dir / "env.json", env)
+
+
+# The settings a speed profile decides at launch (runner.profiles.Speed), noted in recipe.yaml.
+RESOLVED = ("profile", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "world_size",
+            "distributed")
+
+
+def note_resolved(run_dir: Path, recipe: dict, speed: dict) -> None:
+    """recipe.yaml again, with what trained noted under it: the profile's micro-batch (per process) x accumulation,
+    checkpointing and processes. A comment, not a key, so the file stays the recipe (resume compares it; it loads
+    as a recipe); env.json's ``speed`` has every setting."""
+    note = yaml.safe_dump({"resolved": {k: speed[k] for k in RESOLVED if k in speed}}, sort_keys=False)
+    text = ("\n# What trained, as training.profile resolved it at launch (not a recipe key; env.json: speed):\n"
+            + "".join(f"# {line}\n" for line in note.splitlines()))
+    safeio.write_text(run_dir / "recipe.yaml", recipe_mod.dump(recipe) + text)
 
 
 def _read_env(run_dir: Path) -> dict:

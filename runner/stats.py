@@ -1,11 +1,11 @@
-"""Statistics for the research questions: how precise is a test set, how much do seeds move a score, and does a
-difference between two settings exceed both.
+"""Statistics, all of them: how precise is a test set, how much do seeds move a score, and does a difference
+between two settings exceed both. A leaf module (numpy, scipy): evaluators use it as the runner does.
 
 Two sources of uncertainty are kept apart:
 
 - **test examples**: a different draw of test examples would give a different score. Measured by the percentile
-  bootstrap over examples (every evaluator's ``ci95``) and, between two systems scored on the same examples, by the
-  paired bootstrap (``runner.compare.paired_bootstrap``).
+  bootstrap over examples (every evaluator's ``ci95``: ``bootstrap_ci``, ``ratio_bootstrap_ci``) and, between two
+  systems scored on the same examples, by the paired bootstrap (``paired_bootstrap``).
 - **training seed**: the same recipe trained with another seed (LoRA init, data order, dropout, sampling) scores
   differently on the *same* examples. Measured by the spread of a metric across seeds, and between two settings by
   Welch's t-test on their per-seed scores (scipy), which is honest about how little two or three seeds tell.
@@ -20,6 +20,58 @@ import numpy as np
 # A metric's "point": 1 on ROUGE's 0-100 scale, one percentage point for shares in [0, 1].
 HUNDRED_SCALE = ("rouge",)
 SHARE_METRICS = ("accuracy", "exact_match", "micro_f1", "macro_f1", "micro_precision", "micro_recall")
+
+RESAMPLES = 1000
+
+
+# ---------------------------------------------------------------- the bootstrap over test examples
+
+
+def _resampled(n: int, seed: int, resamples: int) -> np.ndarray:
+    """[resamples, n] example indices drawn with replacement; the same seed draws the same ones."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def bootstrap_ci(scores: np.ndarray, seed: int, resamples: int = RESAMPLES, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap of the mean; the same seed gives the same interval."""
+    if len(scores) == 0:
+        return float("nan"), float("nan")
+    return _percentiles(scores[_resampled(len(scores), seed, resamples)].mean(axis=1), level)
+
+
+def ratio_bootstrap_ci(numerators: np.ndarray, denominators: np.ndarray, seed: int, resamples: int = RESAMPLES,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap over examples of sum(numerators) / sum(denominators) (a token-weighted mean)."""
+    if len(numerators) == 0:
+        return float("nan"), float("nan")
+    idx = _resampled(len(numerators), seed, resamples)
+    return _percentiles(numerators[idx].sum(axis=1) / denominators[idx].sum(axis=1), level)
+
+
+def paired_bootstrap(base: np.ndarray, adapter: np.ndarray, seed: int, resamples: int = RESAMPLES,
+                     level: float = 0.95) -> dict:
+    """Bootstrap of mean(adapter - base) over examples resampled together: its CI and a two-sided p-value."""
+    diffs = np.asarray(adapter, dtype=float) - np.asarray(base, dtype=float)
+    means = diffs[_resampled(len(diffs), seed, resamples)].mean(axis=1)
+    low, high = _percentiles(means, level)
+    # The share of resampled differences on the far side of zero, doubled: how often chance alone flips the sign.
+    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
+    return {"difference": round(float(diffs.mean()), 4), "difference_ci95": [round(low, 4), round(high, 4)],
+            "p_value": round(p, 4), "resamples": resamples}
+
+
+def ci_overlap(a: list | None, b: list | None) -> bool | None:
+    if not a or not b:
+        return None
+    return not (a[1] < b[0] or b[1] < a[0])
+
+
+# ---------------------------------------------------------------- how precise a test set is
 
 
 def half_width(ci: list | tuple | None) -> float | None:

@@ -33,6 +33,8 @@ import yaml
 from runner import recipe as recipe_mod
 from runner import stats
 from runner.errors import RecipeError
+from runner.metrics import headline, lower_is_better
+from runner.stats import bootstrap_ci, paired_bootstrap
 
 PRIMARY = ("rouge.rougeL", "classification.accuracy", "multilabel.exact_match", "loss.loss")
 
@@ -166,13 +168,13 @@ def settings(all_cells: list[Cell]) -> dict[tuple, list[Cell]]:
 
 def plan_setting(recipe: dict, card_gb: float | None, card: tuple[str, str]) -> dict:
     """Config-only checks and the plan of one setting: the profile's choice, predicted peak memory and time."""
+    from runner import memory, profiles, throughput
     from runner import model as model_mod
-    from runner import plan, profiles, throughput
 
     meta = model_mod.check(recipe)
-    info = plan.model_info(recipe, meta.config)
+    info = memory.model_info(recipe, meta.config)
     speed = profiles.resolve(recipe, meta.config, card_gb, detect=False, info=info)
-    predicted = speed.predicted_gb or plan.estimate(recipe, meta.config, speed, info).reserved_gb
+    predicted = speed.predicted_gb or memory.estimate(recipe, meta.config, speed, info).reserved_gb
     seconds = throughput.predict_seconds(recipe, card[0], speed.profile, info["total"])
     return {"profile": speed.profile, "micro_batch": f"{speed.micro_batch_size} x {speed.gradient_accumulation_steps}",
             "checkpointing": speed.gradient_checkpointing, "peak_reserved_gb": round(predicted, 2),
@@ -194,12 +196,12 @@ def plan_lines(plans: dict[tuple, dict], grid: dict[tuple, list[Cell]]) -> list[
 
 
 def run_cell(recipe_path, cell: Cell) -> Path:
-    """Train, evaluate and report the cell with `runner train`'s own command, in this process (under a launcher,
-    every rank takes part and rank 0 writes the records, as for `runner train`)."""
-    from runner import cli, dist
+    """Train, evaluate and report the cell with `runner train`'s own code (runner.pipeline), in this process (under
+    a launcher, every rank takes part and rank 0 writes the records, as for `runner train`)."""
+    from runner import dist, pipeline
 
-    args = cli._parser().parse_args(["train", str(recipe_path), *cell.overrides])
-    cli.COMMANDS["train"][2](args)
+    # A fresh recipe, as `runner train` would load it: the cell's own stays as planned, for comparing with its run.
+    pipeline.train_evaluate_report(recipe_mod.load(recipe_path, cell.overrides), recipe_path)
     dist.barrier()  # rank 0 writes the report after the other ranks are done
     gc.collect()  # the cell's model and trainer are garbage now: free them before the next cell loads its own
     try:
@@ -237,10 +239,6 @@ def per_example_scores(recipe: dict, run_dir: Path) -> tuple[list, dict[str, np.
 
 def summarize(folder: Path, grid: dict[tuple, list[Cell]], run_dirs: dict[int, Path], plans: dict, primary: str | None,
               axes: list, fixed: list[str]) -> dict:
-    from evaluators.rouge import bootstrap_ci
-    from runner.baselines import headline
-    from runner.compare import lower_is_better, paired_bootstrap
-
     first_cell = next(iter(grid.values()))[0]
     seed = first_cell.recipe["seed"]
     rows, examples, per_example = [], None, {}

@@ -211,8 +211,36 @@ def make_nli(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- tiny chats (the chat-format twin)
+
+SYSTEM_TURNS = ["You sort news into World, Sports, Business or Sci/Tech.", "Answer with the topic only."]
+FIRST_ASKS = ["Classify the topic of the news article: {text}", "What is the topic of this article? {text}",
+              "Topic of the article? {text}"]
+NEXT_ASKS = ["And this one? {text}", "Now this article: {text}", "Classify this one too: {text}"]
+
+
+def make_chat(n: int, rng: random.Random) -> list[dict]:
+    """Conversations in TRL's format about the AG News twin's articles: an optional system turn, then one or two
+    user turns asking for an article's topic, each answered by the assistant. The last answer is what evaluation
+    predicts; with two exchanges it is about the second article, so the model must read the last user turn."""
+    rows = []
+    for topic in make_topics(n, rng):
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_TURNS)}] if rng.random() < 0.5 else []
+        messages += [{"role": "user", "content": rng.choice(FIRST_ASKS).format(text=topic["text"])},
+                     {"role": "assistant", "content": topic["label"]}]
+        if rng.random() < 0.5:
+            other = make_topics(5, rng)[-1]  # make_topics gives its first four rows one topic each; the fifth is random
+            messages += [{"role": "user", "content": rng.choice(NEXT_ASKS).format(text=other["text"])},
+                         {"role": "assistant", "content": other["label"]}]
+        rows.append({"messages": messages})
+    return rows
+
+
 TASKS = {"xsum_tiny": make_news, "agnews_tiny": make_topics, "goemotions_tiny": make_emotions,
          "mnli_tiny": make_nli}
+# Tasks made from the study tasks' words: written beside them, but left out of the tokenizer's training text, so
+# adding one changes neither the tokenizer nor the tiny model (nor any other twin's numbers).
+DERIVED_TASKS = {"chat_tiny": make_chat}
 
 
 # ---------------------------------------------------------------- building
@@ -223,7 +251,7 @@ def write_task_data(out: Path, task: str, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{task}-{seed}")
     for split, n in SPLIT_SIZES.items():
-        rows = TASKS[task](n, rng)
+        rows = {**TASKS, **DERIVED_TASKS}[task](n, rng)
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for i, row in enumerate(rows):
                 f.write(json.dumps({"id": f"{split}-{i}", **row}, ensure_ascii=False) + "\n")
@@ -290,7 +318,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     stamp = f"tiny data and model built by runner.tiny {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}\n"
     if marker.exists() and marker.read_text() == stamp and not force:
         return out
-    for task in TASKS:
+    for task in [*TASKS, *DERIVED_TASKS]:
         write_task_data(out, task)
     build_model(out / "phi", train_tokenizer(out))
     marker.write_text(stamp)

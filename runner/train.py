@@ -6,25 +6,14 @@ Reads top to bottom like the run itself: check, set up each recipe section, trai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from runner import checkpoints, dist, divergence, profiles, runs, safeio
+from runner import chat, checkpoints, dist, divergence, profiles, runs, safeio, tracking
 from runner import data as data_mod
 from runner import model as model_mod
 from runner.errors import RecipeError
-
-
-def set_threads(recipe: dict) -> int:
-    """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
-    import torch
-
-    n = recipe["training"]["num_threads"] or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    return n
-
 
 # ---------------------------------------------------------------- one _setup_* per recipe section
 
@@ -38,7 +27,7 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
     return prepared
 
 
-def _setup_model(recipe: dict, speed=None):
+def _setup_model(recipe: dict, speed):
     from transformers import set_seed
 
     # LoRA's random init happens here, before the trainer seeds anything: the same on every rank and every world size.
@@ -50,40 +39,49 @@ def _setup_model(recipe: dict, speed=None):
 
 
 def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
+    """SFTConfig from the recipe; the micro-batch, accumulation and checkpointing are the resolved ``speed``'s
+    (None: as the recipe writes them)."""
     import torch
     from trl import SFTConfig
 
+    speed = speed or profiles.as_written(recipe)
     t = recipe["training"]
     on_gpu = torch.cuda.is_available()
     dtype = model_mod.resolve_dtype(recipe["model"]["dtype"])
     # A model kept in bf16 needs no autocast; under it, CUDA runs every LayerNorm in fp32, and the 4-bit layers
     # return their input's dtype, so the residual stream and all activations downstream would be fp32 again.
-    mixed = on_gpu and not (speed is not None and speed.keep_dtype)
+    mixed = on_gpu and not speed.keep_dtype
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if t["eval_every"] else "epoch"
-    return SFTConfig(
+    save_strategy = "steps" if t["save_every"] else "no"
+    if t["early_stopping"] is not None:  # a checkpoint at every evaluation, so the best one can be restored
+        save_strategy = eval_strategy
+    return _one_gpu_per_process(SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         seed=recipe["seed"],
         num_train_epochs=t["epochs"],
         max_steps=t["max_steps"] or -1,
-        per_device_train_batch_size=t["micro_batch_size"],
-        per_device_eval_batch_size=t["micro_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        per_device_train_batch_size=speed.micro_batch_size,
+        per_device_eval_batch_size=speed.micro_batch_size,
+        gradient_accumulation_steps=speed.gradient_accumulation_steps,
         learning_rate=t["learning_rate"],
         lr_scheduler_type=t["lr_scheduler"],
         warmup_steps=t["warmup_ratio"] if t["warmup_ratio"] < 1 else 0,
         weight_decay=t["weight_decay"],
         max_grad_norm=t["max_grad_norm"] or 0.0,
         optim=t["optimizer"],
-        **_checkpointing_args(SFTConfig, t["gradient_checkpointing"]),
+        **_checkpointing_args(SFTConfig, speed.gradient_checkpointing),
         packing=t["packing"],
         max_length=recipe["prompt"]["max_length"],
-        completion_only_loss=True,
+        # Loss on the completion only; for chat data on every assistant turn, as the chat template's
+        # {% generation %} markers delimit them (runner.chat).
+        completion_only_loss=not chat.is_chat(recipe),
+        assistant_only_loss=chat.is_chat(recipe),
         eval_strategy=eval_strategy,
         eval_steps=t["eval_every"],
-        save_strategy="steps" if t["save_every"] else "no",
-        save_steps=t["save_every"] or 500,
+        save_strategy=save_strategy,
+        save_steps=t["save_every"] or t["eval_every"] or 500,
         save_total_limit=None,  # runner.checkpoints rotates, counting only complete checkpoints
         logging_steps=t["logging_steps"],
         logging_first_step=True,
@@ -95,18 +93,70 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         # Every LoRA weight takes part in every forward: no extra autograd traversal to look for unused ones.
         ddp_find_unused_parameters=False,
         **_fsdp_args(speed),
-        report_to="none",
+        **tracking.trainer_args(recipe, run_dir),
+        **_best_args(t["early_stopping"]),
         dataloader_num_workers=0,
         dataset_num_proc=None,
         save_only_model=False,
-    )
+    ))
+
+
+def _one_gpu_per_process(args):
+    """One process trains on one GPU. Without a launcher, transformers would wrap the model in nn.DataParallel over
+    every visible GPU, which TRL refuses (and which the 4-bit model, placed on one GPU, could not use)."""
+    if dist.world().size == 1 and args.n_gpu > 1:
+        print(f"note: {args.n_gpu} GPUs visible to one process: training on {args.device} (to use them all, launch "
+              f"with torchrun --nproc-per-node {args.n_gpu}, or make train NPROC={args.n_gpu})", flush=True)
+        args._n_gpu = 1  # read by Trainer as args.n_gpu; set by args.device above
+    return args
+
+
+def _best_args(early: dict | None) -> dict:
+    """Early stopping's metric and direction, and whether the best checkpoint becomes the run's adapter."""
+    if early is None:
+        return {}
+    return {"metric_for_best_model": early["metric"], "greater_is_better": early["metric"] != "eval_loss",
+            "load_best_model_at_end": early["restore_best"],
+            # the patience count and best metric so far come back with a resumed checkpoint
+            "restore_callback_states_from_checkpoint": True}
+
+
+def _early_stopping_callbacks(recipe: dict) -> list:
+    from transformers import EarlyStoppingCallback
+
+    early = recipe["training"]["early_stopping"]
+    if early is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=early["patience"], early_stopping_threshold=early["min_delta"])]
+
+
+def best_record(trainer, recipe: dict) -> dict | None:
+    """What early stopping decided, for env.json and report.md: the best evaluation, the step whose adapter was
+    kept, and whether (and after how many evaluations without improvement) training stopped early."""
+    early = recipe["training"]["early_stopping"]
+    if early is None:
+        return None
+    state = trainer.state
+    metric = early["metric"]
+    evals = [(row["step"], row[metric]) for row in state.log_history if metric in row]
+    best_step = state.best_global_step
+    restored = early["restore_best"] and state.best_model_checkpoint is not None
+    from transformers import EarlyStoppingCallback
+
+    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    since = stopper.early_stopping_patience_counter if stopper is not None else 0
+    return {"metric": metric, "patience": early["patience"], "min_delta": early["min_delta"],
+            "evaluations": len(evals), "best_step": best_step, "best_value": state.best_metric,
+            "kept_step": best_step if restored else state.global_step, "restored_best": restored,
+            "last_step": state.global_step, "max_steps": state.max_steps,
+            "stopped_early": state.global_step < state.max_steps, "evaluations_without_improvement": since}
 
 
 def _fsdp_args(speed) -> dict:
     """FSDP-QLoRA as peft and accelerate document it: every decoder layer its own shard unit (peft's wrap policy
     puts the LoRA weights in units of their own), flat parameters of the frozen 4-bit storage in the compute dtype,
     rank 0's weights synchronized to the others, full state dicts so the adapter saves as usual."""
-    if speed is None or speed.distributed != "fsdp":
+    if speed.distributed != "fsdp":
         return {}
     return {"fsdp": "full_shard auto_wrap",
             "fsdp_config": {"version": 1, "use_orig_params": False, "sync_module_states": True,
@@ -139,16 +189,11 @@ def _log_callback(path: Path):
 # ---------------------------------------------------------------- the run
 
 
-def check(recipe: dict):
-    """Everything that can fail from the recipe, the data and the model config — before a folder or weight exists."""
-    meta = model_mod.check(recipe)
-    tokenizer = model_mod.load_tokenizer(recipe)
-    return meta, tokenizer
-
-
-def _setup_speed(recipe: dict, meta):
-    """The profile's settings (runner.profiles), decided from the config before any weight loads."""
-    speed = profiles.resolve(recipe, meta.config)
+def _setup_speed(recipe: dict, meta, speed=None):
+    """The profile's settings (runner.profiles), decided from the config before any weight loads; ``speed``, when
+    given, instead of them."""
+    speed = speed or profiles.resolve(recipe, meta.config)
+    model_mod.check_trainable_here(recipe, speed)
     if speed.distributed == "fsdp":
         import torch
 
@@ -162,7 +207,7 @@ def _setup_speed(recipe: dict, meta):
 
         # cuDNN's SDPA builds an execution graph per new shape (seconds of host time); flash attention does not.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return speed, profiles.apply(recipe, speed)
+    return speed
 
 
 def _setup_adapter_dtype(trainer, recipe: dict) -> None:
@@ -185,44 +230,52 @@ def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
         trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"])
 
 
-def train(recipe: dict, instrument=None):
+def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation.
 
-    ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
+    The recipe says what is trained; how (micro-batch x accumulation, checkpointing, the profile's switches, the
+    processes) is ``speed``, resolved here by the recipe's training.profile unless given (the benchmark gives its
+    own). ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
     world = dist.init()
-    meta, tokenizer = check(recipe)
-    speed, run_recipe = _setup_speed(recipe, meta)
+    meta, tokenizer = model_mod.preflight(recipe)
+    tracking.check(recipe)
+    speed = _setup_speed(recipe, meta, speed)
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
     run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
                                           if world.main else None)
     print(f"run folder: {run_dir}", flush=True)
-    threads = set_threads(recipe)
+    threads = model_mod.set_threads(recipe)
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
-    from trl import SFTTrainer
+    from runner.sft import Trainer
 
+    if chat.is_chat(recipe):
+        chat.quiet_trl_stop_token_warning()
     start = time.time()
     try:
         # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
-        args = _setup_training(run_recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
-        model, trainable, total = _setup_model(run_recipe, speed)
-        columns = ["prompt", "completion"]
+        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
+        model, trainable, total = _setup_model(recipe, speed)
+        columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
         guard = divergence.guard(recipe, run_dir)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=prepared.splits["train"].select_columns(columns),
-            eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
-            processing_class=tokenizer,
-            callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl")],
-        )
+        init_dir = _save_pissa_init(model, recipe, run_dir, world)
+        with tracking.environment(recipe, run_dir):  # the tracker callbacks read it when they are made
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=prepared.splits["train"].select_columns(columns),
+                eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
+                processing_class=tokenizer,
+                callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *_early_stopping_callbacks(recipe)],
+            )
+        tracking.attach(trainer, recipe["evaluation"]["split"], resume_from)
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
-        _setup_adapter_dtype(trainer, run_recipe)
+        _setup_adapter_dtype(trainer, recipe)
     except RecipeError:
         if world.main and not (resume_from and recipe["training"]["resume"] == "auto"):
             shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
@@ -230,6 +283,7 @@ def train(recipe: dict, instrument=None):
     if world.main:
         runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total,
                        speed=speed.as_dict(), world_size=world.size, nodes=world.nodes, distributed=speed.distributed)
+        runs.note_resolved(run_dir, recipe, speed.as_dict())
     if instrument is not None:
         instrument(trainer)
     load_s = time.time() - start
@@ -237,23 +291,63 @@ def train(recipe: dict, instrument=None):
     train_s = record.seconds()  # the whole run's, over every session (runner.checkpoints)
     divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"
-    _save_adapter(trainer, tokenizer, adapter_dir, world)
+    _save_adapter(trainer, tokenizer, adapter_dir, world, init_dir)
     ranks = dist.gather({"rank": world.rank, "device": runs.device_name(), **runs.peak_memory()})
+    best = best_record(trainer, recipe)
     if world.main:
         runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
                         train_loss=record.mean_loss() if record.mean_loss() is not None else result.training_loss,
                         global_step=result.global_step, **runs.peak_memory(),
-                        **({"ranks": ranks} if world.size > 1 else {}))
+                        **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
+    if best is not None:
+        print(f"early stopping: {describe_best(best)}", flush=True)
     return run_dir, trainer.model, tokenizer, prepared
 
 
-def _save_adapter(trainer, tokenizer, adapter_dir: Path, world: dist.World) -> None:
+def describe_best(best: dict) -> str:
+    """One sentence: which step's adapter the run kept, and why."""
+    value = f"{best['best_value']:.4g}" if isinstance(best.get("best_value"), (int, float)) else "n/a"
+    lower = "lowest" if best["metric"] == "eval_loss" else "highest"
+    if best["best_step"] is None:
+        return f"no evaluation gave {best['metric']}; kept the last step's adapter (step {best['last_step']})"
+    stop = (f"stopped at step {best['last_step']} of {best['max_steps']}: {best['evaluations_without_improvement']} "
+            f"evaluation(s) in a row without an improvement larger than {best['min_delta']:g} (patience "
+            f"{best['patience']})" if best["stopped_early"] else f"trained all {best['last_step']} steps")
+    kept = (f"kept step {best['kept_step']}'s adapter, the {lower} {best['metric']} ({value}) of "
+            f"{best['evaluations']} evaluations" if best["restored_best"]
+            else f"kept the last step's adapter (step {best['kept_step']}; restore_best is off); the best "
+                 f"{best['metric']} was {value} at step {best['best_step']}")
+    return f"{kept}; {stop}"
+
+
+def _save_pissa_init(model, recipe: dict, run_dir: Path, world: dist.World) -> Path | None:
+    """PiSSA trains against a residual base (the weights minus their principal part). peft converts the trained
+    adapter to a plain LoRA of the original weights at save time, from the adapter as it was initialized: saved
+    here once (a resumed run initializes the same, deterministically from the seed), with init marked done so that
+    loading it does not decompose again."""
+    lora = recipe["lora"]
+    if lora is None or lora["init"] != "pissa":
+        return None
+    init_dir = run_dir / "adapter_init"
+    model.peft_config["default"].init_lora_weights = True
+    if world.main and not init_dir.is_dir():
+        with safeio.folder(init_dir) as partial:
+            model.save_pretrained(partial)
+    dist.barrier()
+    return init_dir
+
+
+def _save_adapter(trainer, tokenizer, adapter_dir: Path, world: dist.World, init_dir: Path | None = None) -> None:
     """The adapter once, by rank 0, loadable with plain ``PeftModel.from_pretrained``. Under FSDP every rank takes
-    part in gathering the full (unsharded) adapter weights first."""
+    part in gathering the full (unsharded) adapter weights first. ``init_dir``: a PiSSA adapter's initial state,
+    from which peft converts it to a plain LoRA of the original base weights."""
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    extra = {"state_dict": state} if state is not None else {}
+    if init_dir is not None:
+        extra["path_initial_model_for_weight_conversion"] = str(init_dir)
     if world.main:
         with safeio.folder(adapter_dir) as partial:  # appears whole or not at all
-            trainer.model.save_pretrained(partial, **({"state_dict": state} if state is not None else {}))
+            trainer.model.save_pretrained(partial, **extra)
             tokenizer.save_pretrained(partial)
     dist.barrier()  # no rank reads the adapter (evaluation) before it is complete

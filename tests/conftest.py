@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 THREADS = str(min(2, len(os.sched_getaffinity(0))))
 HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", 900))
-TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny")
+TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny", "chat_tiny")
 
 # Waiting OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads steal the cores the
 # working ones need (measured on 2 busy cores: ~10x slower training steps). Read when torch loads, so set it here,
@@ -61,6 +61,17 @@ def tiny() -> Path:
     from runner import tiny as tiny_mod
 
     return tiny_mod.build()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    """The tiny twins' tokenizer as stored (padding with EOS), without a recipe's settings; one per test module,
+    which may change it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "phi")
+    tok.pad_token = tok.eos_token
+    return tok
 
 
 @pytest.fixture(scope="session")

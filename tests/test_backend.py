@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from runner import backend, merge, plan
+from runner import backend, memory, merge
 from runner import data as data_mod
 from runner import evaluate as evaluate_mod
 from runner import generate as generate_mod
@@ -157,15 +157,15 @@ def test_sampling_on_a_new_backend_follows_the_seed(lora_net):
 def test_batch_for_budget_never_exceeds_the_budget_and_leaves_little_unused(budget_gib, fixed_gib):
     from transformers import PhiConfig
 
-    shape = plan._shape(PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+    shape = memory.model_shape(PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
                                   num_attention_heads=32))
     for prompt in (40, 400, 512):
         for rows_per_prompt in (1, 4):
-            per_row = plan.generation_row_bytes(shape, 2, prompt, 64, static_cache=True)
+            per_row = memory.generation_row_bytes(shape, 2, prompt, 64, static_cache=True)
             batch = backend.batch_for_budget(budget_gib * GIB, fixed_gib * GIB, per_row, rows_per_prompt, 10_000)
-            used = plan.reserved_for(fixed_gib * GIB + batch * rows_per_prompt * per_row)
+            used = memory.reserved_for(fixed_gib * GIB + batch * rows_per_prompt * per_row)
             assert batch == 0 or used <= budget_gib * GIB
-            more = plan.reserved_for(fixed_gib * GIB + (batch + 8) * rows_per_prompt * per_row)
+            more = memory.reserved_for(fixed_gib * GIB + (batch + 8) * rows_per_prompt * per_row)
             assert more > budget_gib * GIB  # within one rounding step (a multiple of 8) of the most that fits
     assert backend.batch_for_budget(127 * GIB, 0, 1e6, 1, 300) == 300  # never more than the prompts there are
 
@@ -177,24 +177,24 @@ def test_auto_merges_when_the_copy_fits_else_batches_and_compiles_long_runs(lora
     assert backend.for_generation(auto, net, lengths).backend == "plain"  # no GPU: the path and speed of before
     c = merge.compute_dtype(net).itemsize
     copy_bytes = merge.copy_bytes(net, c)
-    row = plan.generation_row_bytes(plan._shape(net.config), c, max(lengths), 24, static_cache=True)
+    row = memory.generation_row_bytes(memory.model_shape(net.config), c, max(lengths), 24, static_cache=True)
     monkeypatch.setattr(backend, "_allocated", lambda: 1e6)
     for rows, expected in ((4, "batched"), (40, "merged"), (4000, "merged")):
-        budget = plan.reserved_for(1e6 + copy_bytes + rows * row)
+        budget = memory.reserved_for(1e6 + copy_bytes + rows * row)
         monkeypatch.setattr(backend, "budget_bytes", lambda recipe, b=budget: b)
         choice = backend.for_generation(auto, net, lengths)
         assert choice.backend == expected
         assert choice.predicted_gb * GIB <= budget * (1 + 1e-9)
     new_tokens = backend.COMPILE_MIN_STEPS // 12  # 800 prompts in 13 batches of 64: 13 x new_tokens steps
     long = with_keys(auto, generation={"max_new_tokens": new_tokens})
-    long_row = plan.generation_row_bytes(plan._shape(net.config), c, max(lengths), new_tokens, static_cache=True)
-    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes + 64 * long_row))
+    long_row = memory.generation_row_bytes(memory.model_shape(net.config), c, max(lengths), new_tokens, static_cache=True)
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: memory.reserved_for(1e6 + copy_bytes + 64 * long_row))
     assert backend.for_generation(long, net, lengths).backend == "compiled"
     short = with_keys(auto, generation={"max_new_tokens": new_tokens // 2})
     assert backend.for_generation(short, net, lengths).backend == "merged"  # half the steps: compiling costs more
     fixed = with_keys(auto, generation={"backend": "merged", "batch_size": 5})
     assert backend.for_generation(fixed, net, lengths).batch_size == 5  # a number is used as written
-    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: plan.reserved_for(1e6 + copy_bytes / 2))
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: memory.reserved_for(1e6 + copy_bytes / 2))
     assert backend.for_generation(auto, net, lengths).backend == "batched"
     with pytest.raises(RecipeError) as err:  # asked for explicitly, a copy that cannot fit is the user's to change
         backend.for_generation(with_keys(auto, generation={"backend": "merged"}), net, lengths)
@@ -213,8 +213,8 @@ def test_scoring_batches_stop_at_the_token_cap_and_within_the_budget(lora_net, m
     assert shared.batch_size * (96 + 4 * 4) <= backend.SCORING_TOKENS < (shared.batch_size + 8) * (96 + 4 * 4)
     rows = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4)  # every label's row runs the prompt
     assert rows.batch_size * 4 * 100 <= backend.SCORING_TOKENS < (rows.batch_size + 8) * 4 * 100
-    small = plan.reserved_for(1e6 + merge.copy_bytes(net, 4) + 10.5 * plan.shared_scoring_bytes(
-        plan._shape(net.config), 4, 96, 4))
+    small = memory.reserved_for(1e6 + merge.copy_bytes(net, 4) + 10.5 * memory.packed_scoring_bytes(
+        memory.model_shape(net.config), 4, 96, 4 * 4))
     monkeypatch.setattr(backend, "budget_bytes", lambda recipe: small)
     choice = backend.for_scoring(auto, net, lengths, 4, rows_per_prompt=4, shared_prefix=True)
     assert choice.batch_size == 10 and choice.predicted_gb * GIB <= small * (1 + 1e-9)

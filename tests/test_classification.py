@@ -11,9 +11,9 @@ import pytest
 from evaluators import BUILTINS
 from evaluators.base import Record
 from evaluators.classification import Classification
-from evaluators.rouge import bootstrap_ci
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
+from runner.stats import bootstrap_ci
 from tests.conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

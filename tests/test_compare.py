@@ -4,69 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from runner import compare as compare_mod
 from tests.conftest import ROOT, run_cli
+from tests.test_metrics import METRICS
 
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
-
-# ---------------------------------------------------------------- statistics
-
-
-def test_paired_bootstrap_matches_a_direct_computation_and_the_seed():
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0, 60, size=40)
-    adapter = base + rng.normal(3, 2, size=40)
-    out = compare_mod.paired_bootstrap(base, adapter, seed=5)
-    assert out == compare_mod.paired_bootstrap(base, adapter, seed=5)
-    draw = np.random.default_rng(5)
-    diffs = adapter - base
-    means = np.array([diffs[draw.integers(0, 40, size=40)].mean() for _ in range(1000)])
-    assert out["difference"] == pytest.approx(diffs.mean(), abs=1e-4)
-    assert out["difference_ci95"] == pytest.approx([np.percentile(means, 2.5), np.percentile(means, 97.5)], abs=1e-4)
-    assert out["p_value"] == pytest.approx(min(1, 2 * min((means <= 0).mean(), (means >= 0).mean())))
-
-
-def test_pairing_sees_a_small_consistent_gain_that_separate_intervals_miss():
-    from evaluators.rouge import bootstrap_ci
-
-    rng = np.random.default_rng(1)
-    base = rng.uniform(0, 80, size=50)  # examples differ a lot in difficulty ...
-    adapter = base + 2.0  # ... and the adapter gains 2 points on every one
-    assert compare_mod.ci_overlap(list(bootstrap_ci(base, 0)), list(bootstrap_ci(adapter, 0)))
-    paired = compare_mod.paired_bootstrap(base, adapter, seed=0)
-    assert paired["difference_ci95"] == pytest.approx([2.0, 2.0]) and paired["p_value"] == 0
-
-
-def test_identical_systems_show_no_difference():
-    scores = np.arange(10.0)
-    out = compare_mod.paired_bootstrap(scores, scores.copy(), seed=0)
-    assert out["difference"] == 0 and out["difference_ci95"] == [0, 0] and out["p_value"] == 1
-
-
-METRICS = {"split": "test", "examples": 3, "mode": "generate", "prediction_seconds": 1.0,
-           "rouge": {"rougeL": {"f1": 40.0, "ci95": [30.0, 50.0]}},
-           "loss": {"split": "eval", "examples": 3, "tokens": 30, "loss": 2.0, "loss_ci95": [1.8, 2.2],
-                    "perplexity": 7.389, "perplexity_ci95": [6.05, 9.03]},
-           "classification": {"accuracy": 0.5, "accuracy_ci95": [0.3, 0.7], "invalid": 2,
-                              "per_class": {"Sports": {"precision": 0.5, "recall": 1.0, "support": 4}}},
-           "samples": {"count": 8, "file": "samples.md"}}
-
-
-def test_flatten_finds_each_metric_and_its_interval():
-    flat = compare_mod.flatten(METRICS)
-    assert flat == {
-        "rouge.rougeL": {"value": 40.0, "ci95": [30.0, 50.0]},
-        "loss.loss": {"value": 2.0, "ci95": [1.8, 2.2]},
-        "loss.perplexity": {"value": 7.389, "ci95": [6.05, 9.03]},
-        "classification.accuracy": {"value": 0.5, "ci95": [0.3, 0.7]},
-        "classification.invalid": {"value": 2, "ci95": None},
-        "classification.per_class.Sports.precision": {"value": 0.5, "ci95": None},
-        "classification.per_class.Sports.recall": {"value": 1.0, "ci95": None},
-    }
-
 
 def test_side_by_side_knows_which_direction_is_better():
     adapter = json.loads(json.dumps(METRICS))

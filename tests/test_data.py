@@ -13,15 +13,6 @@ from runner import recipe as recipe_mod
 from runner.errors import RecipeError
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny / "phi")
-    tok.pad_token = tok.eos_token
-    return tok
-
-
 def make_recipe(tmp_path: Path, source, **sections) -> dict:
     raw = {"model": {"name_or_path": "unused"}, "data": {"source": source, "eval_samples": None,
                                                            "test_samples": None},

@@ -1,11 +1,11 @@
 """Several processes without launching any: how a step splits across ranks, which strategy auto picks, what the
-plan predicts per GPU, and how evaluation batches are shared (runner.dist, runner.profiles, runner.plan)."""
+plan predicts per GPU, and how evaluation batches are shared (runner.dist, runner.profiles, runner.memory)."""
 
 from __future__ import annotations
 
 import pytest
 
-from runner import dist, plan, profiles
+from runner import dist, memory, profiles
 from runner.errors import RecipeError
 from tests.test_plan import phi2_config, phi2_dir, xsum  # noqa: F401  (fixtures)
 
@@ -28,6 +28,22 @@ def test_each_rank_gets_whole_batches_and_every_batch_goes_to_one_rank():
     shares = [list(dist.share(batches, dist.World(rank=r, size=3))) for r in range(3)]
     assert shares == [[[0], [3], [6]], [[1], [4]], [[2], [5]]]
     assert sorted(b for share in shares for b in share) == batches
+
+
+@pytest.mark.parametrize("n, batch, size", [(1000, 424, 2), (20, 16, 2), (7, 16, 2), (11334, 424, 4), (5, 2, 3)])
+def test_evaluation_batches_give_every_rank_the_same_number(n, batch, size):
+    from runner.generate import length_sorted_batches
+
+    w = dist.World(rank=0, size=size)
+    got = dist.balanced(batch, n, w)
+    assert 1 <= got <= batch
+    batches = list(length_sorted_batches([1] * n, got))
+    per_rank = [len(list(dist.share(batches, dist.World(rank=r, size=size)))) for r in range(size)]
+    assert max(per_rank) == -(-n // (size * batch))  # no rank does more batches than the largest size needs
+    assert max(per_rank) - min(per_rank) <= 1 and sum(len(b) for b in batches) == n
+    if n >= size * got:
+        assert max(per_rank) == min(per_rank)
+    assert dist.balanced(batch, n, dist.World()) == batch  # one process: the batch as chosen
 
 
 def test_the_step_splits_evenly_or_fails_naming_the_key():
@@ -61,13 +77,13 @@ def test_auto_shards_with_fsdp_when_one_card_cannot_hold_the_model(phi2_config):
     assert speed.distributed == "fsdp" and speed.predicted_gb <= 1.8
     ddp = profiles.as_written(recipe, world_size=4, strategy="ddp")
     fsdp = profiles.as_written(recipe, world_size=4, strategy="fsdp")
-    assert plan.estimate(recipe, phi2_config, fsdp).reserved_gb < plan.estimate(recipe, phi2_config, ddp).reserved_gb
+    assert memory.estimate(recipe, phi2_config, fsdp).reserved_gb < memory.estimate(recipe, phi2_config, ddp).reserved_gb
 
 
 def test_fsdp_estimate_shards_the_static_memory(phi2_config):  # noqa: F811
     recipe = xsum("training.profile=none")
-    one = plan.estimate(recipe, phi2_config, profiles.as_written(recipe))
-    four = plan.estimate(recipe, phi2_config, profiles.as_written(recipe, world_size=4, strategy="fsdp"))
+    one = memory.estimate(recipe, phi2_config, profiles.as_written(recipe))
+    four = memory.estimate(recipe, phi2_config, profiles.as_written(recipe, world_size=4, strategy="fsdp"))
     weights = next(v for k, v in one.parts.items() if k.startswith("4-bit weights"))
     assert four.parts["4-bit weights / 4 (FSDP shard)"] == pytest.approx(weights / 4)
     assert "FSDP gathered layers (current + prefetched)" in four.parts
@@ -99,3 +115,26 @@ def test_a_model_sharded_by_fsdp_is_recognised():
     fsdp_unit = type("FullyShardedDataParallel", (torch.nn.Module,), {})()  # FSDP1's wrapper class, by name
     fsdp2_unit = type("FSDPLinear", (torch.nn.Linear,), {})(2, 2)  # FSDP2 makes FSDP<Class> subclasses
     assert dist.sharded(torch.nn.Sequential(fsdp_unit)) and dist.sharded(torch.nn.Sequential(fsdp2_unit))
+
+
+def test_one_process_trains_on_one_gpu_even_when_several_are_visible(tmp_path, monkeypatch, capsys):
+    """Without a launcher, transformers would wrap the model in nn.DataParallel over every visible GPU, which TRL
+    refuses with an internal error (seen on a 2x H200 machine): the runner keeps one process on one GPU and says how
+    to use the others. Under a launcher each process already has its own GPU."""
+    from trl import SFTConfig
+
+    from runner import train as train_mod
+
+    def config(gpus: int):
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+        assert args.device is not None  # devices are set up, as TRL's check and the Trainer will see them
+        args._n_gpu = gpus  # what transformers finds on a machine with that many GPUs
+        return args
+
+    args = train_mod._one_gpu_per_process(config(2))
+    assert args.n_gpu == 1
+    assert "2 GPUs visible to one process" in capsys.readouterr().out
+    assert train_mod._one_gpu_per_process(config(1)).n_gpu == 1
+    launched = config(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_mod._one_gpu_per_process(launched).n_gpu == 2  # a launcher's process: not ours to change

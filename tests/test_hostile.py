@@ -268,7 +268,7 @@ def test_inspect_measures_a_huge_record_on_its_first_characters(tiny_tokenizer):
     from datasets import Dataset
 
     from runner import data as data_mod
-    from runner import inspect as inspect_mod
+    from runner import inspection as inspect_mod
 
     recipe = recipe_mod.load(TINY)
     rows = [{"id": str(i), "document": "Storms closed roads in the north.", "summary": "Storms."} for i in range(5)]

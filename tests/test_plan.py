@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from runner import plan, profiles
+from runner import memory, profiles
 from runner import recipe as recipe_mod
 from runner.errors import RecipeError
 from tests.conftest import ROOT
@@ -69,7 +69,7 @@ MEASURED = [
 
 @pytest.mark.parametrize("overrides,speed,measured", MEASURED)
 def test_plan_predicts_measured_gpu_peaks_within_15_percent(phi2_config, overrides, speed, measured):
-    predicted = plan.estimate(xsum(*overrides), phi2_config, speed).reserved_gb
+    predicted = memory.estimate(xsum(*overrides), phi2_config, speed).reserved_gb
     assert predicted == pytest.approx(measured, rel=0.15)
 
 
@@ -78,7 +78,9 @@ def test_auto_on_a_cpu_changes_nothing(phi2_config):
     speed = profiles.resolve(recipe, phi2_config, card_gb=None, detect=False)
     assert speed == profiles.Speed("none", 16, 1, False)
     assert not (speed.fixed_shapes or speed.keep_dtype or speed.fused_activation) and speed.cudnn_sdpa
-    assert profiles.apply(recipe, speed) == recipe
+    t = recipe["training"]  # what trains is what the recipe writes
+    assert (speed.micro_batch_size, speed.gradient_accumulation_steps, speed.gradient_checkpointing) == (
+        t["micro_batch_size"], t["gradient_accumulation_steps"], t["gradient_checkpointing"])
 
 
 @pytest.mark.parametrize("card,expected", [(80, "fast"), (40, "fast"), (24, "balanced"), (6, "low_memory"),
@@ -105,8 +107,8 @@ def test_profiles_keep_examples_per_step_and_fit_their_budgets(phi2_config):
 def test_the_profiles_need_less_memory_than_the_study_path_at_the_same_micro_batch(phi2_config):
     recipe = xsum()
     for micro, gc in ((4, True), (16, False)):
-        as_written = plan.estimate(recipe, phi2_config, profiles.Speed("none", micro, 16 // micro, gc))
-        profiled = plan.estimate(recipe, phi2_config, profiles.Speed("fast", micro, 16 // micro, gc, **PROFILED))
+        as_written = memory.estimate(recipe, phi2_config, profiles.Speed("none", micro, 16 // micro, gc))
+        profiled = memory.estimate(recipe, phi2_config, profiles.Speed("fast", micro, 16 // micro, gc, **PROFILED))
         assert profiled.reserved < as_written.reserved
 
 
@@ -134,3 +136,17 @@ def test_train_refuses_a_budget_before_loading_weights_or_writing_anything(tiny,
     assert result.stderr.strip().endswith(errors[0]) and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
     assert "Loading weights" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_training_arguments_are_the_resolved_speeds_not_the_recipes(tmp_path):
+    """train.py builds SFTConfig from the one resolved Speed (what env.json, recipe.yaml's note and report.md show),
+    not from a second, rewritten recipe."""
+    from runner import train
+
+    recipe = recipe_mod.load(TINY)  # as written: 16 x 1, no checkpointing
+    speed = profiles.Speed("low_memory", 4, 4, True)
+    args = train._setup_training(recipe, tmp_path, has_eval=False, speed=speed)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
+    assert any(getattr(args, f"{prefix}_checkpointing", False) for prefix in ("activation", "gradient"))
+    assert recipe["training"]["micro_batch_size"] == 16  # the recipe itself is left as written

@@ -114,3 +114,34 @@ def test_validate_imports_neither_torch_nor_transformers():
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
     assert "ok: recipes/xsum_phi2.yaml -> xsum_phi2" in out.stdout
+
+
+def _extend(tmp_path, parent: dict, child: dict) -> dict:
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "parent.yaml", **child}))
+    return recipe_mod.load(tmp_path / "child.yaml")
+
+
+PARENT = {"model": {"name_or_path": "m"}, "prompt": {"template": "{x}", "completion": " {y}"},
+          "data": {"source": {"train": "p_train.jsonl", "eval": "p_eval.jsonl", "test": "p_test.jsonl"}},
+          "training": {"learning_rate": 0.5, "eval_every": 10}}
+
+
+def test_extends_replaces_data_source_as_a_whole(tmp_path):
+    """The issue's case: a child naming its own train and test files does not keep the parent's eval file."""
+    r = _extend(tmp_path, PARENT, {"data": {"source": {"train": "a.csv", "test": "b.jsonl"}},
+                                   "training": {"eval_every": None}})
+    assert r["data"]["source"] == {"train": str(tmp_path / "a.csv"), "test": str(tmp_path / "b.jsonl")}
+    assert r["data"]["splits"]["eval"] is None  # no eval file: the role is unused
+
+
+def test_extends_null_removes_an_inherited_key_unless_null_is_its_value(tmp_path):
+    r = _extend(tmp_path, PARENT, {"data": {"source": {"train": "a.csv", "eval": None, "test": "b.jsonl"}},
+                                   "training": {"learning_rate": None, "eval_every": None}})
+    assert "eval" not in r["data"]["source"]  # was a one-line error: eval is a file name, never null
+    assert r["training"]["learning_rate"] == recipe_mod.schema()["properties"]["training"]["properties"][
+        "learning_rate"]["default"]  # removed: the default applies
+    assert r["training"]["eval_every"] is None  # null is a value here ("no eval loss"): kept
+    r = _extend(tmp_path, {**PARENT, "data": {"source": "d.jsonl", "splits": {"eval": "validation"}}},
+                {"data": {"splits": {"eval": None}}, "training": {"eval_every": None}})
+    assert r["data"]["splits"]["eval"] is None  # "no eval split", not the default "validation"

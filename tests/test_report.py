@@ -93,3 +93,23 @@ def test_a_run_without_evaluation_still_gets_a_report(run_dir, tmp_path):
     assert "Not evaluated" in text and "No predictions" in text and "Data statistics were not computed" in text
     for rel in images(text):
         assert_png(copy / rel)
+
+
+def test_the_report_shows_the_settings_that_trained_not_only_the_recipes(tmp_path):
+    """A speed profile may split the step and checkpoint otherwise than the recipe writes: report.md says what ran
+    (env.json's speed), recipe.yaml notes it in a comment and still loads as the same recipe."""
+    from runner import profiles, runs
+    from runner import recipe as recipe_mod
+
+    recipe = recipe_mod.load(RECIPE, ["training.micro_batch_size=4", "training.gradient_accumulation_steps=4",
+                                      "training.gradient_checkpointing=true"])
+    ran = profiles.Speed("fast", 16, 1, False, fixed_shapes=True, keep_dtype=True, world_size=2, distributed="ddp")
+    (tmp_path / "env.json").write_text(json.dumps({"speed": ran.as_dict(), "global_step": 3}))
+    runs.note_resolved(tmp_path, recipe, ran.as_dict())
+    text = report.write(tmp_path, recipe).read_text()
+    assert "micro-batch 4 x 4 accumulation" in text  # the recipe section: the recipe as written
+    assert ("| settings used | profile fast: micro-batch 16 x 1 per process x 2 processes (ddp), no gradient "
+            "checkpointing, fixed rows, bf16 |") in text
+    saved = (tmp_path / "recipe.yaml").read_text()
+    assert "#   micro_batch_size: 16\n" in saved and "#   gradient_checkpointing: false\n" in saved
+    assert yaml.safe_load(saved) == recipe and runs.mismatch(tmp_path, recipe, None) is None

@@ -125,6 +125,14 @@ def test_killed_during_a_step_a_checkpoint_write_and_evaluation_resumes_to_the_s
     assert env["train_seconds"] >= first_session["train_seconds"] > 0
     summary = [r for r in rows if "train_loss" in r][-1]
     assert summary["train_loss"] == pytest.approx(env["train_loss"])
+    # TensorBoard too (three sessions wrote events): the steps a resumed session logged again show once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tb"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    for event, row in zip(board.Scalars("train/loss"), [r for r in rows if "loss" in r], strict=True):
+        assert event.value == pytest.approx(row["loss"], rel=1e-6)
 
     # The adapter and the predictions are those of the uninterrupted run (CPU noise aside).
     import torch

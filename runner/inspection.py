@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from runner import chat, mixture, safeio
 from runner import data as data_mod
-from runner import safeio
-from runner.recipe import template_fields
+from runner.recipe import evaluator_classes
+from runner.templates import render, template_fields, text
 
 PERCENTILES = (50, 90, 95, 99)
 KEEP_SHARE = 0.95
 CACHE_DIR = Path(".cache") / "inspect"
-CLASSIFIERS = ("classification", "multilabel")
 _BATCH = 1000
 
 
@@ -57,12 +57,18 @@ def keep_length(totals: np.ndarray, share: float = KEEP_SHARE) -> int:
     return int(np.sort(totals)[math.ceil(share * len(totals)) - 1])
 
 
+def classifies(recipe: dict) -> bool:
+    """An evaluator whose completion is labels, or rank mode."""
+    labelled = any(cls.completion is not None for _, cls in evaluator_classes(recipe))
+    return labelled or recipe["generation"].get("mode") == "rank"
+
+
 def label_column(recipe: dict) -> str | None:
-    """The completion's field when the recipe classifies (a classification/multilabel evaluator or rank mode)."""
-    names = {spec["name"] for spec in recipe["evaluation"]["evaluators"]}
-    ranks = recipe["generation"].get("mode") == "rank"
+    """The completion's field when the recipe classifies (an evaluator whose completion is labels, or rank mode)."""
+    if chat.is_chat(recipe):
+        return None  # the label is the last assistant turn's content (inspect_chat_split)
     fields = template_fields(recipe["prompt"]["completion"], "prompt.completion")
-    if (names & set(CLASSIFIERS) or ranks) and len(fields) == 1:
+    if classifies(recipe) and len(fields) == 1:
         return fields[0]
     return None
 
@@ -78,6 +84,8 @@ def label_counts(values: list) -> dict[str, int]:
 
 def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
     """(statistics, raw lengths per series) of one split, already label-named."""
+    if chat.is_chat(recipe):
+        return inspect_chat_split(ds, recipe, tokenizer, role)
     prompt_cfg = recipe["prompt"]
     sep, max_length = prompt_cfg["list_separator"], prompt_cfg["max_length"]
     limit = recipe["data"]["max_tokens"] or max_length
@@ -92,10 +100,10 @@ def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
         rows.append(capped)
     fields = template_fields(prompt_cfg["template"], "prompt.template")
     fields += [f for f in template_fields(prompt_cfg["completion"], "prompt.completion") if f not in fields]
-    series = {f"{{{name}}}": token_lengths(tokenizer, [data_mod._text(r.get(name), sep) for r in rows])
+    series = {f"{{{name}}}": token_lengths(tokenizer, [text(r.get(name), sep) for r in rows])
               for name in fields}
-    prompts = [data_mod.render(prompt_cfg["template"], r, sep) for r in rows]
-    completions = [data_mod.render(prompt_cfg["completion"], r, sep) for r in rows]
+    prompts = [render(prompt_cfg["template"], r, sep) for r in rows]
+    completions = [render(prompt_cfg["completion"], r, sep) for r in rows]
     series["prompt"] = token_lengths(tokenizer, prompts)
     series["completion"] = token_lengths(tokenizer, completions)
     # Counted the way data.fit_batch counts: prompt and completion tokenized together, plus EOS.
@@ -121,6 +129,43 @@ def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
     column = label_column(recipe)
     if column is not None:
         stats["labels"] = label_counts([r.get(column) for r in rows])
+    if mixture.shares(ds, recipe):
+        stats["sources"] = mixture.shares(ds, recipe)
+    return stats, {name: v.tolist() for name, v in series.items()}
+
+
+def inspect_chat_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
+    """A chat split: per conversation, the tokens of each role's turns (content only, summed over its turns), the
+    prompt (the turns before the last assistant turn, rendered, + the generation prompt), the completion (the last
+    assistant turn's content) and the whole rendered conversation, which prompt.max_length bounds."""
+    data_mod.check_columns(ds, recipe, role)
+    max_length = recipe["prompt"]["max_length"]
+    limit = recipe["data"]["max_tokens"] or max_length
+    rendered = chat.render_batch(ds.to_dict(), recipe, tokenizer)
+    conversations = rendered["messages"]
+    present = [r for r in chat.ROLES if any(t["role"] == r for c in conversations for t in c)]
+    turns = [(i, r, t["content"]) for i, c in enumerate(conversations) for t in c for r in [t["role"]]]
+    counts = token_lengths(tokenizer, [text for _, _, text in turns])
+    series = {}
+    for name in present:
+        per = np.zeros(len(conversations), dtype=int)
+        for (i, r, _), n in zip(turns, counts, strict=True):
+            if r == name:
+                per[i] += n
+        series[f"{name} turns"] = per
+    series["turns per conversation"] = np.asarray([len(c) for c in conversations], dtype=int)
+    series["prompt"] = token_lengths(tokenizer, rendered["prompt"], special=True)
+    series["completion"] = token_lengths(tokenizer, rendered["completion"])
+    series["example"] = np.asarray(rendered["n_tokens"], dtype=int)
+    too_long = series["example"] > limit
+    stats = {"rows": len(conversations), "lengths": {name: summarize(v) for name, v in series.items()},
+             "over_max_length": int((series["example"] > max_length).sum()), "truncated": 0,
+             "dropped_too_long": int(too_long.sum()), "dropped_empty_completion": 0, "kept": int((~too_long).sum()),
+             f"max_length_for_{round(KEEP_SHARE * 100)}pct": keep_length(series["example"])}
+    if classifies(recipe):
+        stats["labels"] = label_counts(rendered["completion"])
+    if mixture.shares(ds, recipe):
+        stats["sources"] = mixture.shares(ds, recipe)
     return stats, {name: v.tolist() for name, v in series.items()}
 
 
@@ -137,7 +182,7 @@ def cache_key(recipe: dict, raw: dict, tokenizer) -> str:
     parts = {"data": recipe["data"], "prompt": recipe["prompt"], "label_column": label_column(recipe),
              "tokenizer": _tokenizer_identity(tokenizer),
              "fingerprints": {role: getattr(ds, "_fingerprint", None) for role, ds in raw.items()},
-             "version": 2}
+             "version": 3}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -155,6 +200,9 @@ def analyze(recipe: dict, tokenizer, use_cache: bool = True, cache_dir: Path = C
               "max_length": recipe["prompt"]["max_length"],
               "max_tokens": recipe["data"]["max_tokens"] or recipe["prompt"]["max_length"],
               "truncate": recipe["prompt"]["truncate"], "splits": {}, "lengths": {}}
+    if chat.is_chat(recipe):
+        result["chat"] = {"messages": recipe["prompt"]["messages"],
+                          "chat_template": recipe["prompt"]["chat_template"] or "the tokenizer's own"}
     for role, ds in raw.items():
         if ds is None:
             continue
@@ -173,18 +221,24 @@ def _display(series: str) -> str:
     return "prompt+completion+EOS" if series == "example" else series
 
 
+def _display_for(result: dict, series: str) -> str:
+    return "whole conversation" if series == "example" and result.get("chat") else _display(series)
+
+
 def table(result: dict) -> str:
     """The statistics as a readable plain-text table."""
     lines = [f"{result['recipe']}: tokenizer {result['tokenizer']}, prompt.max_length {result['max_length']}, "
-             f"data.max_tokens {result['max_tokens']}, prompt.truncate {result['truncate']}"]
+             f"data.max_tokens {result['max_tokens']}, " + (
+                 f"chat data in {{{result['chat']['messages']}}}, chat template {result['chat']['chat_template']}"
+                 if result.get("chat") else f"prompt.truncate {result['truncate']}")]
     keep_key = f"max_length_for_{round(KEEP_SHARE * 100)}pct"
     for role, s in result["splits"].items():
         lines += ["", f"{role}: {s['rows']} rows"]
-        width = max(len(_display(n)) for n in s["lengths"]) + 2
+        width = max(len(_display_for(result, n)) for n in s["lengths"]) + 2
         head = "".join(f"{c:>7}" for c in [*(f"p{p}" for p in PERCENTILES), "max", "mean"])
         lines.append(f"  {'tokens':<{width}}{head}")
         for name, st in s["lengths"].items():
-            label = _display(name)
+            label = _display_for(result, name)
             values = [*(st[f"p{p}"] for p in PERCENTILES), st["max"]]
             lines.append(f"  {label:<{width}}" + "".join(f"{v:>7}" for v in values) + f"{st['mean']:>7.1f}")
         n = max(s["rows"], 1)
@@ -205,6 +259,10 @@ def table(result: dict) -> str:
             text = ", ".join(f"{k or '(empty)'} {v} ({100 * v / total:.1f}%)" for k, v in shown[:30])
             more = f", ... {len(shown) - 30} more" if len(shown) > 30 else ""
             lines.append(f"  labels ({len(shown)} names, share of {total} mentions): {text}{more}")
+        if s.get("sources"):
+            total = max(sum(s["sources"].values()), 1)
+            text = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in s["sources"].items())
+            lines.append(f"  sources (share of the {total} rows drawn): {text}")
     return "\n".join(lines)
 
 
@@ -229,7 +287,7 @@ def plot_histograms(result: dict, out_dir: Path) -> list[Path]:
             # One bin per token count when the range is small: wider bins alias integer counts into spikes.
             bins = np.arange(low, high + 2) - 0.5 if high - low < 60 else 50
             ax.hist(values, bins=bins, color="#4878a8")
-            ax.set_title("prompt + completion + EOS" if name == "example" else name, fontsize=10)
+            ax.set_title(_display_for(result, name) if name == "example" else name, fontsize=10)
             ax.set_xlabel("tokens")
             if name == "example":
                 ax.axvline(result["max_length"], color="#c03030", linestyle="--",

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from runner import data as data_mod
-from runner import inspect as inspect_mod
+from runner import inspection as inspect_mod
 from runner import recipe as recipe_mod
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,91 @@
+"""runner export: the QLoRA-correct merge (dequantized 4-bit base + LoRA in the compute dtype), saved as a plain
+transformers folder that loads without peft, bitsandbytes or the runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner import cli
+from tests.conftest import ROOT
+
+TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
+
+
+def test_export_refuses_an_existing_folder_before_loading_anything(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "out").mkdir()
+    code = cli.main(["export", str(TINY), "--run", str(run), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: --out: ")
+    code = cli.main(["export", str(TINY), "--run", str(tmp_path), "--out", str(tmp_path / "new")])
+    assert code == 2 and "has no trained adapter" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    from tests.conftest import run_cli, run_folder
+
+    twin = trained("xsum_tiny")
+    out = tmp_path_factory.mktemp("export") / "xsum_tiny-merged"
+    result = run_cli("export", twin.recipe, "--run", twin.run_dir, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_folder(result.stdout) == out
+    return twin, out, result.stdout
+
+
+def test_the_export_is_a_plain_transformers_folder_with_the_recipes_decoding(exported):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    _, out, stdout = exported
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "export.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert not list(out.parent.glob("*.partial"))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no peft, no quantization
+    assert type(model).__name__ == "PhiForCausalLM"
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    AutoTokenizer.from_pretrained(out)
+    gen = GenerationConfig.from_pretrained(out)
+    assert (gen.max_new_tokens, gen.do_sample, gen.num_beams) == (24, False, 1)  # the recipe's generation section
+    assert gen.stop_strings is None  # would make a plain generate() without tokenizer= fail: in export.json
+    record = json.loads((out / "export.json").read_text())
+    assert record["stop_strings"] == ["\n"] and record["quantization"] == "bnb_4bit"
+    assert "differ by at most" in stdout
+
+
+def test_merged_logits_match_the_4bit_model_with_its_adapter_unlike_requantizing(exported):
+    """The known peer bug is merging and then quantizing again (peft's merge_and_unload on a 4-bit model): that
+    model computes something else. Measured on 16 test examples (prompt + reference) of the trained XSum twin, fp32
+    on CPU: the export's logits differ from the 4-bit model + adapter by at most 1.1e-5 (logits up to 11.1); the
+    re-quantized merge by 2.2. The tolerance below is 1e-4, and re-quantizing must be 1000x further off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runner import model as model_mod
+    from runner import recipe as recipe_mod
+
+    twin, out, _ = exported
+    torch.set_num_threads(2)
+    recipe = recipe_mod.load(twin.recipe)
+    tokenizer = model_mod.load_tokenizer(recipe)
+    adapter = model_mod.load_trained(recipe, twin.run_dir / "adapter")
+    model_mod._keep_trainable_layout(adapter)  # the 4-bit layout training computed with (not CPU inference's)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    rows = [json.loads(line) for line in (twin.run_dir / "predictions.jsonl").read_text().splitlines()][:16]
+    enc = tokenizer([r["prompt"] + " " + r["reference"] for r in rows], return_tensors="pt", padding=True)
+    mask = enc["attention_mask"].bool()
+    with torch.no_grad():
+        want = adapter(**enc).logits[mask]
+        ours = (merged(**enc).logits[mask] - want).abs().max().item()
+        requantized = (adapter.merge_and_unload()(**enc).logits[mask] - want).abs().max().item()
+    assert ours < 1e-4
+    assert requantized > 1000 * ours

@@ -1,0 +1,90 @@
+"""training.report_to: TensorBoard in the run folder by default, the evaluation's metrics in the same tracker run,
+a missing tracker refused in one line by `runner validate`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from runner import cli, tracking
+from runner import recipe as recipe_mod
+from runner.errors import RecipeError
+from tests.conftest import ROOT
+
+TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
+
+
+def test_report_to_defaults_to_tensorboard_and_accepts_the_transformers_spellings():
+    assert tracking.names(recipe_mod.load(TINY)) == ["tensorboard"]
+    assert tracking.names(recipe_mod.load(TINY, ["training.report_to=none"])) == []
+    assert tracking.names(recipe_mod.load(TINY, ["training.report_to=[]"])) == []
+    assert tracking.names(recipe_mod.load(TINY, ["training.report_to=wandb"])) == ["wandb"]
+    args = tracking.trainer_args(recipe_mod.load(TINY, ["training.report_to=none"]), ROOT / "runs" / "x" / "20261129-1")
+    assert args == {"report_to": "none", "run_name": "xsum_tiny/20261129-1", "project": "xsum_tiny"}
+    with pytest.raises(RecipeError) as err:
+        recipe_mod.load(TINY, ["training.report_to=[tensorbord]"])
+    assert err.value.key_path.startswith("training.report_to")
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_from_validate(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    code = cli.main(["validate", str(TINY), "training.report_to=[tensorboard,wandb]"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("error: training.report_to[1]: wandb is not installed (pip install wandb, or leave wandb out of "
+                   "training.report_to)\n")
+    with pytest.raises(RecipeError):
+        tracking.check(recipe_mod.load(TINY, ["training.report_to=wandb"]))
+    tracking.check(recipe_mod.load(TINY, ["training.report_to=tensorboard"]))  # installed: a dependency
+
+
+def test_the_tracker_environment_points_tensorboard_at_the_run_and_leaves_the_users_settings(monkeypatch, tmp_path):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    recipe = recipe_mod.load(TINY, ["training.report_to=[]"])
+    recipe["training"]["report_to"] = ["tensorboard", "wandb", "mlflow"]  # as if installed
+    with tracking.environment(recipe, tmp_path / "run"):
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "run" / "tb")
+        assert os.environ["WANDB_PROJECT"] == "xsum_tiny"
+        assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "mine"
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ and "WANDB_PROJECT" not in os.environ
+    assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "mine"
+
+
+def test_evaluation_metrics_are_flattened_to_the_trackers_test_namespace():
+    metrics = {"split": "test", "examples": 48, "evaluation_seconds": 3.1,
+               "rouge": {"rougeL": {"f1": 74.1, "ci95": [70.0, 78.0]}},
+               "classification": {"accuracy": 0.9, "accuracy_ci95": [0.8, 1.0], "invalid": 2,
+                                  "per_class": {"World": {"f1": 0.8, "support": 27}}},
+               "samples": {"count": 8, "file": "samples.md"}}
+    assert tracking.flat_metrics(metrics, tracking.metric_prefix("test")) == {
+        "test_rouge.rougeL": 74.1, "test_classification.accuracy": 0.9, "test_classification.invalid": 2.0,
+        "test_classification.per_class.World.f1": 0.8}
+    assert tracking.metric_prefix("eval") == "eval_"
+
+
+def test_the_trained_twin_has_tensorboard_curves_and_its_test_scores_in_the_same_run(trained):
+    """`tensorboard --logdir runs/` finds the run: train and eval curves from the trainer, and the evaluation's
+    ROUGE (sent after training, through the same TensorBoard callback) at the last step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = trained("xsum_tiny").run_dir
+    events = sorted((run / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/loss", "test/rouge.rougeL"} <= tags
+    metrics = json.loads((run / "metrics.json").read_text())
+    env = json.loads((run / "env.json").read_text())
+    [rouge] = acc.Scalars("test/rouge.rougeL")
+    assert rouge.value == pytest.approx(metrics["rouge"]["rougeL"]["f1"], rel=1e-6)
+    assert rouge.step == env["global_step"]
+    logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    train_steps = [row["step"] for row in logged if "loss" in row and "train_loss" not in row]
+    assert [e.step for e in acc.Scalars("train/loss")] == train_steps
