@@ -92,8 +92,8 @@ sweep: $(BIN)/runner $(TINY)
 test: $(BIN)/runner $(TINY)  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest -q tests
 
-test-fast: $(BIN)/runner $(TINY)  ## everything but the tests that train (pytest -m "not slow")
-	$(BIN)/python -m pytest -q -m "not slow" tests
+test-fast: $(BIN)/runner $(TINY)  ## everything but the tests that train (pytest -m "not slow"); a fifth of the fuzz cases
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-quick} $(BIN)/python -m pytest -q -m "not slow" tests
 
 smoke: $(BIN)/runner $(TINY)
 	for r in recipes/tiny/*.yaml; do $(BIN)/runner train $$r training.max_steps=5 output_dir=.cache/smoke-runs || exit 1; done

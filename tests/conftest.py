@@ -121,7 +121,7 @@ def run_watched(command: list[str], cwd: Path, env: dict, input: str | None = No
 
 
 # The commands that load torch: these start warm (tests/warm.py); `validate` and the rest start fresh.
-WARM_COMMANDS = {"train", "eval", "compare", "generate", "inspect", "sweep", "plan"}
+WARM_COMMANDS = {"train", "eval", "compare", "generate", "inspect", "sweep", "plan", "export"}
 
 
 def run_python(argv: list[str], cwd: Path, env: dict, input: str | None = None) -> subprocess.CompletedProcess:

@@ -71,6 +71,8 @@ def _preload() -> str:
             import torch  # noqa: F401
             import transformers
             from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            from transformers.integrations import TensorBoardCallback  # noqa: F401
             from trl import SFTConfig, SFTTrainer  # noqa: F401
 
             for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "BitsAndBytesConfig",
