@@ -10,9 +10,10 @@ environment, stdin, stdout and stderr, running ``runner/__main__.py`` as ``pytho
 ``python script.py`` would); its exit status, its output and a kill -9 are those of a fresh process. What differs:
 the libraries are already imported. Whatever importing them printed (warnings, notices) is put at the start of each
 child's stderr, where a fresh process would have printed it; the preload runs the CLI's own start (its warning
-filters, OMP_WAIT_POLICY) before importing, as a command does. A command whose environment differs from the
-preloaded process's in anything but FAULT or PYTEST_CURRENT_TEST (read at run time) starts fresh, and so does everything when
-TEST_COLD_CLI=1 (to check that warm starts hide nothing).
+filters, OMP_WAIT_POLICY) before importing, as a command does. The child gets the test's environment, but the
+imports saw the preload's: a command whose environment differs in a variable the imports read (recorded while
+they run) or a native library reads when it loads (NATIVE_ENV) starts fresh, with a warning. TEST_COLD_CLI=1
+starts every command fresh (to check that warm starts hide nothing).
 
 Run as ``python -m tests.warm FD``: FD is a socket on which requests arrive, one JSON line each:
 ``{"argv": [...], "cwd": ..., "env": {...}, "stdin": path, "stdout": path, "stderr": path}``; the answer is the
@@ -39,12 +40,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Read at run time, not when the libraries load: may differ between the preloaded process and a command.
-RUNTIME_ENV = ("FAULT", "PYTEST_CURRENT_TEST")
+# Variables native libraries read when they load (libgomp, OpenBLAS, MKL, the loader, the interpreter), where the
+# preload cannot see the reads; the preload records the ones Python code reads.
+NATIVE_ENV = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "ONEDNN_", "DNNL_", "LD_", "MALLOC_", "PYTHON", "TORCH",
+              "PYTORCH_", "CUDA", "NCCL_")
 
 
-def _preload() -> str:
-    """Import what runner commands import, the way a command does; return what that printed."""
+class _Reads:
+    """Records the environment variables Python code reads (os.environ[k], .get, in, os.getenv) while active."""
+
+    def __init__(self):
+        self.keys: set[str] = set()
+        self._cls = type(os.environ)
+        self._getitem = self._cls.__getitem__
+
+    def __enter__(self):
+        keys, getitem = self.keys, self._getitem
+
+        def recording(environ, key):
+            keys.add(key)
+            return getitem(environ, key)
+
+        self._cls.__getitem__ = recording
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.__getitem__ = self._getitem
+
+
+def _preload() -> tuple[str, set[str]]:
+    """Import what runner commands import, the way a command does; return what that printed and the environment
+    variables the imports read."""
     from runner import cli
 
     cli._idle_threads_sleep()
@@ -54,7 +80,7 @@ def _preload() -> str:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    with tempfile.TemporaryFile() as captured, _Reads() as reads:
         os.dup2(captured.fileno(), 1)
         os.dup2(captured.fileno(), 2)
         try:
@@ -86,7 +112,7 @@ def _preload() -> str:
             os.close(saved[0])
             os.close(saved[1])
         captured.seek(0)
-        return captured.read().decode("utf-8", errors="replace")
+        return captured.read().decode("utf-8", errors="replace"), reads.keys
 
 
 def _child(request: dict, preamble: str, control: socket.socket) -> None:
@@ -136,13 +162,15 @@ def _child(request: dict, preamble: str, control: socket.socket) -> None:
 
 def serve(fd: int) -> None:
     control = socket.socket(fileno=fd)
-    preamble = _preload()
+    before = dict(os.environ)
+    preamble, read = _preload()
     sys.stdout.flush()
     sys.stderr.flush()
     stream = control.makefile("rw", encoding="utf-8")
     # Forking copies only this thread. The libraries' native threads (OpenBLAS's pool, jemalloc's background
     # thread) hold no lock across fork (their atfork handlers see to it); a Python thread could, so none may run.
-    stream.write(json.dumps({"ready": threading.active_count() == 1, "preamble": preamble}) + "\n")
+    stream.write(json.dumps({"ready": threading.active_count() == 1, "preamble": preamble, "read": sorted(read),
+                             "before": before, "after": dict(os.environ)}) + "\n")
     stream.flush()
     for line in stream:
         request = json.loads(line)
@@ -167,7 +195,6 @@ class Server:
     """The preloaded process, started on the first warm command of a session."""
 
     def __init__(self, env: dict, cwd: Path, hang_seconds: float):
-        self.env = env
         ours, theirs = socket.socketpair()
         self.log = tempfile.NamedTemporaryFile(prefix="warm-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.warm", str(theirs.fileno())], cwd=cwd, env=env,
@@ -177,7 +204,20 @@ class Server:
         self.control = ours
         self.stream = ours.makefile("rw", encoding="utf-8")
         ready = self._line(hang_seconds)
-        self.ready = ready is not None and json.loads(ready)["ready"]
+        state = json.loads(ready) if ready else {"ready": False}
+        self.ready = state["ready"]
+        if self.ready:
+            self.read, self.before, self.after = set(state["read"]), state["before"], state["after"]
+
+    def differs(self, env: dict) -> list[str]:
+        """The variables in ``env`` that would have made a fresh process's imports differ from the preload's: those
+        the imports read, and the native libraries' (NATIVE_ENV). A value the imports set themselves (a default,
+        e.g. TORCHINDUCTOR_CACHE_DIR) counts as the same as its absence."""
+        keys = self.read | {k for k in (*env, *self.before) if k.startswith(NATIVE_ENV)}
+        # pytest names the current test there; libraries read it only to learn that they run under pytest
+        keys.discard("PYTEST_CURRENT_TEST")
+        return sorted(k for k in keys if env.get(k) != self.before.get(k)
+                      and not (env.get(k) == self.after.get(k) != self.before.get(k)))
 
     def _line(self, timeout: float) -> str | None:
         if not select.select([self.control], [], [], timeout)[0]:
@@ -234,6 +274,7 @@ class Server:
 
 
 _server: Server | None = None
+_warned: set[tuple] = set()
 wanted = True  # conftest turns it off for sessions without slow tests: there a preload costs more than it saves
 
 
@@ -250,8 +291,12 @@ def run(argv: list[str], cwd: Path, env: dict, input: str | None,
             stop()
             wanted = False
             return None
-    strip = lambda e: {k: v for k, v in e.items() if k not in RUNTIME_ENV}  # noqa: E731
-    if strip(env) != strip(_server.env):
+    differs = _server.differs(env)
+    if differs:
+        if tuple(differs) not in _warned:
+            _warned.add(tuple(differs))
+            warnings.warn(f"a command starts fresh: its {', '.join(differs)} differ from the warm process's",
+                          stacklevel=2)
         return None
     return _server.run(argv, cwd, env, input, hang_seconds)
 
