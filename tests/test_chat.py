@@ -167,7 +167,8 @@ def test_trl_builds_labels_from_the_assistant_turns_only(tmp_path, tiny):
 
     recipe = chat_recipe(tmp_path, max_length=256)
     recipe["model"]["name_or_path"] = str(tiny / "phi")
-    recipe["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "bias": "none"}
+    defaults = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")["lora"]  # every lora key, filled in
+    recipe["lora"] = {**defaults, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     tok = model_mod.load_tokenizer(recipe)
     ds = data_mod.prepare(recipe, tok, roles=("train",)).splits["train"]
     args = train._setup_training(recipe, tmp_path / "run", has_eval=False)
