@@ -178,3 +178,19 @@ def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
                 rotate(ckpt.parent, self.keep, best=state.best_model_checkpoint)
 
     return RunRecord()
+
+
+def describe_best(best: dict) -> str:
+    """One sentence: which step's adapter the run kept, and why."""
+    value = f"{best['best_value']:.4g}" if isinstance(best.get("best_value"), (int, float)) else "n/a"
+    lower = "lowest" if best["metric"] == "eval_loss" else "highest"
+    if best["best_step"] is None:
+        return f"no evaluation gave {best['metric']}; kept the last step's adapter (step {best['last_step']})"
+    stop = (f"stopped at step {best['last_step']} of {best['max_steps']}: {best['evaluations_without_improvement']} "
+            f"evaluation(s) in a row without an improvement larger than {best['min_delta']:g} (patience "
+            f"{best['patience']})" if best["stopped_early"] else f"trained all {best['last_step']} steps")
+    kept = (f"kept step {best['kept_step']}'s adapter, the {lower} {best['metric']} ({value}) of "
+            f"{best['evaluations']} evaluations" if best["restored_best"]
+            else f"kept the last step's adapter (step {best['kept_step']}; restore_best is off); the best "
+                 f"{best['metric']} was {value} at step {best['best_step']}")
+    return f"{kept}; {stop}"

@@ -11,7 +11,7 @@ import resource
 import sys
 from pathlib import Path
 
-from runner import baselines, profiles, safeio, stats
+from runner import baselines, checkpoints, profiles, safeio, stats
 from runner import evaluate as evaluate_mod
 from runner import inspection as inspect_mod
 from runner.markdown import cell, table
@@ -198,9 +198,7 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
     if evals:
         rows.append(["last eval loss", f"{evals[-1][1]:.4g} (step {evals[-1][0]})"])
     if env.get("early_stopping"):
-        from runner.train import describe_best
-
-        rows.append(["adapter kept (early stopping)", describe_best(env["early_stopping"])])
+        rows.append(["adapter kept (early stopping)", checkpoints.describe_best(env["early_stopping"])])
     if env.get("train_seconds") is not None:
         rows.append(["training time", f"{env['train_seconds']:.1f} s (+ {env.get('load_seconds', 0):.1f} s loading)"])
     if env.get("peak_allocated_gb") is not None:

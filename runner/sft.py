@@ -9,16 +9,14 @@ The loss itself is TRL's (its fused LM head, token-averaged as TRL does); every 
 
 from __future__ import annotations
 
+import torch
 from trl import SFTTrainer
-
-# valid (labelled) tokens, summed entropy, top-1 hits, input tokens (attention mask)
-_SUMS = 4
 
 
 class Trainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._sums = {}  # mode -> device tensor of _SUMS running sums since the last log
+        self._sums = {}  # mode -> device tensor of running sums since the last log (see compute_loss)
 
     def _lean(self, return_outputs: bool) -> bool:
         """The plain causal-LM loss the runner's recipes train with; anything else is left to TRL as written."""
@@ -30,8 +28,6 @@ class Trainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._lean(return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        import torch
-
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
@@ -43,6 +39,7 @@ class Trainer(SFTTrainer):
         with torch.no_grad():
             seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(
                 inputs["input_ids"].numel(), device=loss.device)
+            # labelled tokens, summed entropy, top-1 hits, input tokens
             step = torch.stack([outputs.label_mask.sum().float(), outputs.entropy.detach().sum().float(),
                                 outputs.is_top1.sum().float(), seen.float().to(loss.device)])
             self._sums[mode] = step if mode not in self._sums else self._sums[mode] + step

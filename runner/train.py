@@ -301,24 +301,8 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
                         **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     if best is not None:
-        print(f"early stopping: {describe_best(best)}", flush=True)
+        print(f"early stopping: {checkpoints.describe_best(best)}", flush=True)
     return run_dir, trainer.model, tokenizer, prepared
-
-
-def describe_best(best: dict) -> str:
-    """One sentence: which step's adapter the run kept, and why."""
-    value = f"{best['best_value']:.4g}" if isinstance(best.get("best_value"), (int, float)) else "n/a"
-    lower = "lowest" if best["metric"] == "eval_loss" else "highest"
-    if best["best_step"] is None:
-        return f"no evaluation gave {best['metric']}; kept the last step's adapter (step {best['last_step']})"
-    stop = (f"stopped at step {best['last_step']} of {best['max_steps']}: {best['evaluations_without_improvement']} "
-            f"evaluation(s) in a row without an improvement larger than {best['min_delta']:g} (patience "
-            f"{best['patience']})" if best["stopped_early"] else f"trained all {best['last_step']} steps")
-    kept = (f"kept step {best['kept_step']}'s adapter, the {lower} {best['metric']} ({value}) of "
-            f"{best['evaluations']} evaluations" if best["restored_best"]
-            else f"kept the last step's adapter (step {best['kept_step']}; restore_best is off); the best "
-                 f"{best['metric']} was {value} at step {best['best_step']}")
-    return f"{kept}; {stop}"
 
 
 def _save_pissa_init(model, recipe: dict, run_dir: Path, world: dist.World) -> Path | None:
