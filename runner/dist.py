@@ -11,7 +11,6 @@ from it (``broadcast``) and hand their results to it (``gather``).
 
 from __future__ import annotations
 
-import atexit
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -71,18 +70,7 @@ def init() -> World:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())  # env:// rendezvous; NCCL on GPUs, gloo on CPUs
-        # Leave the group while the interpreter is whole: a gloo group still alive at interpreter shutdown can
-        # abort a rank that finished ("terminate called without an active exception", SIGABRT; seen once in
-        # ~10 suite runs, a rank of a sweep under torchrun; pytorch/pytorch#190489).
-        atexit.register(_leave)
     return w
-
-
-def _leave() -> None:
-    import torch.distributed as td
-
-    if td.is_initialized():
-        td.destroy_process_group()
 
 
 _COLLECTIVES = [0]  # how many collectives this process has joined
