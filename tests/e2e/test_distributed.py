@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, cli_env, run_cli, run_python
+from tests.conftest import ROOT, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
+BIN = Path(sys.executable).parent
 # Few steps and examples: what is compared is the arithmetic of the split, not what the model learns.
 SMALL = ["training.max_steps=4", "training.logging_steps=1", "data.eval_samples=8", "data.test_samples=12",
          "training.eval_every=null"]
@@ -33,19 +34,17 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    # Two torch processes on the machine: the runner gives each its share of the cores (one thread each on two).
-    return cli_env()
+    # Two torch processes on the machine: one thread each, so they don't oversubscribe the cores.
+    return {**cli_env(), "OMP_NUM_THREADS": "1"}
 
 
-def launch(launcher: list[str], *args) -> subprocess.CompletedProcess:
-    """``python <launcher> -m runner <args>``: the launcher starts warm like a runner command (conftest.run_python,
-    under the hang guard); the workers it starts are fresh processes, as always."""
-    return run_python([*launcher, "-m", "runner", *map(str, args)], ROOT, _env())
+def launch(launcher: list[str], *args, timeout: int = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, "-m", "runner", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          env=_env(), timeout=timeout)
 
 
 def torchrun(n: int = 2) -> list[str]:
-    """What follows `python` for `torchrun --nproc-per-node n` (the script runs this module's main)."""
-    return ["-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(_free_port())]
+    return [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port", str(_free_port())]
 
 
 def run_folders(out: Path) -> list[Path]:
@@ -116,8 +115,8 @@ def test_eval_under_accelerate_launch_matches_one_process(one_and_two):
     run = one[0]
     out = str(run.parent.parent)
     ok(run_cli("eval", TINY, "--run", run, f"output_dir={out}", *SMALL))
-    launcher = ["-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--main_process_port", str(_free_port())]
+    launcher = [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                "--main_process_port", str(_free_port())]
     result = ok(launch(launcher, "eval", TINY, "--run", run, f"output_dir={out}", *SMALL))
     single, double = sorted(p for p in run.iterdir() if p.name.startswith("eval-"))
     assert sorted(predictions(double / "predictions.jsonl")) == sorted(predictions(single / "predictions.jsonl"))
@@ -127,7 +126,7 @@ def test_eval_under_accelerate_launch_matches_one_process(one_and_two):
 
 def test_a_step_that_cannot_be_split_is_one_line_before_loading(tiny, tmp_path):
     result = launch(torchrun(2), "train", TINY, f"output_dir={tmp_path}", "training.micro_batch_size=3",
-                    "training.gradient_accumulation_steps=1", *SMALL)
+                    "training.gradient_accumulation_steps=1", *SMALL, timeout=1800)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[0].startswith("error: training.gradient_accumulation_steps: ")
@@ -148,9 +147,8 @@ def test_a_failing_rank_ends_the_job_with_a_line_naming_it(tiny, tmp_path):
         "    def evaluate(self, records, out_dir):\n        return {}\n")
     env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     start = time.time()
-    result = subprocess.run([sys.executable, *torchrun(2), "-m", "runner", "train", str(TINY),
-                             f"output_dir={tmp_path / 'runs'}", *SMALL, "training.max_steps=1",
-                             "evaluation.evaluators=[{name: 'rankbomb.ev:Bomb'}]"],
+    result = subprocess.run([*torchrun(2), "-m", "runner", "train", str(TINY), f"output_dir={tmp_path / 'runs'}",
+                             *SMALL, "training.max_steps=1", "evaluation.evaluators=[{name: 'rankbomb.ev:Bomb'}]"],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     assert result.returncode != 0
     line = next(line for line in result.stderr.splitlines() if line.startswith("error: rank 1: "))
@@ -177,7 +175,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 def test_killed_rank_ends_the_job_and_the_rerun_resumes(tiny, tmp_path):
     args = ["train", TINY, f"output_dir={tmp_path}", *SMALL, "training.max_steps=6", "training.save_every=2",
             "training.resume=auto", "--no-eval"]
-    job = subprocess.Popen([sys.executable, *torchrun(2), "-m", "runner", *map(str, args)], stdout=subprocess.PIPE,
+    job = subprocess.Popen([*torchrun(2), "-m", "runner", *map(str, args)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
     try:
         deadline = time.time() + 3600
@@ -207,13 +205,14 @@ def test_killed_rank_ends_the_job_and_the_rerun_resumes(tiny, tmp_path):
 def test_two_machines_on_one_host_train_one_run(tiny, tmp_path):
     """torchrun --nnodes 2: two launches (node ranks 0 and 1) meeting at a rendezvous on localhost."""
     port = _free_port()
-    node = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+    node = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
             "--master-port", str(port)]
-    args = ["train", TINY, f"output_dir={tmp_path}", *SMALL, "training.max_steps=2", "--no-eval"]
-    second = subprocess.Popen([sys.executable, *node, "--node-rank", "1", "-m", "runner", *map(str, args)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+    args = ["-m", "runner", "train", str(TINY), f"output_dir={tmp_path}", *SMALL, "training.max_steps=2", "--no-eval"]
+    second = subprocess.Popen([*node, "--node-rank", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=_env())
     try:
-        first = launch([*node, "--node-rank", "0"], *args)
+        first = subprocess.run([*node, "--node-rank", "0", *args], capture_output=True, text=True, cwd=ROOT,
+                               env=_env(), timeout=3600)
         _, err = second.communicate(timeout=120)
     finally:
         if second.poll() is None:
