@@ -282,14 +282,10 @@ def background(tiny, tmp_path_factory, request):
 
         def in_a_lane(name: str, out: Path):
             lane = lanes.get()
-            t0 = time.time()
             try:
                 return run(name, out, lane)
             finally:
                 lanes.put(lane)
-                if os.environ.get("TWIN_LOG"):  # TEMP
-                    with open(os.environ["TWIN_LOG"], "a") as f:
-                        f.write(f"{name} {lane} {t0:.1f} {time.time():.1f}\n")
 
         pool = ThreadPoolExecutor(lanes.qsize(), thread_name_prefix="ahead")
         jobs.update((name, pool.submit(in_a_lane, name, folder(name))) for name in ahead_)
