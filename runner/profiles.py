@@ -160,9 +160,9 @@ def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool 
 def compiles(recipe: dict, speed: Speed, card_gb: float | None) -> bool:
     """training.compile: as written, or (auto) on a GPU under a profile whose shapes are fixed and that neither
     recomputes (checkpointing) nor shards (fsdp). Measured on one H200 (bench/RESULTS.md, "Compiled layers"): the
-    study recipe's steps 1.30x faster at 16 rows and 1.40x at 8 (each process's share on 2 GPUs), the same memory;
-    compiling adds ~15 s to the first step (break-even after ~200 steps of the study recipe). On a CPU compiling
-    costs more than the tiny runs it would speed up (~1 min for the tiny twin's two layers)."""
+    study recipe's steps 1.22-1.30x faster at 16 rows and 1.30-1.40x at 8 (each process's share on 2 GPUs), the same
+    memory; compiling adds 9-17 s to the first step (it pays after a few hundred steps of the study recipe). On a CPU
+    compiling costs more than the tiny runs it would speed up (~1 min for the tiny twin's two layers)."""
     chosen = recipe["training"]["compile"]
     if chosen != "auto":
         return bool(chosen)
