@@ -65,29 +65,36 @@ def profile(net, tokenizer, texts, config) -> str:
                       events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=80)])
 
 
+def forced(label: str, n: int, phase: str, cudnn: bool, call) -> dict:
+    """``call()`` timed, with cuDNN's attention forced on or off where runner.attention's ``phase``
+    (for_generation, for_scoring) would choose it."""
+    from runner import attention
+
+    real = getattr(attention, phase)
+    setattr(attention, phase, lambda: attention.cudnn(cudnn))
+    try:
+        gb.sync()
+        start = time.perf_counter()
+        call()
+        gb.sync()
+        seconds = time.perf_counter() - start
+    finally:
+        setattr(attention, phase, real)
+    row = {"variant": f"{label}, cuDNN attention {'on' if cudnn else 'off'}", "prompts": n, "seconds": seconds,
+           "prompts_per_s": n / seconds}
+    print("TIMED", json.dumps(row), flush=True)
+    return row
+
+
 def full_runs(model, tokenizer, every: list[str]) -> list[dict]:
     """``runner.generate.generate`` over every prompt, as evaluation runs it, with cuDNN's attention on and off
     (each twice: the second run of a setting meets attention shapes the first one already planned)."""
-    import torch
-
     from runner import generate as gen_mod
 
     recipe = gb.xsum_recipe([])
     gen_mod.generate(model, tokenizer, every[:8], gb.xsum_recipe(["generation.max_new_tokens=4"]))
-    rows = []
-    for cudnn in (True, False, True, False):
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
-        gb.sync()
-        start = time.perf_counter()
-        gen_mod.generate(model, tokenizer, every, recipe)
-        gb.sync()
-        seconds = time.perf_counter() - start
-        row = {"variant": f"generate(), cuDNN attention {'on' if cudnn else 'off'}", "prompts": len(every),
-               "seconds": seconds, "prompts_per_s": len(every) / seconds}
-        print("FULL", json.dumps(row), flush=True)
-        rows.append(row)
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    return rows
+    return [forced("generate()", len(every), "for_generation", cudnn,
+                   lambda: gen_mod.generate(model, tokenizer, every, recipe)) for cudnn in (True, False, True, False)]
 
 
 def rank_runs(model, tokenizer) -> list[dict]:
@@ -100,7 +107,6 @@ def rank_runs(model, tokenizer) -> list[dict]:
 
     import torch
 
-    from runner import attention
     from runner import rank as rank_mod
 
     over, prompts = gb.rank_examples(tokenizer)
@@ -110,21 +116,8 @@ def rank_runs(model, tokenizer) -> list[dict]:
     for run, cudnn in enumerate((False, True, False, True, False, True)):
         texts = [p[:-(2 + 3 * run)] + p[-2:] for p in prompts]  # new widths, the same ending ("Topic:" stays)
         torch.cuda.empty_cache()
-        gb.sync()
-        start = time.perf_counter()
-        with attention.cudnn(cudnn):  # rank() would choose its own: the bench overrides it per run
-            real = attention.for_scoring
-            attention.for_scoring = lambda on=cudnn: attention.cudnn(on)
-            try:
-                rank_mod.rank(model, tokenizer, texts, recipe)
-            finally:
-                attention.for_scoring = real
-        gb.sync()
-        seconds = time.perf_counter() - start
-        row = {"variant": f"rank(), new shapes, cuDNN attention {'on' if cudnn else 'off'}", "prompts": len(texts),
-               "seconds": seconds, "prompts_per_s": len(texts) / seconds}
-        print("RANK", json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(forced("rank(), new shapes", len(texts), "for_scoring", cudnn,
+                           lambda t=texts: rank_mod.rank(model, tokenizer, t, recipe)))
     texts = [p[:-40] + p[-2:] for p in prompts]
     torch.cuda.empty_cache()
     prof = cProfile.Profile()
