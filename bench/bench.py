@@ -58,6 +58,13 @@ VARIANTS = {
     "fast": ("training.profile=fast", ["training.profile=fast"], {}, 3, 12),
     "fast_pack": ("training.profile=fast + training.packing=true (bfd-packed fixed rows)",
                   ["training.profile=fast", "training.packing=true"], {}, 3, 12),
+    # Per-GPU efficiency at half the micro-batch (what each of 2 DDP ranks runs for 16 examples a step), with and
+    # without training.compile (auto compiles on a GPU: "fast" and "fast8" are compiled).
+    "fast_uncompiled": ("fast, training.compile=false", ["training.profile=fast", "training.compile=false"], {}, 3, 12),
+    "fast8": ("fast at micro-batch 8 x 2 (a DDP rank's share on 2 GPUs)", ["training.profile=fast"],
+              {"micro_batch_size": 8, "gradient_accumulation_steps": 2}, 4, 12),
+    "fast8_uncompiled": ("fast8, training.compile=false", ["training.profile=fast", "training.compile=false"],
+                         {"micro_batch_size": 8, "gradient_accumulation_steps": 2}, 3, 12),
 }
 
 

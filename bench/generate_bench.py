@@ -22,7 +22,9 @@ tokens. Prints a table, writes ``$OUT/eval_bench.json`` and ``$OUT/eval_table.md
 
 Environment: BENCH_PROMPTS (256), BENCH_OLD_PROMPTS (96: the old path's rate is measured on the first ones),
 BENCH_SELF_PROMPTS (64: the old path at batch 32, the greedy agreement's yardstick), BENCH_EVERY_PROMPTS
-(null = all 1,000 XSum rows: the batch a long evaluation gets), BENCH_RANK (512),
+(null = all 1,000 XSum rows: the batch a long evaluation gets), BENCH_FULL_SPLIT (0; 11334 times generation over
+the full XSum test split's number of prompts, the rows repeated), BENCH_AFTER_TRAINING (1: cuDNN's attention off
+at the start, as training leaves it), BENCH_RANK (512),
 BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after which the
 remaining stages are skipped; 330), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
 """
@@ -54,6 +56,7 @@ ONLY = [name for name in ENV("BENCH_ONLY", "").split(";") if name]
 N_LOWMEM = int(ENV("BENCH_LOWMEM_PROMPTS", 24))
 N_SELF = int(ENV("BENCH_SELF_PROMPTS", 64))
 N_EVERY = ENV("BENCH_EVERY_PROMPTS", "null")  # null: every row of .shared-data/xsum (1,000)
+N_FULL = int(ENV("BENCH_FULL_SPLIT", 0))  # e.g. 11334: that many prompts (the XSum rows repeated), timed whole
 COMPILED = ENV("BENCH_COMPILED", "1") == "1"
 BUDGET = float(ENV("BENCH_BUDGET", 330))
 ADAPTER = Path(str(phi2.MODEL_DIR) + "_adapter")
@@ -304,6 +307,10 @@ def main() -> None:
     from runner import data as data_mod
     from runner import model as model_mod
     torch.set_num_threads(int(ENV("OMP_NUM_THREADS", 8)))
+    if ENV("BENCH_AFTER_TRAINING", "1") == "1":
+        # As `runner train` leaves the process for its evaluation: every training profile but none turns cuDNN's
+        # attention off (runner.profiles); generation and scoring now choose their own kernels (runner.attention).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if not (phi2.MODEL_DIR / "config.json").is_file():
         phi2.cmd_make_model()
     cuda = torch.cuda.is_available()
@@ -362,6 +369,11 @@ def main() -> None:
     if len(every) > len(prompts):
         stage("new sampling, every row", lambda: generation("new sampling, every row", model, tokenizer, every,
                                                             xsum_recipe(new + sampling), rows), need=40, into=runs)
+    if N_FULL:  # the full test split's size, measured rather than projected: the 1,000 rows over and over
+        full = (every * (N_FULL // len(every) + 1))[:N_FULL]
+        stage("new sampling, full split size", lambda: generation("new sampling, full split size", model, tokenizer,
+                                                                  full, xsum_recipe(new + sampling), rows),
+              need=N_FULL / 60, into=runs)
     # The yardstick: the old path against itself with another batch size (other kernels, other padding).
     stage("old greedy, batch 32", lambda: generation("old greedy, batch 32", model, tokenizer, prompts[:N_SELF],
                                                      xsum_recipe(["generation.backend=plain", "generation.batch_size=32",
@@ -415,6 +427,10 @@ def finish(report: dict, show: bool = True) -> None:
             lines += ["", f"Full XSum test split (11,334 prompts) at the rate of '{name}' ({r['prompts']} prompts, "
                           f"batch {r['batch_size']}): {11334 / r['prompts_per_s'] / 60:.1f} min."]
             break
+    if "new sampling, full split size" in runs:
+        r = runs["new sampling, full split size"]
+        lines += ["", f"Measured at the full XSum test split's size ({r['prompts']:,} prompts, the rows repeated): "
+                      f"{r['seconds']:.0f} s = {r['seconds'] / 60:.2f} min, {r['prompts_per_s']:.1f} prompts/s."]
     for key, what in (("greedy_agreement", "old vs new"), ("greedy_agreement_old_batch_16_vs_32",
                                                            "old at batch 16 vs old at batch 32 (the yardstick)")):
         if report.get(key):

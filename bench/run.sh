@@ -21,7 +21,7 @@ fi
 for V in $VARS; do
   LEFT=$(( BUDGET - $(elapsed) ))
   if [ "$LEFT" -lt "${MINLEFT:-45}" ]; then echo "SKIP $V (${LEFT}s left)"; continue; fi
-  CAP=$(case "$V" in GEN) echo 210;; EVAL) echo 400;; *) echo 150;; esac); TO=$(( LEFT < CAP ? LEFT : CAP ))
+  CAP=$(case "$V" in GEN) echo 210;; EVAL) echo "${EVAL_CAP:-400}";; *) echo 150;; esac); TO=$(( LEFT < CAP ? LEFT : CAP ))
   echo "== $V (timeout ${TO}s, t=$(elapsed)s)" >> "$LOG"
   if [ "$V" = GEN ]; then timeout "$TO" "$PY" bench/bench.py generate >> "$LOG" 2>&1
   elif [ "$V" = EVAL ]; then BENCH_BUDGET=$(( TO - 60 )) timeout "$TO" "$PY" bench/generate_bench.py >> "$LOG" 2>&1

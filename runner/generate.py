@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from runner import attention, chat, dist
 from runner import backend as backend_mod
-from runner import chat, dist
 
 
 def generation_config(recipe: dict, tokenizer, backend: str = "plain"):
@@ -78,7 +78,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     was_training = model.training
     model.eval()
     try:
-        with backend_mod.model_for(choice, model) as net:
+        with backend_mod.model_for(choice, model) as net, attention.for_generation():
             set_seed(recipe["seed"])  # after the copy is made: sampling draws start from the seed on every backend
             device = next(net.parameters()).device
             size = dist.balanced(choice.batch_size, len(lengths))

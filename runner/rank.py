@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner import backend, chat, dist
+from runner import attention, backend, chat, dist
 from runner.generate import length_sorted_batches
 from runner.recipe import rank_labels
 from runner.templates import render, template_fields
@@ -148,7 +148,7 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
         return out
     lengths = [len(ids) for ids, _ in rows]
     choice = backend.for_scoring(recipe, model, lengths, max(n for _, n in rows), batch_size=batch_size)
-    with backend.model_for(choice, model) as net, eval_mode(net):
+    with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
         for batch in length_sorted_batches(lengths, choice.batch_size):
             sums = score_rows(net, tokenizer, [rows[i] for i in batch])
             for i, s in zip(batch, sums.tolist()):
@@ -189,7 +189,7 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     choice = backend.for_scoring(recipe, model, [n + longest for n in lengths], longest, rows_per_prompt=len(cands),
                                  shared_prefix=True)
     results: dict[int, str] = {}
-    with backend.model_for(choice, model) as net, eval_mode(net):
+    with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
         # Under a launcher, this rank's share of the batches (one process: all of them).
         for batch in dist.share(length_sorted_batches(lengths, dist.balanced(choice.batch_size, len(lengths)))):
             indices = [todo[j] for j in batch]

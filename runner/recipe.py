@@ -434,8 +434,10 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
         want = " or ".join(want) if isinstance(want, list) else want
         return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}", _describe(sch))
     if kind == "enum":
-        allowed = ", ".join(str(v) for v in error.validator_value)
-        close = difflib.get_close_matches(str(value), [str(v) for v in error.validator_value], n=1, cutoff=0.5)
+        # As YAML writes them: true/false, not Python's True/False.
+        names = [str(v).lower() if isinstance(v, bool) else str(v) for v in error.validator_value]
+        allowed = ", ".join(names)
+        close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"one of: {allowed}"
         return RecipeError(where, f"{_show(value)} is not allowed", hint)
     if kind == "const":

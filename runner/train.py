@@ -225,6 +225,32 @@ def _setup_adapter_dtype(trainer, recipe: dict) -> None:
             param.data = param.data.float()
 
 
+# torch.compile's backend for training.compile (tests use "eager": the same tracing, no code generation).
+COMPILE_BACKEND = "inductor"
+
+
+def _setup_compile(model, speed) -> list:
+    """Each decoder layer compiled in place (torch's regional compilation: every layer reuses one graph, so
+    compiling costs one layer's time); the layers to uncompile after training. Decoder layers are what
+    transformers names in ``_no_split_modules``."""
+    if not speed.compiled:
+        return []
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    for layer in layers:
+        layer.compile(backend=COMPILE_BACKEND)
+    return layers
+
+
+def _uncompile(layers: list) -> None:
+    # Evaluation decodes with a KV cache and new shapes every step: compiled layers would recompile for each.
+    # nn.Module.compile keeps the compiled call here; without it the module runs its own forward again.
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
 def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
     if speed.fixed_shapes:
         trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"])
@@ -276,6 +302,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
         _setup_adapter_dtype(trainer, recipe)
+        compiled = _setup_compile(trainer.model, speed)
     except RecipeError:
         if world.main and not (resume_from and recipe["training"]["resume"] == "auto"):
             shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
@@ -287,7 +314,10 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     if instrument is not None:
         instrument(trainer)
     load_s = time.time() - start
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        _uncompile(compiled)
     train_s = record.seconds()  # the whole run's, over every session (runner.checkpoints)
     divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"

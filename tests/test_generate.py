@@ -172,6 +172,35 @@ def test_rank_scores_are_the_models_log_likelihoods(untrained):
         assert float(score) == pytest.approx(float(logprobs[-n:].sum()), abs=1e-3)
 
 
+def test_generation_runs_cudnn_attention_and_scoring_does_not_whatever_training_left(untrained):
+    """Training turns cuDNN's attention off for the whole process (runner.profiles); generation wants it back (one
+    shape per batch, thousands of decoding steps), scoring passes not (a new shape every pass): each sets its own and
+    restores what it found (runner.attention)."""
+    import torch
+
+    recipe, tokenizer, net = untrained
+    seen: list[bool] = []
+    hook = net.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    short = with_keys(recipe, generation={"max_new_tokens": 2, "do_sample": False})
+    ranked = with_keys(recipe, generation={"mode": "rank", "labels": ["a", "b"]})
+    prompts = ["Article: snow fell.\nSummary:", "Article: rain.\nSummary:"]
+    try:
+        for before in (False, True):
+            torch.backends.cuda.enable_cudnn_sdp(before)
+            seen.clear()
+            generate_mod.generate(net, tokenizer, prompts, short)
+            assert seen and all(seen), "generation ran without cuDNN's attention"
+            assert torch.backends.cuda.cudnn_sdp_enabled() is before
+            seen.clear()
+            rank_mod.completion_logprobs(net, tokenizer, prompts, [" snow", " rain"], recipe)
+            rank_mod.rank(net, tokenizer, prompts, ranked)
+            assert seen and not any(seen), "a scoring pass ran with cuDNN's attention"
+            assert torch.backends.cuda.cudnn_sdp_enabled() is before
+    finally:
+        hook.remove()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_rank_mode_needs_labels_and_a_one_field_completion():
     recipe = recipe_mod.load(TINY_XSUM)
     with pytest.raises(RecipeError) as err:
