@@ -42,7 +42,7 @@ help:  ## list the targets
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
 	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA, generation; EVAL: evaluation old vs new), see bench/RESULTS.md"
-	@echo "make test                       the whole test suite, what CI runs (CPU, ~4.5 min on 2 cores; README: Tests)"
+	@echo "make test                       the whole test suite, what CI runs (CPU, ~5 min on 2 cores; README: Tests)"
 	@echo "make test-fast                  the tests that neither train nor start torch, a fifth of the fuzz cases (~40 s)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
