@@ -19,6 +19,12 @@ export OMP_NUM_THREADS ?= $(THREADS)
 # Waiting OpenMP threads sleep rather than spin: spinning ones take the cores the working ones need on a busy CPU.
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
+# glibc hands a freed tensor's memory back to the OS and page-faults it in again on the next step: a sixth of a tiny
+# training run's CPU time went to the kernel (2.9M page faults in one AG News twin run). Keep it in the process
+# (README: On a CPU).
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+export MALLOC_TOP_PAD_ ?= 268435456
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
 .PHONY: help install validate inspect train eval compare generate export test test-fast smoke tiny lint clean plan bench sweep
@@ -36,7 +42,7 @@ help:  ## list the targets
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
 	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA, generation; EVAL: evaluation old vs new), see bench/RESULTS.md"
-	@echo "make test                       the whole test suite, what CI runs (CPU, ~7 min on 2 cores; README: Tests)"
+	@echo "make test                       the whole test suite, what CI runs (CPU, ~5 min on 2 cores; README: Tests)"
 	@echo "make test-fast                  the tests that neither train nor start torch, a fifth of the fuzz cases (~40 s)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"

@@ -10,6 +10,14 @@ Runner commands run as processes of their own (`run_cli`, `run_python`). In a se
 load torch are forked from one process that imported torch and the other libraries once (tests/warm.py), which
 halves the suite's CPU time; `TEST_COLD_CLI=1` starts every command fresh instead.
 
+Both cores busy: the long commands a session's tests will need start in the background when the session starts,
+two at a time, each pinned to a core of its own (so one torch thread each: the tiny models use a second thread
+poorly), while the tests that need none run; those that need one run last and wait for it. These are the tiny
+twins (`trained`) and the jobs test modules declare with `@ahead(name)` and take from `background(name)`. A test
+needs the twins its module's source names (or its parameters), and the jobs its module declares if it uses
+`background`; a twin or job nobody asked for ahead runs when a test first needs it. `TEST_LANES=0` runs every one
+on demand instead.
+
 Time limits only catch hangs: a command is stopped when it has printed nothing for HANG_SECONDS (training prints
 a progress bar every step), never because the machine is slow or busy.
 """
@@ -17,42 +25,108 @@ a progress bar every step), never because the machine is slow or busy.
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import warm
+from tests.warm import Lane
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 THREADS = str(min(2, len(os.sched_getaffinity(0))))
 HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", 900))
 TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny", "chat_tiny")
+# The order the twins train in ahead of the tests (then the modules' jobs): the longest first, so that the two
+# lanes end about together.
+TWINS_AHEAD = ("chat_tiny", "xsum_tiny", "goemotions_tiny", "mnli_tiny", "agnews_tiny")
+LANES = int(os.environ.get("TEST_LANES", 2))
+_AHEAD = pytest.StashKey[list]()  # the jobs this session runs ahead, in order
 
 # Waiting OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads steal the cores the
 # working ones need (measured on 2 busy cores: ~10x slower training steps). Read when torch loads, so set it here,
 # before any test imports torch; the runner's CLI sets the same default for its own processes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# What the Makefile sets for every command (see there): memory freed between steps stays in the process instead of
+# being page-faulted back in (read when a process starts, so it reaches the commands, not this process itself).
+for _key, _value in (("MALLOC_MMAP_THRESHOLD_", "33554432"), ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+                     ("MALLOC_TOP_PAD_", "268435456")):
+    os.environ.setdefault(_key, _value)
+
+
+# A job run ahead: (its own empty output folder, the lane it runs in or None) -> what the test takes.
+Job = Callable[[Path, "Lane | None"], Any]
+_JOBS: dict[str, tuple[Job, str]] = {}  # name -> (the job, the file of the test module that declared it)
+
+
+def ahead(name: str):
+    """Declares a test module's long job ``name``, run in the background from the session's start; the module's
+    tests that use the `background` fixture take its result from ``background(name)``. The job runs its commands
+    in the lane it is given (``lane=`` of run_cli, run_python)."""
+
+    def declare(job: Job) -> Job:
+        _JOBS[name] = (job, sys.modules[job.__module__].__file__)
+        return job
+
+    return declare
+
+
+@cache
+def _twins_named_in(path: Path) -> frozenset[str]:
+    source = path.read_text(encoding="utf-8")
+    return frozenset(t for t in TWINS if f'"{t}"' in source or f"'{t}'" in source)
+
+
+def jobs_needed(item) -> frozenset[str]:
+    """The twins a test takes from `trained` (its parameters' twin names, else those its module names) and the
+    jobs its module declared, if it takes results from `background`."""
+    names = getattr(item, "fixturenames", ())
+    needed = set()
+    if "trained" in names:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        needed |= {v for v in params.values() if isinstance(v, str) and v in TWINS}
+        needed = needed or set(_twins_named_in(Path(str(item.fspath))))
+    if "background" in names:
+        needed |= {name for name, (_, file) in _JOBS.items() if Path(file) == Path(str(item.fspath))}
+    return frozenset(needed)
+
+
+def _job_order() -> list[str]:
+    return [*TWINS_AHEAD, *_JOBS]
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "trained" in getattr(item, "fixturenames", ()):
+        if {"trained", "background"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # The tests that need no job first (the jobs run meanwhile), then the others in the order their jobs end; the
+    # sort is stable, so tests keep their order otherwise. (A module whose tests are split between the two makes a
+    # module fixture again only if both kinds use it; none that is slow to make is.)
+    order = _job_order()
+    items.sort(key=lambda item: max((1 + order.index(j) for j in jobs_needed(item)), default=0))
 
 
 def pytest_collection_finish(session):
     # Warm starts pay off only where slow tests run many commands that load torch; a fast session runs none.
     warm.wanted = any(item.get_closest_marker("slow") for item in session.items)
+    needed = set().union(*(jobs_needed(item) for item in session.items))
+    session.config.stash[_AHEAD] = [j for j in _job_order() if j in needed] if LANES > 0 else []
 
 
 def pytest_sessionfinish(session):
     warm.stop()
+    for proc in list(_live):  # commands still running when the session ended early (interrupted, -x)
+        proc.kill()
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +167,21 @@ def _drain(stream, chunks: list[bytes], last: list[float]) -> None:
         last[0] = time.monotonic()
 
 
+_live: set[subprocess.Popen] = set()
+
+
 def run_watched(command: list[str], cwd: Path, env: dict, input: str | None = None,
-                hang_seconds: float = HANG_SECONDS) -> subprocess.CompletedProcess:
+                hang_seconds: float = HANG_SECONDS, lane: Lane | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run(command, capture_output=True, text=True)`` with a hang guard instead of a time limit: the
-    process is stopped (and the test fails) only when it prints nothing on stdout or stderr for ``hang_seconds``."""
+    process is stopped (and the test fails) only when it prints nothing on stdout or stderr for ``hang_seconds``.
+    ``lane``: run in that background lane (set as it starts, long before a runner command counts its cores)."""
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+    if lane is not None:
+        if lane.cpus:
+            os.sched_setaffinity(proc.pid, lane.cpus)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, lane.nice)
+    _live.add(proc)
     out, err, last = [], [], [time.monotonic()]
     readers = [threading.Thread(target=_drain, args=(s, c, last), daemon=True)
                for s, c in ((proc.stdout, out), (proc.stderr, err))]
@@ -114,6 +197,7 @@ def run_watched(command: list[str], cwd: Path, env: dict, input: str | None = No
             pytest.fail(f"`{' '.join(map(str, command[1:]))}` printed nothing for {hang_seconds:g} s and was stopped "
                         f"as hung; its last output:\n{b''.join(err)[-2000:].decode(errors='replace')}")
         time.sleep(min(0.2, hang_seconds / 4))
+    _live.discard(proc)
     for reader in readers:
         reader.join()
     decode = lambda chunks: b"".join(chunks).decode("utf-8", errors="replace")  # noqa: E731
@@ -124,21 +208,23 @@ def run_watched(command: list[str], cwd: Path, env: dict, input: str | None = No
 WARM_COMMANDS = {"train", "eval", "compare", "generate", "inspect", "sweep", "plan", "export"}
 
 
-def run_python(argv: list[str], cwd: Path, env: dict, input: str | None = None) -> subprocess.CompletedProcess:
+def run_python(argv: list[str], cwd: Path, env: dict, input: str | None = None,
+               lane: Lane | None = None) -> subprocess.CompletedProcess:
     """``python *argv`` in a process of its own, under the hang guard, forked from a process that imported torch
     and the other libraries already (tests/warm.py says what that changes and what not; TEST_COLD_CLI=1 starts
-    every command fresh)."""
-    result = warm.run(argv, cwd, env, input, HANG_SECONDS)
-    return result if result is not None else run_watched([sys.executable, *argv], cwd, env, input)
+    every command fresh); ``lane``: run in that background lane."""
+    result = warm.run(argv, cwd, env, input, HANG_SECONDS, lane)
+    return result if result is not None else run_watched([sys.executable, *argv], cwd, env, input, lane=lane)
 
 
-def run_cli(*args, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    """The real command line, as a user runs it, in a process of its own (one torch process at a time: tests run
-    serially). A command that loads torch starts warm (run_python); the others start fresh."""
+def run_cli(*args, cwd: Path | None = None, input: str | None = None,
+            lane: Lane | None = None) -> subprocess.CompletedProcess:
+    """The real command line, as a user runs it, in a process of its own. A command that loads torch starts warm
+    (run_python); the others start fresh. ``lane``: run in that background lane."""
     argv = ["-m", "runner", *map(str, args)]
     if args and str(args[0]) in WARM_COMMANDS:
-        return run_python(argv, cwd or ROOT, cli_env(), input)
-    return run_watched([sys.executable, *argv], cwd or ROOT, cli_env(), input)
+        return run_python(argv, cwd or ROOT, cli_env(), input, lane)
+    return run_watched([sys.executable, *argv], cwd or ROOT, cli_env(), input, lane=lane)
 
 
 @pytest.fixture
@@ -159,19 +245,80 @@ class Trained:
     stdout: str       # what `runner train` printed
 
 
+def _lanes(n: int) -> list[Lane]:
+    """``n`` background lanes, the machine's cores split between them (none pinned on one core)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return [Lane(None)] * n
+    n = min(n, len(cores))
+    return [Lane(tuple(cores[i * len(cores) // n:(i + 1) * len(cores) // n])) for i in range(n)]
+
+
+def _twin_job(task: str) -> Job:
+    recipe = ROOT / "recipes" / "tiny" / f"{task}.yaml"
+    return lambda out, lane: run_cli("train", recipe, f"output_dir={out}", lane=lane)
+
+
 @pytest.fixture(scope="session")
-def trained(tiny, tmp_path_factory):
+def background(tiny, tmp_path_factory, request):
+    """``background(name)``: (the output folder, the result) of the tiny twin or declared job ``name``, run once
+    per session; those the session's tests need start in the background when it starts (see above), the others
+    run when first asked for. A job that failed fails every test that asks for it, without running again."""
+    jobs: dict[str, Future] = {}
+
+    def folder(name: str) -> Path:  # made in this thread: pytest's temporary folders are not thread-safe
+        return tmp_path_factory.mktemp(name.replace(" ", "-"))
+
+    def run(name: str, out: Path, lane: Lane | None = None):
+        job = _twin_job(name) if name in TWINS else _JOBS[name][0]
+        return out, job(out, lane)
+
+    pool = None
+    ahead_ = request.config.stash.get(_AHEAD, [])
+    if ahead_:
+        lanes: queue.Queue = queue.Queue()
+        for lane in _lanes(LANES):
+            lanes.put(lane)
+
+        def in_a_lane(name: str, out: Path):
+            lane = lanes.get()
+            try:
+                return run(name, out, lane)
+            finally:
+                lanes.put(lane)
+
+        pool = ThreadPoolExecutor(lanes.qsize(), thread_name_prefix="ahead")
+        jobs.update((name, pool.submit(in_a_lane, name, folder(name))) for name in ahead_)
+
+    def get(name: str):
+        if name not in jobs:
+            jobs[name] = Future()
+            try:
+                jobs[name].set_result(run(name, folder(name)))
+            except BaseException as exc:
+                jobs[name].set_exception(exc)
+        return jobs[name].result()
+
+    yield get
+    if pool is not None:  # the session ended before some jobs were needed (-x, interrupted): start no more
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ahead(request):
+    """Starts the session's jobs in the background before its first test (see `background`)."""
+    if request.config.stash.get(_AHEAD, []):
+        request.getfixturevalue("background")
+
+
+@pytest.fixture(scope="session")
+def trained(background):
     """``trained(task)``: the tiny twin ``task`` (one of TWINS) trained and evaluated through `runner train` with
     its recipe exactly as written, once per test session; every test that needs a trained twin shares the run."""
-    runs: dict[str, Trained] = {}
 
     def get(task: str) -> Trained:
-        if task not in runs:
-            recipe = ROOT / "recipes" / "tiny" / f"{task}.yaml"
-            out = tmp_path_factory.mktemp(f"trained-{task}")
-            result = run_cli("train", recipe, f"output_dir={out}")
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-            runs[task] = Trained(recipe, run_folder(result.stdout), out, result.stdout)
-        return runs[task]
+        out, result = background(task)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return Trained(ROOT / "recipes" / "tiny" / f"{task}.yaml", run_folder(result.stdout), out, result.stdout)
 
     return get

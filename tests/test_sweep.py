@@ -12,7 +12,7 @@ import yaml
 
 from runner import sweep
 from runner.errors import RecipeError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ahead, run_cli
 
 AGNEWS = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -159,10 +159,14 @@ ARGS = ("sweep", AGNEWS, "lora.r=4,8", "training.learning_rate=0.001,0.003", "--
         "generation.mode=rank")
 
 
+@ahead("sweep")
+def _sweep(out: Path, lane):
+    return run_cli(*ARGS, f"output_dir={out}", lane=lane)
+
+
 @pytest.fixture(scope="module")
-def swept(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
-    result = run_cli(*ARGS, f"output_dir={out}")
+def swept(background):
+    out, result = background("sweep")
     assert result.returncode == 0, result.stderr[-4000:]
     (folder,) = (out / "agnews_tiny" / "sweeps").iterdir()
     return out, folder, result

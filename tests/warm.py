@@ -15,9 +15,15 @@ imports saw the preload's: a command whose environment differs in a variable the
 they run) or a native library reads when it loads (NATIVE_ENV) starts fresh, with a warning. TEST_COLD_CLI=1
 starts every command fresh (to check that warm starts hide nothing).
 
+Several commands can run at once (the session trains the tiny twins in the background while other tests run):
+each is a child of its own. One run in a background lane (conftest) is pinned to the lane's cores (a runner
+command then uses that many torch threads) and runs at a lower priority (nice), so the tests in the foreground
+keep the CPU they need and the lane takes what they leave.
+
 Run as ``python -m tests.warm FD``: FD is a socket on which requests arrive, one JSON line each:
-``{"argv": [...], "cwd": ..., "env": {...}, "stdin": path, "stdout": path, "stderr": path}``; the answer is the
-child's pid, then, when it has ended, its exit code (negative: the signal that ended it), a line each.
+``{"argv": [...], "cwd": ..., "env": {...}, "stdin": path, "stdout": path, "stderr": path, "status": path,
+"cpus": [...] or null, "nice": n}``; the answer goes to the status file: the child's pid, then, when it has ended, its exit
+code (negative: the signal that ended it), a line each. When the socket closes, children still running are killed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import threading
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +133,10 @@ def _child(request: dict, preamble: str, control: socket.socket) -> None:
             os.dup2(opened, fd)
             os.close(opened)
         os.chdir(request["cwd"])
+        if request.get("cpus"):
+            os.sched_setaffinity(0, request["cpus"])
+        if request.get("nice"):
+            os.nice(request["nice"])
         os.environ.clear()
         os.environ.update(request["env"])
         if preamble:
@@ -160,28 +171,48 @@ def _child(request: dict, preamble: str, control: socket.socket) -> None:
         os._exit(code)
 
 
+def _answer(path: str, line: str) -> None:
+    # One write of one whole line: the test side reads the file while it grows.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def serve(fd: int) -> None:
     control = socket.socket(fileno=fd)
     before = dict(os.environ)
     preamble, read = _preload()
     sys.stdout.flush()
     sys.stderr.flush()
-    stream = control.makefile("rw", encoding="utf-8")
     # Forking copies only this thread. The libraries' native threads (OpenBLAS's pool, jemalloc's background
     # thread) hold no lock across fork (their atfork handlers see to it); a Python thread could, so none may run.
-    stream.write(json.dumps({"ready": threading.active_count() == 1, "preamble": preamble, "read": sorted(read),
-                             "before": before, "after": dict(os.environ)}) + "\n")
-    stream.flush()
-    for line in stream:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request, preamble, control)
-        stream.write(f"{pid}\n")
-        stream.flush()
-        _, status = os.waitpid(pid, 0)
-        stream.write(f"{os.waitstatus_to_exitcode(status)}\n")
-        stream.flush()
+    control.sendall((json.dumps({"ready": threading.active_count() == 1, "preamble": preamble, "read": sorted(read),
+                                 "before": before, "after": dict(os.environ)}) + "\n").encode())
+    running: dict[int, str] = {}  # pid -> its status file
+    pending, closed = b"", False
+    while not closed:
+        if select.select([control], [], [], 0.05)[0]:
+            data = control.recv(65536)
+            closed = not data
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    _child(request, preamble, control)
+                running[pid] = request["status"]
+                _answer(request["status"], str(pid))
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            _answer(running.pop(pid), str(os.waitstatus_to_exitcode(status)))
+    for pid, path in running.items():  # the session ended (or was interrupted) while these ran
+        os.kill(pid, signal.SIGKILL)
+        _answer(path, str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
 
 
 if __name__ == "__main__":
@@ -191,8 +222,16 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- the test side
 
 
+@dataclass(frozen=True)
+class Lane:
+    """Where a background command runs: pinned to ``cpus`` (None: anywhere), at priority ``nice``."""
+
+    cpus: tuple[int, ...] | None
+    nice: int = 10
+
+
 class Server:
-    """The preloaded process, started on the first warm command of a session."""
+    """The preloaded process, started on the first warm command of a session. Threads may run commands at once."""
 
     def __init__(self, env: dict, cwd: Path, hang_seconds: float):
         ours, theirs = socket.socketpair()
@@ -202,8 +241,8 @@ class Server:
                                      stderr=self.log)
         theirs.close()
         self.control = ours
-        self.stream = ours.makefile("rw", encoding="utf-8")
-        ready = self._line(hang_seconds)
+        self.lock = threading.Lock()
+        ready = self._ready_line(hang_seconds)
         state = json.loads(ready) if ready else {"ready": False}
         self.ready = state["ready"]
         if self.ready:
@@ -219,10 +258,16 @@ class Server:
         return sorted(k for k in keys if env.get(k) != self.before.get(k)
                       and not (env.get(k) == self.after.get(k) != self.before.get(k)))
 
-    def _line(self, timeout: float) -> str | None:
-        if not select.select([self.control], [], [], timeout)[0]:
-            return None
-        return self.stream.readline() or None
+    def _ready_line(self, timeout: float) -> str | None:
+        data, deadline = b"", time.monotonic() + timeout
+        while not data.endswith(b"\n"):
+            if not select.select([self.control], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = self.control.recv(1 << 20)
+            if not chunk:
+                return None
+            data += chunk
+        return data.decode()
 
     def why_not(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-2000:]
@@ -230,8 +275,7 @@ class Server:
     def stop(self) -> None:
         if self.control.fileno() == -1:
             return
-        self.stream.close()
-        self.control.close()
+        self.control.close()  # the server kills the commands still running, then exits
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -239,70 +283,75 @@ class Server:
             self.proc.wait()
         os.unlink(self.log.name)
 
-    def run(self, argv: list[str], cwd: Path, env: dict, input: str | None,
-            hang_seconds: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], cwd: Path, env: dict, input: str | None, hang_seconds: float,
+            lane: Lane | None = None) -> subprocess.CompletedProcess:
         """``subprocess.run([python, *argv], ...)``, forked from the preloaded process, with the same hang guard
-        as conftest.run_watched: stopped only when it writes nothing on stdout or stderr for ``hang_seconds``."""
+        as conftest.run_watched: stopped only when it writes nothing on stdout or stderr for ``hang_seconds``;
+        ``lane``: run in that background lane."""
         with tempfile.TemporaryDirectory(prefix="warm-") as folder:
-            paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr", "status")}
             paths["stdin"].write_bytes((input or "").encode())
-            paths["stdout"].touch()
-            paths["stderr"].touch()
-            request = {"argv": argv, "cwd": str(cwd), "env": env, **{k: str(v) for k, v in paths.items()}}
-            self.stream.write(json.dumps(request) + "\n")
-            self.stream.flush()
-            pid = int(self._line(hang_seconds))
-            sizes, last, code = (0, 0), time.monotonic(), None
-            while code is None:
-                line = self._line(min(0.2, hang_seconds / 4))
-                if line is not None:
-                    code = int(line)
-                    break
+            for name in ("stdout", "stderr", "status"):
+                paths[name].touch()
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "cpus": lane and lane.cpus, "nice": lane and lane.nice,
+                       **{k: str(v) for k, v in paths.items()}}
+            with self.lock:
+                self.control.sendall((json.dumps(request) + "\n").encode())
+            answers = lambda: [int(x) for x in paths["status"].read_text().split("\n")[:-1]]  # noqa: E731
+            sizes, last = (0, 0), time.monotonic()
+            while len(status := answers()) < 2:
+                time.sleep(0.05 if status else 0.01)
                 now = (paths["stdout"].stat().st_size, paths["stderr"].stat().st_size)
                 if now != sizes:
                     sizes, last = now, time.monotonic()
-                elif time.monotonic() - last > hang_seconds:
+                elif time.monotonic() - last > hang_seconds and status:
                     import pytest
 
-                    os.kill(pid, signal.SIGKILL)
-                    self._line(hang_seconds)
+                    os.kill(status[0], signal.SIGKILL)
+                    while len(answers()) < 2:
+                        time.sleep(0.05)
                     err = paths["stderr"].read_bytes()[-2000:].decode(errors="replace")
                     pytest.fail(f"`{' '.join(map(str, argv))}` printed nothing for {hang_seconds:g} s and was "
                                 f"stopped as hung; its last output:\n{err}")
             read = lambda name: paths[name].read_bytes().decode("utf-8", errors="replace")  # noqa: E731
-            return subprocess.CompletedProcess([sys.executable, *argv], code, read("stdout"), read("stderr"))
+            return subprocess.CompletedProcess([sys.executable, *argv], status[1], read("stdout"), read("stderr"))
 
 
 _server: Server | None = None
+_starting = threading.Lock()
 _warned: set[tuple] = set()
 wanted = True  # conftest turns it off for sessions without slow tests: there a preload costs more than it saves
 
 
-def run(argv: list[str], cwd: Path, env: dict, input: str | None,
-        hang_seconds: float) -> subprocess.CompletedProcess | None:
+def run(argv: list[str], cwd: Path, env: dict, input: str | None, hang_seconds: float,
+        lane: Lane | None = None) -> subprocess.CompletedProcess | None:
     """The command's result from a warm start, or None where it must start fresh (then the caller does)."""
     global _server, wanted
-    if not wanted or os.environ.get("TEST_COLD_CLI") == "1":
-        return None
-    if _server is None:
-        _server = Server(env, ROOT, hang_seconds)
-        if not _server.ready:
-            warnings.warn(f"warm starts unavailable, every command starts fresh: {_server.why_not()}", stacklevel=2)
-            stop()
-            wanted = False
+    with _starting:
+        if not wanted or os.environ.get("TEST_COLD_CLI") == "1":
             return None
-    differs = _server.differs(env)
+        if _server is None:
+            _server = Server(env, ROOT, hang_seconds)
+            if not _server.ready:
+                warnings.warn(f"warm starts unavailable, every command starts fresh: {_server.why_not()}",
+                              stacklevel=2)
+                _server.stop()
+                _server, wanted = None, False
+                return None
+        server = _server
+    differs = server.differs(env)
     if differs:
         if tuple(differs) not in _warned:
             _warned.add(tuple(differs))
             warnings.warn(f"a command starts fresh: its {', '.join(differs)} differ from the warm process's",
                           stacklevel=2)
         return None
-    return _server.run(argv, cwd, env, input, hang_seconds)
+    return server.run(argv, cwd, env, input, hang_seconds, lane)
 
 
 def stop() -> None:
     global _server
-    if _server is not None:
-        _server.stop()
-        _server = None
+    with _starting:
+        if _server is not None:
+            _server.stop()
+            _server = None
