@@ -370,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
 
 
+def run() -> int:
+    """The ``runner`` command and ``python -m runner``: main(), and under a launcher the rank's end (dist.end)."""
+    return dist.end(main())
+
+
 # How gloo and NCCL report that a peer process died: not this rank's failure.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ProcessGroupNCCL")
 
