@@ -225,6 +225,27 @@ def _setup_adapter_dtype(trainer, recipe: dict) -> None:
             param.data = param.data.float()
 
 
+def _trained_in_checkpoint(trainer, resume_from: str | None, recipe: dict):
+    """The training result when the checkpoint to resume from was taken at the last of training.max_steps (the run
+    was stopped after it, before the adapter was saved), else None. transformers resumes such a checkpoint and
+    trains one step past max_steps (it checks for the end after a step); this loads its weights and state instead.
+    Under FSDP the model is sharded only inside ``train``: left to it."""
+    max_steps = recipe["training"]["max_steps"]
+    if resume_from is None or not max_steps or trainer.is_fsdp_enabled:
+        return None
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+    if state.global_step < max_steps:
+        return None
+    trainer._load_from_checkpoint(resume_from)
+    trainer.state = state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    print(f"{Path(resume_from).name} holds all {max_steps} steps: nothing left to train", flush=True)
+    return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
+
+
 # torch.compile's backend for training.compile (tests use "eager": the same tracing, no code generation).
 COMPILE_BACKEND = "inductor"
 
@@ -315,7 +336,8 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         instrument(trainer)
     load_s = time.time() - start
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = (_trained_in_checkpoint(trainer, resume_from, recipe)
+                  or trainer.train(resume_from_checkpoint=resume_from))
     finally:
         _uncompile(compiled)
     train_s = record.seconds()  # the whole run's, over every session (runner.checkpoints)

@@ -234,3 +234,24 @@ def test_a_failed_first_run_leaves_no_folder_at_all(recipe):
     safeio.write_text(run_dir / "recipe.yaml", "x")
     runs.discard_unfinished()
     assert not runs.recipe_root(recipe).exists()
+
+
+@pytest.mark.slow
+def test_resuming_the_checkpoint_of_the_last_step_trains_nothing_more(tiny, tmp_path, cli):
+    """A run stopped after its checkpoint at training.max_steps resumes to exactly max_steps: transformers alone
+    trains one step past it; the runner takes the checkpoint's weights instead."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT, run_folder
+
+    common = [ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "training.max_steps=4", "training.save_every=2",
+              "training.eval_every=null", "training.logging_steps=1", "--no-eval"]
+    first = cli("train", *common, f"output_dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = run_folder(first.stdout) / "checkpoints" / "checkpoint-4"
+    again = cli("train", *common, f"output_dir={tmp_path / 'b'}", f"training.resume={last}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    run = run_folder(again.stdout)
+    assert json.loads((run / "env.json").read_text())["global_step"] == 4
+    saved, held = (load_file(d / "adapter_model.safetensors") for d in (run / "adapter", last))
+    assert saved.keys() == held.keys() and all(saved[k].equal(held[k]) for k in saved)
