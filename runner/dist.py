@@ -74,15 +74,16 @@ def init() -> World:
 
 
 def end(code: int) -> int:
-    """``code`` back for ``SystemExit``, except in a process that joined a launcher's group: that one ends here, its
-    Python exit handlers run (trackers finish, logs flush) but not the interpreter's teardown. Tearing down with a
-    gloo group alive aborted a rank that had finished its work ("terminate called without an active exception",
-    SIGABRT) about once in ten suite runs of a sweep under torchrun, and the launcher then reported the whole job
-    failed; leaving the group first did not prevent it."""
+    """``code`` back for ``SystemExit``, except in a process that joined a launcher's group and succeeded: that one
+    ends here, its Python exit handlers run (trackers finish, logs flush) but not the interpreter's teardown.
+    Tearing down with a gloo group alive aborted a rank that had finished its work ("terminate called without an
+    active exception", SIGABRT) about once in ten suite runs of a sweep under torchrun, and the launcher then
+    reported the whole job failed; leaving the group first did not prevent it. A failing rank exits as before: one
+    that ended at once let the launcher stop rank 0 before it printed the error line it alone prints."""
     import sys
 
     td = sys.modules.get("torch.distributed")
-    if td is None or not td.is_available() or not td.is_initialized():
+    if code != 0 or td is None or not td.is_available() or not td.is_initialized():
         return code
     import atexit
 

@@ -141,10 +141,10 @@ def test_one_process_trains_on_one_gpu_even_when_several_are_visible(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_rank_ends_with_its_code_after_its_exit_handlers_and_without_the_teardown(tmp_path):
-    """dist.end: a process in a process group exits with main's code right after its Python exit handlers (a
-    tracker finishing its run, here a file written), skipping the interpreter's teardown that aborted finished
-    gloo ranks; a process in no group gets the code back for SystemExit."""
+def test_a_rank_that_succeeded_ends_after_its_exit_handlers_and_without_the_teardown(tmp_path):
+    """dist.end: a process in a process group that succeeded exits right after its Python exit handlers (a tracker
+    finishing its run, here a file written), skipping the interpreter's teardown that aborted finished gloo ranks; a
+    failed one, or a process in no group, gets its code back for SystemExit."""
     import subprocess
     import sys
 
@@ -153,14 +153,16 @@ def test_a_rank_ends_with_its_code_after_its_exit_handlers_and_without_the_teard
     script = f"""
 import atexit, pathlib, torch.distributed as td
 from runner import dist
-assert dist.end(5) == 5  # no group yet: returned
+assert dist.end(0) == 0  # no group yet: returned
 td.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+assert dist.end(2) == 2  # failed: the usual exit
 atexit.register(lambda: pathlib.Path("{tmp_path / 'handler_ran'}").write_text("yes"))
 print("before", flush=True)
-dist.end(3)
+dist.end(0)
 print("never printed")
+raise SystemExit(7)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "before" and (tmp_path / "handler_ran").read_text() == "yes"
