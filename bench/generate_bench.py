@@ -25,7 +25,8 @@ BENCH_SELF_PROMPTS (64: the old path at batch 32, the greedy agreement's yardsti
 (null = all 1,000 XSum rows: the batch a long evaluation gets), BENCH_FULL_SPLIT (0; 11334 times generation over
 the full XSum test split's number of prompts, the rows repeated), BENCH_AFTER_TRAINING (1: cuDNN's attention off
 at the start, as training leaves it), BENCH_RANK (512),
-BENCH_RANK_OLD (256), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after which the
+BENCH_RANK_OLD (256), BENCH_RANK_FULL (0; 7600 times rank mode over AG News' test split's number of rows, the rows
+repeated), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after which the
 remaining stages are skipped; 330), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
 """
 
@@ -51,6 +52,7 @@ OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 ENV = os.environ.get
 N_PROMPTS, N_OLD = int(ENV("BENCH_PROMPTS", 256)), int(ENV("BENCH_OLD_PROMPTS", 96))
 N_RANK, N_RANK_OLD = int(ENV("BENCH_RANK", 512)), int(ENV("BENCH_RANK_OLD", 256))
+N_RANK_FULL = int(ENV("BENCH_RANK_FULL", 0))  # e.g. 7600 (AG News' test split): rank mode over that many rows
 # BENCH_ONLY="new rank;old rank": run only the stages named (separated by ";"); unset: every stage
 ONLY = [name for name in ENV("BENCH_ONLY", "").split(";") if name]
 N_LOWMEM = int(ENV("BENCH_LOWMEM_PROMPTS", 24))
@@ -261,7 +263,7 @@ def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
               **peaks()}
     log("RANK", json.dumps(result))
     result["_preds"] = [preds[i] for i in range(len(prompts))]
-    if ENV("BENCH_PROFILE_RANK") and choice.backend != "plain":
+    if ENV("BENCH_PROFILE_RANK") and name == "new rank":
         profile_rank(model, tokenizer, prompts[:4 * choice.batch_size], recipe)
     return result
 
@@ -387,14 +389,23 @@ def main() -> None:
         log("AGREE old 16 vs 32", json.dumps(report["greedy_agreement_old_batch_16_vs_32"]))
     report["loss"] = stage("loss", lambda: loss_check(model, tokenizer, examples, base))
     rank_over, rank_prompts = rank_examples(tokenizer)
-    for label, over, subset in (("old rank", ["generation.backend=plain", "generation.batch_size=32"], N_RANK_OLD),
-                                ("new rank", new, None)):
-        stage(label, lambda o=over, s=subset, lb=label: ranking(lb, model, tokenizer, rank_prompts[:s],
-                                                                 rank_recipe(rank_over + o)), into=report["rank"])
-    if len(report["rank"]) == 2:
-        old_r, new_r = report["rank"]
-        n = min(old_r["examples"], new_r["examples"])
-        report["rank_agreement"] = sum(a == b for a, b in zip(old_r["_preds"][:n], new_r["_preds"][:n])) / n
+    # The full test split's size (AG News: 7,600), the rows repeated; and the packed passes on the 4-bit model
+    # itself (generation.backend=batched: no merged copy to make).
+    rank_full = (rank_prompts * (N_RANK_FULL // len(rank_prompts) + 1))[:N_RANK_FULL]
+    for label, over, chosen in (("old rank", ["generation.backend=plain", "generation.batch_size=32"],
+                                 rank_prompts[:N_RANK_OLD]),
+                                ("new rank", new, rank_prompts), ("new rank, 4-bit", ["generation.backend=batched"],
+                                                                  rank_prompts),
+                                ("new rank, full split size", new, rank_full if N_RANK_FULL else [])):
+        if chosen:
+            stage(label, lambda o=over, c=chosen, lb=label: ranking(lb, model, tokenizer, c,
+                                                                     rank_recipe(rank_over + o)), into=report["rank"])
+    if len(report["rank"]) >= 2 and report["rank"][0]["run"] == "old rank":
+        old_r = report["rank"][0]
+        for new_r in report["rank"][1:]:
+            n = min(old_r["examples"], new_r["examples"])
+            new_r["agreement_with_old"] = sum(a == b for a, b in zip(old_r["_preds"][:n], new_r["_preds"][:n])) / n
+        report["rank_agreement"] = report["rank"][1]["agreement_with_old"]
     if cuda:
         stage("low_memory", lambda: generation("new sampling, profile low_memory", model, tokenizer,
                                                prompts[:N_LOWMEM], xsum_recipe(["training.profile=low_memory"]),
@@ -454,8 +465,10 @@ def finish(report: dict, show: bool = True) -> None:
             lines.append(f"| {r['run']} | {r['backend']} | {r['batch_size']} | {r['examples']} | {r['seconds']:.1f} "
                          f"| {r['examples_per_s']:.1f} | {r['examples_per_s'] / base:.1f} | "
                          f"{_num(r['peak_reserved_gib'])} | {_num(r['predicted_gib'])} |")
-        if "rank_agreement" in report:
-            lines.append(f"\nRank predictions old vs new: {100 * report['rank_agreement']:.1f}% identical")
+        same = [f"{r['run']} {100 * r['agreement_with_old']:.1f}%" for r in report["rank"] if "agreement_with_old" in r]
+        if same:
+            lines.append(f"\nRank predictions identical to the old path's (its {report['rank'][0]['examples']} "
+                         f"examples): {', '.join(same)}")
     if report["skipped"]:
         lines += ["", f"Skipped: {'; '.join(report['skipped'])}"]
     lines.append(f"\ntotal {time.time() - T0:.0f} s")

@@ -9,13 +9,19 @@ completion ends at the right edge, and only the last positions' logits are compu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from runner import attention, backend, chat, dist
 from runner.generate import length_sorted_batches
 from runner.recipe import rank_labels
 from runner.templates import render, template_fields
+
+# Tokenizing threads: at most this many, each with at least MIN_CHUNK texts (fewer are not worth a thread).
+MAX_TOKENIZE_THREADS = 8
+MIN_CHUNK = 64
 
 
 def candidate(recipe: dict, label: str) -> str:
@@ -27,21 +33,52 @@ def candidate(recipe: dict, label: str) -> str:
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
-                   end: str | None = None) -> list[tuple[list[int], int]]:
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str], end: str | None = None,
+                   prompt_ids: dict[str, list[int]] | None = None) -> list[tuple[list[int], int]]:
     """(ids of prompt + completion + ``end``, number of scored tokens at the end) per pair, as TRL trains on them.
-    ``end``: EOS, or a chat template's end of turn (runner.chat.completion_end)."""
+    ``end``: EOS, or a chat template's end of turn (runner.chat.completion_end); ``prompt_ids``: prompts already
+    tokenized alone (rank mode tokenized them to size its batches)."""
     from trl.data_utils import common_prefix_length  # lazy: trl (and torch) load only when something is scored
 
     eos = tokenizer.eos_token if end is None else end
-    full = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
-    unique = list(dict.fromkeys(prompts))  # rank mode repeats each prompt once per label: tokenize it once
-    alone = dict(zip(unique, tokenizer(unique)["input_ids"], strict=True))
+    full = token_ids(tokenizer, [p + c + eos for p, c in zip(prompts, completions)])
+    alone = dict(prompt_ids or {})
+    unique = [p for p in dict.fromkeys(prompts) if p not in alone]  # rank mode repeats each prompt once per label
+    alone.update(zip(unique, token_ids(tokenizer, unique), strict=True))
     return [(ids, len(ids) - common_prefix_length(alone[p], ids)) for ids, p in zip(full, prompts)]
 
 
+def token_ids(tokenizer, texts: list[str], workers: int | None = None) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]``, the texts split across threads on the cores this process may use. A fast
+    tokenizer encodes without holding the GIL, so the threads run at once; its own thread pool (rayon) stays as
+    TOKENIZERS_PARALLELISM says (the Makefile turns it off: forking after it ran is unsafe), and these threads end
+    before this returns. Rank mode tokenizes four texts per example, a third of its time on one core."""
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(MAX_TOKENIZE_THREADS, cores, len(texts) // MIN_CHUNK)
+    if workers < 2:
+        return tokenizer(texts)["input_ids"] if texts else []
+    tokenizer(texts[:1])  # settles the tokenizer's padding and truncation state here: the threads only read it
+    size = -(-len(texts) // workers)
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(lambda chunk: tokenizer(chunk)["input_ids"], [texts[i:i + size] for i in range(0, len(texts), size)])
+        return [ids for part in parts for ids in part]
+
+
+def _upload(values, device):
+    """A host list as a tensor on ``device``, copied without making the host wait for the GPU: the next batch is
+    tokenized and packed while this one runs (pinned memory, so the copy is asynchronous)."""
+    import torch
+
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
-    """Summed log-probability of each row's last ``n`` tokens, in one forward pass over the rows."""
+    """Summed log-probability of each row's last ``n`` tokens, in one forward pass over the rows; on the model's
+    device, queued there (reading it waits for the pass)."""
     import torch
 
     device = next(model.parameters()).device
@@ -57,13 +94,13 @@ def score_rows(model, tokenizer, rows: list[tuple[list[int], int]]):
         scored[r, keep - 1 - n:] = True
     # Left padding: positions count real tokens only, as they did in training.
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention, positions, scored = (_upload(t, device) for t in (input_ids, attention, positions, scored))
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                       position_ids=positions.to(device), logits_to_keep=keep, use_cache=False).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = input_ids[:, width - keep + 1:].to(device)
-    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.where(scored.to(device), token_lp, 0.0).sum(-1).cpu()
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep,
+                       use_cache=False).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_lp = logprobs.gather(-1, input_ids[:, width - keep + 1:].unsqueeze(-1)).squeeze(-1)
+        return torch.where(scored, token_lp, 0.0).sum(-1)
 
 
 def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
@@ -72,7 +109,7 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     side by side. A 4-D attention mask lets each label's tokens see the prompt and themselves only, and their
     positions continue the prompt's, so each label is scored as if it followed the prompt alone: one forward pass
     per batch for about one prompt's compute, no KV cache. Equal to score_rows up to rounding.
-    Returns [groups, rows per group]."""
+    Returns [groups, rows per group] on the model's device, queued there as score_rows'."""
     import torch
     from trl.data_utils import common_prefix_length
 
@@ -101,19 +138,18 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
         segments.append(seg)
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    seg = torch.tensor(segments, device=device)
+    seg, input_ids, positions = (_upload(x, device) for x in (segments, input_ids, positions))
+    rows, cols, targets, labels = (_upload(x, device) for x in zip(*picks))
     # A query sees the keys at or before it that are the prompt's or its own label's (padding: only padding).
     allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (
         (seg[:, None, :] == 0) & (seg[:, :, None] >= 0) | (seg[:, None, :] == seg[:, :, None]))
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor(input_ids, device=device), attention_mask=mask[:, None],
-                       position_ids=torch.tensor(positions, device=device), logits_to_keep=keep,
-                       use_cache=False).logits
-    rows, cols, targets, labels = (torch.tensor(x, device=device) for x in zip(*picks))
-    token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels, token_lp)
-    return sums.view(len(groups), k).cpu()
+        logits = model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
+                       logits_to_keep=keep, use_cache=False).logits
+        token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels, token_lp)
+        return sums.view(len(groups), k)
 
 
 def _pack(rows: list[tuple[list[int], int]], p: int) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
@@ -149,11 +185,24 @@ def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[
     lengths = [len(ids) for ids, _ in rows]
     choice = backend.for_scoring(recipe, model, lengths, max(n for _, n in rows), batch_size=batch_size)
     with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
-        for batch in length_sorted_batches(lengths, choice.batch_size):
-            sums = score_rows(net, tokenizer, [rows[i] for i in batch])
+        queued = ((batch, score_rows(net, tokenizer, [rows[i] for i in batch]))
+                  for batch in length_sorted_batches(lengths, choice.batch_size))
+        for batch, sums in one_behind(queued):
             for i, s in zip(batch, sums.tolist()):
                 out[i] = (s, rows[i][1])
     return out
+
+
+def one_behind(items: Iterator) -> Iterator:
+    """``items``, each handed on only once the next one has been made: a batch's scores are read (which waits for
+    the GPU) after the next batch was tokenized, packed and queued, so the host's work overlaps the GPU's."""
+    previous = sentinel = object()
+    for item in items:
+        if previous is not sentinel:
+            yield previous
+        previous = item
+    if previous is not sentinel:
+        yield previous
 
 
 def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
@@ -185,21 +234,28 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
         return {}
-    lengths = [len(ids) for ids in tokenizer([prompts[i] for i in todo])["input_ids"]]
+    prompt_ids = token_ids(tokenizer, [prompts[i] for i in todo])
+    lengths = [len(ids) for ids in prompt_ids]
     choice = backend.for_scoring(recipe, model, [n + longest for n in lengths], longest, rows_per_prompt=len(cands),
                                  shared_prefix=True)
-    results: dict[int, str] = {}
-    with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
+    end = chat.completion_end(recipe, tokenizer)
+
+    def queued(net):
         # Under a launcher, this rank's share of the batches (one process: all of them).
         for batch in dist.share(length_sorted_batches(lengths, dist.balanced(choice.batch_size, len(lengths)))):
-            indices = [todo[j] for j in batch]
-            pairs = tokenize_pairs(tokenizer, [prompts[i] for i in indices for _ in cands],
-                                   [c for _ in indices for c in cands], chat.completion_end(recipe, tokenizer))
+            texts = [prompts[todo[j]] for j in batch]
+            pairs = tokenize_pairs(tokenizer, [p for p in texts for _ in cands], cands * len(batch), end,
+                                   prompt_ids={p: prompt_ids[j] for p, j in zip(texts, batch)})
             if choice.backend == "plain":
-                scores = score_rows(net, tokenizer, pairs).view(len(indices), len(cands))
+                scores = score_rows(net, tokenizer, pairs).view(len(batch), len(cands))
             else:
                 scores = score_groups(net, tokenizer, [pairs[g:g + len(cands)] for g in range(0, len(pairs), len(cands))])
-            done = [(i, labels[int(row.argmax())]) for i, row in zip(indices, scores)]
+            yield [todo[j] for j in batch], scores
+
+    results: dict[int, str] = {}
+    with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
+        for indices, scores in one_behind(queued(net)):
+            done = [(i, labels[best]) for i, best in zip(indices, scores.argmax(-1).tolist())]
             results.update(done)
             if on_batch:
                 on_batch(done)

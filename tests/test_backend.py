@@ -87,6 +87,62 @@ def test_merged_loss_and_rank_scores_match(lora_net):
     assert rank_mod.rank(net, tokenizer, prompts[:4], merged_rank) == rank_mod.rank(net, tokenizer, prompts[:4], ranked)
 
 
+def test_the_merged_copy_is_released_when_its_evaluation_ends(lora_net):
+    import torch
+
+    recipe, tokenizer, net, prompts = lora_net
+    with backend.model_for(backend.Choice("merged", 4), net) as copy_:
+        assert copy_ is not net and copy_.get_input_embeddings().weight.device.type == "cpu"
+    # the caller's name still points at the copy, and its weights are gone anyway (no garbage collection needed)
+    assert {p.device.type for p in copy_.parameters()} == {"meta"}
+    assert merge.adapter_active(net) and net.get_input_embeddings().weight.device.type == "cpu"
+    with torch.inference_mode():
+        assert torch.isfinite(net(**tokenizer(prompts[:1], return_tensors="pt")).logits).all()
+
+
+def test_rank_mode_queues_the_next_batch_before_it_reads_a_batchs_scores(lora_net, monkeypatch):
+    """The host tokenizes and packs batch i + 1 while the GPU runs batch i: reading a batch's scores (a wait for
+    the GPU) comes after the next batch was queued."""
+    recipe, tokenizer, net, prompts = lora_net
+    events: list[str] = []
+    real = rank_mod.score_groups
+
+    class Queued:
+        def __init__(self, scores, n):
+            self.scores, self.n = scores, n
+
+        def argmax(self, dim):
+            events.append(f"read {self.n}")
+            return self.scores.argmax(dim)
+
+    def logged(net_, tokenizer_, groups):
+        n = sum(e.startswith("queue") for e in events)
+        events.append(f"queue {n}")
+        return Queued(real(net_, tokenizer_, groups), n)
+
+    monkeypatch.setattr(rank_mod, "score_groups", logged)
+    ranked = with_keys(recipe, generation={"mode": "rank", "labels": ["Storms", "Norcom", "Rovers"],
+                                           "backend": "merged", "batch_size": 2})
+    predicted = rank_mod.rank(net, tokenizer, prompts[:6], ranked)
+    assert events == ["queue 0", "queue 1", "read 0", "queue 2", "read 1", "read 2"]
+    monkeypatch.setattr(rank_mod, "score_groups", real)
+    assert predicted == rank_mod.rank(net, tokenizer, prompts[:6], {**ranked, "generation": {
+        **ranked["generation"], "batch_size": 6}})
+
+
+def test_tokenizing_on_threads_gives_the_tokenizers_own_ids(lora_net):
+    _, tokenizer, _, prompts = lora_net
+    texts = [p + f" {i}" for i in range(40) for p in prompts]
+    want = tokenizer(texts)["input_ids"]
+    padded = copy.deepcopy(tokenizer)
+    padded._tokenizer.enable_padding(pad_id=0, length=512)  # a state every call must first reset
+    assert rank_mod.token_ids(padded, texts, workers=3) == want
+    assert rank_mod.token_ids(tokenizer, texts) == want and rank_mod.token_ids(tokenizer, []) == []
+    reused = rank_mod.tokenize_pairs(tokenizer, prompts[:2], [" a", " b"], prompt_ids={prompts[0]: [1, 2]})
+    assert reused[0][1] == len(reused[0][0])  # the given ids, not the prompt's own, were the prefix
+    assert reused[1] == rank_mod.tokenize_pairs(tokenizer, prompts[1:2], [" b"])[0]
+
+
 # ---------------------------------------------------------------- same predictions, same stops
 
 
