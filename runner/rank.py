@@ -22,9 +22,6 @@ from runner.templates import render, template_fields
 # Tokenizing threads: at most this many, each with at least MIN_CHUNK texts (fewer are not worth a thread).
 MAX_TOKENIZE_THREADS = 8
 MIN_CHUNK = 64
-# Rank mode runs the tokens every prompt of a batch starts with once when there are at least this many: the AG News
-# template's instruction is 25 of a packed row's ~90 tokens.
-MIN_SHARED_PREFIX = 8
 
 
 def candidate(recipe: dict, label: str) -> str:
@@ -111,8 +108,7 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     with as many), packed: each group is one row holding the shared prompt once and then every label's own tokens
     side by side. A 4-D attention mask lets each label's tokens see the prompt and themselves only, and their
     positions continue the prompt's, so each label is scored as if it followed the prompt alone: one forward pass
-    per batch for about one prompt's compute. The tokens every prompt of the batch starts with (a template's
-    instruction) run once, as a cache every row reads (``_shared_prefix``). Equal to score_rows up to rounding.
+    per batch for about one prompt's compute, no KV cache. Equal to score_rows up to rounding.
     Returns [groups, rows per group] on the model's device, queued there as score_rows'."""
     import torch
     from trl.data_utils import common_prefix_length
@@ -125,71 +121,35 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
         # no shared prompt to run once, or an attention kernel that takes no custom mask: a row per label
         return score_rows(model, tokenizer, [row for rows in groups for row in rows]).view(len(groups), k)
     packed = [_pack(rows, p) for rows, p in zip(groups, shared)]
-    # Tokens every row starts with, short of each prompt's last (its logit scores the first label token).
-    skip = min(min(common_prefix_length(packed[0][0], ids) for ids, _, _ in packed), min(shared) - 1)
-    skip = skip if skip >= MIN_SHARED_PREFIX and len(packed) > 1 else 0
-    width = max(len(ids) for ids, _, _ in packed) - skip
+    width = max(len(ids) for ids, _, _ in packed)
     keep = max(len(ids) - p for (ids, _, _), p in zip(packed, shared)) + 1  # the prompt's last logit + every tail
     input_ids, positions, segments = [], [], []  # segment: -1 padding, 0 the prompt, j + 1 label j's own tokens
     picks: list[tuple[int, int, int, int]] = []  # (group, kept column, target token, label)
     for g, ((ids, pos, spans), p) in enumerate(zip(packed, shared)):
-        off = width - (len(ids) - skip)  # left-padded: every packed row ends at the right edge
-        input_ids.append([tokenizer.pad_token_id] * off + ids[skip:])
-        positions.append([0] * off + pos[skip:])
-        seg = [-1] * off + [0] * (p - skip)
+        off = width - len(ids)  # left-padded: every packed row ends at the right edge
+        input_ids.append([tokenizer.pad_token_id] * off + ids)
+        positions.append([0] * off + pos)
+        seg = [-1] * off + [0] * p
         for j, (a, b, n) in enumerate(spans):
             seg += [j + 1] * (b - a)
             for t in range(b - n, b):  # the label's scored tokens, each predicted by the position before it
                 before = p - 1 if t == a else t - 1
-                picks.append((g, off + before - skip - (width - keep), ids[t], j))
+                picks.append((g, off + before - (width - keep), ids[t], j))
         segments.append(seg)
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
     seg, input_ids, positions = (_upload(x, device) for x in (segments, input_ids, positions))
     rows, cols, targets, labels = (_upload(x, device) for x in zip(*picks))
-    # A query sees the keys at or before it that are the prompt's or its own label's (padding: only padding), and
-    # every key of the shared prefix (padding: none).
+    # A query sees the keys at or before it that are the prompt's or its own label's (padding: only padding).
     allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril() & (
         (seg[:, None, :] == 0) & (seg[:, :, None] >= 0) | (seg[:, None, :] == seg[:, :, None]))
-    if skip:
-        allowed = torch.cat([(seg >= 0)[:, :, None].expand(-1, -1, skip), allowed], dim=-1)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     with torch.inference_mode():
-        cache = _shared_prefix(model, packed[0][0][:skip], device) if skip else {"use_cache": False}
         logits = model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
-                       logits_to_keep=keep, **cache).logits
+                       logits_to_keep=keep, use_cache=False).logits
         token_lp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
         sums = torch.zeros(len(groups) * k, device=device).index_add_(0, rows * k + labels, token_lp)
         return sums.view(len(groups), k)
-
-
-def _shared_prefix(model, prefix: list[int], device) -> dict:
-    """The keyword arguments that hand a forward pass ``prefix``'s keys and values, computed here once and read by
-    every row of the pass (a row's own tokens follow them; the pass's 4-D mask says which rows see them): the
-    transformers cache the model takes, filled by running the prefix alone, then frozen so the pass adds nothing to
-    it (its per-layer memory stays that of a pass without a cache)."""
-    import inspect
-
-    import torch
-    from transformers import DynamicCache
-
-    class SharedPrefix(DynamicCache):
-        frozen = False
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            if not self.frozen:
-                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-            layer, rows = self.layers[layer_idx], key_states.shape[0]
-            return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
-                    torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5.2x renamed past_key_values to cache (the old name warns)
-    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-    cache = SharedPrefix()
-    model(input_ids=torch.tensor([prefix], device=device), logits_to_keep=1, use_cache=True, **{name: cache})
-    cache.frozen = True
-    return {name: cache, "use_cache": True}
 
 
 def _pack(rows: list[tuple[list[int], int]], p: int) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:

@@ -130,32 +130,6 @@ def test_rank_mode_queues_the_next_batch_before_it_reads_a_batchs_scores(lora_ne
         **ranked["generation"], "batch_size": 6}})
 
 
-def test_the_prefix_every_prompt_starts_with_runs_once_and_scores_do_not_change(lora_net, monkeypatch):
-    """score_groups runs the tokens every prompt of a batch starts with (the template's instruction) once, as a
-    cache the rows read: the same scores as each prompt run whole, on 4-bit + LoRA and on the merged copy."""
-    from trl.data_utils import common_prefix_length
-
-    recipe, tokenizer, net, prompts = lora_net
-    completions = [" Storms close schools.", " Rovers win."]
-    pairs = rank_mod.tokenize_pairs(tokenizer, [p for p in prompts[:4] for _ in completions], completions * 4)
-    groups = [pairs[g:g + 2] for g in range(0, 8, 2)]
-    starts = [ids for ids in tokenizer(prompts[:4])["input_ids"]]
-    common = min(common_prefix_length(starts[0], ids) for ids in starts)
-    assert common >= rank_mod.MIN_SHARED_PREFIX  # the tiny template's instruction: the test covers the cache
-    ran: list[int] = []
-    real = rank_mod._shared_prefix
-    monkeypatch.setattr(rank_mod, "_shared_prefix", lambda m, prefix, d: ran.append(len(prefix)) or real(m, prefix, d))
-    whole = rank_mod.score_rows(net, tokenizer, pairs).view(4, 2)
-    for model in (net, merge.merged_copy(net)):
-        with_prefix = rank_mod.score_groups(model, tokenizer, groups)
-        monkeypatch.setattr(rank_mod, "MIN_SHARED_PREFIX", 10**6)  # off: each prompt run whole in the packed pass
-        without = rank_mod.score_groups(model, tokenizer, groups)
-        monkeypatch.setattr(rank_mod, "MIN_SHARED_PREFIX", 8)
-        assert with_prefix.flatten().tolist() == pytest.approx(without.flatten().tolist(), abs=1e-3)
-        assert with_prefix.flatten().tolist() == pytest.approx(whole.flatten().tolist(), abs=2e-3)
-    assert ran == [common, common]
-
-
 def test_tokenizing_on_threads_gives_the_tokenizers_own_ids(lora_net):
     _, tokenizer, _, prompts = lora_net
     texts = [p + f" {i}" for i in range(40) for p in prompts]
