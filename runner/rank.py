@@ -56,7 +56,7 @@ def token_ids(tokenizer, texts: list[str], workers: int | None = None) -> list[l
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(MAX_TOKENIZE_THREADS, cores, len(texts) // MIN_CHUNK)
-    if workers < 2:
+    if workers < 2 or not getattr(tokenizer, "is_fast", False):  # a Python tokenizer holds the GIL: no gain
         return tokenizer(texts)["input_ids"] if texts else []
     tokenizer(texts[:1])  # settles the tokenizer's padding and truncation state here: the threads only read it
     size = -(-len(texts) // workers)

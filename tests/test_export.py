@@ -86,6 +86,7 @@ def test_merged_logits_match_the_4bit_model_with_its_adapter_unlike_requantizing
     with torch.no_grad():
         want = adapter(**enc).logits[mask]
         ours = (merged(**enc).logits[mask] - want).abs().max().item()
-        requantized = (adapter.merge_and_unload()(**enc).logits[mask] - want).abs().max().item()
+        with pytest.warns(UserWarning, match="rounding errors"):  # peft knows, and says so
+            requantized = (adapter.merge_and_unload()(**enc).logits[mask] - want).abs().max().item()
     assert ours < 1e-4
     assert requantized > 1000 * ours
