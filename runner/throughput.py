@@ -103,6 +103,10 @@ def report_lines(recipe: dict, card: str, why: str, total_params: int) -> list[s
         rate = examples_per_second(card, profile, total_params, recipe["prompt"]["max_length"])
         seconds = examples / rate if examples is not None else 1000 / rate
         lines.append(f"{profile:<11} {rate:>10.1f} {duration(seconds):>18}")
+    if recipe["training"]["compile"] is not False:
+        lines.append("(rates measured uncompiled; on a GPU, fast and balanced compile their decoder layers "
+                     f"(training.compile: {str(recipe['training']['compile']).lower()}): 1.22-1.40x faster steps "
+                     "on one H200, bench/RESULTS.md \"Compiled layers\")")
     if total_params < MEASURED_PARAMS / 10:
         lines.append("(a model this much smaller than the measured one is bound by the host, not the matmuls: "
                      "expect it to take longer)")

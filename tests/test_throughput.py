@@ -85,5 +85,10 @@ def test_plan_prints_the_time_per_profile_and_the_card(tmp_path, cli):
     assert "5,008 examples" in out
     # 5,008 examples at 19,423 real tokens/s / 389.9 tokens an example, scaled by 2,779,683,840 / 2,779,683,840
     assert "fast              49.8            1.7 min" in out, out
+    assert "(rates measured uncompiled; on a GPU, fast and balanced compile their decoder layers " \
+           "(training.compile: auto)" in out
+    eager = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={tmp_path}", "--card", "H200",
+                "training.compile=false")
+    assert eager.returncode == 0 and "49.8" in eager.stdout and "compile" not in eager.stdout
     bad = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={tmp_path}", "--card", "A100")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --card: no measured throughput for 'A100'")
