@@ -307,6 +307,29 @@ def test_an_interrupted_merged_evaluation_resumes_to_the_same_predictions(lora_n
     assert rows[0] == rows[1]
 
 
+def test_an_interrupted_rank_mode_evaluation_resumes_to_the_same_predictions(lora_net, tmp_path, monkeypatch):
+    """Rank mode reads a batch's scores only after queuing the next (rank.one_behind): stopped once a batch is
+    written, it resumes from what was written and ends with the uninterrupted run's predictions."""
+    recipe, tokenizer, net, _ = lora_net
+    recipe = with_keys(recipe, generation={"mode": "rank", "labels": ["Storms", "Norcom", "Rovers"], "batch_size": 3,
+                                           "backend": "merged"}, evaluation={"evaluators": [{"name": "rouge"}]})
+    examples = data_mod.prepare(recipe, tokenizer, roles=("test",)).splits["test"].select(range(8))
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    full.mkdir()
+    out.mkdir()
+    evaluate_mod.evaluate(recipe, net, tokenizer, full, examples=examples)
+    real = rank_mod.rank
+    monkeypatch.setattr(rank_mod, "rank", interrupted_after(1, real))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(rank_mod, "rank", real)
+    assert evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)["new_predictions"] == 5
+    rows = [sorted((json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()),
+                   key=lambda r: r["index"]) for d in (full, out)]
+    assert rows[0] == rows[1] and {r["prediction"] for r in rows[0]} <= {"Storms", "Norcom", "Rovers"}
+
+
 def test_validate_checks_the_backend():
     recipe = recipe_mod.load(TINY_XSUM)
     eight_bit = copy.deepcopy(recipe)
