@@ -1,5 +1,6 @@
 """The trainer: TRL's SFTTrainer, with its per-batch metrics (entropy, token accuracy, tokens seen) summed on the
-device and reduced once per log instead of once per micro-batch.
+device and reduced once per log instead of once per micro-batch, and bitsandbytes' optimizers stepping without a
+device synchronisation per parameter.
 
 TRL gathers four tensors across the ranks and reads three of them on the host after every forward pass, before
 the backward pass is queued. A host sync there stops the CPU from queueing work ahead of the GPU; at small
@@ -9,14 +10,28 @@ The loss itself is TRL's (its fused LM head, token-averaged as TRL does); every 
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 from trl import SFTTrainer
+
+# bitsandbytes' optimizers (0.50) synchronise the device after each parameter's update: 256 times a step for the
+# study's LoRA. Off where stream order already does their work (stream_ordered); bench/dist_bench.py turns it off
+# to measure the difference.
+SKIP_OPTIMIZER_SYNCS = True
 
 
 class Trainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sums = {}  # mode -> device tensor of running sums since the last log (see compute_loss)
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if SKIP_OPTIMIZER_SYNCS:
+            skip_needless_syncs(optimizer)
+        return optimizer
 
     def _lean(self, return_outputs: bool) -> bool:
         """The plain causal-LM loss the runner's recipes train with; anything else is left to TRL as written."""
@@ -56,3 +71,52 @@ class Trainer(SFTTrainer):
                 self._total_train_tokens += int(seen) // self._tp_size
                 self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         super().log(logs, start_time)
+
+
+def skip_needless_syncs(optimizer) -> None:
+    """A bitsandbytes optimizer's ``step`` without its device synchronisation after every parameter.
+
+    bitsandbytes (0.50, ``Optimizer8bit.step``) calls ``torch.cuda.synchronize()`` after each parameter's update
+    (a pull request to drop it for non-paged state is open upstream): the host waits for the GPU 256 times a step for
+    the study's LoRA, and the GPU idles between the tiny kernels. The syncs order bitsandbytes' kernels, which run on
+    the legacy default stream, with paged (CUDA managed) state and with work on other streams. Where no state tensor
+    is paged (bitsandbytes pages only tensors of 100,000 elements or more: LoRA matrices at r <= 39 on a 2,560-wide
+    model are smaller) and torch computes on that same stream, stream order alone keeps gradients, updates and the
+    next forward pass in sequence, so ``step`` runs with the syncs left out; the first step (which allocates the
+    state) and any other case keep them."""
+    try:
+        import bitsandbytes.optim.optimizer as bnb_optimizer
+    except ImportError:
+        return
+    real = getattr(optimizer.step, "__func__", None)  # the class's step, inside torch's profiling hook
+    if not isinstance(optimizer, bnb_optimizer.Optimizer8bit) or not hasattr(bnb_optimizer, "sync_gpu") or not real:
+        return
+
+    @functools.wraps(real)
+    def step(self, *args, **kwargs):
+        if not stream_ordered(self):
+            return real(self, *args, **kwargs)
+        sync, bnb_optimizer.sync_gpu = bnb_optimizer.sync_gpu, _no_sync
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            bnb_optimizer.sync_gpu = sync
+
+    # a bound method, as torch's LR schedulers expect to find (they wrap optimizer.step.__func__)
+    optimizer.step = types.MethodType(step, optimizer)
+
+
+def stream_ordered(optimizer) -> bool:
+    """Whether the optimizer's state exists, none of it is paged, and torch computes on the legacy default stream
+    (where bitsandbytes launches its kernels)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    states = [optimizer.state.get(p) for p in params]
+    if not params or any(not state for state in states):
+        return False
+    if any(getattr(value, "is_paged", False) for state in states for value in state.values()):
+        return False
+    return all(p.device.type == "cuda" for p in params) and torch.cuda.current_stream(params[0].device).cuda_stream == 0
+
+
+def _no_sync(_tensor) -> None:
+    return None

@@ -1,5 +1,6 @@
 """The runner's trainer (runner.sft): the same loss as TRL's SFTTrainer and the same logged entropy, token accuracy
-and token count, with the metrics summed on the device and read once per log instead of once per micro-batch."""
+and token count, with the metrics summed on the device and read once per log instead of once per micro-batch; and
+bitsandbytes' optimizers stepping without a device sync per parameter where stream order does its work."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow  # loads torch and the tiny model
 
 
-def _trainer(cls, tmp_path, tiny):
+def _trainer(cls, tmp_path, tiny, *overrides: str):
     import torch
 
     from runner import data as data_mod
@@ -19,7 +20,7 @@ def _trainer(cls, tmp_path, tiny):
     from runner import train as train_mod
 
     torch.manual_seed(0)
-    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["lora.dropout=0"])
+    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["lora.dropout=0", *overrides])
     tokenizer = model_mod.load_tokenizer(recipe)
     data = data_mod.prepare(recipe, tokenizer, roles=("train",)).splits["train"].select(range(8))
     model = model_mod.load_for_training(recipe)
@@ -59,3 +60,46 @@ def test_the_loss_and_logged_metrics_are_trls_and_no_host_read_happens_per_batch
     ours.log({"loss": loss.item()})
     assert ours.state.log_history[-1]["num_tokens"] == 3 * int(batch["attention_mask"].sum())
     assert ours.state.log_history[-1]["entropy"] == pytest.approx(got["entropy"], rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")  # bitsandbytes, on a CPU
+def test_bitsandbytes_optimizers_step_without_a_device_sync_per_parameter(tiny, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+    import torch
+
+    from runner import sft
+
+    syncs: list[int] = []
+    counting = lambda tensor: syncs.append(1)  # noqa: E731
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", counting)
+    after = {}
+    for ordered in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 128)) for _ in range(3)]
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-2)
+        sft.skip_needless_syncs(optimizer)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))  # wraps step.__func__
+        # a CPU is never stream-ordered in bitsandbytes' sense: stand in for a GPU whose state is not paged
+        monkeypatch.setattr(sft, "stream_ordered", lambda opt, ordered=ordered: ordered)
+        syncs.clear()
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=gen)
+            optimizer.step()
+            schedule.step()
+        after[ordered] = [param.detach().clone() for param in params], len(syncs)
+    assert after[False][1] == 3 * (3 + 1)  # bitsandbytes: one per parameter, one more per step (a paged optimizer)
+    assert after[True][1] == 0 and bnb_optimizer.sync_gpu is counting  # none, and its function put back
+    assert all(torch.equal(a, b) for a, b in zip(after[False][0], after[True][0]))
+    torch.manual_seed(0)
+    assert not torch.equal(after[True][0][0], torch.randn(64, 128))  # the steps moved the weights
+
+    monkeypatch.undo()
+    assert not sft.stream_ordered(optimizer)  # CPU parameters
+    fresh = bnb.optim.PagedAdamW8bit([torch.nn.Parameter(torch.zeros(4))], lr=1e-2)
+    assert not sft.stream_ordered(fresh)  # no state before the first step: that step keeps bitsandbytes' syncs
+    trainer = _trainer(sft.Trainer, tmp_path, tiny, "training.optimizer=paged_adamw_8bit")
+    trainer.create_optimizer()
+    assert trainer.optimizer.step.__func__.__wrapped__ is type(trainer.optimizer).step
