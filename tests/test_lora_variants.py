@@ -147,6 +147,12 @@ def test_dora_rslora_modules_to_save_and_layers_train_in_4bit_and_merge_exactly(
     # measured 3e-6 with logits up to 4.4 (fp32 on CPU); the trained lm_head copy is the one merged (the original
     # head would be off by the 0.05 noise, orders of magnitude more)
     assert (want - got).abs().max() < 1e-4
+    from runner import backend
+
+    with backend.model_for(backend.Choice("merged", 1), model) as evaluated:
+        assert evaluated is not model
+    with torch.no_grad():  # the copy shared the adapter's tensors while it was made; releasing it left them be
+        assert torch.equal(model(input_ids=ids).logits, want)
 
 
 @pytest.mark.slow
