@@ -100,6 +100,11 @@ def test_bitsandbytes_optimizers_step_without_a_device_sync_per_parameter(tiny, 
     assert not sft.stream_ordered(optimizer)  # CPU parameters
     fresh = bnb.optim.PagedAdamW8bit([torch.nn.Parameter(torch.zeros(4))], lr=1e-2)
     assert not sft.stream_ordered(fresh)  # no state before the first step: that step keeps bitsandbytes' syncs
-    trainer = _trainer(sft.Trainer, tmp_path, tiny, "training.optimizer=paged_adamw_8bit")
+    trainer = _trainer(sft.Trainer, tmp_path, tiny, "training.optimizer=paged_adamw_8bit", "training.max_steps=2",
+                       "training.save_every=null")
     trainer.create_optimizer()
     assert trainer.optimizer.step.__func__.__wrapped__ is type(trainer.optimizer).step
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()  # the Trainer's own scheduler and accelerate's wrapper around the wrapped step
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
