@@ -107,9 +107,9 @@ def skip_needless_syncs(optimizer) -> None:
 
 
 def stream_ordered(optimizer) -> bool:
-    """Whether the optimizer's state exists, none of it is paged, and torch computes on the legacy default stream
-    (where bitsandbytes launches its kernels)."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    """Whether the state of every parameter this step updates (those with a gradient) exists, none of it is paged,
+    and torch computes on the legacy default stream (where bitsandbytes launches its kernels)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     states = [optimizer.state.get(p) for p in params]
     if not params or any(not state for state in states):
         return False

@@ -98,7 +98,9 @@ def test_bitsandbytes_optimizers_step_without_a_device_sync_per_parameter(tiny, 
 
     monkeypatch.undo()
     assert not sft.stream_ordered(optimizer)  # CPU parameters
-    fresh = bnb.optim.PagedAdamW8bit([torch.nn.Parameter(torch.zeros(4))], lr=1e-2)
+    weight = torch.nn.Parameter(torch.zeros(4))
+    weight.grad = torch.ones(4)
+    fresh = bnb.optim.PagedAdamW8bit([weight], lr=1e-2)
     assert not sft.stream_ordered(fresh)  # no state before the first step: that step keeps bitsandbytes' syncs
     trainer = _trainer(sft.Trainer, tmp_path, tiny, "training.optimizer=paged_adamw_8bit", "training.max_steps=2",
                        "training.save_every=null")
