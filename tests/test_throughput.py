@@ -90,5 +90,9 @@ def test_plan_prints_the_time_per_profile_and_the_card(tmp_path, cli):
     eager = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={tmp_path}", "--card", "H200",
                 "training.compile=false")
     assert eager.returncode == 0 and "49.8" in eager.stdout and "compile" not in eager.stdout
+    assert "(and measured with bitsandbytes' optimizer syncing the GPU after every parameter" in out  # paged_adamw_8bit
+    torch_adam = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={tmp_path}", "--card", "H200",
+                     "training.optimizer=adamw_torch")
+    assert torch_adam.returncode == 0 and "bitsandbytes" not in torch_adam.stdout
     bad = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={tmp_path}", "--card", "A100")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --card: no measured throughput for 'A100'")
