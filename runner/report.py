@@ -111,7 +111,8 @@ def recipe_section(recipe: dict) -> list[str]:
               else ("beam search" if g["num_beams"] > 1 else "greedy"))
     if g.get("mode") == "rank":
         decode = "rank (label log-likelihood)"
-    samples = ", ".join(f"{role} {d[f'{role}_samples'] or 'all'}" for role in ("train", "eval", "test"))
+    used = [role for role in ("train", "eval", "test") if (d.get("splits") or {}).get(role, role) is not None]
+    samples = ", ".join(f"{role} {d[f'{role}_samples'] or 'all'}" for role in used)  # a null split: not used
     rows = [
         ["model", m["name_or_path"]],
         ["quantization", quant],

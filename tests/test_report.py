@@ -113,3 +113,13 @@ def test_the_report_shows_the_settings_that_trained_not_only_the_recipes(tmp_pat
     saved = (tmp_path / "recipe.yaml").read_text()
     assert "#   micro_batch_size: 16\n" in saved and "#   gradient_checkpointing: false\n" in saved
     assert yaml.safe_load(saved) == recipe and runs.mismatch(tmp_path, recipe, None) is None
+
+
+def test_the_recipe_section_lists_only_the_splits_the_recipe_uses():
+    from runner import recipe as recipe_mod
+
+    both = "\n".join(report.recipe_section(recipe_mod.load(RECIPE)))
+    assert re.search(r"samples: train \S+, eval \S+, test \S+", both)
+    no_eval = recipe_mod.load(RECIPE, ["data.splits.eval=null", "data.holdout.eval=0", "training.eval_every=null"])
+    text = "\n".join(report.recipe_section(no_eval))
+    assert re.search(r"samples: train \S+, test \S+ \|", text) and "eval " not in text.split("samples:")[1].split("|")[0]
