@@ -36,6 +36,7 @@ FSDP_ALLOCATOR_SLACK = 0.27
 # CUDA context, cuBLAS and cuDNN workspaces: device memory outside torch's allocator (H100, bench/RESULTS.md).
 CUDA_CONTEXT_GB = 0.75
 PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")
+BITSANDBYTES_OPTIMIZERS = (*PAGED, "adamw_8bit")  # training.optimizer names that transformers takes from bitsandbytes
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
 
 

@@ -214,12 +214,17 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
     return labels, cands, longest
 
 
+def _plan(model, tokenizer, texts: list[str], recipe: dict, cands: list[str], longest: int):
+    """(the prompts' token ids, the backend and batch size that rank them: prompts per forward pass)."""
+    ids = token_ids(tokenizer, texts)
+    lengths = [len(one) + longest for one in ids] or [longest]
+    return ids, backend.for_scoring(recipe, model, lengths, longest, rows_per_prompt=len(cands), shared_prefix=True)
+
+
 def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
     """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.backend)."""
     _, cands, longest = _candidates(recipe, tokenizer)
-    todo = [prompts[i] for i in range(len(prompts)) if i not in skip]
-    lengths = [len(ids) + longest for ids in tokenizer(todo)["input_ids"]] if todo else [longest]
-    return backend.for_scoring(recipe, model, lengths, longest, rows_per_prompt=len(cands), shared_prefix=True)
+    return _plan(model, tokenizer, [p for i, p in enumerate(prompts) if i not in skip], recipe, cands, longest)[1]
 
 
 def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
@@ -234,10 +239,8 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
         return {}
-    prompt_ids = token_ids(tokenizer, [prompts[i] for i in todo])
+    prompt_ids, choice = _plan(model, tokenizer, [prompts[i] for i in todo], recipe, cands, longest)
     lengths = [len(ids) for ids in prompt_ids]
-    choice = backend.for_scoring(recipe, model, [n + longest for n in lengths], longest, rows_per_prompt=len(cands),
-                                 shared_prefix=True)
     end = chat.completion_end(recipe, tokenizer)
 
     def queued(net):

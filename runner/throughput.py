@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from runner import memory
 from runner.errors import RecipeError
 
 MEASURED_PARAMS = 2_779_683_840
@@ -107,7 +108,7 @@ def report_lines(recipe: dict, card: str, why: str, total_params: int) -> list[s
         lines.append("(rates measured uncompiled; on a GPU, fast and balanced compile their decoder layers "
                      f"(training.compile: {str(recipe['training']['compile']).lower()}): 1.22-1.40x faster steps "
                      "on one H200, bench/RESULTS.md \"Compiled layers\")")
-    if recipe["training"]["optimizer"].endswith("8bit") or recipe["training"]["optimizer"].startswith("paged"):
+    if recipe["training"]["optimizer"] in memory.BITSANDBYTES_OPTIMIZERS:
         lines.append("(and measured with bitsandbytes' optimizer syncing the GPU after every parameter, which the "
                      "runner now skips: the fast step 1.13x faster on one H200, bench/RESULTS.md)")
     if total_params < MEASURED_PARAMS / 10:
