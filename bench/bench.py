@@ -65,6 +65,10 @@ VARIANTS = {
               {"micro_batch_size": 8, "gradient_accumulation_steps": 2}, 4, 12),
     "fast8_uncompiled": ("fast8, training.compile=false", ["training.profile=fast", "training.compile=false"],
                          {"micro_batch_size": 8, "gradient_accumulation_steps": 2}, 3, 12),
+    # compiled layers without CUDA graphs (auto replays them as graphs on a GPU with fixed rows)
+    "fast_no_graphs": ("fast, compiled without CUDA graphs", ["training.profile=fast"], {"cuda_graphs": False}, 3, 12),
+    "fast8_no_graphs": ("fast8, compiled without CUDA graphs", ["training.profile=fast"],
+                        {"micro_batch_size": 8, "gradient_accumulation_steps": 2, "cuda_graphs": False}, 4, 12),
 }
 
 

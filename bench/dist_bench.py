@@ -4,7 +4,7 @@
 meet, and the runner's evaluation (generation) spread over the ranks.
 
 Each measurement is one launch of the runner's own code by torchrun (bench/dist_run.sh drives them;
-BENCH_EXTRA adds recipe overrides, BENCH_OPT_SYNCS=1 keeps bitsandbytes' per-parameter syncs in the optimizer step):
+BENCH_EXTRA adds recipe overrides, BENCH_CUDA_GRAPHS=0 compiles the layers without CUDA graphs, BENCH_OPT_SYNCS=1 keeps bitsandbytes' per-parameter syncs in the optimizer step):
 
     torchrun --nproc-per-node G bench/dist_bench.py train VARIANT   # a line in $OUT/dist.jsonl (rank 0 writes)
     python bench/dist_bench.py make_llama                           # random Llama-shaped model -> $BENCH_LLAMA
@@ -83,6 +83,10 @@ def cmd_train(name: str) -> None:
 
     # BENCH_OPT_SYNCS=1: bitsandbytes' optimizer step as it comes (a device sync after every parameter)
     sft.SKIP_OPTIMIZER_SYNCS = os.environ.get("BENCH_OPT_SYNCS") != "1"
+    if os.environ.get("BENCH_CUDA_GRAPHS") == "0":  # compiled layers without CUDA graphs, to measure them
+        from runner import profiles
+
+        profiles.graphs = lambda speed, card_gb: False
     profiled = name in os.environ.get("BENCH_PROFILE", "").split()  # every rank runs the extra steps
     profile = profiled and dist.world().main
     base = bench.base_overrides(warm + meas + (PROFILED if profiled else 0))
@@ -147,6 +151,7 @@ def cmd_train(name: str) -> None:
                load_peak_reserved_and_begin_alloc_and_peak_alloc_gib=loads, plan_gib=speed["predicted_gb"], budget_gib=speed["budget_gb"], params=env["total"],
                trainable=env["trainable"], total_wall_s=time.time() - t0,
                optimizer_syncs_skipped=sft.SKIP_OPTIMIZER_SYNCS, extra=extra,
+               compiled=speed["compiled"], cuda_graphs=speed.get("cuda_graphs"),
                losses=[(h["step"], h["loss"]) for h in held["trainer"].state.log_history if "loss" in h])
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "dist.jsonl", "a") as f:

@@ -26,6 +26,7 @@ class Trainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sums = {}  # mode -> device tensor of running sums since the last log (see compute_loss)
+        self.graph_steps = False  # the decoder layers replay CUDA graphs (runner.train._setup_compile)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -41,6 +42,10 @@ class Trainer(SFTTrainer):
                 and not (sp is not None and getattr(sp, "sp_enabled", False)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.graph_steps:
+            # Each micro-batch is a new generation of the layers' graphs: their outputs from the last one (all
+            # consumed by its backward) may be overwritten, instead of torch guessing where an iteration ends.
+            torch.compiler.cudagraph_mark_step_begin()
         if not self._lean(return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"

@@ -107,7 +107,8 @@ def report_lines(recipe: dict, card: str, why: str, total_params: int) -> list[s
     if recipe["training"]["compile"] is not False:
         lines.append("(rates measured uncompiled; on a GPU, fast and balanced compile their decoder layers "
                      f"(training.compile: {str(recipe['training']['compile']).lower()}): 1.22-1.40x faster steps "
-                     "on one H200, bench/RESULTS.md \"Compiled layers\")")
+                     "on one H200, and replay them as CUDA graphs: a further 1.06-1.48x; bench/RESULTS.md "
+                     "\"Compiled layers\", \"CUDA graphs\")")
     if recipe["training"]["optimizer"] in memory.BITSANDBYTES_OPTIMIZERS:
         lines.append("(and measured with bitsandbytes' optimizer syncing the GPU after every parameter, which the "
                      "runner now skips: the fast step 1.13x faster on one H200, bench/RESULTS.md)")

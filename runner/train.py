@@ -250,26 +250,45 @@ def _trained_in_checkpoint(trainer, resume_from: str | None, recipe: dict):
 COMPILE_BACKEND = "inductor"
 
 
-def _setup_compile(model, speed) -> list:
+def _setup_compile(trainer, speed) -> tuple[list, list]:
     """Each decoder layer compiled in place (torch's regional compilation: every layer reuses one graph, so
-    compiling costs one layer's time); the layers to uncompile after training. Decoder layers are what
-    transformers names in ``_no_split_modules``."""
+    compiling costs one layer's time), replayed as CUDA graphs where ``speed`` says so; the layers to uncompile
+    and the gradient hooks to remove after training. Decoder layers are what transformers names in
+    ``_no_split_modules``."""
     if not speed.compiled:
-        return []
+        return [], []
+    import torch
+
     names = set()
-    for module in model.modules():
+    for module in trainer.model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in trainer.model.modules() if type(m).__name__ in names]
+    mode = {"mode": "reduce-overhead"} if speed.cuda_graphs else {}
     for layer in layers:
-        layer.compile(backend=COMPILE_BACKEND)
-    return layers
+        layer.compile(backend=COMPILE_BACKEND, **mode)
+    trainer.graph_steps = speed.cuda_graphs
+    hooks = []
+    if speed.cuda_graphs and trainer.args.gradient_accumulation_steps > 1:
+        # A gradient the backward graph returns lives in the graphs' memory pool, which the next micro-batch
+        # overwrites: gradients that accumulate across micro-batches must be copies (torch refuses to add to
+        # an overwritten one).
+        hooks = [p.register_hook(torch.clone) for p in trainer.model.parameters() if p.requires_grad]
+    return layers, hooks
 
 
-def _uncompile(layers: list) -> None:
+def _uncompile(compiled: tuple[list, list], trainer) -> None:
     # Evaluation decodes with a KV cache and new shapes every step: compiled layers would recompile for each.
     # nn.Module.compile keeps the compiled call here; without it the module runs its own forward again.
+    layers, hooks = compiled
     for layer in layers:
         layer._compiled_call_impl = None
+    for hook in hooks:
+        hook.remove()
+    if trainer.graph_steps:  # the graphs keep their memory pool until torch's compiler state is reset
+        import torch
+
+        trainer.graph_steps = False
+        torch.compiler.reset()
 
 
 def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
@@ -323,7 +342,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
         _setup_adapter_dtype(trainer, recipe)
-        compiled = _setup_compile(trainer.model, speed)
+        compiled = _setup_compile(trainer, speed)
     except RecipeError:
         if world.main and not (resume_from and recipe["training"]["resume"] == "auto"):
             shutil.rmtree(run_dir, ignore_errors=True)  # a user mistake leaves no half-made run behind
@@ -339,7 +358,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
         result = (_trained_in_checkpoint(trainer, resume_from, recipe)
                   or trainer.train(resume_from_checkpoint=resume_from))
     finally:
-        _uncompile(compiled)
+        _uncompile(compiled, trainer)
     train_s = record.seconds()  # the whole run's, over every session (runner.checkpoints)
     divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"

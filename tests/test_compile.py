@@ -41,6 +41,18 @@ def test_auto_compiles_on_a_gpu_profile_without_recompute_or_sharding():
     assert err.value.key_path == "training.compile" and "one of: auto, true, false" in str(err.value)
 
 
+def test_compiled_layers_replay_as_cuda_graphs_only_on_a_gpu_with_fixed_rows():
+    fast = resolve("training.profile=fast")
+    assert fast.cuda_graphs and fast.describe().count("compiled layers, as CUDA graphs") == 1
+    assert resolve("training.profile=fast", world_size=2).cuda_graphs  # a DDP rank's small step gains the most
+    assert resolve("training.profile=balanced").cuda_graphs
+    eager = resolve("training.profile=fast", "training.compile=false")
+    assert not eager.cuda_graphs and "CUDA graphs" not in eager.describe()
+    as_written = resolve("training.profile=none", "training.compile=true")  # batches of varying shape
+    assert as_written.compiled and not as_written.cuda_graphs
+    assert not resolve("training.compile=true", card_gb=None).cuda_graphs  # a CPU has none
+
+
 @pytest.mark.slow
 def test_a_compiled_run_trains_the_same_and_evaluates_uncompiled(tiny, tmp_path, monkeypatch):
     import torch
@@ -79,3 +91,58 @@ def test_a_compiled_run_trains_the_same_and_evaluates_uncompiled(tiny, tmp_path,
     names = set(load_file(run_dir / "adapter" / "adapter_model.safetensors"))
     assert names == set(load_file(runs[False][0] / "adapter" / "adapter_model.safetensors"))
     assert not any("_orig_mod" in n for n in names)
+
+
+@pytest.mark.slow
+def test_cuda_graph_steps_mark_each_micro_batch_and_copy_accumulated_gradients(tiny, tmp_path, monkeypatch):
+    """What CUDA graphs need around the compiled layers, on a CPU (where torch compiles without capturing):
+    every micro-batch starts a new generation of the graphs, gradients that accumulate across micro-batches are
+    copies out of the graphs' memory pool (on an H200 without them torch refused the second micro-batch:
+    bench/RESULTS.md, "CUDA graphs"), and after training the hooks are gone and the graphs' memory is released.
+    The losses are the uncompiled run's."""
+    from dataclasses import replace
+
+    import torch
+
+    from runner import model as model_mod
+    from runner import train as train_mod
+
+    monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    calls = {"train": 0, "eval": 0, "resets": 0}
+    seen = {}
+
+    def count(what: str, original):
+        def counted():
+            key = what if what == "resets" else ("train" if seen["trainer"].model.training else "eval")
+            calls[key] += 1
+            return original()
+        return counted
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
+                        count("marks", torch.compiler.cudagraph_mark_step_begin))
+    monkeypatch.setattr(torch.compiler, "reset", count("resets", torch.compiler.reset))
+
+    def instrument(trainer):
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        seen["trainer"], seen["trainable"] = trainer, trainable
+        seen["hooked"] = [bool(p._backward_hooks) for p in trainable]
+        seen["graph_steps"] = trainer.graph_steps
+
+    runs = {}
+    for graphs in (False, True):
+        recipe = recipe_mod.load(TINY, ["training.max_steps=2", "training.logging_steps=1", "training.eval_every=null",
+                                        "training.micro_batch_size=8", "training.gradient_accumulation_steps=2",
+                                        f"output_dir={tmp_path / str(graphs)}"])
+        speed = profiles.resolve(recipe, model_mod.load_config(recipe), detect=False)
+        if graphs:
+            speed = replace(speed, compiled=True, cuda_graphs=True)
+        run_dir, _, _, _ = train_mod.train(recipe, instrument=instrument if graphs else None, speed=speed)
+        runs[graphs] = [r["loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+                        if "loss" in r]
+    assert seen["graph_steps"] and seen["trainable"] and all(seen["hooked"])
+    assert calls["train"] == 2 * 2  # 2 steps x 2 micro-batches, each one generation of the graphs
+    assert calls["eval"] == 32 // 8  # the eval loss after training: one per batch
+    assert calls["resets"] == 1  # once, after training
+    assert not any(p._backward_hooks for p in seen["trainable"])  # the trained model is left without them
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5) and len(runs[True]) == 2
