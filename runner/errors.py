@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+import traceback
 from pathlib import Path
 
 # How much of a foreign message (a library's, an OS's) goes into the one line.
@@ -68,6 +69,31 @@ _MESSAGES = [
 _WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|IoError|failed writing", re.I)
 
 
+# torch.compile's own failures (dynamo's and inductor's exception types) and CUDA graphs' (torch's message when a
+# replay would read an output a later replay overwrote).
+_COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
+_CUDA_GRAPHS = re.compile(r"CUDAGraphs|cudagraph", re.I)
+
+
+def _compiler_failure(exc: BaseException) -> RecipeError | None:
+    """torch.compile failing, named by the recipe key that turned it on: training's compiled layers, or the
+    compiled evaluation backend (which of them raised it, by the runner module in the traceback)."""
+    chain = list(_chain(exc))
+    failed = next((item for item in chain if type(item).__module__.startswith(_COMPILER_MODULES)
+                   or _CUDA_GRAPHS.search(str(item))), None)
+    if failed is None:
+        return None
+    files = {Path(frame.filename).as_posix() for item in chain for frame in traceback.extract_tb(item.__traceback__)}
+    what = f"torch.compile failed: {type(failed).__name__}: {short(failed, 200)}"
+    if any(f.endswith("runner/generate.py") for f in files):
+        return EnvironmentProblem("generation.backend", what, "set generation.backend: merged (the same merged "
+                                  "weights, not compiled)")
+    if any(f.endswith("runner/train.py") for f in files):
+        return EnvironmentProblem("training.compile", what, "set training.compile: false to train the decoder "
+                                  "layers uncompiled, without CUDA graphs")
+    return None
+
+
 def _nearly_full(path: Path) -> bool:
     try:
         usage = shutil.disk_usage(path)
@@ -117,5 +143,8 @@ def classify(exc: BaseException, written: tuple | list = ()) -> RecipeError:
             return EnvironmentProblem(str(full), *_OS_ERRORS[errno.ENOSPC])
         return EnvironmentProblem("output", f"writing a file failed: {short(text, 200)}",
                                   "check the disk: free space, permissions")
+    compiler = _compiler_failure(exc)
+    if compiler is not None:
+        return compiler
     return EnvironmentProblem("internal", f"{type(exc).__name__}: {short(exc) or 'no message'}",
                               "a bug in the runner or a library; RUNNER_DEBUG=1 shows the traceback")

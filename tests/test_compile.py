@@ -146,3 +146,47 @@ def test_cuda_graph_steps_mark_each_micro_batch_and_copy_accumulated_gradients(t
     assert calls["resets"] == 1  # once, after training
     assert not any(p._backward_hooks for p in seen["trainable"])  # the trained model is left without them
     assert runs[True] == pytest.approx(runs[False], abs=1e-5) and len(runs[True]) == 2
+
+
+@pytest.mark.slow
+def test_a_compiler_failure_in_training_is_one_line_naming_training_compile(tiny, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from runner import cli
+    from runner import train as train_mod
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no kernel for this layer")
+
+    monkeypatch.setattr(train_mod, "COMPILE_BACKEND", broken)
+    torch._dynamo.reset()
+    code = cli.main(["train", str(TINY), "training.compile=true", "training.max_steps=2", "training.eval_every=null",
+                     f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: training.compile: torch.compile failed: BackendCompilerFailed")
+    assert "no kernel for this layer" in lines[0] and "set training.compile: false" in lines[0]
+    assert not list(tmp_path.rglob("adapter"))  # nothing that looks trained
+    torch._dynamo.reset()
+
+
+def test_a_cuda_graph_failure_in_evaluation_names_generation_backend():
+    """Where the compiler failed decides the key: the runner's generation module in the traceback means the compiled
+    evaluation backend (frames made here under that file name, raising torch's CUDA graph message)."""
+    from runner import errors
+
+    message = "Error: accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run."
+    source = f"def generate():\n    raise RuntimeError({message!r})\n"
+    for where, key in (("runner/generate.py", "generation.backend"), ("runner/train.py", "training.compile")):
+        scope = {}
+        exec(compile(source, f"/somewhere/{where}", "exec"), scope)
+        try:
+            scope["generate"]()
+        except RuntimeError as exc:
+            error = errors.classify(exc)
+        assert error.key_path == key and error.exit_code == 1 and "CUDAGraphs" in error.line()
+    try:
+        raise RuntimeError(message)  # raised elsewhere: not the runner's compiling, left as it is
+    except RuntimeError as exc:
+        assert errors.classify(exc).key_path == "internal"
