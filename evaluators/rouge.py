@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,31 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def sentences_on_lines(text: str) -> str:
     """rougeLsum treats newlines as sentence boundaries, so put each sentence on its own line."""
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+class _Stemmer:
+    """nltk's Porter stemmer (rouge-score's), each word's stem remembered: stemming is most of ROUGE's time, and a
+    split's summaries keep using the same words."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self.stem = functools.lru_cache(maxsize=2**17)(porter.PorterStemmer().stem)
+
+
+def _tokenizer(use_stemmer: bool):
+    """rouge-score's default tokenizer (lower case, alphanumeric tokens, words over 3 letters stemmed), with the
+    stems remembered."""
+    from rouge_score import tokenize, tokenizers
+
+    class Tokenizer(tokenizers.Tokenizer):
+        def __init__(self):
+            self.stemmer = _Stemmer() if use_stemmer else None
+
+        def tokenize(self, text):
+            return tokenize.tokenize(text, self.stemmer)
+
+    return Tokenizer()
 
 
 class Rouge(Evaluator):
@@ -35,7 +61,7 @@ class Rouge(Evaluator):
     def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(self.types, use_stemmer=self.use_stemmer)
+        scorer = rouge_scorer.RougeScorer(self.types, tokenizer=_tokenizer(self.use_stemmer))
         scores = {t: [] for t in self.types}
         for r in records:
             result = scorer.score(sentences_on_lines(r.reference), sentences_on_lines(r.prediction))

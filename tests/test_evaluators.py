@@ -51,6 +51,34 @@ def test_rouge_lsum_scores_sentence_by_sentence():
     assert scores["rougeL"][0] < 80
 
 
+def test_rouge_scores_real_summaries_as_rouge_score_does_stemming_each_word_once(shared_data, monkeypatch):
+    """Every score bit for bit rouge-score's own (its default tokenizer and Porter stemmer), on XSum's real summaries
+    against article sentences, while each distinct word is stemmed once: stemming was most of ROUGE's time (a
+    full test split's 11,334 predictions: 9.9 s -> 3.9 s on a 2-core AMD EPYC)."""
+    from nltk.stem import porter
+    from rouge_score import rouge_scorer
+
+    from evaluators.rouge import sentences_on_lines
+
+    rows = [json.loads(line) for line in (shared_data / "xsum" / "sample.jsonl").read_text().splitlines()[:300]]
+    pairs = [(r["summary"], ". ".join(r["document"].split(". ")[:2])) for r in rows]
+    kinds = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)
+    expected = {k: [] for k in kinds}
+    for ref, pred in pairs:
+        result = scorer.score(sentences_on_lines(ref), sentences_on_lines(pred))
+        for k in kinds:
+            expected[k].append(result[k].fmeasure * 100)
+    stemmed = []
+    original = porter.PorterStemmer.stem
+    monkeypatch.setattr(porter.PorterStemmer, "stem", lambda self, word, *a, **kw: (stemmed.append(word),
+                                                                                     original(self, word, *a, **kw))[1])
+    scores = Rouge(seed=0).per_example(records(pairs))
+    for k in kinds:
+        assert np.array_equal(scores[k], np.asarray(expected[k])), k
+    assert stemmed and len(stemmed) == len(set(stemmed))  # each word once, though many repeat across examples
+
+
 # ---------------------------------------------------------------- loss
 
 
