@@ -216,15 +216,20 @@ class FixedRows:
     the padding after it, and transformers turns restarting position_ids into a block-diagonal mask, so packed
     examples don't see one another. A label at the first token of a packed example would be predicted from the
     previous example, so it is dropped.
+
+    ``rows``: a batch with fewer examples (an epoch's or evaluation's last) gets rows of padding without labels up
+    to this many, so compiled layers see one shape and are not compiled (and their CUDA graphs captured) again for
+    one batch; the loss and its gradients are the unpadded batch's.
     """
 
     pad_token_id: int
     length: int
+    rows: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        n = len(examples)
+        n = max(len(examples), self.rows or 0)
         input_ids = torch.full((n, self.length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, self.length), -100, dtype=torch.long)
         position_ids = torch.empty((n, self.length), dtype=torch.long)
@@ -241,4 +246,5 @@ class FixedRows:
                 start += seq_len
                 labels[row, start] = -100
             position_ids[row, start:] = torch.arange(self.length - start)
+        position_ids[len(examples):] = torch.arange(self.length)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

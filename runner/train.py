@@ -293,7 +293,9 @@ def _uncompile(compiled: tuple[list, list], trainer) -> None:
 
 def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
     if speed.fixed_shapes:
-        trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"])
+        # Compiled layers: every batch as many rows as the micro-batch (runner.profiles.FixedRows)
+        rows = speed.micro_batch_size if speed.compiled else None
+        trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"], rows)
 
 
 def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):

@@ -190,3 +190,37 @@ def test_a_cuda_graph_failure_in_evaluation_names_generation_backend():
         raise RuntimeError(message)  # raised elsewhere: not the runner's compiling, left as it is
     except RuntimeError as exc:
         assert errors.classify(exc).key_path == "internal"
+
+
+@pytest.mark.slow
+def test_compiled_layers_see_one_batch_shape_to_the_end_of_an_epoch(tiny, tmp_path, monkeypatch):
+    """An epoch's last, smaller batch is padded with label-less rows when the layers are compiled: without them it
+    was one more shape, compiled (and on a GPU captured as CUDA graphs) again for one batch. The losses are those
+    of the same fixed rows without the padding."""
+    import torch
+
+    from runner import train as train_mod
+
+    monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    shapes = []
+
+    def instrument(trainer):
+        layer = next(m for m in trainer.model.modules() if type(m).__name__ == "PhiDecoderLayer")
+        layer.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(
+            tuple(kwargs.get("hidden_states", args[0] if args else None).shape)), with_kwargs=True)
+
+    losses = {}
+    for compiled in (False, True):
+        recipe = recipe_mod.load(TINY, ["training.profile=fast", "training.max_steps=null", "training.epochs=1",
+                                        "data.train_samples=20", "training.micro_batch_size=8",
+                                        "training.gradient_accumulation_steps=1", "training.logging_steps=1",
+                                        "training.eval_every=null", f"training.compile={str(compiled).lower()}",
+                                        f"output_dir={tmp_path / str(compiled)}"])
+        run_dir, _, _, _ = train_mod.train(recipe, instrument=instrument if compiled else None)
+        losses[compiled] = [r["loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+                            if "loss" in r]
+    # 20 examples: batches of 8, 8 and 4 (padded to 8); then the eval loss's batches (32 examples), all of 8 rows
+    assert len(losses[True]) == 3 and len(set(shapes)) == 1 and shapes[0][0] == 8, shapes
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    torch._dynamo.reset()

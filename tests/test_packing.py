@@ -123,6 +123,12 @@ def test_fixed_rows_layout():
     assert rows["input_ids"][1].tolist() == [1, 2] + [PAD] * 8
     with pytest.raises(ValueError, match="longer than the fixed length"):
         profiles.FixedRows(PAD, 3)([{"input_ids": [1, 2, 3, 4]}])
+    # rows: a short batch gets rows of padding without labels up to that many; a full one is unchanged
+    padded = profiles.FixedRows(PAD, 4, rows=3)([{"input_ids": [1, 2], "labels": [1, 2]}])
+    assert padded["input_ids"].tolist() == [[1, 2, PAD, PAD], [PAD] * 4, [PAD] * 4]
+    assert padded["labels"][1:].eq(-100).all() and padded["position_ids"][2].tolist() == [0, 1, 2, 3]
+    full = [{"input_ids": [i]} for i in range(3)]
+    assert profiles.FixedRows(PAD, 4, rows=3)(full)["input_ids"].equal(profiles.FixedRows(PAD, 4)(full)["input_ids"])
 
 
 @pytest.mark.slow
