@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +20,20 @@ def sentences_on_lines(text: str) -> str:
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
 
 
-class _Stemmer:
-    """nltk's Porter stemmer (rouge-score's), each word's stem remembered: stemming is most of ROUGE's time, and a
-    split's summaries keep using the same words."""
+class _Tokenizer:
+    """rouge-score's default tokenizer (lower case, alphanumeric tokens, words over 3 letters Porter-stemmed), each
+    word's stem remembered: stemming is most of ROUGE's time, and a split's summaries keep using the same words."""
 
-    def __init__(self):
+    def __init__(self, use_stemmer: bool):
         from nltk.stem import porter
+        from rouge_score import tokenize
 
-        self.stem = functools.lru_cache(maxsize=2**17)(porter.PorterStemmer().stem)
+        self._tokenize = tokenize.tokenize
+        stem = functools.lru_cache(maxsize=2**17)(porter.PorterStemmer().stem)
+        self._stemmer = types.SimpleNamespace(stem=stem) if use_stemmer else None
 
-
-def _tokenizer(use_stemmer: bool):
-    """rouge-score's default tokenizer (lower case, alphanumeric tokens, words over 3 letters stemmed), with the
-    stems remembered."""
-    from rouge_score import tokenize, tokenizers
-
-    class Tokenizer(tokenizers.Tokenizer):
-        def __init__(self):
-            self.stemmer = _Stemmer() if use_stemmer else None
-
-        def tokenize(self, text):
-            return tokenize.tokenize(text, self.stemmer)
-
-    return Tokenizer()
+    def tokenize(self, text: str) -> list[str]:
+        return self._tokenize(text, self._stemmer)
 
 
 class Rouge(Evaluator):
@@ -61,7 +53,7 @@ class Rouge(Evaluator):
     def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(self.types, tokenizer=_tokenizer(self.use_stemmer))
+        scorer = rouge_scorer.RougeScorer(self.types, tokenizer=_Tokenizer(self.use_stemmer))
         scores = {t: [] for t in self.types}
         for r in records:
             result = scorer.score(sentences_on_lines(r.reference), sentences_on_lines(r.prediction))
