@@ -13,7 +13,8 @@ zero and would merge to nothing), loaded by ``runner.model.load_trained`` as ``r
   64 new tokens, and greedy on the same prompts: identical rows and tokens old vs new, and as a yardstick the old
   path against itself at another batch size (random weights leave near-ties that any rounding flips);
 - the loss of the reference summaries on the 4-bit model and on the merged copy;
-- AG News rank mode (4 labels): examples/s old (batch 32, the recipe's) vs new.
+- AG News rank mode (4 labels): examples/s old (batch 32, the recipe's) vs new; "filed": the code of the day
+  issue 9 was filed (bench/filed_rank.py), the issue's "today's".
 
 The benchmark adds timers and a wrapper around ``GenerationMixin.generate`` that records each row's generated
 tokens. Prints a table, writes ``$OUT/eval_bench.json`` and ``$OUT/eval_table.md``.
@@ -25,8 +26,9 @@ BENCH_SELF_PROMPTS (64: the old path at batch 32, the greedy agreement's yardsti
 (null = all 1,000 XSum rows: the batch a long evaluation gets), BENCH_FULL_SPLIT (0; 11334 times generation over
 the full XSum test split's number of prompts, the rows repeated), BENCH_AFTER_TRAINING (1: cuDNN's attention off
 at the start, as training leaves it), BENCH_RANK (512),
-BENCH_RANK_OLD (256), BENCH_RANK_FULL (0; 7600 times rank mode over AG News' test split's number of rows, the rows
-repeated), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after which the
+BENCH_RANK_OLD (256: the old and filed paths' examples), BENCH_RANK_FULL (0; 7600 times rank mode over AG News'
+test split's number of rows, the rows repeated), BENCH_RANK_COMPILE (1: a probe with the merged copy's layers
+compiled), BENCH_LOWMEM_PROMPTS (24), BENCH_COMPILED (1), BENCH_BUDGET (seconds after which the
 remaining stages are skipped; 330), BENCH_TINY=1 (a 2-layer model: a CPU smoke test of the script).
 """
 
@@ -38,7 +40,9 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,6 +56,9 @@ OUT = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 ENV = os.environ.get
 N_PROMPTS, N_OLD = int(ENV("BENCH_PROMPTS", 256)), int(ENV("BENCH_OLD_PROMPTS", 96))
 N_RANK, N_RANK_OLD = int(ENV("BENCH_RANK", 512)), int(ENV("BENCH_RANK_OLD", 256))
+# BENCH_RANK_COMPILE=1: rank mode again with the merged copy's layers compiled, twice (the first compiles)
+COMPILED_RANK = (("new rank, compiled layers (first: compiles)", "new rank, compiled layers (again)")
+                 if ENV("BENCH_RANK_COMPILE") == "1" else ())
 N_RANK_FULL = int(ENV("BENCH_RANK_FULL", 0))  # e.g. 7600 (AG News' test split): rank mode over that many rows
 # BENCH_ONLY="new rank;old rank": run only the stages named (separated by ";"); unset: every stage
 ONLY = [name for name in ENV("BENCH_ONLY", "").split(";") if name]
@@ -242,6 +249,43 @@ def rank_examples(tokenizer) -> tuple[list[str], list[str]]:
     return over, prompts
 
 
+@contextmanager
+def compiled_layers(on: bool):
+    """A probe (BENCH_RANK_COMPILE=1), not a runner feature: the merged copy's decoder layers compiled by
+    torch.compile (dynamic shapes: every batch has its own width), to measure what fusing the elementwise work
+    (Phi's rotary concatenations, residual adds, LayerNorm) would give rank mode and what compiling costs."""
+    from runner import merge
+
+    if not on:
+        yield
+        return
+    real = merge.merged_copy
+
+    def compiled(model):
+        copy = real(model)
+        for layer in copy.model.layers:
+            layer.compile(dynamic=True)
+        return copy
+
+    merge.merged_copy = compiled
+    try:
+        yield
+    finally:
+        merge.merged_copy = real
+
+
+def filed_rank(model, tokenizer, prompts: list[str], recipe) -> dict[int, str]:
+    """Rank mode as the issue's day ran it, under today's attention setting for scoring (cuDNN's attention off,
+    which made that path faster, not slower: bench/RESULTS.md "cuDNN's attention, per phase")."""
+    from runner import attention
+
+    spec = importlib.util.spec_from_file_location("filed_rank", ROOT / "bench" / "filed_rank.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with attention.for_scoring():
+        return module.rank(model, tokenizer, prompts, recipe)
+
+
 def rank_recipe(over: list[str]):
     from runner import recipe as recipe_mod
 
@@ -251,11 +295,17 @@ def rank_recipe(over: list[str]):
 def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
     from runner import rank as rank_mod
 
-    choice = rank_mod.choose(model, tokenizer, prompts, recipe)
-    rank_mod.rank(model, tokenizer, prompts[:8], recipe)  # untimed warm-up: the first stage would pay CUDA's start
+    if name == "filed rank":  # the code of the issue's day (bench/filed_rank.py), its batch as the recipe says
+        choice, rank = SimpleNamespace(backend="plain", batch_size=recipe["generation"]["batch_size"],
+                                       predicted_gb=None), filed_rank
+    else:
+        choice, rank = rank_mod.choose(model, tokenizer, prompts, recipe), rank_mod.rank
+    if name not in COMPILED_RANK:  # (compiled: the first run is timed whole, compiling included)
+        rank(model, tokenizer, prompts[:8], recipe)  # untimed warm-up: the first stage would pay CUDA's start
     peak_reset()
     start = time.perf_counter()
-    preds = rank_mod.rank(model, tokenizer, prompts, recipe)
+    with compiled_layers(name in COMPILED_RANK):
+        preds = rank(model, tokenizer, prompts, recipe)
     sync()
     seconds = time.perf_counter() - start
     result = {"run": name, "backend": choice.backend, "batch_size": choice.batch_size, "examples": len(prompts),
@@ -392,11 +442,13 @@ def main() -> None:
     # The full test split's size (AG News: 7,600), the rows repeated; and the packed passes on the 4-bit model
     # itself (generation.backend=batched: no merged copy to make).
     rank_full = (rank_prompts * (N_RANK_FULL // len(rank_prompts) + 1))[:N_RANK_FULL]
-    for label, over, chosen in (("old rank", ["generation.backend=plain", "generation.batch_size=32"],
-                                 rank_prompts[:N_RANK_OLD]),
+    plain32 = ["generation.backend=plain", "generation.batch_size=32"]
+    for label, over, chosen in (("old rank", plain32, rank_prompts[:N_RANK_OLD]),
+                                ("filed rank", plain32, rank_prompts[:N_RANK_OLD]),
                                 ("new rank", new, rank_prompts), ("new rank, 4-bit", ["generation.backend=batched"],
                                                                   rank_prompts),
-                                ("new rank, full split size", new, rank_full if N_RANK_FULL else [])):
+                                ("new rank, full split size", new, rank_full if N_RANK_FULL else []),
+                                *((label, new, rank_full or rank_prompts) for label in COMPILED_RANK)):
         if chosen:
             stage(label, lambda o=over, c=chosen, lb=label: ranking(lb, model, tokenizer, c,
                                                                      rank_recipe(rank_over + o)), into=report["rank"])
@@ -405,7 +457,7 @@ def main() -> None:
         for new_r in report["rank"][1:]:
             n = min(old_r["examples"], new_r["examples"])
             new_r["agreement_with_old"] = sum(a == b for a, b in zip(old_r["_preds"][:n], new_r["_preds"][:n])) / n
-        report["rank_agreement"] = report["rank"][1]["agreement_with_old"]
+        report["rank_agreement"] = next(r["agreement_with_old"] for r in report["rank"][1:] if r["run"] != "filed rank")
     if cuda:
         stage("low_memory", lambda: generation("new sampling, profile low_memory", model, tokenizer,
                                                prompts[:N_LOWMEM], xsum_recipe(["training.profile=low_memory"]),
@@ -458,12 +510,15 @@ def finish(report: dict, show: bool = True) -> None:
                       f"{L['loss_4bit_lora']:.5f}, merged copy {L['loss_merged']:.5f}; per-example per-token |diff| "
                       f"mean {L['mean_abs_per_token_diff']:.2e}, max {L['max_abs_per_token_diff']:.2e}"]
     if report["rank"]:
-        lines += ["", "| rank mode (4 labels) | backend | batch | examples | s | examples/s | x old | peak reserved "
-                      "GiB | predicted GiB |", "|" + "---|" * 9]
+        # x old: against today's code on the plain backend; x filed: against the code of the issue's day.
+        lines += ["", "| rank mode (4 labels) | backend | batch | examples | s | examples/s | x old | x filed | peak "
+                      "reserved GiB | predicted GiB |", "|" + "---|" * 10]
         base = report["rank"][0]["examples_per_s"]
+        filed = next((r["examples_per_s"] for r in report["rank"] if r["run"] == "filed rank"), None)
         for r in report["rank"]:
             lines.append(f"| {r['run']} | {r['backend']} | {r['batch_size']} | {r['examples']} | {r['seconds']:.1f} "
                          f"| {r['examples_per_s']:.1f} | {r['examples_per_s'] / base:.1f} | "
+                         f"{_num(filed and r['examples_per_s'] / filed)} | "
                          f"{_num(r['peak_reserved_gib'])} | {_num(r['predicted_gib'])} |")
         same = [f"{r['run']} {100 * r['agreement_with_old']:.1f}%" for r in report["rank"] if "agreement_with_old" in r]
         if same:

@@ -87,6 +87,34 @@ def test_merged_loss_and_rank_scores_match(lora_net):
     assert rank_mod.rank(net, tokenizer, prompts[:4], merged_rank) == rank_mod.rank(net, tokenizer, prompts[:4], ranked)
 
 
+def test_scoring_runs_the_lm_head_once_over_the_kept_positions_copied_together(lora_net):
+    """The kept positions reach the LM head as one contiguous block (one matmul), not as a strided slice of the
+    hidden states (a batched matmul reading the head's weight once per row on a GPU); scores unchanged."""
+    import torch
+
+    recipe, tokenizer, net, prompts = lora_net
+    completions = [" Storms close schools.", " Rovers win."]
+    pairs = rank_mod.tokenize_pairs(tokenizer, [p for p in prompts[:3] for _ in completions], completions * 3)
+    head = net.get_output_embeddings()
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
+    try:
+        rows = rank_mod.score_rows(net, tokenizer, pairs)
+        groups = rank_mod.score_groups(net, tokenizer, [pairs[g:g + 2] for g in (0, 2, 4)])
+    finally:
+        hook.remove()
+    width = max(len(ids) for ids, _ in pairs)
+    keep = max(n for _, n in pairs) + 1
+    assert seen[0] == ((len(pairs), keep, head.in_features), True) and keep < width  # a slice, made contiguous
+    assert len(seen) == 2 and seen[1][1] and seen[1][0][0] == 3  # the packed pass too
+    with torch.inference_mode():  # the same scores as the whole sequence's logits give
+        enc = [torch.tensor(ids)[None] for ids, _ in pairs]
+        full = [torch.log_softmax(net(input_ids=e).logits[0, -n - 1:-1].float(), -1)
+                .gather(-1, e[0, -n:, None]).sum().item() for e, (_, n) in zip(enc, pairs)]
+    assert rows.tolist() == pytest.approx(full, abs=1e-3)
+    assert groups.flatten().tolist() == pytest.approx(full, abs=1e-3)
+
+
 def test_the_merged_copy_is_released_when_its_evaluation_ends(lora_net):
     import torch
 
