@@ -207,6 +207,9 @@ def _resolve(recipe: dict, config, card_gb: float | None, info: dict | None, wor
     return max(fitting, key=lambda s: (score(s, seq_len), s.micro_batch_size))
 
 
+REAL_TOKENS = "real_tokens"  # FixedRows' count of each row's tokens that are not padding
+
+
 @dataclass(frozen=True)
 class FixedRows:
     """Collates tokenized examples, or TRL's packed rows, into [batch, length] tensors of one fixed shape.
@@ -220,6 +223,9 @@ class FixedRows:
     ``rows``: a batch with fewer examples (an epoch's or evaluation's last) gets rows of padding without labels up
     to this many, so compiled layers see one shape and are not compiled (and their CUDA graphs captured) again for
     one batch; the loss and its gradients are the unpadded batch's.
+
+    ``real_tokens`` (per row) is what the log's ``num_tokens`` counts: without an attention mask the padding could
+    not be told apart (runner.sft.Trainer takes it out before the model sees the batch).
     """
 
     pad_token_id: int
@@ -247,4 +253,6 @@ class FixedRows:
                 labels[row, start] = -100
             position_ids[row, start:] = torch.arange(self.length - start)
         position_ids[len(examples):] = torch.arange(self.length)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        real = torch.zeros(n, dtype=torch.long)
+        real[: len(examples)] = torch.as_tensor([len(example["input_ids"]) for example in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, REAL_TOKENS: real}

@@ -16,6 +16,8 @@ import types
 import torch
 from trl import SFTTrainer
 
+from runner.profiles import REAL_TOKENS
+
 # bitsandbytes' optimizers (0.50) synchronise the device after each parameter's update: 256 times a step for the
 # study's LoRA. Off where stream order already does their work (stream_ordered); bench/dist_bench.py turns it off
 # to measure the difference.
@@ -46,6 +48,7 @@ class Trainer(SFTTrainer):
             # Each micro-batch is a new generation of the layers' graphs: their outputs from the last one (all
             # consumed by its backward) may be overwritten, instead of torch guessing where an iteration ends.
             torch.compiler.cudagraph_mark_step_begin()
+        real = inputs.pop(REAL_TOKENS, None)  # fixed rows: the tokens that are not padding, not a model input
         if not self._lean(return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -57,8 +60,12 @@ class Trainer(SFTTrainer):
             # num_items_in_batch counts every rank's tokens and DDP averages the gradients (as TRL does)
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         with torch.no_grad():
-            seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(
-                inputs["input_ids"].numel(), device=loss.device)
+            if real is not None:
+                seen = real.sum()
+            elif "attention_mask" in inputs:
+                seen = inputs["attention_mask"].sum()
+            else:
+                seen = torch.tensor(inputs["input_ids"].numel(), device=loss.device)
             # labelled tokens, summed entropy, top-1 hits, input tokens
             step = torch.stack([outputs.label_mask.sum().float(), outputs.entropy.detach().sum().float(),
                                 outputs.is_top1.sum().float(), seen.float().to(loss.device)])

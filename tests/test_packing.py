@@ -53,7 +53,7 @@ def token_losses(net, batch: dict):
     import torch
     import torch.nn.functional as F
 
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", profiles.REAL_TOKENS)}
     with torch.no_grad():
         logits = net(**inputs, use_cache=False).logits.float()
     labels = batch["labels"][:, 1:]
@@ -105,7 +105,7 @@ def test_without_restarting_positions_the_packed_examples_would_leak(model):
 def test_padded_rows_without_attention_mask_equal_the_unpadded_examples(model):
     exs = examples()
     batch = profiles.FixedRows(PAD, ROW)(exs)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", profiles.REAL_TOKENS}  # no attention mask
     losses = token_losses(model, batch)
     for row, example in enumerate(exs):
         n = len(example["input_ids"])
@@ -127,6 +127,8 @@ def test_fixed_rows_layout():
     padded = profiles.FixedRows(PAD, 4, rows=3)([{"input_ids": [1, 2], "labels": [1, 2]}])
     assert padded["input_ids"].tolist() == [[1, 2, PAD, PAD], [PAD] * 4, [PAD] * 4]
     assert padded["labels"][1:].eq(-100).all() and padded["position_ids"][2].tolist() == [0, 1, 2, 3]
+    assert padded[profiles.REAL_TOKENS].tolist() == [2, 0, 0]  # what the log's num_tokens counts
+    assert rows[profiles.REAL_TOKENS].tolist() == [5, 2]
     full = [{"input_ids": [i]} for i in range(3)]
     assert profiles.FixedRows(PAD, 4, rows=3)(full)["input_ids"].equal(profiles.FixedRows(PAD, 4)(full)["input_ids"])
 

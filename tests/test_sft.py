@@ -62,6 +62,22 @@ def test_the_loss_and_logged_metrics_are_trls_and_no_host_read_happens_per_batch
     assert ours.state.log_history[-1]["entropy"] == pytest.approx(got["entropy"], rel=1e-5)
 
 
+def test_the_logged_token_count_leaves_out_the_padding_of_fixed_rows(tiny, tmp_path):
+    """Fixed rows pass no attention mask; num_tokens counts the examples' tokens, not the padded rows' cells."""
+    from runner import profiles
+    from runner.sft import Trainer
+
+    trainer = _trainer(Trainer, tmp_path, tiny)
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = profiles.FixedRows(trainer.processing_class.pad_token_id, 512, rows=4)(examples)
+    real = sum(len(e["input_ids"]) for e in examples)
+    assert real < batch["input_ids"].numel() and profiles.REAL_TOKENS in batch
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch))  # the count is taken out before the model is called
+    trainer.log({"loss": 0.0})
+    assert trainer.state.log_history[-1]["num_tokens"] == real
+
+
 @pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")  # bitsandbytes, on a CPU
 def test_bitsandbytes_optimizers_step_without_a_device_sync_per_parameter(tiny, tmp_path, monkeypatch):
     import bitsandbytes as bnb
