@@ -92,6 +92,37 @@ class _Loader(_BASE_LOADER):
         return super().construct_mapping(node, deep=deep)
 
 
+# Numbers written with an exponent and no dot (1e-4, 5E-3, 1e4): YAML 1.2 and people read them as numbers, PyYAML's
+# YAML 1.1 as text. The recipe loader reads them as _Exponent numbers, the dumper quotes text that looks like one.
+_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_EXPONENT_TAG = "tag:qlora-recipes,2024:exponent"
+_NUMBER_STARTS = list("-+0123456789.")
+
+
+class _Exponent(float):
+    """A number written with an exponent and no dot. It keeps the text it was written as: YAML 1.1 read that as
+    text, so a key whose schema wants text (``name: 1e3``) gets it back (see _settle_exponents)."""
+
+    text: str
+
+
+def _construct_exponent(loader, node) -> _Exponent:
+    value = _Exponent(loader.construct_yaml_float(node))
+    value.text = node.value
+    return value
+
+
+_Loader.add_implicit_resolver(_EXPONENT_TAG, _EXPONENT, _NUMBER_STARTS)
+_Loader.add_constructor(_EXPONENT_TAG, _construct_exponent)
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, quoting the text that the recipe loader would read as a number (``'1e3'``)."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, _NUMBER_STARTS)
+
+
 class _LoadProblem(Exception):
     def __init__(self, problem: str, hint: str):
         super().__init__(problem)
@@ -394,6 +425,7 @@ def _validator_class():
 def validate(raw: dict) -> dict:
     """Check ``raw`` against the schema, fill defaults, run cross-checks; return the resolved recipe."""
     validator = _validator_class()(schema())
+    _settle_exponents(raw, validator)
     errors = sorted(validator.iter_errors(raw), key=_error_rank)
     if errors:
         raise _to_recipe_error(errors[0], raw)
@@ -402,6 +434,42 @@ def validate(raw: dict) -> dict:
     _check_evaluator_params(resolved)
     cross_check(resolved)
     return resolved
+
+
+def _settle_exponents(raw: dict, validator) -> None:
+    """Every _Exponent in ``raw`` becomes a plain float, or its text where the schema wants text and no number
+    (what YAML 1.1 gave such a key before exponents were numbers)."""
+    found = list(_exponents(raw, []))
+    if not found:
+        return
+    wants_text = {tuple(e.absolute_path) for e in _all_errors(validator.iter_errors(raw))
+                  if e.validator == "type" and isinstance(e.instance, _Exponent) and _text_only(e.validator_value)}
+    for path, value in found:
+        parent = raw
+        for part in path[:-1]:
+            parent = parent[part]
+        parent[path[-1]] = value.text if tuple(path) in wants_text else float(value)
+
+
+def _exponents(value, path: list):
+    """(path, value) of each _Exponent under ``value``."""
+    if isinstance(value, _Exponent):
+        yield path, value
+    elif isinstance(value, (dict, list)):
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            yield from _exponents(item, [*path, key])
+
+
+def _all_errors(errors):
+    """The errors and, inside oneOf / anyOf ones, each branch's."""
+    for error in errors:
+        yield error
+        yield from _all_errors(error.context or ())
+
+
+def _text_only(types) -> bool:
+    types = types if isinstance(types, list) else [types]
+    return "string" in types and not {"number", "integer"} & set(types)
 
 
 def _error_rank(error) -> tuple:
@@ -679,4 +747,4 @@ def get(recipe: dict, key_path: str) -> Any:
 
 
 def dump(recipe: dict) -> str:
-    return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(recipe, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
