@@ -496,11 +496,12 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value][0]
         desc = sch.get("properties", {}).get(missing, {}).get("description", "")
-        return RecipeError(_fmt([*path, missing]), "missing required key", desc.split(".")[0] or "add it")
+        return RecipeError(_fmt([*path, missing]), "missing required key", _first_sentence(desc) or "add it")
     if kind == "type":
         want = error.validator_value
         want = " or ".join(want) if isinstance(want, list) else want
-        return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}", _describe(sch))
+        return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}",
+                           _list_hint(value, sch, _describe(sch)))
     if kind == "enum":
         # As YAML writes them: true/false, not Python's True/False.
         names = [str(v).lower() if isinstance(v, bool) else str(v) for v in error.validator_value]
@@ -521,7 +522,7 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
         return RecipeError(where, f"{_show(value)} has characters that are not allowed",
                            "use letters, digits, '.', '_' and '-'")
     if kind == "oneOf":
-        return RecipeError(where, f"{_show(value)} does not fit", _describe(sch))
+        return RecipeError(where, f"{_show(value)} does not fit", _list_hint(value, sch, _describe(sch)))
     return RecipeError(where, short(error.message, 200), _describe(sch))
 
 
@@ -531,8 +532,33 @@ def _kind(value) -> str:
 
 
 def _describe(sch: dict) -> str | None:
+    """The first sentence of the key's schema description, as a hint."""
     desc = sch.get("description")
-    return desc.split(". ")[0].rstrip(".") if desc else None
+    return _first_sentence(desc) if desc else None
+
+
+_ABBREVIATIONS = ("e.g", "i.e", "etc", "vs", "cf")
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first full stop that ends a sentence: not one of an abbreviation (e.g.) nor one inside
+    brackets, so the hint is never cut mid-example."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "." and depth == 0 and text[i + 1:i + 2] in ("", " ") and not text[:i].endswith(_ABBREVIATIONS):
+            return text[:i]
+    return text
+
+
+def _list_hint(value, sch: dict, hint: str | None) -> str | None:
+    """A list key given text (``lora.target_modules=q_proj,v_proj``): the hint shows it written as a list."""
+    branches = [sch, *(_resolve_ref(b) for b in [*sch.get("oneOf", []), *sch.get("anyOf", [])])]
+    kinds = [b.get("type") for b in branches]
+    if not isinstance(value, str) or not any(k == "array" or (isinstance(k, list) and "array" in k) for k in kinds):
+        return hint
+    items = ",".join(v.strip() for v in value.split(",") if v.strip()) or "..."
+    return f"{hint}; a list is written in brackets: [{items}]" if hint else f"a list is written in brackets: [{items}]"
 
 
 def _resolve_ref(sch: dict) -> dict:

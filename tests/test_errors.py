@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner import recipe as recipe_mod
 from tests.conftest import ROOT
 
 TINY_RECIPE = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -167,3 +168,37 @@ def test_wrong_evaluator_parameter(tmp_path, tiny, cli):
 def test_eval_of_a_folder_without_adapter(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny)
     assert_user_error(cli("eval", path, "--run", tmp_path), "--run", "no trained adapter")
+
+
+@pytest.mark.parametrize(("override", "key_path", "example", "as_list"), [
+    ("lora.target_modules=q_proj,v_proj", "lora.target_modules", "e.g. q_proj) to adapt", "[q_proj,v_proj]"),
+    ("lora.modules_to_save=lm_head", "lora.modules_to_save", "e.g. lm_head, embed_tokens)", "[lm_head]"),
+    ("generation.stop=x", "generation.stop", 'e.g. ["\\n"] for one-line answers', "[x]"),
+])
+def test_a_list_given_as_text_is_shown_as_a_list(tmp_path, tiny, cli, override, key_path, example, as_list):
+    line = assert_user_error(cli("validate", write_recipe(tmp_path, tiny), override), key_path, example,
+                             f"a list is written in brackets: {as_list})")
+    assert line.endswith(")")
+
+
+def _descriptions(node, path=""):
+    if isinstance(node, dict):
+        if isinstance(node.get("description"), str):
+            yield path, node
+        for key, value in node.items():
+            yield from _descriptions(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _descriptions(value, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize(("path", "node"), list(_descriptions(recipe_mod.schema())), ids=lambda v: v if
+                         isinstance(v, str) else "")
+def test_every_key_hint_is_a_whole_sentence(path, node):
+    """The hint of an error is the first sentence of the key's schema description: never cut at "e.g." or inside
+    brackets."""
+    hint = recipe_mod._describe(node)
+    assert hint and not hint.endswith(recipe_mod._ABBREVIATIONS), hint
+    for open_, close in ("()", "[]", "{}"):
+        assert hint.count(open_) == hint.count(close), hint
+    assert node["description"].startswith(hint)
