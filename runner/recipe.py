@@ -51,6 +51,12 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     raw = _load_with_extends(path, chain=())
     for text in overrides:
         key_path, value = parse_override(text)
+        if key_path[0] == "extends":  # read with the file, before any override applies: it would be ignored
+            raise RecipeError("extends", "can only be written in the recipe file, not as an override",
+                              "add extends: other_recipe.yaml at the top of the recipe file")
+        if value is None and not _allows_null(tuple(key_path)):
+            _remove_path(raw, key_path)  # as `key: null` in an extending recipe: the key's default applies
+            continue
         if tuple(key_path[:2]) in PATH_KEYS:  # a path typed on the command line is relative to the shell's directory
             value = _fix_path(value, Path.cwd()) if len(key_path) == 3 else _fix_paths(value, Path.cwd())
         elif key_path[:2] == ["data", "sources"]:
@@ -392,6 +398,15 @@ def _set_path(data: dict, path: list, value: Any, text: str) -> None:
         if isinstance(node, dict) and node.get(part) is None:
             node[part] = [] if isinstance(path[i + 1], int) else {}
         node = node[part]
+
+
+def _remove_path(data: dict, path: list) -> None:
+    """The key at ``path`` removed; a section that is not there has nothing to remove (and is not made)."""
+    node = data
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
 
 
 def _article(value) -> str:

@@ -202,3 +202,12 @@ def test_every_key_hint_is_a_whole_sentence(path, node):
     for open_, close in ("()", "[]", "{}"):
         assert hint.count(open_) == hint.count(close), hint
     assert node["description"].startswith(hint)
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_extends_as_an_override_is_refused(tmp_path, tiny, cli, command):
+    """extends is read with the file, before overrides apply: as an override it was silently ignored."""
+    path = write_recipe(tmp_path, tiny)
+    args = (command, path, "extends=does_not_exist.yaml", "training.max_steps=1", *(["--no-eval"] * (command == "train")))
+    assert_user_error(cli(*args), "extends", "only be written in the recipe file", "add extends:")
+    assert_nothing_written(tmp_path)

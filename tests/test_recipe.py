@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -178,3 +179,18 @@ def test_text_keys_keep_exponent_like_text(tmp_path):
     with pytest.raises(RecipeError) as err:  # an integer key is not given a float, as 5.0 is not
         recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["training.max_steps=1e3"])
     assert (err.value.key_path, err.value.problem) == ("training.max_steps", "expected integer or null, got number 1000.0")
+
+
+def test_null_override_removes_a_key_so_data_source_can_become_sources(tmp_path):
+    """`key=null` removes a key null is not a value of, as `key: null` in an extending recipe: the way from
+    data.source to data.sources on the command line."""
+    files = {role: str(ROOT / ".cache" / "tiny" / "data" / "xsum_tiny" / f"{split}.jsonl")
+             for role, split in (("train", "train"), ("eval", "validation"), ("test", "test"))}
+    r = _validate_print(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "data.source=null",
+                        f"data.sources=[{{source: {json.dumps(files)}, weight: 2}}]", "training.learning_rate=null")
+    assert "source" not in r["data"]
+    assert r["data"]["sources"][0]["source"] == files and r["data"]["sources"][0]["weight"] == 2
+    assert r["training"]["learning_rate"] == 2e-4  # removed: the default applies
+    r = _validate_print(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "training.eval_every=null", "lora=null",
+                        "quantization.method=none")
+    assert r["training"]["eval_every"] is None and r["lora"] is None  # null is a value of these: kept
