@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import chat, mixture
-from runner.errors import RecipeError
+from runner.errors import RecipeError, hub_unreachable
 from runner.recipe import DATA_SUFFIXES, is_local_path
 from runner.templates import render, template_fields, text
 
@@ -88,6 +88,9 @@ def _load_hub_split(recipe: dict, split: str, key_path: str, source_key: str = "
         raise RecipeError(source_key, f"cannot load {data['source']!r}: {str(exc)[:200]}",
                           "check the dataset id and data.config") from None
     except Exception as exc:
+        unreachable = hub_unreachable(exc, source_key, data["source"], f"point {source_key} at local files")
+        if unreachable is not None:
+            raise unreachable from None
         raise RecipeError(source_key, f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
                           "check the id, your network or HF_HUB_OFFLINE; offline, point data.source at local files"
                           ) from None

@@ -211,3 +211,23 @@ def test_extends_as_an_override_is_refused(tmp_path, tiny, cli, command):
     args = (command, path, "extends=does_not_exist.yaml", "training.max_steps=1", *(["--no-eval"] * (command == "train")))
     assert_user_error(cli(*args), "extends", "only be written in the recipe file", "add extends:")
     assert_nothing_written(tmp_path)
+
+
+def assert_environment_error(result, key_path: str, *words: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key_path}: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("override", "key_path", "instead"), [
+    ("data.source=qlora-recipes-tests/never-cached", "data.source", "point data.source at local files"),
+    ("model.name_or_path=qlora-recipes-tests/never-cached", "model.name_or_path", "use a local directory")])
+def test_hub_out_of_reach_is_the_machines_problem(tmp_path, tiny, cli, override, key_path, instead):
+    """The tests run with HF_HUB_OFFLINE=1 (cli_env): a hub id not in the cache cannot be loaded, exit 1."""
+    result = cli("train", write_recipe(tmp_path, tiny), override, "training.max_steps=1", "--no-eval")
+    assert_environment_error(result, key_path, "cannot reach the Hugging Face hub", "HF_HUB_OFFLINE is set", instead)
+    assert_nothing_written(tmp_path)
