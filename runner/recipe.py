@@ -157,6 +157,10 @@ def parse_yaml(text: str, where: str):
         raise RecipeError(where, exc.problem, exc.hint) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
+        if exc.context == "expected a single document in the stream" and mark:
+            raise RecipeError(where, f"a second YAML document starts at line {mark.line + 1}",
+                              "a recipe is one YAML document: remove that '---' line and merge or drop what "
+                              "follows; to build on another recipe, use extends") from None
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise RecipeError(where, f"YAML syntax error at {at}: {short(exc.problem, 150)}",
                           "fix the indentation or quoting there") from None
@@ -166,9 +170,21 @@ def parse_yaml(text: str, where: str):
     return data
 
 
+def not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a file to read (None when it is one)."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is not a regular file (a device, pipe or socket)" if path.exists() else "not found"
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem == "not found":
         raise RecipeError(str(path), "recipe file not found", "check the path")
+    if problem:
+        raise RecipeError(str(path), f"the recipe path {problem}", "give the recipe's YAML file")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
@@ -259,8 +275,10 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
     parent_path = Path(parent).expanduser()
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    if not parent_path.is_file():
-        raise RecipeError("extends", f"file not found: {parent_path}", "paths are relative to the extending recipe")
+    problem = not_a_file(parent_path)
+    if problem:
+        what = f"file not found: {parent_path}" if problem == "not found" else f"{parent_path} {problem}"
+        raise RecipeError("extends", what, "paths are relative to the extending recipe")
     base = _load_with_extends(parent_path, (*chain, path))
     base.pop("name", None)  # a name belongs to the file that sets it, not to recipes extending it
     return deep_merge(base, data)
@@ -372,7 +390,7 @@ def parse_override(text: str) -> tuple[list, Any]:
     try:
         value = parse_yaml(value_text, key) if value_text.strip() else ""
     except RecipeError as exc:
-        if not exc.problem.startswith(("YAML syntax", "not readable")):
+        if not exc.problem.startswith(("YAML syntax", "not readable", "a second YAML document")):
             raise  # bounded-value problems (NaN, nesting, repeated keys) are mistakes, not plain strings
         value = value_text  # not YAML: take it as a plain string
     return path, value
@@ -534,11 +552,41 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
     if kind == "uniqueItems":
         return RecipeError(where, "has duplicate items", "list each item once")
     if kind == "pattern":
-        return RecipeError(where, f"{_show(value)} has characters that are not allowed",
-                           "use letters, digits, '.', '_' and '-'")
+        return _pattern_error(where, value, error.validator_value, sch)
     if kind == "oneOf":
         return RecipeError(where, f"{_show(value)} does not fit", _list_hint(value, sch, _describe(sch)))
     return RecipeError(where, short(error.message, 200), _describe(sch))
+
+
+# The schema's patterns are names: one character of a class, then any of another, ^[first][rest]*$.
+_NAME_PATTERN = re.compile(r"\^\[([^\]]+)\]\[([^\]]+)\]\*\$")
+
+
+def _pattern_error(where: str, value: str, pattern: str, sch: dict) -> RecipeError:
+    """A name the schema's pattern refuses: which character is wrong and what is allowed."""
+    m = _NAME_PATTERN.fullmatch(pattern)
+    if m is None:
+        return RecipeError(where, f"{_show(value)} does not match {pattern}", _describe(sch))
+    first, rest = m.groups()
+    if not re.fullmatch(f"[{first}]", value[:1]):  # '..', '.hidden': the description says why that matters
+        return RecipeError(where, f"{_show(value)} must start with {_characters(first, one=True)}", _describe(sch))
+    bad = next(ch for ch in value if not re.fullmatch(f"[{rest}]", ch))
+    return RecipeError(where, f"{_show(value)} has a character that is not allowed: {bad!r}",
+                       f"use {_characters(rest)}")
+
+
+def _characters(char_class: str, one: bool = False) -> str:
+    """A regex character class in words: ``A-Za-z0-9._-`` -> "letters, digits, '.', '_' and '-'" (``one``: "a
+    letter or ...")."""
+    words = []
+    for span, word in (("A-Za-z", "letter"), ("0-9", "digit")):
+        if span in char_class:
+            words.append(word if one else f"{word}s")
+            char_class = char_class.replace(span, "")
+    words += [repr(ch) for ch in char_class]
+    if one:
+        return "a " + " or ".join(words)
+    return f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
 
 
 def _kind(value) -> str:
@@ -635,8 +683,8 @@ def evaluator_class(name: str, key_path: str) -> type[Evaluator]:
         return import_evaluator(name, key_path)
     if name not in BUILTINS:
         close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(BUILTINS)}"
-        raise RecipeError(key_path, f"{_show(name)} is not allowed", f"{hint} Or give your own as package.module:ClassName")
+        hint = f"did you mean {close[0]!r}? Or" if close else f"one of: {', '.join(BUILTINS)}; or"
+        raise RecipeError(key_path, f"{_show(name)} is not allowed", f"{hint} give your own as package.module:ClassName")
     return builtin(name)
 
 

@@ -213,6 +213,45 @@ def test_extends_as_an_override_is_refused(tmp_path, tiny, cli, command):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(("where", "what"), [("folder", "is a directory, not a file"),
+                                             ("/dev/null", "is not a regular file")])
+def test_recipe_path_that_is_no_file(tmp_path, cli, where, what):
+    path = tmp_path if where == "folder" else Path(where)
+    assert_user_error(cli("validate", path), str(path), what, "give the recipe's YAML file")
+
+
+def test_recipe_of_several_yaml_documents(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny)
+    path.write_text(path.read_text() + "---\nname: second\n")
+    line = assert_user_error(cli("validate", path), str(path), "a second YAML document starts at line",
+                             "a recipe is one YAML document")
+    assert "indentation" not in line
+
+
+def test_unknown_evaluator_without_a_close_name(tmp_path, tiny, cli):
+    line = assert_user_error(cli("validate", write_recipe(tmp_path, tiny), "evaluation.evaluators[0].name=nope"),
+                             "evaluation.evaluators[0].name", "'nope' is not allowed")
+    assert line.endswith("loss; or give your own as package.module:ClassName)"), line
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+def test_name_of_dots_says_why(tmp_path, tiny, cli, name):
+    assert_user_error(cli("validate", write_recipe(tmp_path, tiny), f"name={name}"), "name",
+                      f"{name!r} must start with a letter or digit", "so not '.', '..' or a hidden folder")
+
+
+@pytest.mark.slow
+def test_data_file_that_is_no_file_or_has_no_rows(tmp_path, tiny, cli):
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("document,summary\n")
+    for source, what in ((tmp_path, "is a directory, not a file"), ("/dev/null", "is not a regular file"),
+                         (header_only, "empty.csv has no rows")):
+        path = write_recipe(tmp_path, tiny, lambda r, s=source: r["data"]["source"].update(train=str(s)))
+        line = assert_user_error(cli("train", path, "--no-eval"), "data.source.train", what)
+        assert "corresponds to no data" not in line and "not found" not in line
+        assert_nothing_written(tmp_path)
+
+
 def assert_environment_error(result, key_path: str, *words: str) -> str:
     assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
