@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import chat, mixture
-from runner.errors import RecipeError
-from runner.recipe import DATA_SUFFIXES, is_local_path
+from runner.errors import RecipeError, hub_unreachable
+from runner.recipe import DATA_SUFFIXES, is_local_path, not_a_file
 from runner.templates import render, template_fields, text
 
 ROLES = ("train", "eval", "test")
+# datasets' and pandas' words for a file that parses to no rows (a CSV header alone, blank lines, []).
+_NO_ROWS = re.compile(r"corresponds to no data|No columns to parse")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -62,17 +65,29 @@ def _read_local(path: str, key_path: str):
     from datasets import load_dataset
 
     p = Path(path)
-    if not p.is_file():
+    problem = not_a_file(p)
+    if problem == "not found":
         raise RecipeError(key_path, f"file not found: {p}", "paths in a recipe are relative to the recipe file")
+    if problem:
+        raise RecipeError(key_path, f"{p} {problem}", f"name a {'/'.join(DATA_SUFFIXES)} file")
     fmt = _FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise RecipeError(key_path, f"unsupported file type {p.suffix!r}", f"use one of {', '.join(DATA_SUFFIXES)}")
+    no_rows = RecipeError(key_path, f"{p.name} has no rows", "add examples to it, or name another file")
+    if p.stat().st_size == 0:
+        raise no_rows
     try:
-        return load_dataset(fmt, data_files=str(p), split="train", keep_in_memory=True)
+        ds = load_dataset(fmt, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as exc:  # datasets wraps parser errors in several types; all mean "can't read this file"
+        cause = _root_cause(exc)
+        if _NO_ROWS.search(cause):
+            raise no_rows from None
         reason = _first_bad_json_line(p) if p.suffix.lower() == ".jsonl" else None
-        raise RecipeError(key_path, f"cannot read {p.name}: {(reason or _root_cause(exc))[:200]}",
+        raise RecipeError(key_path, f"cannot read {p.name}: {(reason or cause)[:200]}",
                           f"check that it is valid {p.suffix.lstrip('.').upper()}") from None
+    if len(ds) == 0:
+        raise no_rows
+    return ds
 
 
 def _load_hub_split(recipe: dict, split: str, key_path: str, source_key: str = "data.source"):
@@ -88,6 +103,9 @@ def _load_hub_split(recipe: dict, split: str, key_path: str, source_key: str = "
         raise RecipeError(source_key, f"cannot load {data['source']!r}: {str(exc)[:200]}",
                           "check the dataset id and data.config") from None
     except Exception as exc:
+        unreachable = hub_unreachable(exc, source_key, data["source"], f"point {source_key} at local files")
+        if unreachable is not None:
+            raise unreachable from None
         raise RecipeError(source_key, f"cannot load {data['source']!r}: {type(exc).__name__}: {str(exc)[:200]}",
                           "check the id, your network or HF_HUB_OFFLINE; offline, point data.source at local files"
                           ) from None

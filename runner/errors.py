@@ -1,10 +1,11 @@
 """The error types behind the one-line contract: every command ends normally or with one line
 ``error: <where>: <what> (<hint>)``; exit 2 when the user's input is wrong, exit 1 when the environment is
-(disk full, read-only folder, out of memory, a dependency missing)."""
+(disk full, read-only folder, out of memory, a dependency missing, the hub out of reach)."""
 
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
 import traceback
@@ -92,6 +93,25 @@ def _compiler_failure(exc: BaseException) -> RecipeError | None:
         return EnvironmentProblem("training.compile", what, "set training.compile: false to train the decoder "
                                   "layers uncompiled, without CUDA graphs")
     return None
+
+
+# The hub could not be asked for files that are not in the local cache (no network, or an offline setting):
+# huggingface_hub's, datasets', requests' and httpx's exception types for it, matched by name (none is imported here).
+_UNREACHABLE = frozenset({"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "Timeout",
+                          "ConnectTimeout", "ReadTimeout", "TimeoutError", "ConnectError", "TimeoutException"})
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def hub_unreachable(exc: BaseException, key_path: str, hub_id: str, instead: str) -> EnvironmentProblem | None:
+    """Loading ``hub_id`` failed because the hub was out of reach: the machine's problem, not the recipe's (exit 1).
+    ``instead``: what the recipe can use offline. None when ``exc`` says something else."""
+    if not any(cls.__name__ in _UNREACHABLE for item in _chain(exc) for cls in type(item).__mro__):
+        return None
+    offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+    why = f"offline: {offline[0]} is set" if offline else "no network?"
+    return EnvironmentProblem(key_path, f"cannot reach the Hugging Face hub for {short(hub_id, 80)!r} ({why}), "
+                              "and it is not in the local cache",
+                              f"connect to the network{f' and unset {offline[0]}' if offline else ''}, or {instead}")
 
 
 def _nearly_full(path: Path) -> bool:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from runner import chat, dist
-from runner.errors import RecipeError
+from runner.errors import RecipeError, hub_unreachable
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -34,6 +34,11 @@ def _source(recipe: dict, key: str = "name_or_path") -> str:
 
 
 def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
+    from runner.recipe import is_local_path  # runner.recipe imports this module (through runner.backend)
+
+    unreachable = None if is_local_path(what) else hub_unreachable(exc, key_path, what, "use a local directory")
+    if unreachable is not None:
+        return unreachable
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     local = Path(what).expanduser().exists()
     hint = ("the directory needs config.json and weights saved with save_pretrained" if local else

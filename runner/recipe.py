@@ -51,6 +51,12 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     raw = _load_with_extends(path, chain=())
     for text in overrides:
         key_path, value = parse_override(text)
+        if key_path[0] == "extends":  # read with the file, before any override applies: it would be ignored
+            raise RecipeError("extends", "can only be written in the recipe file, not as an override",
+                              "add extends: other_recipe.yaml at the top of the recipe file")
+        if value is None and not _allows_null(tuple(key_path)):
+            _remove_path(raw, key_path)  # as `key: null` in an extending recipe: the key's default applies
+            continue
         if tuple(key_path[:2]) in PATH_KEYS:  # a path typed on the command line is relative to the shell's directory
             value = _fix_path(value, Path.cwd()) if len(key_path) == 3 else _fix_paths(value, Path.cwd())
         elif key_path[:2] == ["data", "sources"]:
@@ -92,6 +98,37 @@ class _Loader(_BASE_LOADER):
         return super().construct_mapping(node, deep=deep)
 
 
+# Numbers written with an exponent and no dot (1e-4, 5E-3, 1e4): YAML 1.2 and people read them as numbers, PyYAML's
+# YAML 1.1 as text. The recipe loader reads them as _Exponent numbers, the dumper quotes text that looks like one.
+_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_EXPONENT_TAG = "tag:qlora-recipes,2024:exponent"
+_NUMBER_STARTS = list("-+0123456789.")
+
+
+class _Exponent(float):
+    """A number written with an exponent and no dot. It keeps the text it was written as: YAML 1.1 read that as
+    text, so a key whose schema wants text (``name: 1e3``) gets it back (see _settle_exponents)."""
+
+    text: str
+
+
+def _construct_exponent(loader, node) -> _Exponent:
+    value = _Exponent(loader.construct_yaml_float(node))
+    value.text = node.value
+    return value
+
+
+_Loader.add_implicit_resolver(_EXPONENT_TAG, _EXPONENT, _NUMBER_STARTS)
+_Loader.add_constructor(_EXPONENT_TAG, _construct_exponent)
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, quoting the text that the recipe loader would read as a number (``'1e3'``)."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, _NUMBER_STARTS)
+
+
 class _LoadProblem(Exception):
     def __init__(self, problem: str, hint: str):
         super().__init__(problem)
@@ -120,6 +157,10 @@ def parse_yaml(text: str, where: str):
         raise RecipeError(where, exc.problem, exc.hint) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
+        if exc.context == "expected a single document in the stream" and mark:
+            raise RecipeError(where, f"a second YAML document starts at line {mark.line + 1}",
+                              "a recipe is one YAML document: remove that '---' line and merge or drop what "
+                              "follows; to build on another recipe, use extends") from None
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise RecipeError(where, f"YAML syntax error at {at}: {short(exc.problem, 150)}",
                           "fix the indentation or quoting there") from None
@@ -129,9 +170,21 @@ def parse_yaml(text: str, where: str):
     return data
 
 
+def not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a file to read (None when it is one)."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is not a regular file (a device, pipe or socket)" if path.exists() else "not found"
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem == "not found":
         raise RecipeError(str(path), "recipe file not found", "check the path")
+    if problem:
+        raise RecipeError(str(path), f"the recipe path {problem}", "give the recipe's YAML file")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
@@ -222,8 +275,10 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> dict:
     parent_path = Path(parent).expanduser()
     if not parent_path.is_absolute():
         parent_path = path.parent / parent_path
-    if not parent_path.is_file():
-        raise RecipeError("extends", f"file not found: {parent_path}", "paths are relative to the extending recipe")
+    problem = not_a_file(parent_path)
+    if problem:
+        what = f"file not found: {parent_path}" if problem == "not found" else f"{parent_path} {problem}"
+        raise RecipeError("extends", what, "paths are relative to the extending recipe")
     base = _load_with_extends(parent_path, (*chain, path))
     base.pop("name", None)  # a name belongs to the file that sets it, not to recipes extending it
     return deep_merge(base, data)
@@ -335,7 +390,7 @@ def parse_override(text: str) -> tuple[list, Any]:
     try:
         value = parse_yaml(value_text, key) if value_text.strip() else ""
     except RecipeError as exc:
-        if not exc.problem.startswith(("YAML syntax", "not readable")):
+        if not exc.problem.startswith(("YAML syntax", "not readable", "a second YAML document")):
             raise  # bounded-value problems (NaN, nesting, repeated keys) are mistakes, not plain strings
         value = value_text  # not YAML: take it as a plain string
     return path, value
@@ -361,6 +416,15 @@ def _set_path(data: dict, path: list, value: Any, text: str) -> None:
         if isinstance(node, dict) and node.get(part) is None:
             node[part] = [] if isinstance(path[i + 1], int) else {}
         node = node[part]
+
+
+def _remove_path(data: dict, path: list) -> None:
+    """The key at ``path`` removed; a section that is not there has nothing to remove (and is not made)."""
+    node = data
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
 
 
 def _article(value) -> str:
@@ -394,6 +458,7 @@ def _validator_class():
 def validate(raw: dict) -> dict:
     """Check ``raw`` against the schema, fill defaults, run cross-checks; return the resolved recipe."""
     validator = _validator_class()(schema())
+    _settle_exponents(raw, validator)
     errors = sorted(validator.iter_errors(raw), key=_error_rank)
     if errors:
         raise _to_recipe_error(errors[0], raw)
@@ -402,6 +467,42 @@ def validate(raw: dict) -> dict:
     _check_evaluator_params(resolved)
     cross_check(resolved)
     return resolved
+
+
+def _settle_exponents(raw: dict, validator) -> None:
+    """Every _Exponent in ``raw`` becomes a plain float, or its text where the schema wants text and no number
+    (what YAML 1.1 gave such a key before exponents were numbers)."""
+    found = list(_exponents(raw, []))
+    if not found:
+        return
+    wants_text = {tuple(e.absolute_path) for e in _all_errors(validator.iter_errors(raw))
+                  if e.validator == "type" and isinstance(e.instance, _Exponent) and _text_only(e.validator_value)}
+    for path, value in found:
+        parent = raw
+        for part in path[:-1]:
+            parent = parent[part]
+        parent[path[-1]] = value.text if tuple(path) in wants_text else float(value)
+
+
+def _exponents(value, path: list):
+    """(path, value) of each _Exponent under ``value``."""
+    if isinstance(value, _Exponent):
+        yield path, value
+    elif isinstance(value, (dict, list)):
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            yield from _exponents(item, [*path, key])
+
+
+def _all_errors(errors):
+    """The errors and, inside oneOf / anyOf ones, each branch's."""
+    for error in errors:
+        yield error
+        yield from _all_errors(error.context or ())
+
+
+def _text_only(types) -> bool:
+    types = types if isinstance(types, list) else [types]
+    return "string" in types and not {"number", "integer"} & set(types)
 
 
 def _error_rank(error) -> tuple:
@@ -428,11 +529,12 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value][0]
         desc = sch.get("properties", {}).get(missing, {}).get("description", "")
-        return RecipeError(_fmt([*path, missing]), "missing required key", desc.split(".")[0] or "add it")
+        return RecipeError(_fmt([*path, missing]), "missing required key", _first_sentence(desc) or "add it")
     if kind == "type":
         want = error.validator_value
         want = " or ".join(want) if isinstance(want, list) else want
-        return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}", _describe(sch))
+        return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}",
+                           _list_hint(value, sch, _describe(sch)))
     if kind == "enum":
         # As YAML writes them: true/false, not Python's True/False.
         names = [str(v).lower() if isinstance(v, bool) else str(v) for v in error.validator_value]
@@ -450,11 +552,41 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
     if kind == "uniqueItems":
         return RecipeError(where, "has duplicate items", "list each item once")
     if kind == "pattern":
-        return RecipeError(where, f"{_show(value)} has characters that are not allowed",
-                           "use letters, digits, '.', '_' and '-'")
+        return _pattern_error(where, value, error.validator_value, sch)
     if kind == "oneOf":
-        return RecipeError(where, f"{_show(value)} does not fit", _describe(sch))
+        return RecipeError(where, f"{_show(value)} does not fit", _list_hint(value, sch, _describe(sch)))
     return RecipeError(where, short(error.message, 200), _describe(sch))
+
+
+# The schema's patterns are names: one character of a class, then any of another, ^[first][rest]*$.
+_NAME_PATTERN = re.compile(r"\^\[([^\]]+)\]\[([^\]]+)\]\*\$")
+
+
+def _pattern_error(where: str, value: str, pattern: str, sch: dict) -> RecipeError:
+    """A name the schema's pattern refuses: which character is wrong and what is allowed."""
+    m = _NAME_PATTERN.fullmatch(pattern)
+    if m is None:
+        return RecipeError(where, f"{_show(value)} does not match {pattern}", _describe(sch))
+    first, rest = m.groups()
+    if not re.fullmatch(f"[{first}]", value[:1]):  # '..', '.hidden': the description says why that matters
+        return RecipeError(where, f"{_show(value)} must start with {_characters(first, one=True)}", _describe(sch))
+    bad = next(ch for ch in value if not re.fullmatch(f"[{rest}]", ch))
+    return RecipeError(where, f"{_show(value)} has a character that is not allowed: {bad!r}",
+                       f"use {_characters(rest)}")
+
+
+def _characters(char_class: str, one: bool = False) -> str:
+    """A regex character class in words: ``A-Za-z0-9._-`` -> "letters, digits, '.', '_' and '-'" (``one``: "a
+    letter or ...")."""
+    words = []
+    for span, word in (("A-Za-z", "letter"), ("0-9", "digit")):
+        if span in char_class:
+            words.append(word if one else f"{word}s")
+            char_class = char_class.replace(span, "")
+    words += [repr(ch) for ch in char_class]
+    if one:
+        return "a " + " or ".join(words)
+    return f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
 
 
 def _kind(value) -> str:
@@ -463,8 +595,33 @@ def _kind(value) -> str:
 
 
 def _describe(sch: dict) -> str | None:
+    """The first sentence of the key's schema description, as a hint."""
     desc = sch.get("description")
-    return desc.split(". ")[0].rstrip(".") if desc else None
+    return _first_sentence(desc) if desc else None
+
+
+_ABBREVIATIONS = ("e.g", "i.e", "etc", "vs", "cf")
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first full stop that ends a sentence: not one of an abbreviation (e.g.) nor one inside
+    brackets, so the hint is never cut mid-example."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "." and depth == 0 and text[i + 1:i + 2] in ("", " ") and not text[:i].endswith(_ABBREVIATIONS):
+            return text[:i]
+    return text
+
+
+def _list_hint(value, sch: dict, hint: str | None) -> str | None:
+    """A list key given text (``lora.target_modules=q_proj,v_proj``): the hint shows it written as a list."""
+    branches = [sch, *(_resolve_ref(b) for b in [*sch.get("oneOf", []), *sch.get("anyOf", [])])]
+    kinds = [b.get("type") for b in branches]
+    if not isinstance(value, str) or not any(k == "array" or (isinstance(k, list) and "array" in k) for k in kinds):
+        return hint
+    items = ",".join(v.strip() for v in value.split(",") if v.strip()) or "..."
+    return f"{hint}; a list is written in brackets: [{items}]" if hint else f"a list is written in brackets: [{items}]"
 
 
 def _resolve_ref(sch: dict) -> dict:
@@ -526,8 +683,8 @@ def evaluator_class(name: str, key_path: str) -> type[Evaluator]:
         return import_evaluator(name, key_path)
     if name not in BUILTINS:
         close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(BUILTINS)}"
-        raise RecipeError(key_path, f"{_show(name)} is not allowed", f"{hint} Or give your own as package.module:ClassName")
+        hint = f"did you mean {close[0]!r}? Or" if close else f"one of: {', '.join(BUILTINS)}; or"
+        raise RecipeError(key_path, f"{_show(name)} is not allowed", f"{hint} give your own as package.module:ClassName")
     return builtin(name)
 
 
@@ -679,4 +836,4 @@ def get(recipe: dict, key_path: str) -> Any:
 
 
 def dump(recipe: dict) -> str:
-    return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(recipe, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)

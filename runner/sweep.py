@@ -490,8 +490,8 @@ def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = 
     for setting, group in grid.items():
         try:
             plans[setting] = plan_setting(group[0].recipe, card_gb, card)
-        except RecipeError as exc:  # the model's config rejects this setting: say which, before anything trains
-            raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {group[0].label})", exc.hint) from None
+        except RecipeError as exc:  # the model's config rejects this setting (or the hub is out of reach): say which
+            raise type(exc)(exc.key_path, f"{exc.problem} (in the cell {group[0].label})", exc.hint) from None
     if main:
         print(f"sweep folder: {folder}\n{len(grid)} setting(s) x {seeds} seed(s) = {len(all_cells)} cells", flush=True)
         print("\n".join(plan_lines(plans, grid)), flush=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner import recipe as recipe_mod
 from tests.conftest import ROOT
 
 TINY_RECIPE = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -167,3 +168,105 @@ def test_wrong_evaluator_parameter(tmp_path, tiny, cli):
 def test_eval_of_a_folder_without_adapter(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny)
     assert_user_error(cli("eval", path, "--run", tmp_path), "--run", "no trained adapter")
+
+
+@pytest.mark.parametrize(("override", "key_path", "example", "as_list"), [
+    ("lora.target_modules=q_proj,v_proj", "lora.target_modules", "e.g. q_proj) to adapt", "[q_proj,v_proj]"),
+    ("lora.modules_to_save=lm_head", "lora.modules_to_save", "e.g. lm_head, embed_tokens)", "[lm_head]"),
+    ("generation.stop=x", "generation.stop", 'e.g. ["\\n"] for one-line answers', "[x]"),
+])
+def test_a_list_given_as_text_is_shown_as_a_list(tmp_path, tiny, cli, override, key_path, example, as_list):
+    line = assert_user_error(cli("validate", write_recipe(tmp_path, tiny), override), key_path, example,
+                             f"a list is written in brackets: {as_list})")
+    assert line.endswith(")")
+
+
+def _descriptions(node, path=""):
+    if isinstance(node, dict):
+        if isinstance(node.get("description"), str):
+            yield path, node
+        for key, value in node.items():
+            yield from _descriptions(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _descriptions(value, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize(("path", "node"), list(_descriptions(recipe_mod.schema())), ids=lambda v: v if
+                         isinstance(v, str) else "")
+def test_every_key_hint_is_a_whole_sentence(path, node):
+    """The hint of an error is the first sentence of the key's schema description: never cut at "e.g." or inside
+    brackets."""
+    hint = recipe_mod._describe(node)
+    assert hint and not hint.endswith(recipe_mod._ABBREVIATIONS), hint
+    for open_, close in ("()", "[]", "{}"):
+        assert hint.count(open_) == hint.count(close), hint
+    assert node["description"].startswith(hint)
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_extends_as_an_override_is_refused(tmp_path, tiny, cli, command):
+    """extends is read with the file, before overrides apply: as an override it was silently ignored."""
+    path = write_recipe(tmp_path, tiny)
+    args = (command, path, "extends=does_not_exist.yaml", "training.max_steps=1", *(["--no-eval"] * (command == "train")))
+    assert_user_error(cli(*args), "extends", "only be written in the recipe file", "add extends:")
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(("where", "what"), [("folder", "is a directory, not a file"),
+                                             ("/dev/null", "is not a regular file")])
+def test_recipe_path_that_is_no_file(tmp_path, cli, where, what):
+    path = tmp_path if where == "folder" else Path(where)
+    assert_user_error(cli("validate", path), str(path), what, "give the recipe's YAML file")
+
+
+def test_recipe_of_several_yaml_documents(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny)
+    path.write_text(path.read_text() + "---\nname: second\n")
+    line = assert_user_error(cli("validate", path), str(path), "a second YAML document starts at line",
+                             "a recipe is one YAML document")
+    assert "indentation" not in line
+
+
+def test_unknown_evaluator_without_a_close_name(tmp_path, tiny, cli):
+    line = assert_user_error(cli("validate", write_recipe(tmp_path, tiny), "evaluation.evaluators[0].name=nope"),
+                             "evaluation.evaluators[0].name", "'nope' is not allowed")
+    assert line.endswith("loss; or give your own as package.module:ClassName)"), line
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+def test_name_of_dots_says_why(tmp_path, tiny, cli, name):
+    assert_user_error(cli("validate", write_recipe(tmp_path, tiny), f"name={name}"), "name",
+                      f"{name!r} must start with a letter or digit", "so not '.', '..' or a hidden folder")
+
+
+@pytest.mark.slow
+def test_data_file_that_is_no_file_or_has_no_rows(tmp_path, tiny, cli):
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("document,summary\n")
+    for source, what in ((tmp_path, "is a directory, not a file"), ("/dev/null", "is not a regular file"),
+                         (header_only, "empty.csv has no rows")):
+        path = write_recipe(tmp_path, tiny, lambda r, s=source: r["data"]["source"].update(train=str(s)))
+        line = assert_user_error(cli("train", path, "--no-eval"), "data.source.train", what)
+        assert "corresponds to no data" not in line and "not found" not in line
+        assert_nothing_written(tmp_path)
+
+
+def assert_environment_error(result, key_path: str, *words: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key_path}: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("override", "key_path", "instead"), [
+    ("data.source=qlora-recipes-tests/never-cached", "data.source", "point data.source at local files"),
+    ("model.name_or_path=qlora-recipes-tests/never-cached", "model.name_or_path", "use a local directory")])
+def test_hub_out_of_reach_is_the_machines_problem(tmp_path, tiny, cli, override, key_path, instead):
+    """The tests run with HF_HUB_OFFLINE=1 (cli_env): a hub id not in the cache cannot be loaded, exit 1."""
+    result = cli("train", write_recipe(tmp_path, tiny), override, "training.max_steps=1", "--no-eval")
+    assert_environment_error(result, key_path, "cannot reach the Hugging Face hub", "HF_HUB_OFFLINE is set", instead)
+    assert_nothing_written(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from runner import recipe as recipe_mod
+from runner import sweep
 from runner.errors import RecipeError
 from tests.conftest import ROOT, cli_env
 
@@ -145,3 +147,50 @@ def test_extends_null_removes_an_inherited_key_unless_null_is_its_value(tmp_path
     r = _extend(tmp_path, {**PARENT, "data": {"source": "d.jsonl", "splits": {"eval": "validation"}}},
                 {"data": {"splits": {"eval": None}}, "training": {"eval_every": None}})
     assert r["data"]["splits"]["eval"] is None  # "no eval split", not the default "validation"
+
+
+def _validate_print(*args) -> dict:
+    """The resolved recipe `runner validate --print` shows (the ok line after it dropped)."""
+    out = subprocess.run([sys.executable, "-m", "runner", "validate", *map(str, args), "--print"], capture_output=True,
+                         text=True, cwd=ROOT, env=cli_env())
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout.rsplit("\nok: ", 1)[0])
+
+
+def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 as text; recipes, overrides and sweep axes read it as the number it is."""
+    text = (ROOT / "recipes" / "tiny" / "xsum_tiny.yaml").read_text().replace("learning_rate: 5.0e-3",
+                                                                               "learning_rate: 5e-3")
+    (tmp_path / "r.yaml").write_text(text.replace("../../.cache", str(ROOT / ".cache")))
+    assert _validate_print(tmp_path / "r.yaml")["training"]["learning_rate"] == 5e-3
+    r = _validate_print(tmp_path / "r.yaml", "training.learning_rate=1e-4", "training.warmup_ratio=5E-2",
+                        "training.epochs=1e1")
+    assert (r["training"]["learning_rate"], r["training"]["warmup_ratio"], r["training"]["epochs"]) == (1e-4, .05, 10)
+    _, cells, _, _ = sweep.cells(tmp_path / "r.yaml", ["training.learning_rate=1e-4,2e-4"], 1)
+    assert [c.recipe["training"]["learning_rate"] for c in cells] == [1e-4, 2e-4]
+
+
+def test_text_keys_keep_exponent_like_text(tmp_path):
+    """Where the schema wants text, `1e3` stays the text written (as YAML 1.1 read it), and the saved recipe quotes
+    it, so a resume reads back the same recipe."""
+    r = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["name=1e3", "generation.stop=[2E5]"])
+    assert r["name"] == "1e3" and r["generation"]["stop"] == ["2E5"]
+    assert recipe_mod.parse_yaml(recipe_mod.dump(r), "recipe.yaml") == r
+    with pytest.raises(RecipeError) as err:  # an integer key is not given a float, as 5.0 is not
+        recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["training.max_steps=1e3"])
+    assert (err.value.key_path, err.value.problem) == ("training.max_steps", "expected integer or null, got number 1000.0")
+
+
+def test_null_override_removes_a_key_so_data_source_can_become_sources(tmp_path):
+    """`key=null` removes a key null is not a value of, as `key: null` in an extending recipe: the way from
+    data.source to data.sources on the command line."""
+    files = {role: str(ROOT / ".cache" / "tiny" / "data" / "xsum_tiny" / f"{split}.jsonl")
+             for role, split in (("train", "train"), ("eval", "validation"), ("test", "test"))}
+    r = _validate_print(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "data.source=null",
+                        f"data.sources=[{{source: {json.dumps(files)}, weight: 2}}]", "training.learning_rate=null")
+    assert "source" not in r["data"]
+    assert r["data"]["sources"][0]["source"] == files and r["data"]["sources"][0]["weight"] == 2
+    assert r["training"]["learning_rate"] == 2e-4  # removed: the default applies
+    r = _validate_print(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "training.eval_every=null", "lora=null",
+                        "quantization.method=none")
+    assert r["training"]["eval_every"] is None and r["lora"] is None  # null is a value of these: kept
