@@ -128,9 +128,11 @@ def cmd_validate(args) -> int:
 
     start = time.perf_counter()
     recipe = _recipe(args)
-    from runner import tracking
+    from runner import data, model, tracking
 
     tracking.check(recipe)
+    model.check_local(recipe)  # the files and folders the recipe names, read no further than their first lines
+    data.check_files(recipe)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
     from runner.model import lora_text
@@ -291,7 +293,7 @@ def _card_gb(args, card: tuple[str, str]) -> float | None:
 
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
 COMMANDS = {
-    "validate": ("check a recipe (schema and cross-checks) without loading anything heavy",
+    "validate": ("check a recipe (schema, cross-checks, the local files and data columns) without loading anything heavy",
                  _args_validate, cmd_validate),
     "inspect": ("token lengths, truncation, drops and labels of the recipe's data per split; writes inspect.json "
                 "and histograms", _args_inspect, cmd_inspect),
