@@ -116,11 +116,13 @@ def _recipe(args) -> dict:
 def _evaluation_examples(recipe: dict):
     """(tokenizer, the evaluation split's prepared examples), after the config-only checks."""
     from runner import data as data_mod
-    from runner import model
+    from runner import evaluate, model
 
     _, tokenizer = model.preflight(recipe)
     role = recipe["evaluation"]["split"]
-    return tokenizer, data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    evaluate.check_labels(recipe, {role: examples})
+    return tokenizer, examples
 
 
 def cmd_validate(args) -> int:
