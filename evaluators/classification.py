@@ -100,9 +100,13 @@ class Classification(Evaluator):
         self.labels = list(labels) if labels else None
         self.confusion_matrix = confusion_matrix
 
+    def gold_names(self, references: list[str]) -> list[str]:
+        """The label names the references hold: each is one (the runner checks them against ``labels``)."""
+        return list(references)
+
     def classes(self, records: list[Record]) -> tuple[list[str], list[str]]:
         """(classes, gold labels outside the recipe's list): without a list, the labels the references use."""
-        return with_unlisted(self.labels, [r.reference for r in records])
+        return with_unlisted(self.labels, self.gold_names([r.reference for r in records]))
 
     def encode(self, records: list[Record]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
         """(classes, unlisted gold labels, gold class ids, predicted class ids with -1 for invalid)."""

@@ -40,9 +40,13 @@ class Multilabel(Evaluator):
         self.labels = list(labels) if labels else None
         self.separator = separator
 
+    def gold_names(self, references: list[str]) -> list[str]:
+        """The label names the references hold, split on ``separator`` (the runner checks them against ``labels``)."""
+        return [name for reference in references for name in split_names(reference, self.separator)]
+
     def label_set(self, records: list[Record]) -> tuple[list[str], list[str]]:
         """(labels, gold names outside the recipe's list): without a list, the names the references use."""
-        return with_unlisted(self.labels, [n for r in records for n in split_names(r.reference, self.separator)])
+        return with_unlisted(self.labels, self.gold_names([r.reference for r in records]))
 
     def encode(self, records: list[Record]):
         """(labels, unlisted gold names, gold and predicted indicator matrices, invalid names, rows with one)."""

@@ -116,11 +116,13 @@ def _recipe(args) -> dict:
 def _evaluation_examples(recipe: dict):
     """(tokenizer, the evaluation split's prepared examples), after the config-only checks."""
     from runner import data as data_mod
-    from runner import model
+    from runner import evaluate, model
 
     _, tokenizer = model.preflight(recipe)
     role = recipe["evaluation"]["split"]
-    return tokenizer, data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    evaluate.check_labels(recipe, {role: examples})
+    return tokenizer, examples
 
 
 def cmd_validate(args) -> int:
@@ -128,9 +130,11 @@ def cmd_validate(args) -> int:
 
     start = time.perf_counter()
     recipe = _recipe(args)
-    from runner import tracking
+    from runner import data, model, tracking
 
     tracking.check(recipe)
+    model.check_local(recipe)  # the files and folders the recipe names, read no further than their first lines
+    data.check_files(recipe)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
     from runner.model import lora_text
@@ -291,7 +295,7 @@ def _card_gb(args, card: tuple[str, str]) -> float | None:
 
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
 COMMANDS = {
-    "validate": ("check a recipe (schema and cross-checks) without loading anything heavy",
+    "validate": ("check a recipe (schema, cross-checks, the local files and data columns) without loading anything heavy",
                  _args_validate, cmd_validate),
     "inspect": ("token lengths, truncation, drops and labels of the recipe's data per split; writes inspect.json "
                 "and histograms", _args_inspect, cmd_inspect),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from pathlib import Path
 
 from evaluators.base import Record
+from evaluators.classification import normalize, with_unlisted
 from runner import backend as backend_mod
 from runner import data as data_mod
 from runner import dist, rank, safeio
@@ -30,6 +32,57 @@ def build_evaluators(recipe: dict) -> list:
             raise RecipeError(f"evaluation.evaluators[{i}]", f"{spec['name']} refused its parameters: "
                               f"{type(exc).__name__}: {short(exc, 150)}", "check the keys given to it") from None
     return built
+
+
+def references(examples) -> list[str]:
+    """The reference of each prepared example, as evaluators get it: its completion without surrounding spaces."""
+    return [c.strip() for c in examples["completion"]]
+
+
+def _label_lists(recipe: dict, refs: list[str]):
+    """(key path, labels, the label names the references hold, whether rank mode predicts only these labels) of
+    each label list of the recipe: the labelled evaluators' (built-ins and any with ``labels`` and ``gold_names``),
+    and in rank mode generation.labels."""
+    ranked = recipe["generation"]["mode"] == "rank"
+    chosen = recipe_mod.rank_labels(recipe) if ranked else None
+    given = recipe["generation"].get("labels")
+    for i, (_, evaluator) in enumerate(build_evaluators(recipe)):
+        labels = getattr(evaluator, "labels", None)
+        if labels and hasattr(evaluator, "gold_names"):
+            yield (f"evaluation.evaluators[{i}].labels", labels, evaluator.gold_names(refs),
+                   ranked and not given and evaluator.completion == "label" and labels == chosen)
+    if ranked and given:
+        yield "generation.labels", list(given), refs, True
+
+
+def check_labels(recipe: dict, splits: dict) -> None:
+    """The recipe's label lists against the labels of the data loaded (every split of ``splits``), before any weight
+    loads. A listed label missing from all of it is fine on its own (a rare class a sample can miss), but not while
+    the data holds labels outside the list: then the two disagree (a typo, another spelling) and the label could
+    never be scored right. In rank mode a data label outside the list is one the model can never predict."""
+    refs = [ref for examples in splits.values() for ref in references(examples)]
+    for key, labels, names, ranked in _label_lists(recipe, refs):
+        try:
+            _, unlisted = with_unlisted(labels, names)
+        except ValueError as exc:  # two labels that evaluation would take for one
+            raise RecipeError(key, str(exc), "list each label once") from None
+        present = {normalize(name) for name in names}
+        missing = [j for j, label in enumerate(labels) if normalize(label) not in present]
+        if missing and unlisted:
+            found = [label for j, label in enumerate(labels) if j not in missing]
+            raise _not_in_data(f"{key}[{missing[0]}]", labels[missing[0]], found + unlisted, unlisted)
+        if ranked and unlisted:
+            raise RecipeError(key, f"rank mode chooses among these labels, and the data's {short(unlisted[0], 40)!r} "
+                              "is not one of them, so the model can never predict it",
+                              f"add the data's labels the list lacks: {short(', '.join(unlisted), 200)}")
+
+
+def _not_in_data(key: str, label: str, data_labels: list[str], unlisted: list[str]) -> RecipeError:
+    close = difflib.get_close_matches(label.casefold(), [u.casefold() for u in unlisted], n=1, cutoff=0.5)
+    guess = next((u for u in unlisted if close and u.casefold() == close[0]), None)
+    return RecipeError(key, f"{short(label, 40)!r} is not a label of the data",
+                       f"the data's labels: {short(', '.join(data_labels), 200)}; "
+                       + (f"did you mean {guess!r}?" if guess else "write the labels as the data does"))
 
 
 def _part_files(path: Path) -> list[Path]:
@@ -115,9 +168,10 @@ def scored_records(recipe: dict, model, tokenizer, examples, batch_size: int | N
                                       batch_size=batch_size)
     made = {r.index: r.prediction for r in predicted}
     ids = examples["id"] if "id" in getattr(examples, "column_names", examples) else [None] * len(completions)
-    return [Record(index=i, prompt=prompt, reference=completion.strip(), prediction=made.get(i, ""), id=ids[i],
+    refs = references(examples)
+    return [Record(index=i, prompt=prompt, reference=refs[i], prediction=made.get(i, ""), id=ids[i],
                    logprob=logprob, tokens=tokens)
-            for i, (prompt, completion, (logprob, tokens)) in enumerate(zip(examples["prompt"], completions, scores))]
+            for i, (prompt, (logprob, tokens)) in enumerate(zip(examples["prompt"], scores))]
 
 
 def _reset_peak_memory() -> None:
@@ -155,7 +209,7 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> t
     from tqdm.auto import tqdm
 
     world = dist.world()
-    prompts, references = examples["prompt"], [c.strip() for c in examples["completion"]]
+    prompts, refs = examples["prompt"], references(examples)
     ids = examples["id"]
     done = dist.broadcast(_resumable(pred_path, prompts) if world.main else None)
     out_path = pred_path if world.size == 1 else pred_path.with_name(f"{pred_path.stem}.rank{world.rank}.jsonl")
@@ -175,7 +229,7 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> t
     def write(batch):
         with open(out_path, "a", encoding="utf-8") as f:
             for i, text in batch:
-                row = {"index": i, "id": ids[i], "prompt": prompts[i], "reference": references[i], "prediction": text}
+                row = {"index": i, "id": ids[i], "prompt": prompts[i], "reference": refs[i], "prediction": text}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         count["predictions"] += len(batch)
         count["tokens"] += sum(map(len, tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]))

@@ -100,28 +100,34 @@ def sub_recipe(recipe: dict, index: int) -> dict:
 # ---------------------------------------------------------------- the columns of one source
 
 
-def conform(ds, recipe: dict, index: int, name: str):
-    """Source ``index``'s rows with its columns renamed to the prompt's fields, only those kept, an id that says
-    where the row came from (``<source>-<id or row>``), and its name in SOURCE_COLUMN."""
-    spec = recipe["data"]["sources"][index]
-    mapping = spec["fields"]
-    columns = set(ds.column_names)
+def check_columns(columns: list[str], recipe: dict, index: int, name: str) -> None:
+    """Source ``index``'s columns, once its fields mapping renames them, give every field the prompt uses."""
+    mapping = recipe["data"]["sources"][index]["fields"]
+    columns = set(columns)
     for field, column in mapping.items():
         if column not in columns:
             close = difflib.get_close_matches(column, sorted(columns), n=1)
             raise RecipeError(f"data.sources[{index}].fields.{field}", f"{short(column, 40)!r} is not a column of "
                               f"{name}", f"did you mean {close[0]!r}?" if close else
                               f"columns: {', '.join(sorted(columns))[:200]}")
+    renamed_away = {column for field, column in mapping.items() if column != field}
+    missing = [f for f in needed_fields(recipe) if f not in mapping and (f not in columns or f in renamed_away)]
+    if missing:
+        raise RecipeError(f"data.sources[{index}].fields", f"{name} has no column {missing[0]!r}, which the prompt "
+                          "uses", f"map it to one of its columns: fields: {{{missing[0]}: <column>}} "
+                          f"(columns: {', '.join(sorted(columns))[:150]})")
+
+
+def conform(ds, recipe: dict, index: int, name: str):
+    """Source ``index``'s rows with its columns renamed to the prompt's fields, only those kept, an id that says
+    where the row came from (``<source>-<id or row>``), and its name in SOURCE_COLUMN."""
+    check_columns(ds.column_names, recipe, index, name)
+    mapping = recipe["data"]["sources"][index]["fields"]
     fields = needed_fields(recipe)
     rename = {column: field for field, column in mapping.items() if column != field}
     # A column already named like a field that another column is mapped to gives way to the mapped one.
     ds = ds.remove_columns([c for c in ds.column_names if c in rename.values() and c not in rename])
     ds = ds.rename_columns(rename)
-    missing = [f for f in fields if f not in ds.column_names]
-    if missing:
-        raise RecipeError(f"data.sources[{index}].fields", f"{name} has no column {missing[0]!r}, which the prompt "
-                          "uses", f"map it to one of its columns: fields: {{{missing[0]}: <column>}} "
-                          f"(columns: {', '.join(sorted(columns))[:150]})")
     ids = ds["id"] if "id" in ds.column_names else [None] * len(ds)
     ds = ds.select_columns(fields)
     ds = ds.add_column("id", [f"{name}-{row if x is None else x}" for row, x in enumerate(ids)])

@@ -33,7 +33,37 @@ def _source(recipe: dict, key: str = "name_or_path") -> str:
     return recipe["model"][key] or recipe["model"]["name_or_path"]
 
 
+_LOCAL_HINT = "the directory needs config.json and weights saved with save_pretrained"
+
+
+def _missing_folder(key_path: str, src: str) -> RecipeError | None:
+    """A local model path that is no folder. recipe.load made every local path (./ ../ / ~) absolute and a hub id
+    never is; transformers would read a missing one as a malformed hub id ("Repo id must be in the form ...")."""
+    path = Path(src)
+    if not path.is_absolute() or path.is_dir():
+        return None
+    what = "is a file, not a folder" if path.exists() else "local folder not found"
+    return RecipeError(key_path, f"{what}: {src}", "paths in a recipe are relative to the recipe file, on the "
+                       "command line to where you run it; a hub id has no leading ./ ../ / or ~")
+
+
+def check_local(recipe: dict) -> None:
+    """The model's local folders exist and the model's has its config (torch-free: `runner validate` calls it; hub
+    ids are left to loading)."""
+    for key in ("name_or_path", "tokenizer"):
+        src = recipe["model"][key]
+        error = _missing_folder(f"model.{key}", src) if src else None
+        if error is not None:
+            raise error
+    src = recipe["model"]["name_or_path"]
+    if Path(src).is_absolute() and not (Path(src) / "config.json").is_file():
+        raise RecipeError("model.name_or_path", f"{src} has no config.json", _LOCAL_HINT)
+
+
 def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
+    missing = _missing_folder(key_path, what)
+    if missing is not None:
+        return missing
     from runner.recipe import is_local_path  # runner.recipe imports this module (through runner.backend)
 
     unreachable = None if is_local_path(what) else hub_unreachable(exc, key_path, what, "use a local directory")
@@ -41,7 +71,7 @@ def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
         return unreachable
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     local = Path(what).expanduser().exists()
-    hint = ("the directory needs config.json and weights saved with save_pretrained" if local else
+    hint = (_LOCAL_HINT if local else
             "check the hub id, your network or HF_HUB_OFFLINE; offline, use a local directory")
     return RecipeError(key_path, f"cannot load {what!r}: {text[:200]}", hint)
 

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner import chat, checkpoints, dist, divergence, profiles, runs, safeio, tracking
+from runner import chat, checkpoints, dist, divergence, evaluate, profiles, runs, safeio, tracking
 from runner import data as data_mod
 from runner import model as model_mod
 from runner.errors import RecipeError
@@ -24,6 +24,7 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
     roles = ("train", "eval", recipe["evaluation"]["split"])
     prepared = data_mod.prepare(recipe, tokenizer, roles=tuple(dict.fromkeys(roles)))
     print(f"data: {data_mod.describe(prepared.stats)}", flush=True)
+    evaluate.check_labels(recipe, prepared.splits)
     return prepared
 
 

@@ -119,3 +119,83 @@ def test_per_example_correctness_is_what_accuracy_averages(tmp_path):
     flags = evaluator.per_example(records(PAIRS))["accuracy"]
     assert flags.tolist() == [1, 1, 0, 0, 1, 1, 0, 1, 0]
     assert round(flags.mean(), 4) == evaluator.evaluate(records(PAIRS), tmp_path)["accuracy"]
+
+
+# ---------------------------------------------------------------- the recipe's labels against the data's
+
+
+def label_check(labels: list[str], references: list[str], *overrides: str, recipe: str = "agnews_phi2"):
+    """evaluate.check_labels on a recipe whose first evaluator lists ``labels``, with data whose completions are
+    ``references`` (one split)."""
+    from runner import evaluate
+
+    resolved = recipe_mod.load(ROOT / "recipes" / f"{recipe}.yaml",
+                               [f"evaluation.evaluators[0].labels=[{','.join(labels)}]", *overrides])
+    evaluate.check_labels(resolved, {"test": {"completion": [f" {r}" for r in references]}})
+
+
+AGNEWS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def test_a_listed_label_no_split_holds_is_fine_while_the_data_has_no_other():
+    """A rare class a sample missed: the list and the data do not disagree."""
+    label_check([*AGNEWS, "Health"], AGNEWS * 2)
+    label_check([*AGNEWS, "Health"], AGNEWS * 2, "generation.mode=rank")
+
+
+def test_a_listed_label_missing_from_the_data_that_has_others_is_an_error():
+    with pytest.raises(RecipeError) as info:
+        label_check(["pos", "neg"], ["positive", "negative", "positive"])
+    assert info.value.key_path == "evaluation.evaluators[0].labels[0]"
+    assert info.value.line() == ("error: evaluation.evaluators[0].labels[0]: 'pos' is not a label of the data (the "
+                                 "data's labels: negative, positive; did you mean 'positive'?)")
+
+
+def test_references_outside_the_list_are_fine_when_generating_but_not_in_rank_mode():
+    label_check(AGNEWS[:3], AGNEWS)  # generated answers are scored; report.md lists the unlisted references
+    with pytest.raises(RecipeError) as info:
+        label_check(AGNEWS[:3], AGNEWS, "generation.mode=rank")
+    assert info.value.key_path == "evaluation.evaluators[0].labels"
+    assert "'Sci/Tech'" in info.value.problem and "never predict" in info.value.problem
+
+
+def test_rank_mode_s_own_labels_are_checked_too():
+    with pytest.raises(RecipeError) as info:
+        label_check(AGNEWS, AGNEWS, "generation.mode=rank", "generation.labels=[World,Sports,Business,Sci]")
+    assert info.value.key_path == "generation.labels[3]"
+    assert "did you mean 'Sci/Tech'?" in info.value.hint
+
+
+def test_labels_evaluation_would_take_for_one_are_an_error():
+    with pytest.raises(RecipeError) as info:
+        label_check(["World", "world"], AGNEWS)
+    assert info.value.key_path == "evaluation.evaluators[0].labels" and info.value.hint == "list each label once"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["train"], ["eval", "--base"]])
+def test_misspelled_labels_stop_before_the_model_loads(tmp_path, tiny, cli, command):
+    """The issue's case: rank mode among labels the data never uses scored accuracy 0.08 and exited 0."""
+    result = cli(*command, ROOT / "recipes" / "tiny" / "agnews_tiny.yaml", "generation.mode=rank",
+                 "evaluation.evaluators[0].labels=[World,Sportz,Busines,Sci]", "training.max_steps=2",
+                 f"output_dir={tmp_path / 'runs'}")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip() == ("error: evaluation.evaluators[0].labels[1]: 'Sportz' is not a label of the data "
+                                     "(the data's labels: World, Business, Sci/Tech, Sports; did you mean 'Sports'?)")
+    assert "trainable params" not in result.stdout  # stopped before the model loaded
+    assert not any(p.is_file() for p in (tmp_path / "runs").rglob("*"))
+
+
+@pytest.mark.slow
+def test_labels_the_data_writes_differently_stop_training(tmp_path, tiny, cli):
+    """Generated answers: [pos, neg] against data that says positive / negative used to exit 0."""
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"text": f"review {i}", "label": ["positive", "negative"][i % 2]}) + "\n"
+                               for i in range(40)))
+    result = cli("train", ROOT / "recipes" / "tiny" / "agnews_tiny.yaml", f"data.source={reviews}",
+                 "data.holdout={eval: 4, test: 8}", "evaluation.evaluators[0].labels=[pos,neg]",
+                 f"output_dir={tmp_path / 'runs'}")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.startswith("error: evaluation.evaluators[0].labels[0]: 'pos' is not a label of the data "
+                                    "(the data's labels: negative, positive; did you mean 'positive'?)")
+    assert not any(p.is_file() for p in (tmp_path / "runs").rglob("*"))

@@ -77,14 +77,39 @@ def test_missing_required_key(tmp_path, tiny, cli):
     assert_nothing_written(tmp_path)
 
 
-@pytest.mark.slow
-def test_template_field_not_in_columns(tmp_path, tiny, cli):
+# `runner validate` checks what it can read without loading anything: the same line as train's, seconds earlier.
+VALIDATE_AND_TRAIN = ["validate", pytest.param("train", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("command", VALIDATE_AND_TRAIN)
+def test_template_field_not_in_columns(tmp_path, tiny, cli, command):
     def edit(r):
         r["prompt"]["template"] = "Article: {documnt}\nSummary:"
         r["prompt"]["truncate"] = "documnt"
     path = write_recipe(tmp_path, tiny, edit)
-    assert_user_error(cli("train", path), "prompt.template", "{documnt}", "did you mean {document}")
+    assert_user_error(cli(command, path), "prompt.template", "{documnt}", "not a column of the train data",
+                      "did you mean {document}")
     assert_nothing_written(tmp_path)
+
+
+def test_validate_reads_the_columns_of_every_split_and_format(tmp_path, tiny, cli):
+    """A CSV's header, and the test file's columns too: validate names the split whose file lacks the field."""
+    csv = tmp_path / "test.csv"
+    csv.write_text("\ufeffdocument,summry\n\"a, b\",c\n")
+    path = write_recipe(tmp_path, tiny, lambda r: r["data"]["source"].update(test=str(csv)))
+    assert_user_error(cli("validate", path), "prompt.completion", "{summary} is not a column of the test data",
+                      "did you mean {summry}")
+
+
+def test_validate_checks_each_mixture_source_s_columns(tmp_path, tiny, cli):
+    briefs = tmp_path / "briefs.jsonl"
+    briefs.write_text('{"text": "a", "headline": "b"}\n')
+
+    def edit(r):
+        xsum = r["data"].pop("source")
+        r["data"]["sources"] = [{"source": xsum}, {"source": str(briefs), "fields": {"document": "body"}}]
+    path = write_recipe(tmp_path, tiny, edit)
+    assert_user_error(cli("validate", path), "data.sources[1].fields.document", "'body' is not a column of briefs")
 
 
 @pytest.mark.slow
@@ -116,10 +141,10 @@ def test_unreadable_data_file(tmp_path, tiny, cli):
     assert_nothing_written(tmp_path)
 
 
-@pytest.mark.slow
-def test_missing_data_file(tmp_path, tiny, cli):
+@pytest.mark.parametrize("command", VALIDATE_AND_TRAIN)
+def test_missing_data_file(tmp_path, tiny, cli, command):
     path = write_recipe(tmp_path, tiny, lambda r: r["data"]["source"].update(test=str(tmp_path / "nope.jsonl")))
-    assert_user_error(cli("train", path), "data.source.test", "file not found")
+    assert_user_error(cli(command, path), "data.source.test", "file not found", "nope.jsonl")
     assert_nothing_written(tmp_path)
 
 
@@ -130,11 +155,35 @@ def test_yaml_syntax_error_names_the_line(tmp_path, tiny, cli):
     assert "line 5" in line or "line 4" in line
 
 
+@pytest.mark.parametrize("command", VALIDATE_AND_TRAIN)
+def test_missing_local_model_folder(tmp_path, tiny, cli, command):
+    """Not transformers' "Repo id must be in the form ...": the path is local, and it is not there."""
+    path = write_recipe(tmp_path, tiny)
+    assert_user_error(cli(command, path, "model.name_or_path=./no-model", cwd=tmp_path), "model.name_or_path",
+                      f"local folder not found: {tmp_path / 'no-model'}", "relative to")
+    assert_nothing_written(tmp_path)
+
+
 @pytest.mark.slow
 def test_model_that_cannot_be_loaded(tmp_path, tiny, cli):
+    (tmp_path / "no-model").mkdir()
     path = write_recipe(tmp_path, tiny, lambda r: r["model"].update(name_or_path=str(tmp_path / "no-model")))
-    assert_user_error(cli("train", path), "model.name_or_path", "cannot load")
+    assert_user_error(cli("train", path), "model.name_or_path", "cannot load", "config.json")
     assert_nothing_written(tmp_path)
+
+
+def test_validate_wants_a_local_model_folder_with_its_config(tmp_path, tiny, cli):
+    (tmp_path / "no-model").mkdir()
+    path = write_recipe(tmp_path, tiny, lambda r: r["model"].update(name_or_path=str(tmp_path / "no-model")))
+    assert_user_error(cli("validate", path), "model.name_or_path", "has no config.json", "save_pretrained")
+
+
+def test_validate_leaves_hub_ids_to_loading(tmp_path, tiny, cli):
+    """Offline, a hub id cannot be checked: validate passes it (train reports it if it cannot be loaded)."""
+    path = write_recipe(tmp_path, tiny, lambda r: r["model"].update(name_or_path="someone/some-model"))
+    result = cli("validate", path)
+    assert result.returncode == 0, result.stderr
+    assert "someone/some-model" in result.stdout
 
 
 def test_bad_override_syntax(tmp_path, tiny, cli):

@@ -93,3 +93,19 @@ def test_per_example_exact_match_is_what_exact_match_averages(tmp_path):
     flags = evaluator.per_example(records(PAIRS))["exact_match"]
     assert flags.tolist() == [1, 0, 0, 0, 1, 0]
     assert round(flags.mean(), 4) == evaluator.evaluate(records(PAIRS), tmp_path)["exact_match"]
+
+
+def test_the_recipe_s_labels_are_checked_against_each_name_of_the_data():
+    """Multi-label references hold several names: the list is checked against each, split as evaluation splits them."""
+    from runner import evaluate
+
+    def check(labels):
+        recipe = recipe_mod.load(ROOT / "recipes" / "goemotions_phi2.yaml",
+                                 [f"evaluation.evaluators[0].labels=[{','.join(labels)}]"])
+        evaluate.check_labels(recipe, {"train": {"completion": [" joy, anger", " fear", " joy"]}})
+
+    check(["joy", "anger", "fear", "grief"])  # grief: a rare name this sample lacks
+    with pytest.raises(RecipeError) as info:
+        check(["joyy", "anger", "fear"])
+    assert info.value.key_path == "evaluation.evaluators[0].labels[0]"
+    assert info.value.hint == "the data's labels: anger, fear, joy; did you mean 'joy'?"

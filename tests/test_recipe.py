@@ -108,14 +108,16 @@ def test_cross_checks():
     assert err.value.key_path == "training.eval_every"
 
 
-def test_validate_imports_neither_torch_nor_transformers():
-    code = ("import sys; from runner.cli import main; rc = main(['validate', 'recipes/xsum_phi2.yaml']); "
+@pytest.mark.parametrize("name", ["xsum_phi2", "tiny/xsum_tiny", "tiny/chat_tiny"])
+def test_validate_imports_neither_torch_nor_transformers(name, tiny):
+    """Also where it reads the local data's columns and looks for the local model's folder."""
+    code = (f"import sys; from runner.cli import main; rc = main(['validate', 'recipes/{name}.yaml']); "
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft') if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
-    assert "ok: recipes/xsum_phi2.yaml -> xsum_phi2" in out.stdout
+    assert f"ok: recipes/{name}.yaml -> {name.split('/')[-1]}" in out.stdout
 
 
 def _extend(tmp_path, parent: dict, child: dict) -> dict:
