@@ -18,7 +18,8 @@ from runner.errors import RecipeError, classify
 
 
 def _args_validate(p):
-    p.add_argument("--print", action="store_true", dest="show", help="print the resolved recipe as YAML")
+    p.add_argument("--print", action="store_true", dest="show",
+                   help="print the resolved recipe as YAML (the ok line goes to stderr, so > r.yaml saves a recipe)")
 
 
 def _args_train(p):
@@ -136,8 +137,10 @@ def cmd_validate(args) -> int:
     from runner.model import lora_text
 
     targets = lora_text(recipe["lora"])
+    # With --print, stdout is the recipe alone (`> r.yaml` saves a recipe that loads again); the verdict goes aside.
     print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
-          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)")
+          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)",
+          file=sys.stderr if args.show else sys.stdout)
     return 0
 
 
