@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import time
@@ -206,6 +207,7 @@ def cmd_compare(args) -> int:
 def cmd_sweep(args) -> int:
     from runner import sweep
 
+    _check_gpu_gb(args.gpu_gb)
     path = sweep.sweep(args.recipe, args.overrides, seeds=args.seeds, name=args.name, metric=args.metric,
                        card_name=args.card, card_gb=args.gpu_gb, dry_run=args.dry_run)
     if path is not None:
@@ -276,9 +278,16 @@ def cmd_plan(args) -> int:
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
+    _check_gpu_gb(args.gpu_gb)
     card = throughput.find_card(args.card, throughput.gpu_name())
     print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
+
+
+def _check_gpu_gb(gpu_gb: float | None) -> None:
+    """argparse takes any float: nan, inf and sizes <= 0 would plan for no card at all (0 read as "no GPU")."""
+    if gpu_gb is not None and not (math.isfinite(gpu_gb) and gpu_gb > 0):
+        raise RecipeError("--gpu-gb", f"{gpu_gb:g} is not a card's memory", "give its size in GiB, e.g. 80")
 
 
 def _card_gb(args, card: tuple[str, str]) -> float | None:

@@ -204,6 +204,14 @@ def test_plan_without_gpu_and_without_gpu_gb():
     assert "no GPU here" in text
 
 
+@pytest.mark.parametrize("command", [["plan", TINY], ["sweep", TINY, "lora.r=4,8", "--dry-run"]])
+@pytest.mark.parametrize("size", ["-3", "nan", "0", "inf", "-inf"])
+def test_gpu_gb_that_no_card_has_is_one_line_exit_2(tmp_path, command, size):
+    code, out, err = run_main(*command, f"--gpu-gb={size}", f"output_dir={tmp_path}")
+    assert code == 2 and one_line(err).startswith(f"error: --gpu-gb: {size} is not a card's memory (give its size")
+    assert "sweep folder" not in out and not any(tmp_path.iterdir())
+
+
 def test_working_directory_cannot_shadow_a_library(tmp_path, cli):
     """A stray jsonschema.py or trl.py beside the user's recipes loses to the installed library, while the
     user's own evaluator module there is still found."""
