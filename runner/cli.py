@@ -157,9 +157,10 @@ def cmd_inspect(args) -> int:
     recipe = _recipe(args)
     from runner import inspection, model
 
+    out_dir = inspection.check_out(Path(args.out)) if args.out else inspection.default_out_dir(recipe)
     result = inspection.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
     print(inspection.table(result))
-    path = inspection.write(result, Path(args.out) if args.out else inspection.default_out_dir(recipe))
+    path = inspection.write(result, out_dir)
     print(f"\nsaved: {path} and length histograms in {path.parent}" + (" (from the cache)" if result["cached"] else ""))
     return 0
 

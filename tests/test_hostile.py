@@ -212,6 +212,14 @@ def test_gpu_gb_that_no_card_has_is_one_line_exit_2(tmp_path, command, size):
     assert "sweep folder" not in out and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("out", ["f", "f/sub"])
+def test_inspect_out_at_a_file_is_one_line_exit_2(tmp_path, out):
+    (tmp_path / "f").write_text("")
+    code, out_text, err = run_main("inspect", TINY, "--out", tmp_path / out, f"output_dir={tmp_path}")
+    assert code == 2 and one_line(err) == f"error: --out: {tmp_path / 'f'} is a file (give a folder)"
+    assert not out_text  # refused before the data is tokenized
+
+
 def test_working_directory_cannot_shadow_a_library(tmp_path, cli):
     """A stray jsonschema.py or trl.py beside the user's recipes loses to the installed library, while the
     user's own evaluator module there is still found."""
