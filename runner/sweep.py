@@ -66,25 +66,36 @@ def split_values(text: str) -> list[str]:
 def parse_grid(overrides: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
     """(axes [(key, [value text, ...])], fixed overrides): an override with several comma-separated values is an
     axis of the grid; one with a single value applies to every cell."""
-    axes, fixed, keys = [], [], set()
+    axes, fixed, given = [], [], {}  # given: key -> "an axis" / "a fixed override", as first given
     for text in overrides:
         if "=" not in text:
             raise RecipeError(text, "an override must look like key.path=value", "an axis: key.path=v1,v2")
         key, _, value = text.partition("=")
         key = key.strip()
         values = split_values(value)
+        kind = "an axis" if len(values) > 1 else "a fixed override"
+        if key in given:  # one of the two would be dropped silently: the last one given wins in a recipe
+            raise RecipeError(key, f"is given twice: as {given[key]}, then as {kind}",
+                              "give each key once: key=v1,v2,... to sweep it, key=value to fix it")
+        given[key] = kind
         if len(values) == 1:
             fixed.append(text)
             continue
         if key == "seed":
             raise RecipeError("seed", "is swept with --seeds N, not as an axis", "e.g. runner sweep R lora.r=8,16 --seeds 3")
-        if key in keys:
-            raise RecipeError(key, "is swept twice", "give one key=v1,v2,... per key")
         if "" in values or len(set(values)) < len(values):
             raise RecipeError(key, f"has an empty or repeated value in {value!r}", "list each value once: key=v1,v2")
-        keys.add(key)
         axes.append((key, values))
     return axes, fixed
+
+
+def check_name(name: str | None) -> None:
+    """``--name`` is one folder under ``<output_dir>/<name>/sweeps/``, spelled as a recipe's ``name`` must be
+    (the schema's pattern): no ``..``, no ``/``, no absolute path that would put the sweep elsewhere."""
+    pattern = recipe_mod.schema()["properties"]["name"]["pattern"]
+    if name is not None and not re.fullmatch(pattern, name):
+        raise RecipeError("--name", f"{name[:60]!r} is not a folder name", "one name of letters, digits, '.', '_' "
+                          "and '-', starting with a letter or digit, e.g. --name lora-rank")
 
 
 @dataclass
@@ -119,6 +130,7 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
     """(sweep folder, every cell with its resolved recipe, the axes, the fixed overrides). Any cell's recipe mistake
     is raised here, before anything trains, naming the cell."""
     axes, fixed = parse_grid(overrides)
+    check_name(name)
     if seeds < 1:
         raise RecipeError("--seeds", f"{seeds} is out of range", "must be >= 1")
     if not axes and seeds < 2:
