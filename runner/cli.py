@@ -50,8 +50,9 @@ def _args_generate(p):
     which.add_argument("--run", help="a finished run folder whose adapter generates")
     which.add_argument("--base", action="store_true", help="generate with the base model, no adapter")
     p.add_argument("--input", default="-", metavar="FILE|-",
-                   help="JSONL records with the template's fields, or raw text lines for its main field "
-                        "(prompt.truncate or its only field); one input per line; - = standard input (default)")
+                   help="JSONL records with the template's fields (a line starting with { is a record), or raw text "
+                        "lines for its main field (prompt.truncate or its only field); one input per line; "
+                        "- = standard input (default)")
     p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
 
 

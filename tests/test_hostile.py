@@ -195,6 +195,15 @@ def test_generate_input_that_is_not_utf8(tmp_path):
     assert info.value.key_path == "--input" and "not UTF-8 text (line 2" in info.value.problem
 
 
+def test_generate_input_a_broken_chat_record_is_refused():
+    from runner import infer
+
+    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")
+    with pytest.raises(RecipeError) as info:
+        infer.read_inputs(["What is the news?", '{"messages": [{"role": "user", "content": "hi"}'], recipe)
+    assert info.value.key_path == "--input" and info.value.problem == "line 2: not valid JSON"
+
+
 def test_plan_without_gpu_and_without_gpu_gb():
     from runner import plan
 
