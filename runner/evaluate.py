@@ -32,6 +32,17 @@ def build_evaluators(recipe: dict) -> list:
     return built
 
 
+def metric_names(recipe: dict) -> list[str] | None:
+    """The metrics the recipe's evaluators declare, named as in runner.metrics.headline (``rouge.rougeL``); None
+    when one of them (a user's own) declares none, so that only its results can tell."""
+    names = []
+    for name, evaluator in build_evaluators(recipe):
+        if evaluator.metrics is None:
+            return None
+        names += [f"{name}.{metric}" for metric in evaluator.metrics]
+    return names
+
+
 def _part_files(path: Path) -> list[Path]:
     """The per-rank files of a distributed evaluation (merged into ``path`` when it finishes)."""
     return sorted(path.parent.glob(f"{path.stem}.rank*.jsonl"))

@@ -168,6 +168,23 @@ def finished_run(cell: Cell) -> Path | None:
     return None
 
 
+def check_metric(metric: str | None, grid: dict[tuple, list[Cell]]) -> None:
+    """``--metric`` against the metrics every setting's evaluators declare, before anything trains; a setting with
+    a user's evaluator that declares none is checked on its finished runs (summarize)."""
+    from runner import evaluate as evaluate_mod
+
+    if metric is None:
+        return
+    for group in grid.values():
+        names = evaluate_mod.metric_names(group[0].recipe)
+        if names is not None and metric not in names:
+            raise _unknown_metric(metric, names)
+
+
+def _unknown_metric(metric: str, names: list[str]) -> RecipeError:
+    return RecipeError("--metric", f"{metric!r} is not a metric of these runs", f"one of: {', '.join(names)}")
+
+
 # ---------------------------------------------------------------- plan and run
 
 
@@ -295,8 +312,8 @@ def summarize(folder: Path, grid: dict[tuple, list[Cell]], run_dirs: dict[int, P
     metric_names = list(rows[0]["metrics"])
     if primary is None:
         primary = next((m for m in PRIMARY if m in metric_names), metric_names[0] if metric_names else None)
-    elif primary not in metric_names:
-        raise RecipeError("--metric", f"{primary!r} is not a metric of these runs", f"one of: {', '.join(metric_names)}")
+    elif primary not in metric_names:  # a user's evaluator that declares no metrics: known only now
+        raise _unknown_metric(primary, metric_names)
     out = {"recipe": first_cell.recipe["name"], "sweep": str(folder), "axes": [k for k, _ in axes], "fixed": fixed,
            "seeds": [c.seed for c in next(iter(grid.values()))], "primary_metric": primary,
            "examples": len(examples or []), "same_examples": same_examples, "settings": rows, "comparisons": []}
@@ -491,6 +508,7 @@ def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = 
     folder, all_cells, axes, fixed = cells(recipe_path, overrides, seeds, name)
     main = dist.init().main  # under a launcher every rank trains each cell; rank 0 alone decides and writes
     grid = settings(all_cells)
+    check_metric(metric, grid)
     card = throughput.find_card(card_name, throughput.gpu_name())
     if card_gb is None and card_name is not None:
         card_gb = throughput.CARDS[card[0]]["memory_gb"]

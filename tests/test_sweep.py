@@ -81,6 +81,17 @@ def test_a_sweep_name_that_is_no_folder_name_is_refused(tiny, tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_metric_the_evaluators_do_not_have_fails_before_any_cell_trains(tiny, tmp_path, cli, dry_run):
+    result = cli("sweep", AGNEWS, "lora.r=4,8", "--metric", "rogue", "training.max_steps=2", f"output_dir={tmp_path}",
+                 *dry_run)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --metric: 'rogue' is not a metric of these runs (one of: classification.accuracy, "
+        "classification.macro_f1, classification.invalid, classification.invalid_rate)")
+    assert "sweep folder" not in result.stdout and not any(tmp_path.iterdir())  # no cell planned or trained
+
+
+@pytest.mark.slow
 def test_dry_run_plans_every_setting_and_a_config_mistake_names_its_cell(tiny, tmp_path, cli):
     result = cli("sweep", AGNEWS, "lora.r=4,8", "--seeds", "2", f"output_dir={tmp_path}", "--dry-run", "--card", "H200")
     assert result.returncode == 0, result.stderr[-3000:]
