@@ -13,7 +13,7 @@ from runner import dist, rank, safeio
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
 from runner import runs as runs_mod
-from runner.errors import RecipeError, short
+from runner.errors import USER_EVALUATOR, RecipeError, short
 
 
 def build_evaluators(recipe: dict) -> list:
@@ -22,13 +22,17 @@ def build_evaluators(recipe: dict) -> list:
     for i, (spec, cls) in enumerate(recipe_mod.evaluator_classes(recipe)):
         params = {k: v for k, v in spec.items() if k != "name"}
         try:
-            built.append((spec["name"], cls(seed=recipe["seed"], **params)))
+            evaluator = cls(seed=recipe["seed"], **params)
         except Exception as exc:
             if ":" not in spec["name"]:  # a built-in refusing keys its params_schema accepted: a bug, not the recipe's
                 raise
             # a user's class refusing the recipe's keys: the recipe's mistake
             raise RecipeError(f"evaluation.evaluators[{i}]", f"{spec['name']} refused its parameters: "
                               f"{type(exc).__name__}: {short(exc, 150)}", "check the keys given to it") from None
+        if ":" in spec["name"] and hasattr(evaluator, "__dict__"):
+            # what it raises later is blamed on it (runner.errors), not on the runner; set past any __setattr__
+            vars(evaluator)[USER_EVALUATOR] = f"evaluation.evaluators[{i}] ({spec['name']})"
+        built.append((spec["name"], evaluator))
     return built
 
 

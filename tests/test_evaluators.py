@@ -227,3 +227,28 @@ def test_eval_runs_a_user_evaluator_and_the_loss(user_package, tiny, cli):
     # An untrained model is about as unsure as a uniform guess over the vocabulary (2048 tokens).
     assert 100 < metrics["loss"]["perplexity"] < 20000
     assert "loss" in result.stdout and "perplexity" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_user_evaluator_that_raises_is_named_not_the_runner(user_package, tiny, cli):
+    """Its exception is one line naming its recipe key and class, exit 1; the run gets no report.md."""
+    (user_package / "myevals" / "boom.py").write_text(textwrap.dedent('''
+        from evaluators.base import Evaluator
+
+        class Boom(Evaluator):
+            def evaluate(self, records, out_dir):
+                return self.explode()
+
+            def explode(self):
+                raise RuntimeError("kaboom")
+    '''))
+    path = write_recipe(user_package, tiny)
+    result = cli("train", path, "evaluation.evaluators[1]={name: myevals.boom:Boom}", "training.max_steps=1",
+                 "data.test_samples=4", cwd=user_package)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("error: evaluation.evaluators[1] (myevals.boom:Boom): "
+                                                      "RuntimeError: kaboom (a bug in that evaluator; RUNNER_DEBUG=1 "
+                                                      "shows the traceback)")
+    assert "Traceback" not in result.stderr
+    assert list((user_package / "runs").rglob("adapter_config.json"))  # trained; the evaluation failed
+    assert not list((user_package / "runs").rglob("report.md"))
