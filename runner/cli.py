@@ -171,13 +171,13 @@ def cmd_eval(args) -> int:
     from runner import dist, evaluate, model, runs
     from runner.metrics import summary_line
 
+    run_dir = None if args.base else _trained_run(recipe, args.run)
     world = dist.init()
-    adapter = None if args.base else runs.find_run(args.run) / "adapter"
     tokenizer, examples = _evaluation_examples(recipe)
     # Rank 0 opens (or reopens) the one evaluation folder; every rank writes its share of predictions there.
     out_dir = dist.broadcast(runs.open_eval_dir(recipe, Path(args.run) if args.run else None) if world.main else None)
     print(f"evaluation folder: {out_dir}", flush=True)
-    net = model.load_for_inference(recipe, adapter)
+    net = model.load_for_inference(recipe, run_dir / "adapter" if run_dir else None)
     metrics = evaluate.evaluate(recipe, net, tokenizer, out_dir, examples=examples)
     if metrics is not None:
         print(summary_line(metrics))
@@ -191,10 +191,10 @@ def cmd_compare(args) -> int:
         raise RecipeError("--run", f"given {len(args.run)} times", "one run (vs the base model) or two (A vs B)")
     if len(args.run) == 2:
         return _compare_adapters(args, recipe)
-    from runner import compare, dist, model, runs
+    from runner import compare, dist, model
 
+    run_dir = _trained_run(recipe, args.run[0])
     world = dist.init()
-    run_dir = runs.find_run(args.run[0])
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
@@ -217,13 +217,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _compare_adapters(args, recipe: dict) -> int:
-    from runner import compare, dist, model, runs
+def _trained_run(recipe: dict, run) -> Path:
+    """The finished run folder ``run``, its adapter trained on the recipe's base model; a run of another recipe (task)
+    on that base is used, with a note saying so."""
+    from runner import runs
 
-    run_a, run_b = (runs.find_run(r) for r in args.run)
-    if run_a.resolve() == run_b.resolve():
+    run_dir = runs.find_run(run)
+    note = runs.trained_with(recipe, run_dir)
+    if note and dist.world().main:
+        print(note, file=sys.stderr, flush=True)
+    return run_dir
+
+
+def _compare_adapters(args, recipe: dict) -> int:
+    from runner import compare, dist, model
+
+    if Path(args.run[0]).resolve() == Path(args.run[1]).resolve():
         raise RecipeError("--run", "A and B are the same run", "give two different run folders")
-    compare.check_same_base(recipe, [run_a, run_b])
+    run_a, run_b = (_trained_run(recipe, r) for r in args.run)
     world = dist.init()
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_pair_dir(recipe, run_a, run_b) if world.main else None)
