@@ -110,7 +110,7 @@ lint: $(BIN)/runner
 clean:
 	rm -rf runs .cache
 
-plan: $(BIN)/runner
+plan: $(BIN)/runner $(TINY)  ## reads the model's config.json: the tiny one by default
 	$(BIN)/runner plan $(RECIPE) $(ARGS)
 
 VARIANTS ?= A L1 L2 L3 L4 low_memory balanced fast GEN fast_pack EVAL

@@ -37,11 +37,15 @@ class Evaluator:
     of the evaluation split) and/or ``"logprobs"`` (of the ``split`` attribute's role, None = the evaluation split);
     generation is skipped when no evaluator of the recipe needs predictions. ``completion`` tells the runner what
     the recipe's completion holds for this evaluator: ``"label"`` (one label name of a ``labels`` parameter: rank
-    mode may choose among them), ``"labels"`` (several, joined by a separator) or None (free text).
+    mode may choose among them), ``"labels"`` (several, joined by a separator) or None (free text). ``metrics``
+    names the numbers ``evaluate`` returns at its top level (``("accuracy", "macro_f1")``), if known beforehand.
     """
 
     name = "evaluator"
     params_schema: dict | None = None
+    # The top-level metric keys ``evaluate`` returns (numbers, as runner.metrics.headline reads them), so that
+    # ``runner sweep --metric`` is checked before anything trains; None = not declared (checked on the results).
+    metrics: tuple[str, ...] | None = None
     needs: tuple[str, ...] = ("predictions",)
     completion: str | None = None
     split: str | None = None  # the role whose examples get "logprobs"; None = evaluation.split

@@ -90,6 +90,7 @@ class Classification(Evaluator):
 
     name = "classification"
     completion = "label"
+    metrics = ("accuracy", "macro_f1", "invalid", "invalid_rate")
     params_schema = {"properties": {
         "labels": {**LABELS_PARAM, "description": "The label names, in the order the confusion matrix shows them; "
                                                   "null = the labels found in the references."},

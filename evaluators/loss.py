@@ -21,6 +21,7 @@ class Loss(Evaluator):
 
     name = "loss"
     needs = ("logprobs",)
+    metrics = ("loss", "perplexity")
     params_schema = {"properties": {
         "split": {"enum": ["eval", "test", "train"], "default": "eval", "description": "Which role's examples are scored."},
         "batch_size": {"type": ["integer", "null"], "minimum": 1, "default": None,

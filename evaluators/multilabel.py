@@ -29,6 +29,8 @@ class Multilabel(Evaluator):
 
     name = "multilabel"
     completion = "labels"
+    metrics = ("micro_f1", "micro_precision", "micro_recall", "macro_f1", "exact_match", "invalid_names",
+               "invalid_rate")
     params_schema = {"properties": {
         "labels": {**LABELS_PARAM, "description": "The label names; null = the names found in the references."},
         "separator": {"type": "string", "minLength": 1, "default": ",",

@@ -48,6 +48,7 @@ class Rouge(Evaluator):
     def __init__(self, types=("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True, **kw):
         super().__init__(**kw)
         self.types = list(types)
+        self.metrics = tuple(self.types)
         self.use_stemmer = use_stemmer
 
     def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ class Samples(Evaluator):
     """A markdown table (samples.md) of input, reference and prediction."""
 
     name = "samples"
+    metrics = ()  # a table to read, no numbers
     params_schema = {"properties": {
         "count": {"type": "integer", "minimum": 1, "default": 8},
         "input_chars": {"type": "integer", "minimum": 20, "default": 300,

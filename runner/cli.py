@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import time
@@ -18,7 +19,8 @@ from runner.errors import RecipeError, classify
 
 
 def _args_validate(p):
-    p.add_argument("--print", action="store_true", dest="show", help="print the resolved recipe as YAML")
+    p.add_argument("--print", action="store_true", dest="show",
+                   help="print the resolved recipe as YAML (the ok line goes to stderr, so > r.yaml saves a recipe)")
 
 
 def _args_train(p):
@@ -48,8 +50,9 @@ def _args_generate(p):
     which.add_argument("--run", help="a finished run folder whose adapter generates")
     which.add_argument("--base", action="store_true", help="generate with the base model, no adapter")
     p.add_argument("--input", default="-", metavar="FILE|-",
-                   help="JSONL records with the template's fields, or raw text lines for its main field "
-                        "(prompt.truncate or its only field); one input per line; - = standard input (default)")
+                   help="JSONL records with the template's fields (a line starting with { is a record), or raw text "
+                        "lines for its main field (prompt.truncate or its only field); one input per line; "
+                        "- = standard input (default)")
     p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
 
 
@@ -140,8 +143,10 @@ def cmd_validate(args) -> int:
     from runner.model import lora_text
 
     targets = lora_text(recipe["lora"])
+    # With --print, stdout is the recipe alone (`> r.yaml` saves a recipe that loads again); the verdict goes aside.
     print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
-          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)")
+          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)",
+          file=sys.stderr if args.show else sys.stdout)
     return 0
 
 
@@ -157,9 +162,10 @@ def cmd_inspect(args) -> int:
     recipe = _recipe(args)
     from runner import inspection, model
 
+    out_dir = inspection.check_out(Path(args.out)) if args.out else inspection.default_out_dir(recipe)
     result = inspection.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
     print(inspection.table(result))
-    path = inspection.write(result, Path(args.out) if args.out else inspection.default_out_dir(recipe))
+    path = inspection.write(result, out_dir)
     print(f"\nsaved: {path} and length histograms in {path.parent}" + (" (from the cache)" if result["cached"] else ""))
     return 0
 
@@ -169,13 +175,13 @@ def cmd_eval(args) -> int:
     from runner import dist, evaluate, model, runs
     from runner.metrics import summary_line
 
+    run_dir = None if args.base else _trained_run(recipe, args.run)
     world = dist.init()
-    adapter = None if args.base else runs.find_run(args.run) / "adapter"
     tokenizer, examples = _evaluation_examples(recipe)
     # Rank 0 opens (or reopens) the one evaluation folder; every rank writes its share of predictions there.
     out_dir = dist.broadcast(runs.open_eval_dir(recipe, Path(args.run) if args.run else None) if world.main else None)
     print(f"evaluation folder: {out_dir}", flush=True)
-    net = model.load_for_inference(recipe, adapter)
+    net = model.load_for_inference(recipe, run_dir / "adapter" if run_dir else None)
     metrics = evaluate.evaluate(recipe, net, tokenizer, out_dir, examples=examples)
     if metrics is not None:
         print(summary_line(metrics))
@@ -189,10 +195,10 @@ def cmd_compare(args) -> int:
         raise RecipeError("--run", f"given {len(args.run)} times", "one run (vs the base model) or two (A vs B)")
     if len(args.run) == 2:
         return _compare_adapters(args, recipe)
-    from runner import compare, dist, model, runs
+    from runner import compare, dist, model
 
+    run_dir = _trained_run(recipe, args.run[0])
     world = dist.init()
-    run_dir = runs.find_run(args.run[0])
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
     print(f"comparison folder: {out_dir}", flush=True)
@@ -207,6 +213,7 @@ def cmd_compare(args) -> int:
 def cmd_sweep(args) -> int:
     from runner import sweep
 
+    _check_gpu_gb(args.gpu_gb)
     path = sweep.sweep(args.recipe, args.overrides, seeds=args.seeds, name=args.name, metric=args.metric,
                        card_name=args.card, card_gb=args.gpu_gb, dry_run=args.dry_run)
     if path is not None:
@@ -214,13 +221,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _compare_adapters(args, recipe: dict) -> int:
-    from runner import compare, dist, model, runs
+def _trained_run(recipe: dict, run) -> Path:
+    """The finished run folder ``run``, its adapter trained on the recipe's base model; a run of another recipe (task)
+    on that base is used, with a note saying so."""
+    from runner import runs
 
-    run_a, run_b = (runs.find_run(r) for r in args.run)
-    if run_a.resolve() == run_b.resolve():
+    run_dir = runs.find_run(run)
+    note = runs.trained_with(recipe, run_dir)
+    if note and dist.world().main:
+        print(note, file=sys.stderr, flush=True)
+    return run_dir
+
+
+def _compare_adapters(args, recipe: dict) -> int:
+    from runner import compare, dist, model
+
+    if Path(args.run[0]).resolve() == Path(args.run[1]).resolve():
         raise RecipeError("--run", "A and B are the same run", "give two different run folders")
-    compare.check_same_base(recipe, [run_a, run_b])
+    run_a, run_b = (_trained_run(recipe, r) for r in args.run)
     world = dist.init()
     tokenizer, examples = _evaluation_examples(recipe)
     out_dir = dist.broadcast(compare.open_pair_dir(recipe, run_a, run_b) if world.main else None)
@@ -277,9 +295,16 @@ def cmd_plan(args) -> int:
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
+    _check_gpu_gb(args.gpu_gb)
     card = throughput.find_card(args.card, throughput.gpu_name())
     print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
+
+
+def _check_gpu_gb(gpu_gb: float | None) -> None:
+    """argparse takes any float: nan, inf and sizes <= 0 would plan for no card at all (0 read as "no GPU")."""
+    if gpu_gb is not None and not (math.isfinite(gpu_gb) and gpu_gb > 0):
+        raise RecipeError("--gpu-gb", f"{gpu_gb:g} is not a card's memory", "give its size in GiB, e.g. 80")
 
 
 def _card_gb(args, card: tuple[str, str]) -> float | None:

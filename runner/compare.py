@@ -17,7 +17,6 @@ from pathlib import Path
 
 from runner import dist, runs, safeio
 from runner import evaluate as evaluate_mod
-from runner.errors import RecipeError
 from runner.markdown import cell
 from runner.metrics import finite, flatten
 from runner.stats import ci_overlap, paired_bootstrap
@@ -138,22 +137,6 @@ def open_pair_dir(recipe: dict, run_a: Path, run_b: Path) -> Path:
     out = runs.reopen_or_new(recipe, run_b, "vs-", interrupted)
     (out / "runs.json").write_text(json.dumps(pair), encoding="utf-8")
     return out
-
-
-def check_same_base(recipe: dict, run_dirs: list[Path]) -> None:
-    """Both adapters must have been trained on the recipe's base model (the one that will be loaded)."""
-    import yaml
-
-    want = (recipe["model"]["name_or_path"], recipe["quantization"]["method"])
-    for run_dir in run_dirs:
-        path = run_dir / "recipe.yaml"
-        if not path.is_file():
-            continue
-        trained = yaml.safe_load(path.read_text(encoding="utf-8"))
-        got = (trained["model"]["name_or_path"], trained["quantization"]["method"])
-        if got != want:
-            raise RecipeError("--run", f"{run_dir} was trained on {got[0]} ({got[1]}), not the recipe's {want[0]} "
-                              f"({want[1]})", "compare adapters of the same base model")
 
 
 # ---------------------------------------------------------------- the command

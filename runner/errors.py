@@ -114,6 +114,25 @@ def hub_unreachable(exc: BaseException, key_path: str, hub_id: str, instead: str
                               f"connect to the network{f' and unset {offline[0]}' if offline else ''}, or {instead}")
 
 
+# runner.evaluate marks each user evaluator it builds with its recipe key and name under this attribute, so that a
+# failure raised while one of its methods runs (evaluate, per_example, wherever called) is blamed on it.
+USER_EVALUATOR = "_runner_recipe_key"
+
+
+def _user_evaluator_failure(exc: BaseException) -> RecipeError | None:
+    """An exception raised inside a user's own evaluator (a method of one is on the traceback), named by its
+    recipe key: that code is the user's, not the runner's."""
+    for item in _chain(exc):
+        tb = item.__traceback__
+        while tb is not None:
+            where = getattr(tb.tb_frame.f_locals.get("self"), "__dict__", {}).get(USER_EVALUATOR)
+            if where:
+                return EnvironmentProblem(where, f"{type(item).__name__}: {short(item) or 'no message'}",
+                                          "a bug in that evaluator; RUNNER_DEBUG=1 shows the traceback")
+            tb = tb.tb_next
+    return None
+
+
 def _nearly_full(path: Path) -> bool:
     try:
         usage = shutil.disk_usage(path)
@@ -166,5 +185,8 @@ def classify(exc: BaseException, written: tuple | list = ()) -> RecipeError:
     compiler = _compiler_failure(exc)
     if compiler is not None:
         return compiler
+    user = _user_evaluator_failure(exc)
+    if user is not None:
+        return user
     return EnvironmentProblem("internal", f"{type(exc).__name__}: {short(exc) or 'no message'}",
                               "a bug in the runner or a library; RUNNER_DEBUG=1 shows the traceback")

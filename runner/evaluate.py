@@ -15,7 +15,7 @@ from runner import dist, rank, safeio
 from runner import generate as generate_mod
 from runner import recipe as recipe_mod
 from runner import runs as runs_mod
-from runner.errors import RecipeError, short
+from runner.errors import USER_EVALUATOR, RecipeError, short
 
 
 def build_evaluators(recipe: dict) -> list:
@@ -24,13 +24,17 @@ def build_evaluators(recipe: dict) -> list:
     for i, (spec, cls) in enumerate(recipe_mod.evaluator_classes(recipe)):
         params = {k: v for k, v in spec.items() if k != "name"}
         try:
-            built.append((spec["name"], cls(seed=recipe["seed"], **params)))
+            evaluator = cls(seed=recipe["seed"], **params)
         except Exception as exc:
             if ":" not in spec["name"]:  # a built-in refusing keys its params_schema accepted: a bug, not the recipe's
                 raise
             # a user's class refusing the recipe's keys: the recipe's mistake
             raise RecipeError(f"evaluation.evaluators[{i}]", f"{spec['name']} refused its parameters: "
                               f"{type(exc).__name__}: {short(exc, 150)}", "check the keys given to it") from None
+        if ":" in spec["name"] and hasattr(evaluator, "__dict__"):
+            # what it raises later is blamed on it (runner.errors), not on the runner; set past any __setattr__
+            vars(evaluator)[USER_EVALUATOR] = f"evaluation.evaluators[{i}] ({spec['name']})"
+        built.append((spec["name"], evaluator))
     return built
 
 
@@ -83,6 +87,17 @@ def _not_in_data(key: str, label: str, data_labels: list[str], unlisted: list[st
     return RecipeError(key, f"{short(label, 40)!r} is not a label of the data",
                        f"the data's labels: {short(', '.join(data_labels), 200)}; "
                        + (f"did you mean {guess!r}?" if guess else "write the labels as the data does"))
+
+
+def metric_names(recipe: dict) -> list[str] | None:
+    """The metrics the recipe's evaluators declare, named as in runner.metrics.headline (``rouge.rougeL``); None
+    when one of them (a user's own) declares none, so that only its results can tell."""
+    names = []
+    for name, evaluator in build_evaluators(recipe):
+        if evaluator.metrics is None:
+            return None
+        names += [f"{name}.{metric}" for metric in evaluator.metrics]
+    return names
 
 
 def _part_files(path: Path) -> list[Path]:

@@ -47,9 +47,9 @@ def _decode(raw: bytes, name: str) -> list[str]:
 
 
 def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:
-    """One record per non-empty line: a JSON object with the template's fields, or raw text for the main field.
-    Chat recipes: a JSON object whose prompt.messages field holds the conversation so far (ending with a user turn),
-    or raw text as one user turn."""
+    """One record per non-empty line: a JSON object with the template's fields (a line starting with ``{``), or raw
+    text for the main field. Chat recipes: a JSON object whose prompt.messages field holds the conversation so far
+    (ending with a user turn), or raw text as one user turn."""
     if chat.is_chat(recipe):
         return _read_conversations(lines, recipe)
     fields = template_fields(recipe["prompt"]["template"], "prompt.template")
@@ -57,7 +57,7 @@ def read_inputs(lines: Iterable[str], recipe: dict) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = _json_object(line)
+        record = _json_object(line, number)
         if record is not None:
             missing = [f for f in fields if f not in record]
             if missing:
@@ -78,7 +78,7 @@ def _read_conversations(lines: Iterable[str], recipe: dict) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = _json_object(line)
+        record = _json_object(line, number)
         if record is None:
             rows.append({column: [{"role": "user", "content": line.strip()}]})
             continue
@@ -98,15 +98,17 @@ def _read_conversations(lines: Iterable[str], recipe: dict) -> list[dict]:
     return rows
 
 
-def _json_object(line: str) -> dict | None:
+def _json_object(line: str, number: int) -> dict | None:
+    """The line's JSON record, or None for raw text. A line that starts with ``{`` is a record: one that does not
+    parse is a broken record, never an article that happens to start with a brace."""
     text = line.strip()
     if not text.startswith("{"):
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None  # raw text that happens to start with a brace
-    return value if isinstance(value, dict) else None
+        return json.loads(text)  # starts with "{": an object, if it parses at all
+    except json.JSONDecodeError as exc:
+        raise RecipeError("--input", f"line {number}: not valid JSON", f"{exc.msg} at column {exc.colno}; a line "
+                          "that starts with '{' is read as a JSON record") from None
 
 
 def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:

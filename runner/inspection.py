@@ -21,6 +21,7 @@ import numpy as np
 
 from runner import chat, mixture, safeio
 from runner import data as data_mod
+from runner.errors import RecipeError
 from runner.recipe import evaluator_classes
 from runner.templates import render, template_fields, text
 
@@ -313,6 +314,17 @@ def write(result: dict, out_dir: Path) -> Path:
     safeio.write_json(path, stats)
     plot_histograms(result, out_dir)
     return path
+
+
+def check_out(out_dir: Path) -> Path:
+    """``--out``: a folder that exists or can be made. A file there, or in the way of making it, is the user's
+    mistake, told before the data is tokenized (mkdir would fail after it, as if the machine were at fault)."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RecipeError("--out", f"{path} is a file", "give a folder")
+            break
+    return out_dir
 
 
 def default_out_dir(recipe: dict) -> Path:

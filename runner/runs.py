@@ -258,6 +258,26 @@ def find_run(run: str | Path) -> Path:
     return run_dir
 
 
+def trained_with(recipe: dict, run_dir: Path) -> str | None:
+    """Checks that ``run_dir``'s adapter fits the recipe's base model (the one that will be loaded): another model or
+    quantization is the user's mistake. Returns a note when the run was trained with another recipe (another task on
+    the same base, which is legitimate to evaluate), else None."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    trained = yaml.safe_load(path.read_text(encoding="utf-8"))
+    want = (recipe["model"]["name_or_path"], recipe["quantization"]["method"])
+    got = (trained["model"]["name_or_path"], trained["quantization"]["method"])
+    if got != want:
+        raise RecipeError("--run", f"{run_dir} was trained on {got[0]} ({got[1]}), not the recipe's {want[0]} "
+                          f"({want[1]})", f"an adapter fits its own base model only: give the recipe it was "
+                          f"trained with, {path}")
+    if trained["name"] != recipe["name"]:
+        return (f"note: {run_dir} was trained with the recipe {trained['name']!r}; using it with "
+                f"{recipe['name']!r} (its data, prompt and evaluators)")
+    return None
+
+
 def open_eval_dir(recipe: dict, run_dir: Path | None) -> Path:
     """Where an evaluation writes: a new ``eval-<time>`` folder in the run (or ``<name>/base/<time>`` for the
     base model); an interrupted one (predictions but no metrics.json) is picked up again."""

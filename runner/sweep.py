@@ -66,25 +66,36 @@ def split_values(text: str) -> list[str]:
 def parse_grid(overrides: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
     """(axes [(key, [value text, ...])], fixed overrides): an override with several comma-separated values is an
     axis of the grid; one with a single value applies to every cell."""
-    axes, fixed, keys = [], [], set()
+    axes, fixed, given = [], [], {}  # given: key -> "an axis" / "a fixed override", as first given
     for text in overrides:
         if "=" not in text:
             raise RecipeError(text, "an override must look like key.path=value", "an axis: key.path=v1,v2")
         key, _, value = text.partition("=")
         key = key.strip()
         values = split_values(value)
+        kind = "an axis" if len(values) > 1 else "a fixed override"
+        if key in given:  # one of the two would be dropped silently: the last one given wins in a recipe
+            raise RecipeError(key, f"is given twice: as {given[key]}, then as {kind}",
+                              "give each key once: key=v1,v2,... to sweep it, key=value to fix it")
+        given[key] = kind
         if len(values) == 1:
             fixed.append(text)
             continue
         if key == "seed":
             raise RecipeError("seed", "is swept with --seeds N, not as an axis", "e.g. runner sweep R lora.r=8,16 --seeds 3")
-        if key in keys:
-            raise RecipeError(key, "is swept twice", "give one key=v1,v2,... per key")
         if "" in values or len(set(values)) < len(values):
             raise RecipeError(key, f"has an empty or repeated value in {value!r}", "list each value once: key=v1,v2")
-        keys.add(key)
         axes.append((key, values))
     return axes, fixed
+
+
+def check_name(name: str | None) -> None:
+    """``--name`` is one folder under ``<output_dir>/<name>/sweeps/``, spelled as a recipe's ``name`` must be
+    (the schema's pattern): no ``..``, no ``/``, no absolute path that would put the sweep elsewhere."""
+    pattern = recipe_mod.schema()["properties"]["name"]["pattern"]
+    if name is not None and not re.fullmatch(pattern, name):
+        raise RecipeError("--name", f"{name[:60]!r} is not a folder name", "one name of letters, digits, '.', '_' "
+                          "and '-', starting with a letter or digit, e.g. --name lora-rank")
 
 
 @dataclass
@@ -119,6 +130,7 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
     """(sweep folder, every cell with its resolved recipe, the axes, the fixed overrides). Any cell's recipe mistake
     is raised here, before anything trains, naming the cell."""
     axes, fixed = parse_grid(overrides)
+    check_name(name)
     if seeds < 1:
         raise RecipeError("--seeds", f"{seeds} is out of range", "must be >= 1")
     if not axes and seeds < 2:
@@ -154,6 +166,23 @@ def finished_run(cell: Cell) -> Path | None:
         if done and yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) == cell.recipe:
             return run_dir
     return None
+
+
+def check_metric(metric: str | None, grid: dict[tuple, list[Cell]]) -> None:
+    """``--metric`` against the metrics every setting's evaluators declare, before anything trains; a setting with
+    a user's evaluator that declares none is checked on its finished runs (summarize)."""
+    from runner import evaluate as evaluate_mod
+
+    if metric is None:
+        return
+    for group in grid.values():
+        names = evaluate_mod.metric_names(group[0].recipe)
+        if names is not None and metric not in names:
+            raise _unknown_metric(metric, names)
+
+
+def _unknown_metric(metric: str, names: list[str]) -> RecipeError:
+    return RecipeError("--metric", f"{metric!r} is not a metric of these runs", f"one of: {', '.join(names)}")
 
 
 # ---------------------------------------------------------------- plan and run
@@ -283,8 +312,8 @@ def summarize(folder: Path, grid: dict[tuple, list[Cell]], run_dirs: dict[int, P
     metric_names = list(rows[0]["metrics"])
     if primary is None:
         primary = next((m for m in PRIMARY if m in metric_names), metric_names[0] if metric_names else None)
-    elif primary not in metric_names:
-        raise RecipeError("--metric", f"{primary!r} is not a metric of these runs", f"one of: {', '.join(metric_names)}")
+    elif primary not in metric_names:  # a user's evaluator that declares no metrics: known only now
+        raise _unknown_metric(primary, metric_names)
     out = {"recipe": first_cell.recipe["name"], "sweep": str(folder), "axes": [k for k, _ in axes], "fixed": fixed,
            "seeds": [c.seed for c in next(iter(grid.values()))], "primary_metric": primary,
            "examples": len(examples or []), "same_examples": same_examples, "settings": rows, "comparisons": []}
@@ -479,6 +508,7 @@ def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = 
     folder, all_cells, axes, fixed = cells(recipe_path, overrides, seeds, name)
     main = dist.init().main  # under a launcher every rank trains each cell; rank 0 alone decides and writes
     grid = settings(all_cells)
+    check_metric(metric, grid)
     card = throughput.find_card(card_name, throughput.gpu_name())
     if card_gb is None and card_name is not None:
         card_gb = throughput.CARDS[card[0]]["memory_gb"]

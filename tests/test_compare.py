@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -141,3 +142,43 @@ def test_compare_refuses_the_same_run_twice_and_a_third(tiny, tmp_path, cli):
     three = cli("compare", TINY_XSUM, "--run", run, "--run", run, "--run", run, f"output_dir={tmp_path}")
     assert three.returncode == 2 and three.stderr.strip().startswith("error: --run: given 3 times")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written
+
+
+# ---------------------------------------------------------------- a run of another recipe
+
+
+@pytest.fixture
+def xsum_run_copy(trained, tmp_path):
+    """A copy of the trained XSum twin's adapter and recipe (evaluating it writes into the run folder)."""
+    run = trained("xsum_tiny").run_dir
+    copy = tmp_path / "xsum_run"
+    shutil.copytree(run / "adapter", copy / "adapter")
+    shutil.copy(run / "recipe.yaml", copy / "recipe.yaml")
+    return copy
+
+
+@pytest.mark.slow
+def test_eval_of_another_tasks_run_says_so_and_goes_on(xsum_run_copy, tmp_path, cli):
+    agnews = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"  # the same tiny base model, another task
+    result = cli("eval", agnews, "--run", xsum_run_copy, "data.test_samples=4", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {xsum_run_copy} was trained with the recipe 'xsum_tiny'; using it with 'agnews_tiny' "
+                     "(its data, prompt and evaluators)"]
+    assert list(xsum_run_copy.glob("eval-*/metrics.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["eval", "--run", "A"], ["compare", "--run", "A"],
+                                     ["compare", "--run", "A", "--run", "B"]])
+def test_a_run_trained_on_another_base_model_is_refused(xsum_run_copy, tmp_path, cli, command):
+    shutil.copytree(xsum_run_copy, tmp_path / "B")
+    runs = {"A": str(xsum_run_copy), "B": str(tmp_path / "B")}
+    other = tmp_path / "other-model"
+    result = cli(command[0], TINY_XSUM, *(runs.get(a, a) for a in command[1:]), f"model.name_or_path={other}",
+                 f"output_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().startswith(f"error: --run: {xsum_run_copy} was trained on ")
+    assert f"not the recipe's {other} (bnb_4bit) (an adapter fits its own base model only: give the recipe it was " \
+           f"trained with, {xsum_run_copy / 'recipe.yaml'})" in result.stderr
+    assert not list(tmp_path.rglob("eval-*")) and not list(tmp_path.rglob("compare-*"))

@@ -125,6 +125,32 @@ def test_loss_is_the_models_own_completion_loss(untrained, tmp_path):
     assert not net.training
 
 
+# ---------------------------------------------------------------- what every built-in declares
+
+
+LABELED = [("World", "World"), ("Sports", "World"), ("Business", "nonsense")]
+
+
+@pytest.mark.parametrize(("name", "params", "pairs"), [
+    ("rouge", {}, [("the cat sat on the mat", "the cat sat"), ("a b", "c d")]),
+    ("rouge", {"types": ["rougeL"]}, [("the cat sat on the mat", "the cat sat")]),
+    ("classification", {"labels": ["World", "Sports", "Business"]}, LABELED),
+    ("multilabel", {}, [("joy, anger", "joy"), ("fear", "fear, joy, odd")]),
+    ("loss", {}, [("a", ""), ("b", "")]),
+    ("samples", {}, LABELED),
+])
+def test_builtins_declare_the_metrics_they_return(tmp_path, name, params, pairs):
+    """`metrics` (what `runner sweep --metric` is checked against before training) is what evaluate returns."""
+    from evaluators import builtin
+    from runner.metrics import headline
+
+    evaluator = builtin(name)(seed=1, **params)
+    given = [Record(index=r.index, prompt=r.prompt, reference=r.reference, prediction=r.prediction, logprob=-2.0,
+                    tokens=3) for r in records(pairs)]
+    returned = headline({name: evaluator.evaluate(given, tmp_path)})
+    assert sorted(returned) == sorted(f"{name}.{m}" for m in evaluator.metrics)
+
+
 # ---------------------------------------------------------------- a user's own evaluator
 
 USER_EVALUATOR = '''
@@ -184,6 +210,7 @@ def test_user_evaluator_default_is_filled_and_it_runs(user_package, tiny, monkey
     (name, evaluator), _ = evaluate_mod.build_evaluators(recipe)
     out = evaluator.evaluate(records([("a b c d", "a b"), ("a b", "a b c d e f g h")]), user_package)
     assert out == {"ratio": pytest.approx((0.5 + 3.0) / 2), "cap": 3.0}
+    assert evaluate_mod.metric_names(recipe) is None  # it declares no metrics: sweep --metric waits for the runs
 
 
 @pytest.mark.slow
@@ -200,3 +227,28 @@ def test_eval_runs_a_user_evaluator_and_the_loss(user_package, tiny, cli):
     # An untrained model is about as unsure as a uniform guess over the vocabulary (2048 tokens).
     assert 100 < metrics["loss"]["perplexity"] < 20000
     assert "loss" in result.stdout and "perplexity" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_user_evaluator_that_raises_is_named_not_the_runner(user_package, tiny, cli):
+    """Its exception is one line naming its recipe key and class, exit 1; the run gets no report.md."""
+    (user_package / "myevals" / "boom.py").write_text(textwrap.dedent('''
+        from evaluators.base import Evaluator
+
+        class Boom(Evaluator):
+            def evaluate(self, records, out_dir):
+                return self.explode()
+
+            def explode(self):
+                raise RuntimeError("kaboom")
+    '''))
+    path = write_recipe(user_package, tiny)
+    result = cli("train", path, "evaluation.evaluators[1]={name: myevals.boom:Boom}", "training.max_steps=1",
+                 "data.test_samples=4", cwd=user_package)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("error: evaluation.evaluators[1] (myevals.boom:Boom): "
+                                                      "RuntimeError: kaboom (a bug in that evaluator; RUNNER_DEBUG=1 "
+                                                      "shows the traceback)")
+    assert "Traceback" not in result.stderr
+    assert list((user_package / "runs").rglob("adapter_config.json"))  # trained; the evaluation failed
+    assert not list((user_package / "runs").rglob("report.md"))

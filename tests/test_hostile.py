@@ -195,6 +195,15 @@ def test_generate_input_that_is_not_utf8(tmp_path):
     assert info.value.key_path == "--input" and "not UTF-8 text (line 2" in info.value.problem
 
 
+def test_generate_input_a_broken_chat_record_is_refused():
+    from runner import infer
+
+    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")
+    with pytest.raises(RecipeError) as info:
+        infer.read_inputs(["What is the news?", '{"messages": [{"role": "user", "content": "hi"}'], recipe)
+    assert info.value.key_path == "--input" and info.value.problem == "line 2: not valid JSON"
+
+
 def test_plan_without_gpu_and_without_gpu_gb():
     from runner import plan
 
@@ -202,6 +211,22 @@ def test_plan_without_gpu_and_without_gpu_gb():
     for name in ("none", "fast", "balanced", "low_memory"):
         assert any(line.startswith(name) and line.endswith("GiB") for line in text.splitlines()), text
     assert "no GPU here" in text
+
+
+@pytest.mark.parametrize("command", [["plan", TINY], ["sweep", TINY, "lora.r=4,8", "--dry-run"]])
+@pytest.mark.parametrize("size", ["-3", "nan", "0", "inf", "-inf"])
+def test_gpu_gb_that_no_card_has_is_one_line_exit_2(tmp_path, command, size):
+    code, out, err = run_main(*command, f"--gpu-gb={size}", f"output_dir={tmp_path}")
+    assert code == 2 and one_line(err).startswith(f"error: --gpu-gb: {size} is not a card's memory (give its size")
+    assert "sweep folder" not in out and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("out", ["f", "f/sub"])
+def test_inspect_out_at_a_file_is_one_line_exit_2(tmp_path, out):
+    (tmp_path / "f").write_text("")
+    code, out_text, err = run_main("inspect", TINY, "--out", tmp_path / out, f"output_dir={tmp_path}")
+    assert code == 2 and one_line(err) == f"error: --out: {tmp_path / 'f'} is a file (give a folder)"
+    assert not out_text  # refused before the data is tokenized
 
 
 def test_working_directory_cannot_shadow_a_library(tmp_path, cli):

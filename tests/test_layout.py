@@ -1,12 +1,14 @@
 """The code's shape, checked: no import cycles (none hidden by imports inside functions), evaluators that use only
 the evaluator contract and the runner's leaf helpers, built-ins registered once, and a README layout that names
-every module. Reads source files; imports nothing heavy."""
+every module, and make targets that build the tiny model before they read it. Reads source files; imports
+nothing heavy."""
 
 from __future__ import annotations
 
 import ast
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -84,3 +86,18 @@ def test_the_readme_layout_names_every_module():
     listed = set(re.findall(r"^  (\w+)\.py\b", layout, flags=re.M))  # runner/'s entries, two spaces in
     files = {p.stem for p in (ROOT / "runner").glob("*.py")} - {"__init__", "__main__"}
     assert listed == files, (sorted(files - listed), sorted(listed - files))
+
+
+# The make targets whose default recipe (the tiny twin) reads the tiny model or data; validate checks the recipe
+# alone (no file of the model or the data is read), so it needs no build.
+NEEDS_TINY = ("inspect", "train", "eval", "compare", "generate", "export", "sweep", "plan", "smoke", "test",
+              "test-fast")
+
+
+@pytest.mark.parametrize("target", NEEDS_TINY)
+def test_make_targets_that_read_the_tiny_model_build_it_first(target, tmp_path):
+    """On a fresh checkout (no tiny model yet) each of these builds it before running the runner."""
+    dry = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"TINY={tmp_path / 'BUILT'}", "RUN=r", "OUT=o",
+                          "AXES=lora.r=4,8"], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "-m runner.tiny" in dry.stdout, dry.stdout

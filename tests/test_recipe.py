@@ -120,6 +120,20 @@ def test_validate_imports_neither_torch_nor_transformers(name, tiny):
     assert f"ok: recipes/{name}.yaml -> {name.split('/')[-1]}" in out.stdout
 
 
+def test_validate_print_saves_a_recipe_that_validates_again(tmp_path):
+    """`validate --print > r.yaml` is a recipe: stdout holds the YAML alone, the ok line goes to stderr."""
+    printed = subprocess.run([sys.executable, "-m", "runner", "validate", "recipes/tiny/xsum_tiny.yaml", "--print"],
+                             capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stderr.startswith("ok: recipes/tiny/xsum_tiny.yaml -> xsum_tiny")
+    saved = tmp_path / "r.yaml"
+    saved.write_text(printed.stdout)
+    again = subprocess.run([sys.executable, "-m", "runner", "validate", str(saved)], capture_output=True, text=True,
+                           cwd=ROOT, env=cli_env())
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"ok: {saved} -> xsum_tiny")  # without --print, the ok line stays on stdout
+
+
 def _extend(tmp_path, parent: dict, child: dict) -> dict:
     (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
     (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "parent.yaml", **child}))

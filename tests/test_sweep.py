@@ -59,12 +59,36 @@ def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
     (["seed=1,2"], 1, "error: seed: is swept with --seeds N"),
     (["lora.r=8,8"], 1, "error: lora.r: has an empty or repeated value"),
     (["lora.r=0,8"], 2, "error: lora.r: 0 is out of range (in the cell lora.r=0)"),
+    (["lora.r=4,8", "lora.r=16"], 1, "error: lora.r: is given twice: as an axis, then as a fixed override (give"),
+    (["lora.r=16", "lora.r=4,8"], 1, "error: lora.r: is given twice: as a fixed override, then as an axis"),
+    (["lora.r=4,8", "training.max_steps=2", "training.max_steps=3"], 1, "error: training.max_steps: is given twice"),
+    (["lora.r=4,8", "lora.r=16,32"], 1, "error: lora.r: is given twice: as an axis, then as an axis"),
 ])
 def test_grid_mistakes_fail_before_anything_trains(tiny, tmp_path, args, seeds, where):
     with pytest.raises(RecipeError) as err:
         sweep.cells(AGNEWS, [*args, f"output_dir={tmp_path}"], seeds=seeds)
     assert err.value.line().startswith(where)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/t/abs", "a/b", ".hidden", ""])
+def test_a_sweep_name_that_is_no_folder_name_is_refused(tiny, tmp_path, name):
+    from tests.test_hostile import one_line, run_main
+
+    code, out, err = run_main("sweep", AGNEWS, "lora.r=4,8", "--name", name, "--dry-run", f"output_dir={tmp_path}")
+    assert code == 2 and one_line(err).startswith(f"error: --name: {name!r} is not a folder name (one name of")
+    assert "sweep folder" not in out and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_metric_the_evaluators_do_not_have_fails_before_any_cell_trains(tiny, tmp_path, cli, dry_run):
+    result = cli("sweep", AGNEWS, "lora.r=4,8", "--metric", "rogue", "training.max_steps=2", f"output_dir={tmp_path}",
+                 *dry_run)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --metric: 'rogue' is not a metric of these runs (one of: classification.accuracy, "
+        "classification.macro_f1, classification.invalid, classification.invalid_rate)")
+    assert "sweep folder" not in result.stdout and not any(tmp_path.iterdir())  # no cell planned or trained
 
 
 @pytest.mark.slow

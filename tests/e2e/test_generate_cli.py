@@ -81,3 +81,13 @@ def test_input_mistakes_fail_before_loading(tmp_path, tiny, cli, articles, xsum)
     empty.write_text("\n\n")
     assert_user_error(cli("generate", TINY_XSUM, "--run", run_dir, "--input", empty), "--input", "no inputs")
     assert_user_error(cli("generate", TINY_XSUM, "--run", tmp_path, "--input", empty), "--run", "no trained adapter")
+
+
+@pytest.mark.slow
+def test_a_broken_json_record_is_refused_not_read_as_text(tmp_path, tiny, cli):
+    """A line that starts with '{' is a record: one that does not parse is an error, not the article's text."""
+    broken = tmp_path / "in.jsonl"
+    broken.write_text('Snow closes schools.\n{"document": "The council approved a budget.",}\n')
+    line = assert_user_error(cli("generate", TINY_XSUM, "--base", "--input", broken, "--jsonl"),
+                             "--input", "line 2: not valid JSON (", "column 47", "read as a JSON record")
+    assert line.startswith("error: --input: line 2: not valid JSON (Expecting property name")
