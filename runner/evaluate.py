@@ -18,10 +18,14 @@ from runner import runs as runs_mod
 from runner.errors import USER_EVALUATOR, RecipeError, short
 
 
-def build_evaluators(recipe: dict) -> list:
-    """(name, evaluator) of each of the recipe's evaluators, built with its keys."""
+def build_evaluators(recipe: dict, user: bool = True) -> list:
+    """(name, evaluator) of each of the recipe's evaluators, built with its keys; ``user=False``: a user's own
+    evaluator is left unbuilt (None in its place)."""
     built = []
     for i, (spec, cls) in enumerate(recipe_mod.evaluator_classes(recipe)):
+        if not user and ":" in spec["name"]:
+            built.append((spec["name"], None))
+            continue
         params = {k: v for k, v in spec.items() if k != "name"}
         try:
             evaluator = cls(seed=recipe["seed"], **params)
@@ -45,12 +49,13 @@ def references(examples) -> list[str]:
 
 def _label_lists(recipe: dict, refs: list[str]):
     """(key path, labels, the label names the references hold, whether rank mode predicts only these labels) of
-    each label list of the recipe: the labelled evaluators' (built-ins and any with ``labels`` and ``gold_names``),
-    and in rank mode generation.labels."""
+    each label list of the recipe: the built-in labelled evaluators', and in rank mode generation.labels. A user's
+    own evaluator is built after training, as before these checks: its code may do anything, also differ by rank,
+    and until the ranks first meet only rank 0 reports a mistake (runner.cli._for_rank)."""
     ranked = recipe["generation"]["mode"] == "rank"
     chosen = recipe_mod.rank_labels(recipe) if ranked else None
     given = recipe["generation"].get("labels")
-    for i, (_, evaluator) in enumerate(build_evaluators(recipe)):
+    for i, (_, evaluator) in enumerate(build_evaluators(recipe, user=False)):
         labels = getattr(evaluator, "labels", None)
         if labels and hasattr(evaluator, "gold_names"):
             yield (f"evaluation.evaluators[{i}].labels", labels, evaluator.gold_names(refs),

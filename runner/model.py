@@ -64,9 +64,8 @@ def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
     missing = _missing_folder(key_path, what)
     if missing is not None:
         return missing
-    from runner.recipe import is_local_path  # runner.recipe imports this module (through runner.backend)
-
-    unreachable = None if is_local_path(what) else hub_unreachable(exc, key_path, what, "use a local directory")
+    # recipe.load made every local path absolute (see _missing_folder): anything else is a hub id
+    unreachable = None if Path(what).is_absolute() else hub_unreachable(exc, key_path, what, "use a local directory")
     if unreachable is not None:
         return unreachable
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
