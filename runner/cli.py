@@ -256,12 +256,12 @@ def cmd_generate(args) -> int:
     import json
 
     recipe = _recipe(args)
-    from runner import dist, infer, model, runs
+    from runner import dist, infer, model
 
     if dist.world().size > 1:
         raise RecipeError("runner generate", "prints completions from one process, not under a launcher",
                           "run it without torchrun / accelerate launch; `runner eval` spreads over several GPUs")
-    adapter = None if args.base else runs.find_run(args.run) / "adapter"
+    adapter = None if args.base else _trained_run(recipe, args.run) / "adapter"
     rows = infer.read_inputs(infer.open_input(args.input), recipe)  # input mistakes show before weights load
     _, tokenizer = model.preflight(recipe)
     fitted = [infer.fit_prompt(row, recipe, tokenizer) for row in rows]
@@ -277,10 +277,10 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     recipe = _recipe(args)
-    from runner import export, model, runs
+    from runner import export, model
 
     export.refuse_launcher()
-    run_dir = runs.find_run(args.run)
+    run_dir = _trained_run(recipe, args.run)
     out = export.check_out(Path(args.out))
     model.preflight(recipe)
     record = export.export(recipe, run_dir, out)

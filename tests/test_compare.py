@@ -170,10 +170,13 @@ def test_eval_of_another_tasks_run_says_so_and_goes_on(xsum_run_copy, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["eval", "--run", "A"], ["compare", "--run", "A"],
-                                     ["compare", "--run", "A", "--run", "B"]])
+                                     ["compare", "--run", "A", "--run", "B"], ["generate", "--run", "A", "--input", "IN"],
+                                     ["export", "--run", "A", "--out", "OUT"]])
 def test_a_run_trained_on_another_base_model_is_refused(xsum_run_copy, tmp_path, cli, command):
     shutil.copytree(xsum_run_copy, tmp_path / "B")
-    runs = {"A": str(xsum_run_copy), "B": str(tmp_path / "B")}
+    (tmp_path / "in.txt").write_text("The council approved a budget for new schools.\n")
+    runs = {"A": str(xsum_run_copy), "B": str(tmp_path / "B"), "IN": str(tmp_path / "in.txt"),
+            "OUT": str(tmp_path / "exported")}
     other = tmp_path / "other-model"
     result = cli(command[0], TINY_XSUM, *(runs.get(a, a) for a in command[1:]), f"model.name_or_path={other}",
                  f"output_dir={tmp_path}")
@@ -182,3 +185,4 @@ def test_a_run_trained_on_another_base_model_is_refused(xsum_run_copy, tmp_path,
     assert f"not the recipe's {other} (bnb_4bit) (an adapter fits its own base model only: give the recipe it was " \
            f"trained with, {xsum_run_copy / 'recipe.yaml'})" in result.stderr
     assert not list(tmp_path.rglob("eval-*")) and not list(tmp_path.rglob("compare-*"))
+    assert not (tmp_path / "exported").exists()
