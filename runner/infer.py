@@ -11,6 +11,7 @@ from pathlib import Path
 from runner import chat, evaluate
 from runner.data import cap_text, char_cap, shorten
 from runner.errors import RecipeError
+from runner.recipe import not_a_file
 from runner.templates import render, template_fields
 
 
@@ -32,8 +33,10 @@ def open_input(source: str) -> Iterable[str]:
             print("reading inputs from standard input, one per line (end with Ctrl-D)", file=sys.stderr, flush=True)
         return _decode(sys.stdin.buffer.read(), "standard input")
     path = Path(source)
-    if not path.is_file():
-        raise RecipeError("--input", f"file not found: {path}", "a .jsonl of records or a text file, or - for stdin")
+    problem = not_a_file(path)
+    if problem:
+        raise RecipeError("--input", f"file not found: {path}" if problem == "not found" else f"{path} {problem}",
+                          "a .jsonl of records or a text file, or - for stdin")
     return _decode(path.read_bytes(), path.name)
 
 

@@ -195,6 +195,17 @@ def test_generate_input_that_is_not_utf8(tmp_path):
     assert info.value.key_path == "--input" and "not UTF-8 text (line 2" in info.value.problem
 
 
+@pytest.mark.parametrize("where", ["folder", "/dev/null", "missing"])
+def test_generate_input_that_is_no_file_says_what_it_is(tmp_path, where):
+    from runner import infer
+
+    path = {"folder": tmp_path, "/dev/null": "/dev/null", "missing": tmp_path / "nope.txt"}[where]
+    with pytest.raises(RecipeError) as info:
+        infer.open_input(str(path))
+    said = {"folder": "is a directory, not a file", "/dev/null": "is not a regular file", "missing": "file not found"}
+    assert info.value.key_path == "--input" and said[where] in info.value.problem
+
+
 def test_generate_input_a_broken_chat_record_is_refused():
     from runner import infer
 
