@@ -83,7 +83,8 @@ def _local_file(path: str, key_path: str) -> Path:
     p = Path(path)
     problem = not_a_file(p)
     if problem == "not found":
-        raise RecipeError(key_path, f"file not found: {p}", "paths in a recipe are relative to the recipe file")
+        raise RecipeError(key_path, f"file not found: {p}",
+                          "paths in a recipe are relative to the recipe file, on the command line to where you run it")
     if problem:
         raise RecipeError(key_path, f"{p} {problem}", f"name a {'/'.join(DATA_SUFFIXES)} file")
     if p.suffix.lower() not in _FORMATS:
