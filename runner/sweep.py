@@ -126,6 +126,15 @@ def sweep_folder(base: dict, axes, fixed, seeds: list[int], name: str | None) ->
     return Path(base["output_dir"]) / base["name"] / "sweeps" / name
 
 
+def _check_local(recipe: dict) -> None:
+    """What `runner validate` checks beyond the schema: the local files and folders a cell names, and the local
+    data's columns (a swept data.source or model path is found missing before any cell trains)."""
+    from runner import data, model
+
+    model.check_local(recipe)
+    data.check_files(recipe)
+
+
 def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None) -> tuple[Path, list[Cell], list, list]:
     """(sweep folder, every cell with its resolved recipe, the axes, the fixed overrides). Any cell's recipe mistake
     is raised here, before anything trains, naming the cell."""
@@ -149,6 +158,7 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
             cell = Cell(setting, seed, cell_overrides, {})
             try:
                 cell.recipe = recipe_mod.load(recipe_path, cell_overrides)
+                _check_local(cell.recipe)
             except RecipeError as exc:
                 raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {cell.label})", exc.hint) from None
             out.append(cell)

@@ -63,6 +63,8 @@ def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
     (["lora.r=16", "lora.r=4,8"], 1, "error: lora.r: is given twice: as a fixed override, then as an axis"),
     (["lora.r=4,8", "training.max_steps=2", "training.max_steps=3"], 1, "error: training.max_steps: is given twice"),
     (["lora.r=4,8", "lora.r=16,32"], 1, "error: lora.r: is given twice: as an axis, then as an axis"),
+    (["lora.r=4,8", "data.source=./nope.jsonl"], 1, "error: data.source: file not found: "),
+    (["lora.r=4,8", "model.name_or_path=./nope"], 1, "error: model.name_or_path: local folder not found: "),
 ])
 def test_grid_mistakes_fail_before_anything_trains(tiny, tmp_path, args, seeds, where):
     with pytest.raises(RecipeError) as err:
