@@ -532,7 +532,8 @@ def _to_recipe_error(error, raw: dict) -> RecipeError:
         return RecipeError(_fmt([*path, missing]), "missing required key", _first_sentence(desc) or "add it")
     if kind == "type":
         want = error.validator_value
-        want = " or ".join(want) if isinstance(want, list) else want
+        # in the words _kind uses for what was given (YAML's): list and mapping, not JSON Schema's array and object
+        want = " or ".join(_YAML_KINDS.get(w, w) for w in (want if isinstance(want, list) else [want]))
         return RecipeError(where, f"expected {want}, got {_kind(value)} {_show(value)}",
                            _list_hint(value, sch, _describe(sch)))
     if kind == "enum":
@@ -587,6 +588,9 @@ def _characters(char_class: str, one: bool = False) -> str:
     if one:
         return "a " + " or ".join(words)
     return f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
+
+
+_YAML_KINDS = {"array": "list", "object": "mapping"}
 
 
 def _kind(value) -> str:

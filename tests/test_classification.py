@@ -102,7 +102,7 @@ def test_is_a_builtin_that_recipes_can_name():
 
 
 @pytest.mark.parametrize("override, key_path, word", [
-    ("evaluation.evaluators[0].labels=World", "evaluation.evaluators[0].labels", "expected array or null"),
+    ("evaluation.evaluators[0].labels=World", "evaluation.evaluators[0].labels", "expected list or null"),
     ("evaluation.evaluators[0].labels=[World,World]", "evaluation.evaluators[0].labels", "duplicate"),
     ("evaluation.evaluators[0].label=[a,b]", "evaluation.evaluators[0].label", "did you mean 'labels'"),
     ("evaluation.evaluators[0].confusion_matrix=maybe", "evaluation.evaluators[0].confusion_matrix", "boolean"),
