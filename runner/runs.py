@@ -65,11 +65,20 @@ def unfinished_run(recipe: dict) -> tuple[Path, str] | None:
     return None
 
 
-def mismatch(run_dir: Path, recipe: dict, fingerprint: str | None) -> str | None:
-    """What differs between the run folder's recipe and data and these (None: the same run)."""
+def saved_recipe(run_dir: Path) -> dict | None:
+    """The resolved recipe a run folder saved (recipe.yaml), read with the recipe loader's bounds; None when it is
+    missing or unreadable."""
     try:
         saved = recipe_mod.parse_yaml((run_dir / "recipe.yaml").read_text(encoding="utf-8"), "recipe.yaml")
-    except (OSError, RecipeError):
+    except (OSError, UnicodeDecodeError, RecipeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def mismatch(run_dir: Path, recipe: dict, fingerprint: str | None) -> str | None:
+    """What differs between the run folder's recipe and data and these (None: the same run)."""
+    saved = saved_recipe(run_dir)
+    if saved is None:
         return "its recipe.yaml is missing or unreadable"
     diff = _first_difference(_comparable(saved), _comparable(recipe), [])
     if diff is not None:
@@ -262,16 +271,15 @@ def trained_with(recipe: dict, run_dir: Path) -> str | None:
     """Checks that ``run_dir``'s adapter fits the recipe's base model (the one that will be loaded): another model or
     quantization is the user's mistake. Returns a note when the run was trained with another recipe (another task on
     the same base, which is legitimate to evaluate), else None."""
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
+    trained = saved_recipe(run_dir)
+    if trained is None:
         return None
-    trained = yaml.safe_load(path.read_text(encoding="utf-8"))
     want = (recipe["model"]["name_or_path"], recipe["quantization"]["method"])
     got = (trained["model"]["name_or_path"], trained["quantization"]["method"])
     if got != want:
         raise RecipeError("--run", f"{run_dir} was trained on {got[0]} ({got[1]}), not the recipe's {want[0]} "
                           f"({want[1]})", f"an adapter fits its own base model only: give the recipe it was "
-                          f"trained with, {path}")
+                          f"trained with, {run_dir / 'recipe.yaml'}")
     if trained["name"] != recipe["name"]:
         return (f"note: {run_dir} was trained with the recipe {trained['name']!r}; using it with "
                 f"{recipe['name']!r} (its data, prompt and evaluators)")

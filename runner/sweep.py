@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from runner import recipe as recipe_mod
-from runner import stats
+from runner import runs, stats
 from runner.errors import RecipeError
 from runner.metrics import headline, lower_is_better
 from runner.stats import bootstrap_ci, paired_bootstrap
@@ -173,7 +172,7 @@ def finished_run(cell: Cell) -> Path | None:
     for run_dir in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
         done = all((run_dir / f).is_file() for f in ("adapter/adapter_config.json", "metrics.json", "report.md",
                                                        "recipe.yaml"))
-        if done and yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) == cell.recipe:
+        if done and runs.saved_recipe(run_dir) == cell.recipe:
             return run_dir
     return None
 

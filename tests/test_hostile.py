@@ -185,6 +185,18 @@ def test_classify_follows_the_cause_chain():
 # ---------------------------------------------------------------- inputs, plan, shadowing
 
 
+@pytest.mark.parametrize("text", [b"model: [unclosed\n", b"\xff\xfe not text", b"- a list\n", b"a: 1\na: 2\n"])
+def test_a_run_whose_recipe_yaml_is_unreadable_is_not_a_traceback(tmp_path, text):
+    """eval/compare/generate/export --run and a sweep's finished cells read a run's saved recipe: one that does not
+    read as a recipe is treated as missing (nothing to check it against), not an internal error."""
+    from runner import runs
+
+    (tmp_path / "recipe.yaml").write_bytes(text)
+    assert runs.saved_recipe(tmp_path) is None
+    assert runs.trained_with(recipe_mod.load(TINY), tmp_path) is None
+    assert runs.mismatch(tmp_path, recipe_mod.load(TINY), None) == "its recipe.yaml is missing or unreadable"
+
+
 def test_generate_input_that_is_not_utf8(tmp_path):
     from runner import infer
 
