@@ -58,8 +58,8 @@ $(BIN)/runner: pyproject.toml
 
 install: $(BIN)/runner  ## create the virtualenv and install
 
-$(TINY): $(BIN)/runner runner/tiny.py
-	$(BIN)/python -m runner.tiny >&2
+$(TINY): $(BIN)/runner runner/model/tiny.py
+	$(BIN)/python -m runner.model.tiny >&2
 
 tiny: $(TINY)
 

@@ -2,7 +2,7 @@
 
 Builds one- and two-layer models of Phi-2's width (random weights, CPU), loads them through the runner's own
 path with NF4 + the recipe's LoRA, runs one forward under bf16 autocast, and records every tensor autograd saves
-for backward (deduplicated by storage). The difference is one full layer, compared with runner.memory's formula:
+for backward (deduplicated by storage). The difference is one full layer, compared with runner.speed.memory's formula:
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/activations.py [--seq 128]
 
@@ -43,9 +43,9 @@ def measure(settings: dict, seq: int, layers: int) -> float:
     import torch
     from transformers import PhiConfig, PhiForCausalLM
 
-    from runner import model as model_mod
-    from runner import profiles
-    from runner import recipe as recipe_mod
+    from runner.model import model as model_mod
+    from runner.recipe import recipe as recipe_mod
+    from runner.speed import profiles
 
     cfg = PhiConfig(vocab_size=256, hidden_size=2560, intermediate_size=10240, num_hidden_layers=layers,
                     num_attention_heads=32, partial_rotary_factor=0.4, hidden_act="gelu_new", resid_pdrop=0.0,
@@ -67,7 +67,7 @@ def measure(settings: dict, seq: int, layers: int) -> float:
 def main() -> None:
     from transformers import PhiConfig
 
-    from runner import memory
+    from runner.speed import memory
 
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=128)

@@ -2,7 +2,7 @@
 """QLoRA on a Phi-2-shaped model (random weights), trained through the runner's own path, on one GPU.
 
 Every variant is recipes/xsum_phi2.yaml plus overrides (the model folder built here, the real XSum rows, a few
-steps), run by ``runner.train.train`` in a fresh process; the benchmark only adds timers and a token counter.
+steps), run by ``runner.train.train.train`` in a fresh process; the benchmark only adds timers and a token counter.
 
     python bench/bench.py env                  # GPU, versions, measured bf16 matmul peak -> $OUT/env.json
     python bench/bench.py make_model           # random Phi-2-shaped model + GPT-2 tokenizer -> $BENCH_MODEL
@@ -185,9 +185,9 @@ class Counter:
 
 def forced_speed(recipe: dict, flags: dict):
     """Benchmark-only: the ladder variants switch profile features one at a time on top of the profile's own
-    settings; ``runner.train.train`` trains with the result (its ``speed`` parameter)."""
-    from runner import memory, profiles
-    from runner import model as model_mod
+    settings; ``runner.train.train.train`` trains with the result (its ``speed`` parameter)."""
+    from runner.model import model as model_mod
+    from runner.speed import memory, profiles
 
     config = model_mod.load_config(recipe)
     speed = dataclasses.replace(profiles.resolve(recipe, config), **flags)
@@ -198,8 +198,8 @@ def cmd_train(name: str) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from runner import recipe as recipe_mod
-    from runner import train as train_mod
+    from runner.recipe import recipe as recipe_mod
+    from runner.train import train as train_mod
 
     what, overrides, flags, warm, meas = VARIANTS[name]
     if TINY:
@@ -269,10 +269,10 @@ def cmd_train(name: str) -> None:
 def cmd_generate() -> None:
     import torch
 
-    from runner import data as data_mod
-    from runner import generate as generate_mod
-    from runner import model as model_mod
-    from runner import recipe as recipe_mod
+    from runner.data import data as data_mod
+    from runner.evaluate import generate as generate_mod
+    from runner.model import model as model_mod
+    from runner.recipe import recipe as recipe_mod
 
     n_prompts, n_single = (256, 8) if not TINY else (8, 2)
     over = base_overrides(1) + [f"data.train_samples={n_prompts}", "generation.stop=[]",
@@ -323,11 +323,11 @@ def cmd_generate() -> None:
 
 
 def plan_now(row: dict) -> float:
-    """runner.memory's prediction for a measured row, from the code as it is now (the config is PHI2's)."""
+    """runner.speed.memory's prediction for a measured row, from the code as it is now (the config is PHI2's)."""
     from transformers import PhiConfig
 
-    from runner import memory, profiles
-    from runner import recipe as recipe_mod
+    from runner.recipe import recipe as recipe_mod
+    from runner.speed import memory, profiles
 
     _, overrides, flags, _, _ = VARIANTS[row["variant"]]
     flags = {k: v for k, v in flags.items() if k != "pad_to"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a decoding step of the evaluation's generation goes (issue 9), on one GPU.
 
-The study's XSum generation as ``runner.generate`` runs it on the merged copy (the default on a GPU): the Phi-2-shaped
+The study's XSum generation as ``runner.evaluate.generate`` runs it on the merged copy (the default on a GPU): the Phi-2-shaped
 random model + adapter of bench/generate_bench.py, one batch of XSum prompts of median length. For each variant it
 times ``generate`` with 1 and with 1 + STEPS new tokens (min_new_tokens forces every step), so
 ``(t[1+STEPS] - t[1]) / STEPS`` is one decoding step and ``t[1]`` the prefill; then torch.profiler over a few steps
@@ -66,9 +66,9 @@ def profile(net, tokenizer, texts, config) -> str:
 
 
 def forced(label: str, n: int, phase: str, cudnn: bool, call) -> dict:
-    """``call()`` timed, with cuDNN's attention forced on or off where runner.attention's ``phase``
+    """``call()`` timed, with cuDNN's attention forced on or off where runner.model.attention's ``phase``
     (for_generation, for_scoring) would choose it."""
-    from runner import attention
+    from runner.model import attention
 
     real = getattr(attention, phase)
     setattr(attention, phase, lambda: attention.cudnn(cudnn))
@@ -87,9 +87,9 @@ def forced(label: str, n: int, phase: str, cudnn: bool, call) -> dict:
 
 
 def full_runs(model, tokenizer, every: list[str]) -> list[dict]:
-    """``runner.generate.generate`` over every prompt, as evaluation runs it, with cuDNN's attention on and off
+    """``runner.evaluate.generate.generate`` over every prompt, as evaluation runs it, with cuDNN's attention on and off
     (each twice: the second run of a setting meets attention shapes the first one already planned)."""
-    from runner import generate as gen_mod
+    from runner.evaluate import generate as gen_mod
 
     recipe = gb.xsum_recipe([])
     gen_mod.generate(model, tokenizer, every[:8], gb.xsum_recipe(["generation.max_new_tokens=4"]))
@@ -98,7 +98,7 @@ def full_runs(model, tokenizer, every: list[str]) -> list[dict]:
 
 
 def rank_runs(model, tokenizer) -> list[dict]:
-    """``runner.rank.rank`` over the AG News rows (BENCH_RANK of them) as an evaluation meets them: the allocator's
+    """``runner.evaluate.rank.rank`` over the AG News rows (BENCH_RANK of them) as an evaluation meets them: the allocator's
     cache emptied and every batch a shape not seen before (each run cuts a few more characters off every prompt),
     cuDNN's attention on and off in turn; then cProfile over one more run."""
     import cProfile
@@ -107,7 +107,7 @@ def rank_runs(model, tokenizer) -> list[dict]:
 
     import torch
 
-    from runner import rank as rank_mod
+    from runner.evaluate import rank as rank_mod
 
     over, prompts = gb.rank_examples(tokenizer)
     recipe = gb.rank_recipe(over)
@@ -136,10 +136,10 @@ def rank_runs(model, tokenizer) -> list[dict]:
 def main() -> None:
     import torch
 
-    from runner import backend
-    from runner import data as data_mod
-    from runner import generate as gen_mod
-    from runner import model as model_mod
+    from runner.data import data as data_mod
+    from runner.evaluate import backend
+    from runner.evaluate import generate as gen_mod
+    from runner.model import model as model_mod
 
     if not (gb.phi2.MODEL_DIR / "config.json").is_file():
         gb.phi2.cmd_make_model()

@@ -73,18 +73,18 @@ def cmd_train(name: str) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from runner import dist
-    from runner import recipe as recipe_mod
-    from runner import train as train_mod
+    from runner.common import dist
+    from runner.recipe import recipe as recipe_mod
+    from runner.train import train as train_mod
 
     what, overrides, warm, meas = VARIANTS[name]
     extra = os.environ.get("BENCH_EXTRA", "").split()
-    from runner import sft
+    from runner.train import sft
 
     # BENCH_OPT_SYNCS=1: bitsandbytes' optimizer step as it comes (a device sync after every parameter)
     sft.SKIP_OPTIMIZER_SYNCS = os.environ.get("BENCH_OPT_SYNCS") != "1"
     if os.environ.get("BENCH_CUDA_GRAPHS") == "0":  # compiled layers without CUDA graphs, to measure them
-        from runner import profiles
+        from runner.speed import profiles
 
         profiles.graphs = lambda speed, card_gb: False
     profiled = name in os.environ.get("BENCH_PROFILE", "").split()  # every rank runs the extra steps
@@ -164,7 +164,7 @@ PROFILED = 3  # steps under torch.profiler, after the measured ones (BENCH_PROFI
 
 def write_profile(name: str, prof, wall_per_step: float) -> None:
     """Where one step's time goes: host (self CPU) per op, GPU kernel time, and how busy the GPU was."""
-    from runner import dist
+    from runner.common import dist
 
     events = prof.key_averages()
     gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / PROFILED
@@ -186,11 +186,11 @@ def cmd_eval(what: str) -> None:
 
     import torch
 
-    from runner import data as data_mod
-    from runner import dist
-    from runner import evaluate as evaluate_mod
-    from runner import model as model_mod
-    from runner import recipe as recipe_mod
+    from runner.common import dist
+    from runner.data import data as data_mod
+    from runner.evaluate import evaluate as evaluate_mod
+    from runner.model import model as model_mod
+    from runner.recipe import recipe as recipe_mod
 
     world = dist.init()
     n = int(os.environ.get("BENCH_EVAL_PROMPTS", "256"))

@@ -1,6 +1,6 @@
 """Rank mode as it was when issue 9 was filed ("today's" in the issue: commit feed1da, runner/rank.py), kept
 verbatim so bench/generate_bench.py can time it beside today's code in one process. Only the imports changed
-(``render`` moved to runner.templates; ``check_recipe`` and its RecipeError import dropped: the bench's recipe is
+(``render`` moved to runner.recipe.templates; ``check_recipe`` and its RecipeError import dropped: the bench's recipe is
 valid). Each batch of prompts becomes prompts x labels rows on the model as loaded (4-bit + LoRA); each prompt is
 tokenized nine times (for its length, then alone and with each of 4 labels), on one thread, and each batch's
 scores are read before the next batch is built.
@@ -11,8 +11,8 @@ import string
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from runner.generate import length_sorted_batches
-from runner.templates import render
+from runner.evaluate.generate import length_sorted_batches
+from runner.recipe.templates import render
 
 
 def rank_labels(recipe: dict) -> list[str] | None:
@@ -96,7 +96,7 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
          on_batch: Callable[[list[tuple[int, str]]], None] | None = None) -> dict[int, str]:
     """The most likely allowed label for each prompt (by index), streamed batch by batch to ``on_batch``.
 
-    Same interface as ``runner.generate.generate``. Each batch of prompts becomes prompts x labels rows scored in
+    Same interface as ``runner.evaluate.generate.generate``. Each batch of prompts becomes prompts x labels rows scored in
     one forward pass; the prediction is always one of the labels (ties go to the label listed first).
     """
     labels = rank_labels(recipe)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Evaluation speed on one GPU, the old path and the new side by side in one process (issue 9).
 
-The study's XSum evaluation through the runner's own functions (``runner.generate.generate``,
-``runner.rank.rank``, ``runner.rank.completion_logprobs``) on a Phi-2-shaped random-weight model (bench/bench.py
+The study's XSum evaluation through the runner's own functions (``runner.evaluate.generate.generate``,
+``runner.evaluate.rank.rank``, ``runner.evaluate.rank.completion_logprobs``) on a Phi-2-shaped random-weight model (bench/bench.py
 builds it), NF4 double-quant + a LoRA adapter r16 on q,k,v,dense whose B matrices are random (a fresh adapter's are
-zero and would merge to nothing), loaded by ``runner.model.load_trained`` as ``runner eval`` loads it:
+zero and would merge to nothing), loaded by ``runner.model.model.load_trained`` as ``runner eval`` loads it:
 
 - old: ``generation.backend=plain generation.batch_size=16`` (what every evaluation ran before backends existed);
 - new: ``generation.backend=auto generation.batch_size=auto`` (the default now), plus ``compiled`` and, under the
@@ -81,7 +81,7 @@ def log(*args) -> None:
 
 
 def xsum_recipe(extra: list[str]):
-    from runner import recipe as recipe_mod
+    from runner.recipe import recipe as recipe_mod
 
     over = phi2.base_overrides(1) + [f"data.train_samples={N_PROMPTS}", "generation.max_new_tokens=64"]
     return recipe_mod.load(phi2.RECIPE, over + extra)
@@ -92,7 +92,7 @@ def make_adapter(recipe) -> None:
     import torch
     from peft import get_peft_model
 
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     if (ADAPTER / "adapter_config.json").is_file():
         return
@@ -166,7 +166,7 @@ def dist(values: list[int]) -> dict:
 
 
 def generation(name: str, model, tokenizer, prompts: list[str], recipe, rows: Rows) -> dict:
-    from runner import generate as generate_mod
+    from runner.evaluate import generate as generate_mod
 
     choice = generate_mod.choose(model, tokenizer, prompts, recipe)
     rows.by_prompt.clear()
@@ -208,7 +208,7 @@ def agreement(old: dict, new: dict) -> dict:
 
 def loss_check(model, tokenizer, examples, recipe) -> dict:
     """Token-level loss of the reference summaries + EOS on 4-bit + LoRA (plain) vs the merged copy."""
-    from runner import rank as rank_mod
+    from runner.evaluate import rank as rank_mod
 
     prompts, completions = list(examples["prompt"][:64]), list(examples["completion"][:64])
     out = {}
@@ -231,7 +231,7 @@ def loss_check(model, tokenizer, examples, recipe) -> dict:
 def rank_examples(tokenizer) -> tuple[list[str], list[str]]:
     """(overrides of recipes/agnews_phi2.yaml, prompts): AG News rows from ``.shared-data/agnews``, or XSum articles
     under AG News labels when that folder is absent (the speed depends on lengths, not on the words)."""
-    from runner import data as data_mod
+    from runner.data import data as data_mod
 
     source = phi2.DATA / "agnews" / "sample.jsonl"
     if not source.is_file():
@@ -254,7 +254,7 @@ def compiled_layers(on: bool):
     """A probe (BENCH_RANK_COMPILE=1), not a runner feature: the merged copy's decoder layers compiled by
     torch.compile (dynamic shapes: every batch has its own width), to measure what fusing the elementwise work
     (Phi's rotary concatenations, residual adds, LayerNorm) would give rank mode and what compiling costs."""
-    from runner import merge
+    from runner.model import merge
 
     if not on:
         yield
@@ -277,7 +277,7 @@ def compiled_layers(on: bool):
 def filed_rank(model, tokenizer, prompts: list[str], recipe) -> dict[int, str]:
     """Rank mode as the issue's day ran it, under today's attention setting for scoring (cuDNN's attention off,
     which made that path faster, not slower: bench/RESULTS.md "cuDNN's attention, per phase")."""
-    from runner import attention
+    from runner.model import attention
 
     spec = importlib.util.spec_from_file_location("filed_rank", ROOT / "bench" / "filed_rank.py")
     module = importlib.util.module_from_spec(spec)
@@ -287,13 +287,13 @@ def filed_rank(model, tokenizer, prompts: list[str], recipe) -> dict[int, str]:
 
 
 def rank_recipe(over: list[str]):
-    from runner import recipe as recipe_mod
+    from runner.recipe import recipe as recipe_mod
 
     return recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml", over)
 
 
 def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
-    from runner import rank as rank_mod
+    from runner.evaluate import rank as rank_mod
 
     if name == "filed rank":  # the code of the issue's day (bench/filed_rank.py), its batch as the recipe says
         choice, rank = SimpleNamespace(backend="plain", batch_size=recipe["generation"]["batch_size"],
@@ -327,7 +327,7 @@ def profile_rank(model, tokenizer, prompts: list[str], recipe) -> None:
 
     import torch
 
-    from runner import rank as rank_mod
+    from runner.evaluate import rank as rank_mod
 
     prof = cProfile.Profile()
     start = time.perf_counter()
@@ -356,12 +356,12 @@ def profile_rank(model, tokenizer, prompts: list[str], recipe) -> None:
 def main() -> None:
     import torch
 
-    from runner import data as data_mod
-    from runner import model as model_mod
+    from runner.data import data as data_mod
+    from runner.model import model as model_mod
     torch.set_num_threads(int(ENV("OMP_NUM_THREADS", 8)))
     if ENV("BENCH_AFTER_TRAINING", "1") == "1":
         # As `runner train` leaves the process for its evaluation: every training profile but none turns cuDNN's
-        # attention off (runner.profiles); generation and scoring now choose their own kernels (runner.attention).
+        # attention off (runner.speed.profiles); generation and scoring now choose their own kernels (runner.model.attention).
         torch.backends.cuda.enable_cudnn_sdp(False)
     if not (phi2.MODEL_DIR / "config.json").is_file():
         phi2.cmd_make_model()
@@ -375,7 +375,7 @@ def main() -> None:
     log(f"loaded: {len(prompts)} prompts, model {phi2.MODEL_DIR}, adapter {ADAPTER}, cuda {cuda}")
     rows = Rows()
     if ONLY:  # the stages that ran first in a full run paid CUDA's start; a chosen few start warm instead
-        from runner import generate as generate_mod
+        from runner.evaluate import generate as generate_mod
 
         generate_mod.generate(model, tokenizer, prompts[:8], xsum_recipe(["generation.max_new_tokens=4"]))
     new = [] if cuda else ["generation.backend=merged"]  # CPU smoke test: auto would be plain there

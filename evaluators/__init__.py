@@ -4,6 +4,8 @@ files in the run folder).
 A recipe names a built-in (``rouge``, ``samples``, ``classification``, ``multilabel``, ``loss``) or its own class as
 ``package.module:ClassName``. Built-ins are registered here and nowhere else: each declares its recipe keys in
 ``params_schema``, exactly as a user's evaluator does.
+
+May import: common (its stats, safeio and markdown: nothing else of the runner).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 An evaluator is a pure function of records: the runner computes everything that needs the model (generated or
 ranked predictions, log-likelihoods of the references) and hands it over in the records. Evaluators import this
-module and the runner's leaf helpers only (``runner.stats`` for intervals, ``runner.safeio`` and
-``runner.markdown`` for files), never the runner's machinery.
+module and the runner's leaf helpers only (``runner.common.stats`` for intervals, ``runner.common.safeio`` and
+``runner.common.markdown`` for files), never the runner's machinery.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Evaluator:
 
     name = "evaluator"
     params_schema: dict | None = None
-    # The top-level metric keys ``evaluate`` returns (numbers, as runner.metrics.headline reads them), so that
+    # The top-level metric keys ``evaluate`` returns (numbers, as runner.evaluate.metrics.headline reads them), so that
     # ``runner sweep --metric`` is checked before anything trains; None = not declared (checked on the results).
     metrics: tuple[str, ...] | None = None
     needs: tuple[str, ...] = ("predictions",)

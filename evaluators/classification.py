@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.base import Evaluator, Record
-from runner.stats import bootstrap_ci
+from runner.common.stats import bootstrap_ci
 
 INVALID = "(invalid)"
 

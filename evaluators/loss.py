@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.base import Evaluator, Record
-from runner.stats import ratio_bootstrap_ci
+from runner.common.stats import ratio_bootstrap_ci
 
 
 class Loss(Evaluator):

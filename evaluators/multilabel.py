@@ -15,7 +15,7 @@ import numpy as np
 
 from evaluators.base import Evaluator, Record
 from evaluators.classification import LABELS_PARAM, label_lookup, normalize, prf, with_unlisted
-from runner.stats import bootstrap_ci
+from runner.common.stats import bootstrap_ci
 
 
 def split_names(text: str, separator: str) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluators.base import Evaluator, Record
-from runner import safeio
-from runner.markdown import cell
+from runner.common import safeio
+from runner.common.markdown import cell
 
 
 class Samples(Evaluator):

@@ -7,6 +7,6 @@ import sys
 if sys.path and sys.path[0] in ("", os.getcwd()):
     sys.path.append(sys.path.pop(0))
 
-from runner.cli import run  # noqa: E402
+from runner.cli.cli import run  # noqa: E402
 
 raise SystemExit(run())

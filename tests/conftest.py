@@ -132,7 +132,7 @@ def pytest_sessionfinish(session):
 @pytest.fixture(scope="session")
 def tiny() -> Path:
     """.cache/tiny: data/<task>/{train,validation,test}.jsonl and phi/ (built once, reused)."""
-    from runner import tiny as tiny_mod
+    from runner.model import tiny as tiny_mod
 
     return tiny_mod.build()
 

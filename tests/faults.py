@@ -48,7 +48,7 @@ def _install(kind: str, n: int) -> None:
 
         Trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     elif kind == "eval":
-        from runner import evaluate
+        from runner.evaluate import evaluate
 
         original = evaluate.predictor
 
@@ -93,7 +93,7 @@ def _install(kind: str, n: int) -> None:
 
         Trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     elif kind == "erofs":
-        from runner import runs
+        from runner.store import runs
 
         def fresh_dir(parent, prefix=""):
             raise OSError(errno.EROFS, "Read-only file system", str(parent))
@@ -109,6 +109,6 @@ if __name__ == "__main__":
     if fault:
         kind, _, n = fault.partition(":")
         _install(kind, int(n))
-    from runner.cli import main
+    from runner.cli.cli import main
 
     raise SystemExit(main(sys.argv[1:]))

@@ -9,13 +9,15 @@ import json
 
 import pytest
 
-from runner import backend, memory, merge
-from runner import data as data_mod
-from runner import evaluate as evaluate_mod
-from runner import generate as generate_mod
-from runner import rank as rank_mod
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.data import data as data_mod
+from runner.evaluate import backend
+from runner.evaluate import evaluate as evaluate_mod
+from runner.evaluate import generate as generate_mod
+from runner.evaluate import rank as rank_mod
+from runner.model import merge
+from runner.recipe import recipe as recipe_mod
+from runner.speed import memory
 from tests.conftest import ROOT
 from tests.test_generate import interrupted_after, with_keys
 
@@ -31,7 +33,7 @@ def lora_net(tiny):
     import torch
     from peft import get_peft_model
 
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     torch.set_num_threads(2)
     recipe = recipe_mod.load(TINY_XSUM)
@@ -317,7 +319,7 @@ def test_an_interrupted_merged_evaluation_resumes_to_the_same_predictions(lora_n
     metrics = evaluate_mod.evaluate(recipe, net, tokenizer, full, examples=examples)
     assert (metrics["backend"], metrics["batch_size"], metrics["new_predictions"]) == ("merged", 3, 8)
     assert metrics["prompts_per_s"] > 0 and metrics["tokens_per_s"] > 0 and metrics["evaluation_seconds"] > 0
-    from runner import report
+    from runner.report import report
 
     shown = "\n".join(report.metrics_section(json.loads((full / "metrics.json").read_text()), full))
     assert "8 predictions at" in shown and "prompts/s" in shown and "backend merged, batch 3" in shown

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from evaluators.base import Record
-from runner import baselines, report, stats
-from runner import data as data_mod
-from runner import recipe as recipe_mod
+from runner.common import stats
+from runner.data import data as data_mod
+from runner.evaluate import baselines
+from runner.recipe import recipe as recipe_mod
+from runner.report import report
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny"
@@ -21,7 +23,7 @@ TINY = ROOT / "recipes" / "tiny"
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny):
-    from runner import model
+    from runner.model import model
 
     return model.load_tokenizer(recipe_mod.load(TINY / "xsum_tiny.yaml"))
 

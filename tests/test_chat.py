@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import chat, rank
-from runner import data as data_mod
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.data import chat
+from runner.data import data as data_mod
+from runner.evaluate import rank
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 CONVERSATION = [{"role": "system", "content": "Answer with the topic."},
@@ -162,8 +163,8 @@ def test_trl_builds_labels_from_the_assistant_turns_only(tmp_path, tiny):
     """The trainer the runner builds for a chat recipe trains on the assistant turns (content + end marker) only."""
     from trl import SFTTrainer
 
-    from runner import model as model_mod
-    from runner import train
+    from runner.model import model as model_mod
+    from runner.train import train
 
     recipe = chat_recipe(tmp_path, max_length=256)
     recipe["model"]["name_or_path"] = str(tiny / "phi")
@@ -181,10 +182,10 @@ def test_trl_builds_labels_from_the_assistant_turns_only(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_the_runners_scoring_path_scores_an_answer_with_its_end_of_turn_marker(tiny):
-    """Loss-style evaluators read log-likelihoods that runner.evaluate.scored_records computes: for chat data, of
+    """Loss-style evaluators read log-likelihoods that runner.evaluate.evaluate.scored_records computes: for chat data, of
     the answer followed by the template's end of turn, as it was trained (not by EOS)."""
-    from runner import evaluate
-    from runner import model as model_mod
+    from runner.evaluate import evaluate
+    from runner.model import model as model_mod
 
     recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml", ["data.test_samples=3"])
     tok = model_mod.load_tokenizer(recipe)

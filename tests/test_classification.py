@@ -11,9 +11,9 @@ import pytest
 from evaluators import BUILTINS
 from evaluators.base import Record
 from evaluators.classification import Classification
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
-from runner.stats import bootstrap_ci
+from runner.common.errors import RecipeError
+from runner.common.stats import bootstrap_ci
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -127,7 +127,7 @@ def test_per_example_correctness_is_what_accuracy_averages(tmp_path):
 def label_check(labels: list[str], references: list[str], *overrides: str, recipe: str = "agnews_phi2"):
     """evaluate.check_labels on a recipe whose first evaluator lists ``labels``, with data whose completions are
     ``references`` (one split)."""
-    from runner import evaluate
+    from runner.evaluate import evaluate
 
     resolved = recipe_mod.load(ROOT / "recipes" / f"{recipe}.yaml",
                                [f"evaluation.evaluators[0].labels=[{','.join(labels)}]", *overrides])

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from runner import compare as compare_mod
+from runner.evaluate import compare as compare_mod
 from tests.conftest import ROOT, run_cli
 from tests.test_metrics import METRICS
 

@@ -9,9 +9,9 @@ import json
 import pytest
 from transformers import PhiConfig
 
-from runner import profiles
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
+from runner.speed import profiles
 from tests.conftest import ROOT
 
 XSUM = ROOT / "recipes" / "xsum_phi2.yaml"
@@ -57,7 +57,7 @@ def test_compiled_layers_replay_as_cuda_graphs_only_on_a_gpu_with_fixed_rows():
 def test_a_compiled_run_trains_the_same_and_evaluates_uncompiled(tiny, tmp_path, monkeypatch):
     import torch
 
-    from runner import train as train_mod
+    from runner.train import train as train_mod
 
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")  # dynamo's tracing without code generation
     torch._dynamo.reset()
@@ -104,8 +104,8 @@ def test_cuda_graph_steps_mark_each_micro_batch_and_copy_accumulated_gradients(t
 
     import torch
 
-    from runner import model as model_mod
-    from runner import train as train_mod
+    from runner.model import model as model_mod
+    from runner.train import train as train_mod
 
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
@@ -152,8 +152,8 @@ def test_cuda_graph_steps_mark_each_micro_batch_and_copy_accumulated_gradients(t
 def test_a_compiler_failure_in_training_is_one_line_naming_training_compile(tiny, tmp_path, monkeypatch, capsys):
     import torch
 
-    from runner import cli
-    from runner import train as train_mod
+    from runner.cli import cli
+    from runner.train import train as train_mod
 
     def broken(graph, example_inputs):
         raise RuntimeError("no kernel for this layer")
@@ -174,7 +174,7 @@ def test_a_compiler_failure_in_training_is_one_line_naming_training_compile(tiny
 def test_a_cuda_graph_failure_in_evaluation_names_generation_backend():
     """Where the compiler failed decides the key: the runner's generation module in the traceback means the compiled
     evaluation backend (frames made here under that file name, raising torch's CUDA graph message)."""
-    from runner import errors
+    from runner.common import errors
 
     message = "Error: accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run."
     source = f"def generate():\n    raise RuntimeError({message!r})\n"
@@ -199,7 +199,7 @@ def test_compiled_layers_see_one_batch_shape_to_the_end_of_an_epoch(tiny, tmp_pa
     of the same fixed rows without the padding."""
     import torch
 
-    from runner import train as train_mod
+    from runner.train import train as train_mod
 
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()

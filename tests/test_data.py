@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import data as data_mod
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.data import data as data_mod
+from runner.recipe import recipe as recipe_mod
 
 
 def make_recipe(tmp_path: Path, source, **sections) -> dict:

@@ -1,12 +1,13 @@
 """Several processes without launching any: how a step splits across ranks, which strategy auto picks, what the
-plan predicts per GPU, and how evaluation batches are shared (runner.dist, runner.profiles, runner.memory)."""
+plan predicts per GPU, and how evaluation batches are shared (runner.common.dist, runner.speed.profiles, runner.speed.memory)."""
 
 from __future__ import annotations
 
 import pytest
 
-from runner import dist, memory, profiles
-from runner.errors import RecipeError
+from runner.common import dist
+from runner.common.errors import RecipeError
+from runner.speed import memory, profiles
 from tests.test_plan import phi2_config, phi2_dir, xsum  # noqa: F401  (fixtures)
 
 
@@ -32,7 +33,7 @@ def test_each_rank_gets_whole_batches_and_every_batch_goes_to_one_rank():
 
 @pytest.mark.parametrize("n, batch, size", [(1000, 424, 2), (20, 16, 2), (7, 16, 2), (11334, 424, 4), (5, 2, 3)])
 def test_evaluation_batches_give_every_rank_the_same_number(n, batch, size):
-    from runner.generate import length_sorted_batches
+    from runner.evaluate.generate import length_sorted_batches
 
     w = dist.World(rank=0, size=size)
     got = dist.balanced(batch, n, w)
@@ -123,7 +124,7 @@ def test_one_process_trains_on_one_gpu_even_when_several_are_visible(tmp_path, m
     to use the others. Under a launcher each process already has its own GPU."""
     from trl import SFTConfig
 
-    from runner import train as train_mod
+    from runner.train import train as train_mod
 
     def config(gpus: int):
         args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
@@ -152,7 +153,7 @@ def test_a_rank_that_succeeded_ends_after_its_exit_handlers_and_without_the_tear
 
     script = f"""
 import atexit, pathlib, torch.distributed as td
-from runner import dist
+from runner.common import dist
 assert dist.end(0) == 0  # no group yet: returned
 td.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 assert dist.end(2) == 2  # failed: the usual exit

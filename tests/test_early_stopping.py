@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from runner import checkpoints
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
+from runner.store import checkpoints
 from tests.conftest import ROOT, run_folder
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"

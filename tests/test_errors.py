@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import recipe as recipe_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 TINY_RECIPE = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"

@@ -13,8 +13,8 @@ import pytest
 from evaluators.base import Record
 from evaluators.loss import Loss
 from evaluators.rouge import Rouge
-from runner import evaluate as evaluate_mod
-from runner import recipe as recipe_mod
+from runner.evaluate import evaluate as evaluate_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 from tests.test_errors import assert_user_error, write_recipe
 
@@ -87,7 +87,7 @@ def untrained(tiny):
     """The tiny base model (NF4), its tokenizer and recipe."""
     import torch
 
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     torch.set_num_threads(2)
     recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
@@ -142,7 +142,7 @@ LABELED = [("World", "World"), ("Sports", "World"), ("Business", "nonsense")]
 def test_builtins_declare_the_metrics_they_return(tmp_path, name, params, pairs):
     """`metrics` (what `runner sweep --metric` is checked against before training) is what evaluate returns."""
     from evaluators import builtin
-    from runner.metrics import headline
+    from runner.evaluate.metrics import headline
 
     evaluator = builtin(name)(seed=1, **params)
     given = [Record(index=r.index, prompt=r.prompt, reference=r.reference, prediction=r.prediction, logprob=-2.0,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from runner import cli
+from runner.cli import cli
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -70,8 +70,8 @@ def test_merged_logits_match_the_4bit_model_with_its_adapter_unlike_requantizing
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runner import model as model_mod
-    from runner import recipe as recipe_mod
+    from runner.model import model as model_mod
+    from runner.recipe import recipe as recipe_mod
 
     twin, out, _ = exported
     torch.set_num_threads(2)

@@ -22,9 +22,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner import cli
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.cli import cli
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 CASES = {"recipes": 2000, "overrides": 1200, "inputs": 1700, "rows": 150}  # >= 5,000 in all
@@ -54,7 +54,7 @@ BASES = [_resolved_base(p) for p in BUNDLED]
 WORDS = ["auto", "none", "never", "", " ", "-1", "0", "1e400", ".nan", "NaN", "all-linear", "{document}", "{",
          "}", "{{", "{x!r}", "{0}", "{text:>5}", "rouge", "samples", "loss", "classification", "multilabel",
          "os:system", ":X", "X:", "json:JSONDecoder", "evaluators.base:Evaluator", "evaluators.rouge:Rouge",
-         "runner.errors:RecipeError", "no_such_module_xyz:Cls", "test", "train", "eval", "validation", "bnb_4bit",
+         "runner.common.errors:RecipeError", "no_such_module_xyz:Cls", "test", "train", "eval", "validation", "bnb_4bit",
          "nf4", "cosine", "adamw_torch", "rank", "\x00", "\u202e", "名前", "🙂", "a" * 300, "\n", "\t", "~", "/",
          "../x.jsonl", "x.csv", "q_proj", "dense", "[", "]", "&a", "*a", "!!python/name:os.system", "%TAG",
          "yes", "on", "null", "~/no", "1_000", "0x10", "0o7", "+.inf", "-.inf", "2.0e-4", "5.0"]
@@ -239,7 +239,7 @@ FIELD_VALUES = st.one_of(TEXT, st.none(), st.booleans(), st.integers(), st.float
 
 @pytest.fixture(scope="module")
 def xsum_recipe_and_tokenizer(tiny):
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
     return recipe, model_mod.load_tokenizer(recipe)
@@ -267,7 +267,7 @@ def input_files(draw) -> bytes:
 @fuzz_settings("inputs")
 @given(content=input_files())
 def test_any_generate_input_is_read_or_refused_in_one_line(workdir, xsum_recipe_and_tokenizer, content):
-    from runner import infer
+    from runner.evaluate import infer
 
     recipe, tokenizer = xsum_recipe_and_tokenizer
     path = workdir / "inputs.jsonl"
@@ -297,7 +297,7 @@ def data_files(draw) -> bytes:
 @fuzz_settings("rows")
 @given(content=data_files(), holdout=st.integers(0, 3))
 def test_any_data_file_is_prepared_or_refused_in_one_line(workdir, xsum_recipe_and_tokenizer, content, holdout):
-    from runner import data as data_mod
+    from runner.data import data as data_mod
 
     recipe, tokenizer = xsum_recipe_and_tokenizer
     path = workdir / "rows.jsonl"

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from runner import data as data_mod
-from runner import evaluate as evaluate_mod
-from runner import generate as generate_mod
-from runner import rank as rank_mod
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.data import data as data_mod
+from runner.evaluate import evaluate as evaluate_mod
+from runner.evaluate import generate as generate_mod
+from runner.evaluate import rank as rank_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -31,7 +31,7 @@ def with_keys(recipe: dict, **sections) -> dict:
 def untrained(tiny):
     import torch
 
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     torch.set_num_threads(2)
     recipe = recipe_mod.load(TINY_XSUM)
@@ -100,7 +100,7 @@ def test_beam_search_and_sampling_run_and_sampling_follows_the_seed(untrained):
 
 
 def interrupted_after(batches: int, real):
-    """``real`` (runner.generate.generate) interrupted as by Ctrl-C once ``batches`` batches are written."""
+    """``real`` (runner.evaluate.generate.generate) interrupted as by Ctrl-C once ``batches`` batches are written."""
 
     def generate(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
         seen = []
@@ -173,9 +173,9 @@ def test_rank_scores_are_the_models_log_likelihoods(untrained):
 
 
 def test_generation_runs_cudnn_attention_and_scoring_does_not_whatever_training_left(untrained):
-    """Training turns cuDNN's attention off for the whole process (runner.profiles); generation wants it back (one
+    """Training turns cuDNN's attention off for the whole process (runner.speed.profiles); generation wants it back (one
     shape per batch, thousands of decoding steps), scoring passes not (a new shape every pass): each sets its own and
-    restores what it found (runner.attention)."""
+    restores what it found (runner.model.attention)."""
     import torch
 
     recipe, tokenizer, net = untrained
@@ -227,7 +227,7 @@ AGNEWS_TINY = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
 def agnews(trained, tmp_path_factory):
     """The session's trained AG News twin, its adapter loaded in-process; the untrained base is one
     disable_adapter() away."""
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     run = trained("agnews_tiny")
     folder = tmp_path_factory.mktemp("agnews")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import cli, errors
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.cli import cli
+from runner.common import errors
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -189,7 +190,7 @@ def test_classify_follows_the_cause_chain():
 def test_a_run_whose_recipe_yaml_is_unreadable_is_not_a_traceback(tmp_path, text):
     """eval/compare/generate/export --run and a sweep's finished cells read a run's saved recipe: one that does not
     read as a recipe is treated as missing (nothing to check it against), not an internal error."""
-    from runner import runs
+    from runner.store import runs
 
     (tmp_path / "recipe.yaml").write_bytes(text)
     assert runs.saved_recipe(tmp_path) is None
@@ -198,7 +199,7 @@ def test_a_run_whose_recipe_yaml_is_unreadable_is_not_a_traceback(tmp_path, text
 
 
 def test_generate_input_that_is_not_utf8(tmp_path):
-    from runner import infer
+    from runner.evaluate import infer
 
     path = tmp_path / "in.txt"
     path.write_bytes(b"first line\nsecond: caf" + b"\xe9\n")
@@ -209,7 +210,7 @@ def test_generate_input_that_is_not_utf8(tmp_path):
 
 @pytest.mark.parametrize("where", ["folder", "/dev/null", "missing"])
 def test_generate_input_that_is_no_file_says_what_it_is(tmp_path, where):
-    from runner import infer
+    from runner.evaluate import infer
 
     path = {"folder": tmp_path, "/dev/null": "/dev/null", "missing": tmp_path / "nope.txt"}[where]
     with pytest.raises(RecipeError) as info:
@@ -219,7 +220,7 @@ def test_generate_input_that_is_no_file_says_what_it_is(tmp_path, where):
 
 
 def test_generate_input_a_broken_chat_record_is_refused():
-    from runner import infer
+    from runner.evaluate import infer
 
     recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")
     with pytest.raises(RecipeError) as info:
@@ -228,7 +229,7 @@ def test_generate_input_a_broken_chat_record_is_refused():
 
 
 def test_plan_without_gpu_and_without_gpu_gb():
-    from runner import plan
+    from runner.speed import plan
 
     text = plan.report(recipe_mod.load(TINY), None)
     for name in ("none", "fast", "balanced", "low_memory"):
@@ -288,13 +289,13 @@ class CountingTokenizer:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny):
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     return model_mod.load_tokenizer(recipe_mod.load(TINY))
 
 
 def test_a_huge_record_is_cut_before_tokenizing_and_fits_the_same(tiny_tokenizer):
-    from runner import data as data_mod
+    from runner.data import data as data_mod
 
     recipe = recipe_mod.load(TINY)
     cap = data_mod.char_cap(tiny_tokenizer, recipe["prompt"]["max_length"])
@@ -315,8 +316,8 @@ def test_a_huge_record_is_cut_before_tokenizing_and_fits_the_same(tiny_tokenizer
 def test_inspect_measures_a_huge_record_on_its_first_characters(tiny_tokenizer):
     from datasets import Dataset
 
-    from runner import data as data_mod
-    from runner import inspection as inspect_mod
+    from runner.data import data as data_mod
+    from runner.data import inspection as inspect_mod
 
     recipe = recipe_mod.load(TINY)
     rows = [{"id": str(i), "document": "Storms closed roads in the north.", "summary": "Storms."} for i in range(5)]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from runner import data as data_mod
-from runner import inspection as inspect_mod
-from runner import recipe as recipe_mod
+from runner.data import data as data_mod
+from runner.data import inspection as inspect_mod
+from runner.recipe import recipe as recipe_mod
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -47,7 +47,7 @@ def write_recipe(tmp_path, tiny, **prompt):
 
 @pytest.fixture
 def setup(tmp_path, tiny):
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     recipe = recipe_mod.load(write_recipe(tmp_path, tiny))
     return recipe, model_mod.load_tokenizer(recipe)

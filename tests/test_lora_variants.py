@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from runner import memory, plan, profiles
-from runner import model as model_mod
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.model import model as model_mod
+from runner.recipe import recipe as recipe_mod
+from runner.speed import memory, plan, profiles
 from tests.conftest import ROOT
 from tests.test_plan import PHI2
 
@@ -119,7 +119,7 @@ def test_dora_rslora_modules_to_save_and_layers_train_in_4bit_and_merge_exactly(
     trainable weight, and the evaluation copy (dequantized, merged) computes what the 4-bit model + adapter does."""
     import torch
 
-    from runner import merge
+    from runner.model import merge
 
     torch.set_num_threads(2)
     overrides = ["lora.dora=true", "lora.rslora=true", "lora.modules_to_save=[lm_head]", "lora.layers_to_transform=[0,2]"]
@@ -147,7 +147,7 @@ def test_dora_rslora_modules_to_save_and_layers_train_in_4bit_and_merge_exactly(
     # measured 3e-6 with logits up to 4.4 (fp32 on CPU); the trained lm_head copy is the one merged (the original
     # head would be off by the 0.05 noise, orders of magnitude more)
     assert (want - got).abs().max() < 1e-4
-    from runner import backend
+    from runner.evaluate import backend
 
     with backend.model_for(backend.Choice("merged", 1), model) as evaluated:
         assert evaluated is not model
@@ -161,7 +161,8 @@ def test_pissa_adapter_is_saved_as_a_plain_lora_of_the_original_weights(tiny, tm
     runner keeps) must give the same model on the *original* base that the run had in memory."""
     import torch
 
-    from runner import dist, train
+    from runner.common import dist
+    from runner.train import train
 
     torch.set_num_threads(2)
     recipe = recipe_mod.load(TINY, ["quantization.method=none", "lora.init=pissa", "lora.r=4"])

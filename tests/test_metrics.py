@@ -1,9 +1,9 @@
-"""runner.metrics: one shape for every metric of a metrics.json (value, 95% CI, lower-is-better), read one way by
+"""runner.evaluate.metrics: one shape for every metric of a metrics.json (value, 95% CI, lower-is-better), read one way by
 the summary line, the report and `runner compare` (the flatten test moved here from test_compare.py)."""
 
 from __future__ import annotations
 
-from runner import metrics
+from runner.evaluate import metrics
 
 METRICS = {"split": "test", "examples": 3, "mode": "generate", "prediction_seconds": 1.0,
            "rouge": {"rougeL": {"f1": 40.0, "ci95": [30.0, 50.0]}},

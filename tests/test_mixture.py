@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import data as data_mod
-from runner import inspection as inspect_mod
-from runner import mixture
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.data import data as data_mod
+from runner.data import inspection as inspect_mod
+from runner.data import mixture
+from runner.recipe import recipe as recipe_mod
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runner import model as model_mod
-from runner import recipe as recipe_mod
+from runner.model import model as model_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,

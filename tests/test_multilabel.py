@@ -11,9 +11,9 @@ import pytest
 from evaluators import BUILTINS
 from evaluators.base import Record
 from evaluators.multilabel import Multilabel
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
-from runner.stats import bootstrap_ci
+from runner.common.errors import RecipeError
+from runner.common.stats import bootstrap_ci
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 LABELS = ["joy", "anger", "fear", "neutral"]
@@ -97,7 +97,7 @@ def test_per_example_exact_match_is_what_exact_match_averages(tmp_path):
 
 def test_the_recipe_s_labels_are_checked_against_each_name_of_the_data():
     """Multi-label references hold several names: the list is checked against each, split as evaluation splits them."""
-    from runner import evaluate
+    from runner.evaluate import evaluate
 
     def check(labels):
         recipe = recipe_mod.load(ROOT / "recipes" / "goemotions_phi2.yaml",

@@ -1,4 +1,4 @@
-"""Fixed-shape rows (runner.profiles.FixedRows): a packed or padded row trains on exactly the per-example losses.
+"""Fixed-shape rows (runner.speed.profiles.FixedRows): a packed or padded row trains on exactly the per-example losses.
 
 Everything runs the tiny model through the runner's own 4-bit + LoRA loading path on the CPU.
 """
@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from runner import profiles
-from runner import recipe as recipe_mod
+from runner.recipe import recipe as recipe_mod
+from runner.speed import profiles
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -22,7 +22,7 @@ ROW = 96
 def model(tiny):
     import torch
 
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     recipe = recipe_mod.load(TINY, ["training.profile=fast"])
     speed = profiles.candidates(recipe, "fast")[0]

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from runner import memory, profiles
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
+from runner.speed import memory, profiles
 from tests.conftest import ROOT
 
 XSUM = ROOT / "recipes" / "xsum_phi2.yaml"
@@ -142,7 +142,7 @@ def test_train_refuses_a_budget_before_loading_weights_or_writing_anything(tiny,
 def test_training_arguments_are_the_resolved_speeds_not_the_recipes(tmp_path):
     """train.py builds SFTConfig from the one resolved Speed (what env.json, recipe.yaml's note and report.md show),
     not from a second, rewritten recipe."""
-    from runner import train
+    from runner.train import train
 
     recipe = recipe_mod.load(TINY)  # as written: 16 x 1, no checkpointing
     speed = profiles.Speed("low_memory", 4, 4, True)

@@ -9,9 +9,9 @@ import sys
 import pytest
 import yaml
 
-from runner import recipe as recipe_mod
-from runner import sweep
-from runner.errors import RecipeError
+from runner.cli import sweep
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT, cli_env
 
 BUNDLED = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -111,7 +111,7 @@ def test_cross_checks():
 @pytest.mark.parametrize("name", ["xsum_phi2", "tiny/xsum_tiny", "tiny/chat_tiny"])
 def test_validate_imports_neither_torch_nor_transformers(name, tiny):
     """Also where it reads the local data's columns and looks for the local model's folder."""
-    code = (f"import sys; from runner.cli import main; rc = main(['validate', 'recipes/{name}.yaml']); "
+    code = (f"import sys; from runner.cli.cli import main; rc = main(['validate', 'recipes/{name}.yaml']); "
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft') if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())

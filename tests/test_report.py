@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import report
+from runner.report import report
 from tests.conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,8 +98,9 @@ def test_a_run_without_evaluation_still_gets_a_report(run_dir, tmp_path):
 def test_the_report_shows_the_settings_that_trained_not_only_the_recipes(tmp_path):
     """A speed profile may split the step and checkpoint otherwise than the recipe writes: report.md says what ran
     (env.json's speed), recipe.yaml notes it in a comment and still loads as the same recipe."""
-    from runner import profiles, runs
-    from runner import recipe as recipe_mod
+    from runner.recipe import recipe as recipe_mod
+    from runner.speed import profiles
+    from runner.store import runs
 
     recipe = recipe_mod.load(RECIPE, ["training.micro_batch_size=4", "training.gradient_accumulation_steps=4",
                                       "training.gradient_checkpointing=true"])
@@ -116,7 +117,7 @@ def test_the_report_shows_the_settings_that_trained_not_only_the_recipes(tmp_pat
 
 
 def test_the_recipe_section_lists_only_the_splits_the_recipe_uses():
-    from runner import recipe as recipe_mod
+    from runner.recipe import recipe as recipe_mod
 
     both = "\n".join(report.recipe_section(recipe_mod.load(RECIPE)))
     assert re.search(r"samples: train \S+, eval \S+, test \S+", both)

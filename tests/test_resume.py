@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import checkpoints, runs, safeio
-from runner import recipe as recipe_mod
-from runner.errors import EnvironmentProblem, RecipeError
+from runner.common import safeio
+from runner.common.errors import EnvironmentProblem, RecipeError
+from runner.recipe import recipe as recipe_mod
+from runner.store import checkpoints, runs
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -179,7 +180,7 @@ def test_auto_refuses_a_run_of_another_recipe_or_other_data(recipe):
 HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from runner import runs
+from runner.store import runs
 runs.claim(__import__("pathlib").Path({folder!r}))
 print("held", flush=True)
 time.sleep(120)

@@ -1,4 +1,4 @@
-"""The runner's trainer (runner.sft): the same loss as TRL's SFTTrainer and the same logged entropy, token accuracy
+"""The runner's trainer (runner.train.sft): the same loss as TRL's SFTTrainer and the same logged entropy, token accuracy
 and token count, with the metrics summed on the device and read once per log instead of once per micro-batch; and
 bitsandbytes' optimizers stepping without a device sync per parameter where stream order does its work."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner import recipe as recipe_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # loads torch and the tiny model
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow  # loads torch and the tiny model
 def _trainer(cls, tmp_path, tiny, *overrides: str):
     import torch
 
-    from runner import data as data_mod
-    from runner import model as model_mod
-    from runner import train as train_mod
+    from runner.data import data as data_mod
+    from runner.model import model as model_mod
+    from runner.train import train as train_mod
 
     torch.manual_seed(0)
     recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["lora.dropout=0", *overrides])
@@ -33,7 +33,7 @@ def test_the_loss_and_logged_metrics_are_trls_and_no_host_read_happens_per_batch
     import torch
     from trl import SFTTrainer
 
-    from runner.sft import Trainer
+    from runner.train.sft import Trainer
 
     ours, theirs = _trainer(Trainer, tmp_path / "a", tiny), _trainer(SFTTrainer, tmp_path / "b", tiny)
     batch = next(iter(ours.get_train_dataloader()))
@@ -64,8 +64,8 @@ def test_the_loss_and_logged_metrics_are_trls_and_no_host_read_happens_per_batch
 
 def test_the_logged_token_count_leaves_out_the_padding_of_fixed_rows(tiny, tmp_path):
     """Fixed rows pass no attention mask; num_tokens counts the examples' tokens, not the padded rows' cells."""
-    from runner import profiles
-    from runner.sft import Trainer
+    from runner.speed import profiles
+    from runner.train.sft import Trainer
 
     trainer = _trainer(Trainer, tmp_path, tiny)
     examples = [trainer.train_dataset[i] for i in range(3)]
@@ -84,7 +84,7 @@ def test_bitsandbytes_optimizers_step_without_a_device_sync_per_parameter(tiny, 
     import bitsandbytes.optim.optimizer as bnb_optimizer
     import torch
 
-    from runner import sft
+    from runner.train import sft
 
     syncs: list[int] = []
     counting = lambda tensor: syncs.append(1)  # noqa: E731

@@ -1,4 +1,4 @@
-"""runner.stats: the bootstrap intervals every evaluator reports, the ratio bootstrap of the loss, and the paired
+"""runner.common.stats: the bootstrap intervals every evaluator reports, the ratio bootstrap of the loss, and the paired
 bootstrap of `runner compare` (moved here from test_evaluators.py and test_compare.py with the code)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from runner import stats
+from runner.common import stats
 
 SCORES = np.array([12.0, 55.5, 0.0, 31.25, 80.0, 47.0, 9.5, 66.0, 23.0, 71.5])
 

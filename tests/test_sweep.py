@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from runner import sweep
-from runner.errors import RecipeError
+from runner.cli import sweep
+from runner.common.errors import RecipeError
 from tests.conftest import ROOT, ahead, run_cli
 
 AGNEWS = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
@@ -43,8 +43,8 @@ def test_cells_pin_the_data_seed_and_get_their_own_output_folder(tiny, tmp_path)
 
 
 def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
-    from runner import data as data_mod
-    from runner import recipe as recipe_mod
+    from runner.data import data as data_mod
+    from runner.recipe import recipe as recipe_mod
 
     def test_ids(*overrides):
         recipe = recipe_mod.load(AGNEWS, ["data.test_samples=20", *overrides])

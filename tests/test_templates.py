@@ -1,14 +1,15 @@
-"""runner.templates (parse, render, read back) and data.shorten, the one token-truncation loop that training data
+"""runner.recipe.templates (parse, render, read back) and data.shorten, the one token-truncation loop that training data
 (data.fit_batch) and `runner generate` inputs (infer.fit_prompt) share."""
 
 from __future__ import annotations
 
 import pytest
 
-from runner import data as data_mod
-from runner import infer, templates
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.data import data as data_mod
+from runner.evaluate import infer
+from runner.recipe import recipe as recipe_mod
+from runner.recipe import templates
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -29,7 +30,7 @@ def test_fields_render_and_read_back():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny):
-    from runner import model as model_mod
+    from runner.model import model as model_mod
 
     return model_mod.load_tokenizer(recipe_mod.load(TINY))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner import recipe as recipe_mod
-from runner import throughput
-from runner.errors import RecipeError
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
+from runner.speed import throughput
 from tests.conftest import ROOT
 
 RESULTS = ROOT / "bench" / "RESULTS.md"

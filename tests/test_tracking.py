@@ -9,9 +9,10 @@ import os
 
 import pytest
 
-from runner import cli, tracking
-from runner import recipe as recipe_mod
-from runner.errors import RecipeError
+from runner.cli import cli
+from runner.common.errors import RecipeError
+from runner.recipe import recipe as recipe_mod
+from runner.train import tracking
 from tests.conftest import ROOT
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"

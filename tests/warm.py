@@ -78,7 +78,7 @@ class _Reads:
 def _preload() -> tuple[str, set[str]]:
     """Import what runner commands import, the way a command does; return what that printed and the environment
     variables the imports read."""
-    from runner import cli
+    from runner.cli import cli
 
     cli._idle_threads_sleep()
     cli._quiet_libraries()

@@ -65,7 +65,7 @@ def adapter_weights(run_dir: Path) -> dict:
 
 
 def nothing_torn(run_dir: Path) -> None:
-    from runner import checkpoints
+    from runner.store import checkpoints
 
     leftovers = [p for p in run_dir.rglob("*") if p.name.endswith(".partial") or ".tmp-" in p.name]
     assert leftovers == [], leftovers
@@ -147,8 +147,8 @@ def test_killed_during_a_step_a_checkpoint_write_and_evaluation_resumes_to_the_s
     assert (run_dir / "report.md").is_file() and (run_dir / "report" / "loss.png").is_file()
 
     # Finished: the next run of the recipe starts a new folder.
-    from runner import recipe as recipe_mod
-    from runner import runs
+    from runner.recipe import recipe as recipe_mod
+    from runner.store import runs
 
     recipe = recipe_mod.load(TINY, [f"output_dir={tmp_path}", *ARGS])
     assert runs.unfinished_run(recipe) is None
@@ -168,8 +168,8 @@ def test_divergence_stops_loudly_and_keeps_the_last_good_checkpoint(tiny, tmp_pa
     env = json.loads((run_dir / "env.json").read_text())
     assert env["diverged"]["step"] == 4
     # the diverged run is not picked up again
-    from runner import recipe as recipe_mod
-    from runner import runs
+    from runner.recipe import recipe as recipe_mod
+    from runner.store import runs
 
     assert runs.unfinished_run(recipe_mod.load(TINY, [f"output_dir={tmp_path}", *ARGS])) is None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import recipe as recipe_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT, SHARED_DATA, ahead, cli_env, run_cli, run_python
 
 RECIPES = {"xsum_phi2": "xsum", "agnews_phi2": "agnews", "goemotions_phi2": "goemotions", "mnli_phi2": "mnli"}
@@ -29,7 +29,7 @@ def build_gpt2_phi(folder: Path, shared_data: Path) -> Path:
     """A tiny random-init Phi with GPT-2's tokenizer, saved like a hub model."""
     from transformers import AutoTokenizer
 
-    from runner.tiny import build_model
+    from runner.model.tiny import build_model
 
     return build_model(folder, AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2"))
 

@@ -68,7 +68,7 @@ def test_tiny_twin_learns(task, trained):
     run_dir, base_dir = run.run_dir, folder(base)
     after = json.loads((run_dir / "metrics.json").read_text())[evaluator]
     before = json.loads((base_dir / "metrics.json").read_text())[evaluator]
-    from runner import recipe as recipe_mod
+    from runner.recipe import recipe as recipe_mod
 
     labels = recipe_mod.load(run.recipe)["evaluation"]["evaluators"][0]["labels"]
     refs = references(run_dir)

@@ -1,0 +1,466 @@
+"""Command line: ``runner <command> RECIPE [key.path=value ...]``.
+
+Heavy libraries (torch, transformers) are imported inside the commands that need them, so ``validate`` and
+``--help`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from runner.common import dist
+from runner.common.errors import RecipeError, classify
+
+
+def _args_validate(p):
+    p.add_argument("--print", action="store_true", dest="show",
+                   help="print the resolved recipe as YAML (the ok line goes to stderr, so > r.yaml saves a recipe)")
+
+
+def _args_train(p):
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+
+
+def _args_inspect(p):
+    p.add_argument("--out", metavar="DIR", help="where inspect.json and the histograms go "
+                   "(default: <output_dir>/<name>/inspect)")
+    p.add_argument("--no-cache", action="store_true", help="tokenize again instead of using .cache/inspect")
+
+
+def _args_eval(p):
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
+    which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+
+
+def _args_compare(p):
+    p.add_argument("--run", required=True, action="append",
+                   help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203: its adapter vs the base model; "
+                        "given twice (--run A --run B): adapter A vs adapter B, the difference B - A")
+
+
+def _args_generate(p):
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a finished run folder whose adapter generates")
+    which.add_argument("--base", action="store_true", help="generate with the base model, no adapter")
+    p.add_argument("--input", default="-", metavar="FILE|-",
+                   help="JSONL records with the template's fields (a line starting with { is a record), or raw text "
+                        "lines for its main field (prompt.truncate or its only field); one input per line; "
+                        "- = standard input (default)")
+    p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
+
+
+def _args_export(p):
+    p.add_argument("--run", required=True, help="a finished run folder whose adapter is merged")
+    p.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist)")
+
+
+def _args_plan(p):
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
+                   help="plan for a card of this much memory (default: --card's, else this machine's GPU, if any)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="plan for N processes, one per GPU (torchrun --nproc-per-node x --nnodes): per-GPU memory "
+                        "with ddp and with fsdp, and the strategy auto picks (default 1)")
+    p.add_argument("--card", default=None, metavar="NAME",
+                   help="predict training time for this card from bench/RESULTS.md (H100, H200; default: this "
+                        "machine's GPU, else H100)")
+
+
+def _args_sweep(p):
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every setting with N seeds (the recipe's seed, +1, ...) on the same examples")
+    p.add_argument("--name", default=None, help="the sweep's folder name under <output_dir>/<name>/sweeps/ "
+                   "(default: made from the axes, so the same command resumes the same sweep)")
+    p.add_argument("--metric", default=None, help="the metric settings are compared on, e.g. rouge.rougeL "
+                   "(default: ROUGE-L, accuracy, exact match or loss, the first the recipe has)")
+    p.add_argument("--card", default=None, metavar="NAME", help="predict memory and training time for this card "
+                   "(H100, H200; default: this machine's GPU, else H100)")
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB", help="plan memory for a card this large")
+    p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in the one-line form every other error has."""
+
+    def error(self, message):
+        raise RecipeError("command line", message, f"see {self.prog} --help")
+
+
+@functools.lru_cache(maxsize=1)  # built once per process: the fuzz tests call main() thousands of times (~4 ms each)
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="runner", description="Declarative QLoRA recipe runner.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="override recipe keys, e.g. training.max_steps=5")
+        add_args(p)
+    return parser
+
+
+def _recipe(args) -> dict:
+    """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free)."""
+    from runner.recipe import recipe as recipe_mod
+
+    # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
+    return recipe_mod.load(args.recipe, args.overrides)
+
+
+def _evaluation_examples(recipe: dict):
+    """(tokenizer, the evaluation split's prepared examples), after the config-only checks."""
+    from runner.data import data as data_mod
+    from runner.evaluate import evaluate
+    from runner.model import model
+
+    _, tokenizer = model.preflight(recipe)
+    role = recipe["evaluation"]["split"]
+    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    evaluate.check_labels(recipe, {role: examples})
+    return tokenizer, examples
+
+
+def cmd_validate(args) -> int:
+    from runner.recipe import recipe as recipe_mod
+
+    start = time.perf_counter()
+    recipe = _recipe(args)
+    from runner.data import data
+    from runner.model import model
+    from runner.train import tracking
+
+    tracking.check(recipe)
+    model.check_local(recipe)  # the files and folders the recipe names, read no further than their first lines
+    data.check_files(recipe)
+    if args.show:
+        print(recipe_mod.dump(recipe), end="")
+    from runner.model.model import lora_text
+
+    targets = lora_text(recipe["lora"])
+    # With --print, stdout is the recipe alone (`> r.yaml` saves a recipe that loads again); the verdict goes aside.
+    print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
+          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)",
+          file=sys.stderr if args.show else sys.stdout)
+    return 0
+
+
+def cmd_train(args) -> int:
+    recipe = _recipe(args)
+    from runner.cli import pipeline
+
+    pipeline.train_evaluate_report(recipe, args.recipe, evaluate_after=not args.no_eval)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    recipe = _recipe(args)
+    from runner.data import inspection
+    from runner.model import model
+
+    out_dir = inspection.check_out(Path(args.out)) if args.out else inspection.default_out_dir(recipe)
+    result = inspection.analyze(recipe, model.load_tokenizer(recipe), use_cache=not args.no_cache)
+    print(inspection.table(result))
+    path = inspection.write(result, out_dir)
+    print(f"\nsaved: {path} and length histograms in {path.parent}" + (" (from the cache)" if result["cached"] else ""))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    recipe = _recipe(args)
+    from runner.common import dist
+    from runner.evaluate import evaluate
+    from runner.evaluate.metrics import summary_line
+    from runner.model import model
+    from runner.store import runs
+
+    run_dir = None if args.base else _trained_run(recipe, args.run)
+    world = dist.init()
+    tokenizer, examples = _evaluation_examples(recipe)
+    # Rank 0 opens (or reopens) the one evaluation folder; every rank writes its share of predictions there.
+    out_dir = dist.broadcast(runs.open_eval_dir(recipe, Path(args.run) if args.run else None) if world.main else None)
+    print(f"evaluation folder: {out_dir}", flush=True)
+    net = model.load_for_inference(recipe, run_dir / "adapter" if run_dir else None)
+    metrics = evaluate.evaluate(recipe, net, tokenizer, out_dir, examples=examples)
+    if metrics is not None:
+        print(summary_line(metrics))
+        print(f"done: {out_dir}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    recipe = _recipe(args)
+    if len(args.run) > 2:
+        raise RecipeError("--run", f"given {len(args.run)} times", "one run (vs the base model) or two (A vs B)")
+    if len(args.run) == 2:
+        return _compare_adapters(args, recipe)
+    from runner.common import dist
+    from runner.evaluate import compare
+    from runner.model import model
+
+    run_dir = _trained_run(recipe, args.run[0])
+    world = dist.init()
+    tokenizer, examples = _evaluation_examples(recipe)
+    out_dir = dist.broadcast(compare.open_compare_dir(recipe, run_dir) if world.main else None)
+    print(f"comparison folder: {out_dir}", flush=True)
+    net = model.load_for_inference(recipe, run_dir / "adapter")
+    summary = compare.compare(recipe, run_dir, net, tokenizer, examples, out_dir)
+    if summary is not None:
+        print("\n".join(compare.summary_lines(summary)))
+        print(f"done: {out_dir / 'comparison.md'}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from runner.cli import sweep
+
+    _check_gpu_gb(args.gpu_gb)
+    path = sweep.sweep(args.recipe, args.overrides, seeds=args.seeds, name=args.name, metric=args.metric,
+                       card_name=args.card, card_gb=args.gpu_gb, dry_run=args.dry_run)
+    if path is not None:
+        print(f"done: {path}")
+    return 0
+
+
+def _trained_run(recipe: dict, run) -> Path:
+    """The finished run folder ``run``, its adapter trained on the recipe's base model; a run of another recipe (task)
+    on that base is used, with a note saying so."""
+    from runner.store import runs
+
+    run_dir = runs.find_run(run)
+    note = runs.trained_with(recipe, run_dir)
+    if note and dist.world().main:
+        print(note, file=sys.stderr, flush=True)
+    return run_dir
+
+
+def _compare_adapters(args, recipe: dict) -> int:
+    from runner.common import dist
+    from runner.evaluate import compare
+    from runner.model import model
+
+    if Path(args.run[0]).resolve() == Path(args.run[1]).resolve():
+        raise RecipeError("--run", "A and B are the same run", "give two different run folders")
+    run_a, run_b = (_trained_run(recipe, r) for r in args.run)
+    world = dist.init()
+    tokenizer, examples = _evaluation_examples(recipe)
+    out_dir = dist.broadcast(compare.open_pair_dir(recipe, run_a, run_b) if world.main else None)
+    print(f"comparison folder: {out_dir}", flush=True)
+    net = model.load_for_inference(recipe, run_a / "adapter")
+    net.load_adapter(str(run_b / "adapter"), adapter_name="B")
+    summary = compare.compare_adapters(recipe, run_a, run_b, net, tokenizer, examples, out_dir)
+    if summary is not None:
+        print("\n".join(compare.summary_lines(summary)))
+        print(f"done: {out_dir / 'comparison.md'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    recipe = _recipe(args)
+    from runner.common import dist
+    from runner.evaluate import infer
+    from runner.model import model
+
+    if dist.world().size > 1:
+        raise RecipeError("runner generate", "prints completions from one process, not under a launcher",
+                          "run it without torchrun / accelerate launch; `runner eval` spreads over several GPUs")
+    adapter = None if args.base else _trained_run(recipe, args.run) / "adapter"
+    rows = infer.read_inputs(infer.open_input(args.input), recipe)  # input mistakes show before weights load
+    _, tokenizer = model.preflight(recipe)
+    fitted = [infer.fit_prompt(row, recipe, tokenizer) for row in rows]
+    shortened = sum(cut for _, cut in fitted)
+    if shortened:
+        print(f"{shortened} of {len(rows)} inputs shortened to fit prompt.max_length", file=sys.stderr, flush=True)
+    net = model.load_for_inference(recipe, adapter)
+    completions = infer.complete(net, tokenizer, [prompt for prompt, _ in fitted], recipe)
+    for row, text in zip(rows, completions):
+        print(json.dumps({**row, "completion": text}, ensure_ascii=False) if args.jsonl else " ".join(text.split()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    recipe = _recipe(args)
+    from runner.export import export
+    from runner.model import model
+
+    export.refuse_launcher()
+    run_dir = _trained_run(recipe, args.run)
+    out = export.check_out(Path(args.out))
+    model.preflight(recipe)
+    record = export.export(recipe, run_dir, out)
+    print(export.summary(record, out))
+    print(f"done: {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    recipe = _recipe(args)
+    from runner.speed import plan, throughput
+
+    if args.gpus < 1:
+        raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
+    _check_gpu_gb(args.gpu_gb)
+    card = throughput.find_card(args.card, throughput.gpu_name())
+    print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
+    return 0
+
+
+def _check_gpu_gb(gpu_gb: float | None) -> None:
+    """argparse takes any float: nan, inf and sizes <= 0 would plan for no card at all (0 read as "no GPU")."""
+    if gpu_gb is not None and not (math.isfinite(gpu_gb) and gpu_gb > 0):
+        raise RecipeError("--gpu-gb", f"{gpu_gb:g} is not a card's memory", "give its size in GiB, e.g. 80")
+
+
+def _card_gb(args, card: tuple[str, str]) -> float | None:
+    """--gpu-gb, else the named card's memory, else this machine's GPU's (None without one)."""
+    from runner.speed import profiles, throughput
+
+    if args.gpu_gb is not None:
+        return args.gpu_gb
+    if args.card is not None:
+        return throughput.CARDS[card[0]]["memory_gb"]
+    return profiles.gpu_memory_gb()
+
+
+# name -> (help, add its options, run it). A new command is one entry here plus its two functions.
+COMMANDS = {
+    "validate": ("check a recipe (schema, cross-checks, the local files and data columns) without loading anything heavy",
+                 _args_validate, cmd_validate),
+    "inspect": ("token lengths, truncation, drops and labels of the recipe's data per split; writes inspect.json "
+                "and histograms", _args_inspect, cmd_inspect),
+    "train": ("train the recipe's adapter, evaluate it and write report.md; writes a run folder under output_dir",
+              _args_train, cmd_train),
+    "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
+             _args_eval, cmd_eval),
+    "compare": ("evaluate the base model (adapter disabled) and the adapter, or two adapters (--run A --run B), on "
+                "the same examples; writes comparison.md and comparison.json", _args_compare, cmd_compare),
+    "sweep": ("train a grid of settings (key.path=v1,v2,...) x seeds, each cell a normal run (finished cells are "
+              "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
+    "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
+                 _args_generate, cmd_generate),
+    "export": ("merge a run's adapter into the dequantized base and save a plain transformers model folder "
+               "(safetensors, tokenizer, generation config)", _args_export, cmd_export),
+    "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",
+             _args_plan, cmd_plan),
+}
+
+
+def _quiet_libraries() -> None:
+    """Library deprecation notices and bitsandbytes' optional-kernel notice are not the user's to act on; they
+    would bury the one-line errors and the progress this CLI prints."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _one_voice() -> dist.World:
+    """Under a launcher only rank 0 prints progress and results (the trainer's own logs do the same); every rank
+    still prints its errors."""
+    world = dist.world()
+    if not world.main:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    return world
+
+
+def _idle_threads_sleep() -> None:
+    """OpenMP threads that wait for work sleep instead of spinning (unless the user chose otherwise). libgomp reads
+    this once, when torch loads, so it is set before any command imports torch. Spinning waiters take the cores the
+    working threads need when a CPU is shared or busy: measured on 2 busy cores, the tiny XSum twin's training steps
+    ran ~10x slower (1.7 s of CPU per step instead of 0.3 s); on a GPU or an idle CPU sleeping costs nothing visible."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _idle_threads_sleep()
+    _quiet_libraries()
+    world = _one_voice()
+    try:
+        parser = _parser()
+        # Overrides may come after options too (`runner eval R --run D key=value`): collect what argparse left.
+        args, extra = parser.parse_known_args(argv)
+        unknown = [a for a in extra if a.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
+        return COMMANDS[args.command][2](args)
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        _discard_unfinished()
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
+        _close_progress_bars()
+        error = classify(exc, _written())
+        _discard_unfinished()
+        if os.environ.get("RUNNER_DEBUG") and not isinstance(exc, RecipeError):
+            import traceback
+
+            traceback.print_exc()
+        print(_for_rank(error, world), file=sys.stderr, end="")
+        return error.exit_code
+
+
+def run() -> int:
+    """The ``runner`` command and ``python -m runner``: main(), and under a launcher the rank's end (dist.end)."""
+    return dist.end(main())
+
+
+# How gloo and NCCL report that a peer process died: not this rank's failure.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ProcessGroupNCCL")
+
+
+def _for_rank(error: RecipeError, world: dist.World) -> str:
+    """The error line as this rank says it. Until the ranks first meet, each runs the same checks on the same recipe
+    and data, so rank 0 alone reports the user's mistakes; anything else, or anything after that, names the rank
+    it happened on (the launcher stops the others)."""
+    if world.size == 1 or (world.main and error.exit_code == 2):
+        return error.line() + "\n"
+    if error.exit_code == 2 and not dist.diverged_yet():
+        return ""
+    if any(sign in error.line() for sign in _PEER_GONE):
+        return f"error: rank {world.rank}: another rank stopped first (its error line above says why)\n"
+    return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a failure left open (the trainer's, generation's) now: closed later, at exit,
+    they would print after the error line, or the error would continue a bar's unfinished line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
+def _written() -> list:
+    """The folders this process was writing (runner.store.runs keeps the list)."""
+    runs = sys.modules.get("runner.store.runs")
+    return runs.written() if runs is not None else []
+
+
+def _discard_unfinished() -> None:
+    """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list)."""
+    from runner.store import runs
+
+    try:
+        runs.discard_unfinished()
+    except Exception:  # cleaning up must never replace the error the user needs to see
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Which SDPA kernels a phase runs: cuDNN's attention or torch's own, set for that phase and restored after it.
+
+cuDNN's attention plans an execution graph for every new input shape (host time), then runs fast. Measured on one
+H200 (bench/RESULTS.md, "Evaluation kernels"): generation gains from it (1,000 XSum prompts at 69 prompts/s with it,
+52 without: decoding reuses a batch's shapes thousands of times), while scoring passes lose (rank mode over 2,000
+AG News rows whose batches are shapes not seen before: 6.0 s without it, 7.3-12.5 s with it), and so does training
+with varying shapes (runner.speed.profiles turns it off there). Each phase says what it wants, so a process that trains
+and then evaluates does not carry training's choice into generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def cudnn(enabled: bool) -> Iterator[None]:
+    """cuDNN's SDPA on (``enabled``) or off inside the block; torch's previous setting restored after it."""
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+# Per phase: decoding reuses a batch's shapes thousands of times; a scoring pass meets each shape once.
+def for_generation():
+    return cudnn(True)
+
+
+def for_scoring():
+    return cudnn(False)
