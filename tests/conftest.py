@@ -1,25 +1,13 @@
 """Shared fixtures: the tiny offline model and data, the tiny twins trained once per session, the real rows in
-../shared/data, and a CLI runner.
+../shared/data, and a CLI runner. How the suite runs, and why it is built this way: docs/testing.md.
 
-Tiers: `make test` runs everything (what CI runs); `make test-fast` runs `pytest -m "not slow"`, under a minute.
-Mark a test `@pytest.mark.slow` when it trains a model or starts a runner process that loads torch (a few seconds
-of imports each). Tests that use the `trained` fixture, directly or through another fixture, are marked `slow`
-automatically; a test that needs a trained tiny twin should take it from there rather than train its own.
-
-Runner commands run as processes of their own (`run_cli`, `run_python`). In a session with slow tests, those that
-load torch are forked from one process that imported torch and the other libraries once (tests/warm.py), which
-halves the suite's CPU time; `TEST_COLD_CLI=1` starts every command fresh instead.
-
-Both cores busy: the long commands a session's tests will need start in the background when the session starts,
-two at a time, each pinned to a core of its own (so one torch thread each: the tiny models use a second thread
-poorly), while the tests that need none run; those that need one run last and wait for it. These are the tiny
-twins (`trained`) and the jobs test modules declare with `@ahead(name)` and take from `background(name)`. A test
-needs the twins its module's source names (or its parameters), and the jobs its module declares if it uses
-`background`; a twin or job nobody asked for ahead runs when a test first needs it. `TEST_LANES=0` runs every one
-on demand instead.
-
-Time limits only catch hangs: a command is stopped when it has printed nothing for HANG_SECONDS (training prints
-a progress bar every step), never because the machine is slow or busy.
+In short: `make test` runs everything, `make test-fast` leaves out the tests marked `slow` (they train a model or
+start a runner process that loads torch; a test that takes `trained` or `background` is marked slow
+automatically). A test that needs a trained tiny twin takes it from `trained(name)` and declares it with
+`@pytest.mark.twins(name)` (on the test, its parameter, or the module's `pytestmark`); the twins declared by the
+session's tests train once, ahead, in background lanes while the other tests run, and runner commands that load
+torch are forked from one warm process (tests/warm.py). `TEST_PLAIN=1` switches that machinery off: every command
+starts fresh and each twin or job runs when a test first needs it.
 """
 
 from __future__ import annotations
@@ -33,7 +21,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +32,33 @@ from tests.warm import Lane
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 THREADS = str(min(2, len(os.sched_getaffinity(0))))
-HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", 900))
 TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny", "chat_tiny")
 # The order the twins train in ahead of the tests (then the modules' jobs): the longest first, so that the two
 # lanes end about together.
 TWINS_AHEAD = ("chat_tiny", "xsum_tiny", "goemotions_tiny", "mnli_tiny", "agnews_tiny")
-LANES = int(os.environ.get("TEST_LANES", 2))
 _AHEAD = pytest.StashKey[list]()  # the jobs this session runs ahead, in order
+_RUNNING = pytest.StashKey[pytest.Item]()  # the test being set up or run (whose twins `trained` may hand out)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the session runs its long commands, from the environment (docs/testing.md: Switches)."""
+
+    lanes: int             # background lanes for the twins and jobs run ahead; 0: each runs when first needed
+    warm: bool             # runner commands that load torch are forked from the warm process (tests/warm.py)
+    hang_seconds: float    # a command that prints nothing for this long is stopped as hung
+
+
+def settings(environ) -> Settings:
+    """TEST_PLAIN=1: no lanes and no warm starts, whatever TEST_LANES and TEST_COLD_CLI say."""
+    plain = environ.get("TEST_PLAIN") == "1"
+    return Settings(lanes=0 if plain else int(environ.get("TEST_LANES", 2)),
+                    warm=not plain and environ.get("TEST_COLD_CLI") != "1",
+                    hang_seconds=float(environ.get("TEST_HANG_SECONDS", 900)))
+
+
+SETTINGS = settings(os.environ)  # read once: the session's commands all run the same way
+HANG_SECONDS = SETTINGS.hang_seconds
 
 # Waiting OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads steal the cores the
 # working ones need (measured on 2 busy cores: ~10x slower training steps). Read when torch loads, so set it here,
@@ -81,24 +88,34 @@ def ahead(name: str):
     return declare
 
 
-@cache
-def _twins_named_in(path: Path) -> frozenset[str]:
-    source = path.read_text(encoding="utf-8")
-    return frozenset(t for t in TWINS if f'"{t}"' in source or f"'{t}'" in source)
+def twins_declared(item) -> frozenset[str]:
+    """The twins a test declares with `@pytest.mark.twins(...)`: on itself, its parameter set, its class or its
+    module (`pytestmark`), all together."""
+    return frozenset(name for mark in item.iter_markers("twins") for name in mark.args)
 
 
 def jobs_needed(item) -> frozenset[str]:
-    """The twins a test takes from `trained` (its parameters' twin names, else those its module names) and the
-    jobs its module declared, if it takes results from `background`."""
+    """The twins a test declares, if it takes `trained`, and the jobs its module declared with `@ahead`, if it
+    takes results from `background`."""
     names = getattr(item, "fixturenames", ())
-    needed = set()
-    if "trained" in names:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        needed |= {v for v in params.values() if isinstance(v, str) and v in TWINS}
-        needed = needed or set(_twins_named_in(Path(str(item.fspath))))
+    needed = set(twins_declared(item)) if "trained" in names else set()
     if "background" in names:
         needed |= {name for name, (_, file) in _JOBS.items() if Path(file) == Path(str(item.fspath))}
     return frozenset(needed)
+
+
+def _undeclared(items) -> list[str]:
+    """What is wrong with the session's twin declarations, a line per test."""
+    problems = []
+    for item in items:
+        declared = twins_declared(item)
+        if unknown := sorted(declared - set(TWINS)):
+            problems.append(f"{item.nodeid}: @pytest.mark.twins names {', '.join(unknown)}, not a tiny twin "
+                            f"(one of {', '.join(TWINS)})")
+        elif "trained" in getattr(item, "fixturenames", ()) and not declared:
+            problems.append(f"{item.nodeid}: takes `trained` but declares no twin (add @pytest.mark.twins(\"<twin>\")"
+                            " to the test, or pytestmark = pytest.mark.twins(...) to its module; docs/testing.md)")
+    return problems
 
 
 def _job_order() -> list[str]:
@@ -106,6 +123,8 @@ def _job_order() -> list[str]:
 
 
 def pytest_collection_modifyitems(config, items):
+    if problems := _undeclared(items):
+        raise pytest.UsageError("\n".join(problems))
     for item in items:
         if {"trained", "background"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
@@ -120,7 +139,12 @@ def pytest_collection_finish(session):
     # Warm starts pay off only where slow tests run many commands that load torch; a fast session runs none.
     warm.wanted = any(item.get_closest_marker("slow") for item in session.items)
     needed = set().union(*(jobs_needed(item) for item in session.items))
-    session.config.stash[_AHEAD] = [j for j in _job_order() if j in needed] if LANES > 0 else []
+    session.config.stash[_AHEAD] = [j for j in _job_order() if j in needed] if SETTINGS.lanes > 0 else []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.config.stash[_RUNNING] = item
 
 
 def pytest_sessionfinish(session):
@@ -211,9 +235,9 @@ WARM_COMMANDS = {"train", "eval", "compare", "generate", "inspect", "sweep", "pl
 def run_python(argv: list[str], cwd: Path, env: dict, input: str | None = None,
                lane: Lane | None = None) -> subprocess.CompletedProcess:
     """``python *argv`` in a process of its own, under the hang guard, forked from a process that imported torch
-    and the other libraries already (tests/warm.py says what that changes and what not; TEST_COLD_CLI=1 starts
-    every command fresh); ``lane``: run in that background lane."""
-    result = warm.run(argv, cwd, env, input, HANG_SECONDS, lane)
+    and the other libraries already (tests/warm.py says what that changes and what not; TEST_COLD_CLI=1 or
+    TEST_PLAIN=1 starts every command fresh); ``lane``: run in that background lane."""
+    result = warm.run(argv, cwd, env, input, HANG_SECONDS, lane) if SETTINGS.warm else None
     return result if result is not None else run_watched([sys.executable, *argv], cwd, env, input, lane=lane)
 
 
@@ -262,8 +286,8 @@ def _twin_job(task: str) -> Job:
 @pytest.fixture(scope="session")
 def background(tiny, tmp_path_factory, request):
     """``background(name)``: (the output folder, the result) of the tiny twin or declared job ``name``, run once
-    per session; those the session's tests need start in the background when it starts (see above), the others
-    run when first asked for. A job that failed fails every test that asks for it, without running again."""
+    per session; those the session's tests need start in the background lanes when it starts, the others run when
+    first asked for (docs/testing.md). A job that failed fails every test that asks for it, without running again."""
     jobs: dict[str, Future] = {}
 
     def folder(name: str) -> Path:  # made in this thread: pytest's temporary folders are not thread-safe
@@ -277,7 +301,7 @@ def background(tiny, tmp_path_factory, request):
     ahead_ = request.config.stash.get(_AHEAD, [])
     if ahead_:
         lanes: queue.Queue = queue.Queue()
-        for lane in _lanes(LANES):
+        for lane in _lanes(SETTINGS.lanes):
             lanes.put(lane)
 
         def in_a_lane(name: str, out: Path):
@@ -312,11 +336,17 @@ def _ahead(request):
 
 
 @pytest.fixture(scope="session")
-def trained(background):
+def trained(background, request):
     """``trained(task)``: the tiny twin ``task`` (one of TWINS) trained and evaluated through `runner train` with
-    its recipe exactly as written, once per test session; every test that needs a trained twin shares the run."""
+    its recipe exactly as written, once per test session; every test that needs a trained twin shares the run.
+    A test gets only the twins it declares (`@pytest.mark.twins`): those are the ones trained ahead for it."""
 
     def get(task: str) -> Trained:
+        test = request.config.stash[_RUNNING]
+        if task not in twins_declared(test):
+            pytest.fail(f"{test.nodeid} asks for the twin {task!r} but declares only "
+                        f"{', '.join(sorted(twins_declared(test)))}: add {task!r} to its @pytest.mark.twins "
+                        f"(docs/testing.md)", pytrace=False)
         out, result = background(task)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return Trained(ROOT / "recipes" / "tiny" / f"{task}.yaml", run_folder(result.stdout), out, result.stdout)

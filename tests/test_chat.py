@@ -201,6 +201,7 @@ def test_the_runners_scoring_path_scores_an_answer_with_its_end_of_turn_marker(t
 # ---------------------------------------------------------------- the chat twin: learns, one template everywhere
 
 
+@pytest.mark.twins("chat_tiny")
 def test_the_chat_twin_learns_and_evaluates_with_the_template_it_trained_with(trained):
     from transformers import AutoTokenizer
 
@@ -220,6 +221,7 @@ def test_the_chat_twin_learns_and_evaluates_with_the_template_it_trained_with(tr
     assert "Chat data in `messages`" in report and "`chatml`" in report
 
 
+@pytest.mark.twins("chat_tiny")
 def test_generate_and_compare_use_the_same_template_as_evaluation(trained, cli, tmp_path):
     twin = trained("chat_tiny")
     preds = [json.loads(line) for line in (twin.run_dir / "predictions.jsonl").read_text().splitlines()][:6]

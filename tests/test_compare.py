@@ -11,6 +11,8 @@ from runner.evaluate import compare as compare_mod
 from tests.conftest import ROOT, run_cli
 from tests.test_metrics import METRICS
 
+pytestmark = pytest.mark.twins("xsum_tiny")  # the twin `trained` gives this module's tests (docs/testing.md)
+
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 def test_side_by_side_knows_which_direction_is_better():

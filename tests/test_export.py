@@ -10,6 +10,8 @@ import pytest
 from runner.cli import cli
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.twins("xsum_tiny")  # the twin `trained` gives this module's tests (docs/testing.md)
+
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 

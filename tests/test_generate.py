@@ -252,6 +252,7 @@ def evaluate_in(mode: str, agnews, adapter: bool) -> tuple[dict, list[str]]:
     return metrics["classification"], predictions
 
 
+@pytest.mark.twins("agnews_tiny")
 def test_rank_and_generate_agree_with_gold_at_least_as_often_after_training(agnews):
     """Rank takes its labels from the classification evaluator's `labels` (the twin sets no generation.labels)."""
     recipe = agnews[0]

@@ -14,6 +14,8 @@ import yaml
 from runner.report import report
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.twins("agnews_tiny")  # the twin `trained` gives this module's tests (docs/testing.md)
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RECIPE = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
 SECTIONS = ["# Report: agnews_tiny", "## Recipe", "## Data", "## Training", "## Metrics", "## Samples"]

@@ -69,6 +69,7 @@ def test_evaluation_metrics_are_flattened_to_the_trackers_test_namespace():
     assert tracking.metric_prefix("eval") == "eval_"
 
 
+@pytest.mark.twins("xsum_tiny")
 def test_the_trained_twin_has_tensorboard_curves_and_its_test_scores_in_the_same_run(trained):
     """`tensorboard --logdir runs/` finds the run: train and eval curves from the trainer, and the evaluation's
     ROUGE (sent after training, through the same TensorBoard callback) at the last step."""

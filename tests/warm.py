@@ -13,7 +13,8 @@ child's stderr, where a fresh process would have printed it; the preload runs th
 filters, OMP_WAIT_POLICY) before importing, as a command does. The child gets the test's environment, but the
 imports saw the preload's: a command whose environment differs in a variable the imports read (recorded while
 they run) or a native library reads when it loads (NATIVE_ENV) starts fresh, with a warning. TEST_COLD_CLI=1
-starts every command fresh (to check that warm starts hide nothing).
+(or TEST_PLAIN=1) starts every command fresh, to check that warm starts hide nothing: conftest then never calls
+`run` (docs/testing.md).
 
 Several commands can run at once (the session trains the tiny twins in the background while other tests run):
 each is a child of its own. One run in a background lane (conftest) is pinned to the lane's cores (a runner
@@ -328,7 +329,7 @@ def run(argv: list[str], cwd: Path, env: dict, input: str | None, hang_seconds: 
     """The command's result from a warm start, or None where it must start fresh (then the caller does)."""
     global _server, wanted
     with _starting:
-        if not wanted or os.environ.get("TEST_COLD_CLI") == "1":
+        if not wanted:
             return None
         if _server is None:
             _server = Server(env, ROOT, hang_seconds)

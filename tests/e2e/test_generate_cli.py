@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import ROOT, run_cli
 from tests.test_errors import assert_user_error, write_recipe
 
+pytestmark = pytest.mark.twins("xsum_tiny")  # the twin `trained` gives this module's tests (docs/testing.md)
+
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 N = 8

@@ -60,7 +60,7 @@ def chance(evaluator: str, refs: list[str], labels: list[str]) -> float:
     return max(scores)
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", [pytest.param(task, marks=pytest.mark.twins(task)) for task in TASKS])
 def test_tiny_twin_learns(task, trained):
     evaluator, metric, floor = TASKS[task]
     run = trained(task)

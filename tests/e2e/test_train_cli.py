@@ -11,6 +11,8 @@ import yaml
 
 from tests.conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.twins("xsum_tiny")  # the twin `trained` gives this module's tests (docs/testing.md)
+
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 PHI2 = ROOT / "recipes" / "xsum_phi2.yaml"
 
