@@ -1,7 +1,8 @@
 """Shared fixtures: the tiny offline model and data, the tiny twins trained once per session, the real rows in
 ../shared/data, and a CLI runner.
 
-Tiers: `make test` runs everything (what CI runs); `make test-fast` runs `pytest -m "not slow"`, under a minute.
+Tiers: `make test` runs everything (what CI runs); `make test-fast` runs `pytest -m "not slow"` (how long each takes:
+docs/timings.md).
 Mark a test `@pytest.mark.slow` when it trains a model or starts a runner process that loads torch (a few seconds
 of imports each). Tests that use the `trained` fixture, directly or through another fixture, are marked `slow`
 automatically; a test that needs a trained tiny twin should take it from there rather than train its own.
