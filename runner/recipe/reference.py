@@ -20,8 +20,8 @@ PAGE = "docs/recipe-reference.md"
 
 INTRO = """\
 A recipe is one YAML file. `runner validate RECIPE --print` shows it with every default below filled in; unknown
-keys are errors with a "did you mean" hint, and a wrong value is one line naming its key path (the first sentence
-of the key's description below is the hint). Overrides on the command line use the same key paths:
+keys are errors with a "did you mean" hint, and a wrong value is one line naming its key path, its hint often the
+first sentence of the key's description below. Overrides on the command line use the same key paths:
 `training.max_steps=5`, `lora.target_modules=[q_proj,v_proj]`, `evaluation.evaluators[1].count=4`. A worked
 example of a whole recipe is [recipes/xsum_phi2.yaml](../recipes/xsum_phi2.yaml); how the keys are used is in the
 other [docs](../README.md#documentation)."""
