@@ -21,17 +21,17 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 # glibc hands a freed tensor's memory back to the OS and page-faults it in again on the next step: a sixth of a tiny
 # training run's CPU time went to the kernel (2.9M page faults in one AG News twin run). Keep it in the process
-# (README: On a CPU).
+# (docs/speed-and-memory.md: On a CPU).
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 268435456
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: help install validate inspect train eval compare generate export test test-fast smoke tiny lint clean plan bench sweep
+.PHONY: help install validate inspect train eval compare generate export test test-fast smoke tiny lint clean plan bench sweep docs
 
 help:  ## list the targets
-	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner"
-	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin, ~1-2 min on 2 cores)"
+	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner (then source .venv/bin/activate puts runner on PATH)"
+	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin; times: docs/timings.md)"
 	@echo "make train RECIPE=... NPROC=N   the same on N GPUs (torchrun; also for eval and compare)"
 	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
 	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
@@ -42,11 +42,12 @@ help:  ## list the targets
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
 	@echo "make bench [VARIANTS=\"A fast ...\"]   the GPU benchmark (Phi-2-shaped QLoRA, generation; EVAL: evaluation old vs new), see bench/RESULTS.md"
-	@echo "make test                       the whole test suite, what CI runs (CPU, ~5 min on 2 cores; README: Tests)"
-	@echo "make test-fast                  the tests that neither train nor start torch, a fifth of the fuzz cases (~40 s)"
+	@echo "make test                       the whole test suite, what CI runs (CPU; docs/testing.md, times: docs/timings.md)"
+	@echo "make test-fast                  the tests that neither train nor start torch, a fifth of the fuzz cases (docs/timings.md)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
 	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
 	@echo "make lint                       ruff"
+	@echo "make docs                       regenerate docs/recipe-reference.md from the recipe schema"
 	@echo "make clean                      remove runs/ and .cache/"
 
 $(BIN)/runner: pyproject.toml
@@ -106,6 +107,10 @@ smoke: $(BIN)/runner $(TINY)
 
 lint: $(BIN)/runner
 	$(BIN)/ruff check runner evaluators tests
+
+docs: $(BIN)/runner  ## the recipe reference, generated from the schema (tests/test_docs.py checks it is current)
+	$(BIN)/python -m runner.recipe.reference > docs/recipe-reference.md.partial
+	mv docs/recipe-reference.md.partial docs/recipe-reference.md
 
 clean:
 	rm -rf runs .cache

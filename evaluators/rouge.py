@@ -42,8 +42,10 @@ class Rouge(Evaluator):
     name = "rouge"
     params_schema = {"properties": {
         "types": {"type": "array", "items": {"enum": ["rouge1", "rouge2", "rougeL", "rougeLsum"]}, "minItems": 1,
-                  "uniqueItems": True, "default": ["rouge1", "rouge2", "rougeL", "rougeLsum"]},
-        "use_stemmer": {"type": "boolean", "default": True}}}
+                  "uniqueItems": True, "default": ["rouge1", "rouge2", "rougeL", "rougeLsum"],
+                  "description": "Which ROUGE scores to report (rougeLsum splits sentences at newlines)."},
+        "use_stemmer": {"type": "boolean", "default": True,
+                        "description": "Porter-stem words before matching them (rouge-score's use_stemmer)."}}}
 
     def __init__(self, types=("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True, **kw):
         super().__init__(**kw)

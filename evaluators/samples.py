@@ -15,7 +15,7 @@ class Samples(Evaluator):
     name = "samples"
     metrics = ()  # a table to read, no numbers
     params_schema = {"properties": {
-        "count": {"type": "integer", "minimum": 1, "default": 8},
+        "count": {"type": "integer", "minimum": 1, "default": 8, "description": "How many examples samples.md shows."},
         "input_chars": {"type": "integer", "minimum": 20, "default": 300,
                         "description": "Inputs longer than this are shortened in the table."}}}
 

@@ -1,13 +1,13 @@
 """Shared fixtures: the tiny offline model and data, the tiny twins trained once per session, the real rows in
 ../shared/data, and a CLI runner. How the suite runs, and why it is built this way: docs/testing.md.
 
-In short: `make test` runs everything, `make test-fast` leaves out the tests marked `slow` (they train a model or
-start a runner process that loads torch; a test that takes `trained` or `background` is marked slow
-automatically). A test that needs a trained tiny twin takes it from `trained(name)` and declares it with
-`@pytest.mark.twins(name)` (on the test, its parameter, or the module's `pytestmark`); the twins declared by the
-session's tests train once, ahead, in background lanes while the other tests run, and runner commands that load
-torch are forked from one warm process (tests/warm.py). `TEST_PLAIN=1` switches that machinery off: every command
-starts fresh and each twin or job runs when a test first needs it.
+In short: `make test` runs everything, `make test-fast` leaves out the tests marked `slow` (how long each takes:
+docs/timings.md; they train a model or start a runner process that loads torch; a test that takes `trained` or
+`background` is marked slow automatically). A test that needs a trained tiny twin takes it from `trained(name)` and
+declares it with `@pytest.mark.twins(name)` (on the test, its parameter, or the module's `pytestmark`); the twins
+declared by the session's tests train once, ahead, in background lanes while the other tests run, and runner
+commands that load torch are forked from one warm process (tests/warm.py). `TEST_PLAIN=1` switches that machinery
+off: every command starts fresh and each twin or job runs when a test first needs it.
 """
 
 from __future__ import annotations

@@ -28,12 +28,31 @@ def test_export_refuses_an_existing_folder_before_loading_anything(tiny, tmp_pat
     assert not (tmp_path / "new").exists()
 
 
+def test_export_makes_missing_parent_folders_but_refuses_a_file_in_the_way(tiny, tmp_path, capsys):
+    """`--out merged/<name>` on a fresh clone (no merged/ yet) must work; a file where a folder should be must not."""
+    from runner.export import export
+
+    nested = tmp_path / "merged" / "deeper" / "xsum_tiny"
+    assert export.check_out(nested) == nested  # the parents are made when the model is saved
+    assert not (tmp_path / "merged").exists()  # ...not before: a refused or failed export leaves nothing
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "model", tmp_path / "afile" / "sub" / "model"):
+        code = cli.main(["export", str(TINY), "--run", str(run), "--out", str(out)])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out: ") and "afile is a file" in err, err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     from tests.conftest import run_cli, run_folder
 
     twin = trained("xsum_tiny")
-    out = tmp_path_factory.mktemp("export") / "xsum_tiny-merged"
+    out = tmp_path_factory.mktemp("export") / "merged" / "xsum_tiny"  # merged/ does not exist yet
     result = run_cli("export", twin.recipe, "--run", twin.run_dir, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert run_folder(result.stdout) == out

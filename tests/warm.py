@@ -2,7 +2,7 @@
 datasets and matplotlib once, then forks a child for each `runner ...` command a test runs.
 
 Why: a fresh `python -m runner train ...` spends 5-6 s of CPU importing those libraries before it does anything
-(measured on the 2-core AMD EPYC machine of the README), and the suite runs dozens of such commands; most of them
+(measured on a 2-vCPU AMD EPYC; machines: docs/timings.md), and the suite runs dozens of such commands; most of them
 train a few steps or fail on purpose, so the imports were about half of the suite's CPU time.
 
 What a child is: a process of its own, forked from the preloaded one, with the test's working directory,

@@ -25,11 +25,16 @@ RECORD = "export.json"
 
 
 def check_out(out: Path) -> Path:
+    """``--out``: a new folder. Missing parent folders are made when the model is saved (safeio.folder); an existing
+    ``out``, or a file where a parent folder should be, is the user's mistake, told before any weight loads."""
     out = Path(out)
     if out.exists():
         raise RecipeError("--out", f"{out} already exists", "give a new folder; an export never overwrites one")
-    if not out.parent.is_dir():
-        raise RecipeError("--out", f"{out.parent} is not a folder", "create the parent folder first")
+    for parent in out.parents:  # the nearest one that exists decides whether the rest can be made
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecipeError("--out", f"{parent} is a file, not a folder", "give a path under a folder")
+            break
     return out
 
 

@@ -82,7 +82,7 @@ def test_tiny_twin_learns(task, trained):
     assert (run_dir / "report.md").is_file()
 
 
-# ---------------------------------------------------------------- README: "Add your own task", followed literally
+# ---------------------------------------------------------------- README: "Your own task", followed literally
 
 
 def readme_section(title: str) -> str:
@@ -111,7 +111,7 @@ def review_rows(n: int) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_readme_add_your_own_task_works_as_written(tiny, tmp_path):
-    section = readme_section("Add your own task")
+    section = readme_section("Your own task")
     (csv_text,) = blocks(section, "csv")
     (recipe_text,) = blocks(section, "yaml")
     commands = [line.split("  #")[0].strip() for block in blocks(section, "bash") for line in block.splitlines()
