@@ -43,8 +43,8 @@ def measure(settings: dict, seq: int, layers: int) -> float:
     import torch
     from transformers import PhiConfig, PhiForCausalLM
 
+    from runner.cli import recipes
     from runner.model import model as model_mod
-    from runner.recipe import recipe as recipe_mod
     from runner.speed import profiles
 
     cfg = PhiConfig(vocab_size=256, hidden_size=2560, intermediate_size=10240, num_hidden_layers=layers,
@@ -53,7 +53,7 @@ def measure(settings: dict, seq: int, layers: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         PhiForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
-        recipe = recipe_mod.load("recipes/xsum_phi2.yaml", [
+        recipe = recipes.load("recipes/xsum_phi2.yaml", [
             f"model.name_or_path={d}", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
             "data.source=x.jsonl", f"lora.dropout={settings['dropout']}", "training.gradient_checkpointing=false"])
         speed = profiles.candidates(recipe, settings["profile"])[0]

@@ -198,7 +198,7 @@ def cmd_train(name: str) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
     from runner.train import train as train_mod
 
     what, overrides, flags, warm, meas = VARIANTS[name]
@@ -206,7 +206,7 @@ def cmd_train(name: str) -> None:
         warm, meas = 1, 2
     flags = dict(flags)
     pad_to = flags.pop("pad_to", None)
-    recipe = recipe_mod.load(RECIPE, base_overrides(warm + meas) + overrides)
+    recipe = recipes.load(RECIPE, base_overrides(warm + meas) + overrides)
     speed = forced_speed(recipe, flags) if flags else None
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -269,15 +269,15 @@ def cmd_train(name: str) -> None:
 def cmd_generate() -> None:
     import torch
 
+    from runner.cli import recipes
     from runner.data import data as data_mod
     from runner.evaluate import generate as generate_mod
     from runner.model import model as model_mod
-    from runner.recipe import recipe as recipe_mod
 
     n_prompts, n_single = (256, 8) if not TINY else (8, 2)
     over = base_overrides(1) + [f"data.train_samples={n_prompts}", "generation.stop=[]",
                                 "generation.max_new_tokens=64"]
-    recipe = recipe_mod.load(RECIPE, over)
+    recipe = recipes.load(RECIPE, over)
     tokenizer = model_mod.load_tokenizer(recipe)
     prompts = data_mod.prepare(recipe, tokenizer, roles=("train",)).splits["train"]["prompt"]
     model = model_mod.load_trained(recipe, None)
@@ -326,14 +326,14 @@ def plan_now(row: dict) -> float:
     """runner.speed.memory's prediction for a measured row, from the code as it is now (the config is PHI2's)."""
     from transformers import PhiConfig
 
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
     from runner.speed import memory, profiles
 
     _, overrides, flags, _, _ = VARIANTS[row["variant"]]
     flags = {k: v for k, v in flags.items() if k != "pad_to"}
     if row["profile"] != "none":
         flags = ALL_FLAGS
-    recipe = recipe_mod.load(RECIPE, overrides + ["training.packing=false"])
+    recipe = recipes.load(RECIPE, overrides + ["training.packing=false"])
     speed = profiles.Speed(row["profile"], row["micro_batch"], row["accumulation"], row["checkpointing"], **flags)
     return memory.estimate(recipe, PhiConfig(**PHI2), speed).reserved_gb
 

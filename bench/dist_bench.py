@@ -73,8 +73,8 @@ def cmd_train(name: str) -> None:
     import torch
     from transformers import TrainerCallback
 
+    from runner.cli import recipes
     from runner.common import dist
-    from runner.recipe import recipe as recipe_mod
     from runner.train import train as train_mod
 
     what, overrides, warm, meas = VARIANTS[name]
@@ -94,7 +94,7 @@ def cmd_train(name: str) -> None:
     base = [o for o in base if not o.startswith("training.logging_steps=")]
     if name == "fsdp_llama":
         base = [o for o in base if not o.startswith("model.name_or_path=")] + [f"model.name_or_path={LLAMA_DIR}"]
-    recipe = recipe_mod.load(bench.RECIPE, base + overrides + extra)
+    recipe = recipes.load(bench.RECIPE, base + overrides + extra)
     stamps: dict[int, float] = {}
     held: dict = {}
     cuda = torch.cuda.is_available()
@@ -186,11 +186,11 @@ def cmd_eval(what: str) -> None:
 
     import torch
 
+    from runner.cli import recipes
     from runner.common import dist
     from runner.data import data as data_mod
     from runner.evaluate import evaluate as evaluate_mod
     from runner.model import model as model_mod
-    from runner.recipe import recipe as recipe_mod
 
     world = dist.init()
     n = int(os.environ.get("BENCH_EVAL_PROMPTS", "256"))
@@ -198,7 +198,7 @@ def cmd_eval(what: str) -> None:
                                       "evaluation.evaluators=[{name: rouge}]"] + os.environ.get("BENCH_EXTRA", "").split()
     if what == "greedy":
         over.append("generation.do_sample=false")
-    recipe = recipe_mod.load(bench.RECIPE, over)
+    recipe = recipes.load(bench.RECIPE, over)
     tokenizer = model_mod.load_tokenizer(recipe)
     examples = data_mod.prepare(recipe, tokenizer, roles=("train",)).splits["train"]
     model = model_mod.load_trained(recipe, None)

@@ -81,10 +81,10 @@ def log(*args) -> None:
 
 
 def xsum_recipe(extra: list[str]):
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
 
     over = phi2.base_overrides(1) + [f"data.train_samples={N_PROMPTS}", "generation.max_new_tokens=64"]
-    return recipe_mod.load(phi2.RECIPE, over + extra)
+    return recipes.load(phi2.RECIPE, over + extra)
 
 
 def make_adapter(recipe) -> None:
@@ -287,9 +287,9 @@ def filed_rank(model, tokenizer, prompts: list[str], recipe) -> dict[int, str]:
 
 
 def rank_recipe(over: list[str]):
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
 
-    return recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml", over)
+    return recipes.load(ROOT / "recipes" / "agnews_phi2.yaml", over)
 
 
 def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:

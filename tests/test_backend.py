@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.data import data as data_mod
 from runner.evaluate import backend
@@ -16,7 +17,6 @@ from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate import generate as generate_mod
 from runner.evaluate import rank as rank_mod
 from runner.model import merge
-from runner.recipe import recipe as recipe_mod
 from runner.speed import memory
 from tests.conftest import ROOT
 from tests.test_generate import interrupted_after, with_keys
@@ -36,7 +36,7 @@ def lora_net(tiny):
     from runner.model import model as model_mod
 
     torch.set_num_threads(2)
-    recipe = recipe_mod.load(TINY_XSUM)
+    recipe = recipes.load(TINY_XSUM)
     tokenizer = model_mod.load_tokenizer(recipe)
     base = model_mod.load_base(recipe)
     model_mod._keep_trainable_layout(base)
@@ -361,7 +361,7 @@ def test_an_interrupted_rank_mode_evaluation_resumes_to_the_same_predictions(lor
 
 
 def test_validate_checks_the_backend():
-    recipe = recipe_mod.load(TINY_XSUM)
+    recipe = recipes.load(TINY_XSUM)
     eight_bit = copy.deepcopy(recipe)
     eight_bit["quantization"]["method"] = "bnb_8bit"
     with pytest.raises(RecipeError) as err:
@@ -371,7 +371,7 @@ def test_validate_checks_the_backend():
         with_keys(recipe, generation={"backend": "compiled", "num_beams": 2})
     assert err.value.key_path == "generation.backend"
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(TINY_XSUM, ["generation.batch_size=0"])
+        recipes.load(TINY_XSUM, ["generation.batch_size=0"])
     assert err.value.key_path == "generation.batch_size"
-    assert recipe_mod.load(TINY_XSUM, ["generation.batch_size=auto"])["generation"]["batch_size"] == "auto"
-    assert recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")["generation"]["backend"] == "auto"
+    assert recipes.load(TINY_XSUM, ["generation.batch_size=auto"])["generation"]["batch_size"] == "auto"
+    assert recipes.load(ROOT / "recipes" / "xsum_phi2.yaml")["generation"]["backend"] == "auto"

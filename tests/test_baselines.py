@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from evaluators.base import Record
+from runner.cli import recipes
 from runner.common import stats
 from runner.data import data as data_mod
 from runner.evaluate import baselines
-from runner.recipe import recipe as recipe_mod
 from runner.report import report
 from tests.conftest import ROOT
 
@@ -25,7 +25,7 @@ TINY = ROOT / "recipes" / "tiny"
 def tokenizer(tiny):
     from runner.model import model
 
-    return model.load_tokenizer(recipe_mod.load(TINY / "xsum_tiny.yaml"))
+    return model.load_tokenizer(recipes.load(TINY / "xsum_tiny.yaml"))
 
 
 def evaluated(recipe: dict, tokenizer, predict) -> list[Record]:
@@ -56,7 +56,7 @@ def test_unrender_reads_the_fields_back_from_a_prompt():
 def test_lead1_on_the_tiny_xsum_data_is_scored_and_in_the_report(tiny, tokenizer, tmp_path):
     from evaluators.rouge import Rouge
 
-    recipe = recipe_mod.load(TINY / "xsum_tiny.yaml")
+    recipe = recipes.load(TINY / "xsum_tiny.yaml")
     records = evaluated(recipe, tokenizer, predict=lambda ref: ref)  # a perfect model
     run_dir = tmp_path / "run"
     model_metrics = {"split": "test", "examples": len(records), "rouge": Rouge().evaluate(records, run_dir)}
@@ -93,7 +93,7 @@ def test_lead1_on_the_tiny_xsum_data_is_scored_and_in_the_report(tiny, tokenizer
 def test_classification_baselines_count_labels_in_train_only(tiny, tokenizer, tmp_path):
     from evaluators.classification import Classification
 
-    recipe = recipe_mod.load(TINY / "agnews_tiny.yaml", ["data.test_samples=60"])
+    recipe = recipes.load(TINY / "agnews_tiny.yaml", ["data.test_samples=60"])
     records = evaluated(recipe, tokenizer, predict=lambda ref: ref)
     result = baselines.compute(recipe, tmp_path, records)
     train = baselines.train_references(recipe)
@@ -119,7 +119,7 @@ def test_multilabel_baseline_is_the_most_frequent_label_set(tiny, tokenizer, tmp
     from evaluators.classification import normalize
     from evaluators.multilabel import split_names
 
-    recipe = recipe_mod.load(TINY / "goemotions_tiny.yaml", ["data.test_samples=40"])
+    recipe = recipes.load(TINY / "goemotions_tiny.yaml", ["data.test_samples=40"])
     records = evaluated(recipe, tokenizer, predict=lambda ref: ref)
     result = baselines.compute(recipe, tmp_path, records)
     base = result["baselines"]["most frequent label set"]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.data import chat
 from runner.data import data as data_mod
 from runner.evaluate import rank
-from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 CONVERSATION = [{"role": "system", "content": "Answer with the topic."},
@@ -37,7 +37,7 @@ def chat_recipe(tmp_path: Path, rows=None, **prompt) -> dict:
            "evaluation": {"split": "train"}}
     path = tmp_path / "chat.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return recipe_mod.load(path)
+    return recipes.load(path)
 
 
 def attached(tokenizer, recipe):
@@ -69,10 +69,10 @@ def test_a_chat_template_without_chat_data_and_a_recipe_with_neither_are_refused
     raw = {"model": {"name_or_path": "unused"}, "data": {"source": "x.jsonl"},
            "prompt": {"template": "{a}", "completion": " {b}", "chat_template": "chatml"}}
     with pytest.raises(RecipeError, match="no chat data") as err:
-        recipe_mod.validate(raw)
+        recipes.validate(raw)
     assert err.value.key_path == "prompt.chat_template"
     with pytest.raises(RecipeError, match="missing required key") as err:
-        recipe_mod.validate({**raw, "prompt": {"max_length": 64}})
+        recipes.validate({**raw, "prompt": {"max_length": 64}})
     assert err.value.key_path == "prompt.template"
 
 
@@ -100,7 +100,7 @@ def test_a_prompt_template_pasting_conversations_in_as_text_is_refused(tmp_path,
            "prompt": {"template": "Chat: {messages}\nAnswer:", "completion": " {label}"},
            "evaluation": {"split": "train"}}
     with pytest.raises(RecipeError) as err:
-        data_mod.prepare(recipe_mod.validate(raw), tokenizer, roles=("train",))
+        data_mod.prepare(recipes.validate(raw), tokenizer, roles=("train",))
     assert err.value.key_path == "prompt.template"
     assert "holds chat conversations" in err.value.line() and "set prompt.messages: messages" in err.value.line()
 
@@ -168,7 +168,7 @@ def test_trl_builds_labels_from_the_assistant_turns_only(tmp_path, tiny):
 
     recipe = chat_recipe(tmp_path, max_length=256)
     recipe["model"]["name_or_path"] = str(tiny / "phi")
-    defaults = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")["lora"]  # every lora key, filled in
+    defaults = recipes.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")["lora"]  # every lora key, filled in
     recipe["lora"] = {**defaults, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     tok = model_mod.load_tokenizer(recipe)
     ds = data_mod.prepare(recipe, tok, roles=("train",)).splits["train"]
@@ -187,7 +187,7 @@ def test_the_runners_scoring_path_scores_an_answer_with_its_end_of_turn_marker(t
     from runner.evaluate import evaluate
     from runner.model import model as model_mod
 
-    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml", ["data.test_samples=3"])
+    recipe = recipes.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml", ["data.test_samples=3"])
     tok = model_mod.load_tokenizer(recipe)
     examples = data_mod.prepare(recipe, tok, roles=("test",)).splits["test"]
     records = evaluate.scored_records(recipe, model_mod.load_for_inference(recipe, None), tok, examples)

@@ -11,9 +11,9 @@ import pytest
 from evaluators import BUILTINS
 from evaluators.base import Record
 from evaluators.classification import Classification
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.common.stats import bootstrap_ci
-from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -95,7 +95,7 @@ def test_references_outside_the_labels_are_reported_not_dropped(tmp_path):
 
 def test_is_a_builtin_that_recipes_can_name():
     assert BUILTINS["classification"] == "evaluators.classification:Classification"
-    recipe = recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml")
+    recipe = recipes.load(ROOT / "recipes" / "agnews_phi2.yaml")
     spec = recipe["evaluation"]["evaluators"][0]
     assert spec == {"name": "classification", "labels": ["World", "Sports", "Business", "Sci/Tech"],
                     "confusion_matrix": True}
@@ -109,7 +109,7 @@ def test_is_a_builtin_that_recipes_can_name():
 ])
 def test_wrong_parameters_are_recipe_errors(override, key_path, word):
     with pytest.raises(RecipeError) as info:
-        recipe_mod.load(ROOT / "recipes" / "agnews_phi2.yaml", [override])
+        recipes.load(ROOT / "recipes" / "agnews_phi2.yaml", [override])
     assert info.value.key_path == key_path
     assert word in info.value.line()
 
@@ -129,7 +129,7 @@ def label_check(labels: list[str], references: list[str], *overrides: str, recip
     ``references`` (one split)."""
     from runner.evaluate import evaluate
 
-    resolved = recipe_mod.load(ROOT / "recipes" / f"{recipe}.yaml",
+    resolved = recipes.load(ROOT / "recipes" / f"{recipe}.yaml",
                                [f"evaluation.evaluators[0].labels=[{','.join(labels)}]", *overrides])
     evaluate.check_labels(resolved, {"test": {"completion": [f" {r}" for r in references]}})
 

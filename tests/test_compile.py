@@ -9,8 +9,8 @@ import json
 import pytest
 from transformers import PhiConfig
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
-from runner.recipe import recipe as recipe_mod
 from runner.speed import profiles
 from tests.conftest import ROOT
 
@@ -21,7 +21,7 @@ PHI2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, nu
 
 
 def resolve(*overrides: str, card_gb: float | None = 80, world_size: int = 1) -> profiles.Speed:
-    return profiles.resolve(recipe_mod.load(XSUM, list(overrides)), PHI2, card_gb=card_gb, detect=False,
+    return profiles.resolve(recipes.load(XSUM, list(overrides)), PHI2, card_gb=card_gb, detect=False,
                             world_size=world_size)
 
 
@@ -37,7 +37,7 @@ def test_auto_compiles_on_a_gpu_profile_without_recompute_or_sharding():
     assert not resolve("training.profile=fast", "training.compile=false").compiled
     assert resolve("training.compile=true", card_gb=None).compiled  # as written, anywhere
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(XSUM, ["training.compile=sometimes"])
+        recipes.load(XSUM, ["training.compile=sometimes"])
     assert err.value.key_path == "training.compile" and "one of: auto, true, false" in str(err.value)
 
 
@@ -70,7 +70,7 @@ def test_a_compiled_run_trains_the_same_and_evaluates_uncompiled(tiny, tmp_path,
 
     runs = {}
     for compiled in (False, True):
-        recipe = recipe_mod.load(TINY, ["training.max_steps=2", "training.logging_steps=1", "training.eval_every=null",
+        recipe = recipes.load(TINY, ["training.max_steps=2", "training.logging_steps=1", "training.eval_every=null",
                                         f"training.compile={str(compiled).lower()}", f"output_dir={tmp_path / str(compiled)}"])
         run_dir, model, _, _ = train_mod.train(recipe, instrument=instrument if compiled else None)
         runs[compiled] = (run_dir, model)
@@ -131,7 +131,7 @@ def test_cuda_graph_steps_mark_each_micro_batch_and_copy_accumulated_gradients(t
 
     runs = {}
     for graphs in (False, True):
-        recipe = recipe_mod.load(TINY, ["training.max_steps=2", "training.logging_steps=1", "training.eval_every=null",
+        recipe = recipes.load(TINY, ["training.max_steps=2", "training.logging_steps=1", "training.eval_every=null",
                                         "training.micro_batch_size=8", "training.gradient_accumulation_steps=2",
                                         f"output_dir={tmp_path / str(graphs)}"])
         speed = profiles.resolve(recipe, model_mod.load_config(recipe), detect=False)
@@ -212,7 +212,7 @@ def test_compiled_layers_see_one_batch_shape_to_the_end_of_an_epoch(tiny, tmp_pa
 
     losses = {}
     for compiled in (False, True):
-        recipe = recipe_mod.load(TINY, ["training.profile=fast", "training.max_steps=null", "training.epochs=1",
+        recipe = recipes.load(TINY, ["training.profile=fast", "training.max_steps=null", "training.epochs=1",
                                         "data.train_samples=20", "training.micro_batch_size=8",
                                         "training.gradient_accumulation_steps=1", "training.logging_steps=1",
                                         "training.eval_every=null", f"training.compile={str(compiled).lower()}",

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.data import data as data_mod
-from runner.recipe import recipe as recipe_mod
+from runner.recipe import compose
 
 
 def make_recipe(tmp_path: Path, source, **sections) -> dict:
@@ -20,10 +21,10 @@ def make_recipe(tmp_path: Path, source, **sections) -> dict:
                       "max_length": 64, "truncate": "document"},
            "evaluation": {"split": "test"}}
     for key, value in sections.items():
-        raw[key] = recipe_mod.deep_merge(raw.get(key, {}), value)
+        raw[key] = compose.deep_merge(raw.get(key, {}), value)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return recipe_mod.load(path)
+    return recipes.load(path)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
-from runner.recipe import recipe as recipe_mod
 from runner.store import checkpoints
 from tests.conftest import ROOT, run_folder
 
@@ -17,13 +17,13 @@ TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 def test_early_stopping_needs_an_eval_split_and_a_checkpoint_at_each_evaluation(tiny):
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(TINY, ["training.early_stopping={patience: 2}", "data.splits.eval=null"])
+        recipes.load(TINY, ["training.early_stopping={patience: 2}", "data.splits.eval=null"])
     assert err.value.key_path == "training.early_stopping"
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(TINY, ["training.early_stopping={patience: 2}", "training.eval_every=5",
+        recipes.load(TINY, ["training.early_stopping={patience: 2}", "training.eval_every=5",
                                "training.save_every=10"])
     assert err.value.key_path == "training.save_every"
-    recipe = recipe_mod.load(TINY, ["training.early_stopping={patience: 2}", "training.eval_every=5"])
+    recipe = recipes.load(TINY, ["training.early_stopping={patience: 2}", "training.eval_every=5"])
     assert recipe["training"]["early_stopping"] == {"patience": 2, "metric": "eval_loss", "min_delta": 0.0,
                                                     "restore_best": True}
 

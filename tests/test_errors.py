@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.recipe import recipe as recipe_mod
+from runner.recipe import validation, wording
 from tests.conftest import ROOT
 
 TINY_RECIPE = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -53,6 +53,33 @@ def test_unknown_key_suggests_the_right_one(tmp_path, tiny, cli, command):
 def test_unknown_top_level_key(tmp_path, tiny, cli):
     path = write_recipe(tmp_path, tiny, lambda r: r.update(evalution={"split": "test"}))
     assert_user_error(cli("train", path), "evalution", "did you mean 'evaluation'")
+
+
+def test_a_section_key_given_at_the_top_names_its_section(cli):
+    """`max_steps=5` on the command line: the key exists, in training; the hint says where (issue 24)."""
+    assert_user_error(cli("validate", "recipes/tiny/xsum_tiny.yaml", "max_steps=5"), "max_steps", "unknown key",
+                      "(did you mean training.max_steps?)")
+
+
+def test_a_section_key_written_at_the_top_of_a_recipe_file_names_its_section(tmp_path, tiny, cli):
+    path = write_recipe(tmp_path, tiny, lambda r: r.update(learning_rate=1e-4))
+    assert_user_error(cli("validate", path), "learning_rate", "unknown key", "(did you mean training.learning_rate?)")
+
+
+def test_a_top_level_key_of_several_sections_lists_them(monkeypatch):
+    """No key of today's schema is in two sections; should one be, the hint names each place it could go."""
+    monkeypatch.setattr(wording, "sections_with", lambda key: ["data", "training"])
+    assert wording._unknown_key_hint("seed", ["model"], top=True) == "did you mean data.seed or training.seed?"
+    monkeypatch.setattr(wording, "sections_with", lambda key: ["data", "lora", "training"])
+    assert wording._unknown_key_hint("r", ["model"], top=True) == "did you mean data.r, lora.r or training.r?"
+
+
+def test_an_evaluators_unknown_key_is_not_sent_to_a_recipe_section(tmp_path, tiny, cli):
+    """An evaluator's own keys are checked against its params_schema, whose top is not the recipe's: a key named
+    like a recipe section's (max_steps) gets the evaluator's allowed keys, not training.max_steps."""
+    path = write_recipe(tmp_path, tiny, lambda r: r["evaluation"]["evaluators"][0].update(max_steps=3))
+    line = assert_user_error(cli("validate", path), "evaluation.evaluators[0].max_steps", "unknown key")
+    assert "training." not in line
 
 
 def test_wrong_type(tmp_path, tiny, cli):
@@ -241,13 +268,13 @@ def _descriptions(node, path=""):
             yield from _descriptions(value, f"{path}[{i}]")
 
 
-@pytest.mark.parametrize(("path", "node"), list(_descriptions(recipe_mod.schema())), ids=lambda v: v if
+@pytest.mark.parametrize(("path", "node"), list(_descriptions(validation.schema())), ids=lambda v: v if
                          isinstance(v, str) else "")
 def test_every_key_hint_is_a_whole_sentence(path, node):
     """The hint of an error is the first sentence of the key's schema description: never cut at "e.g." or inside
     brackets."""
-    hint = recipe_mod._describe(node)
-    assert hint and not hint.endswith(recipe_mod._ABBREVIATIONS), hint
+    hint = wording._describe(node)
+    assert hint and not hint.endswith(wording._ABBREVIATIONS), hint
     for open_, close in ("()", "[]", "{}"):
         assert hint.count(open_) == hint.count(close), hint
     assert node["description"].startswith(hint)

@@ -13,8 +13,8 @@ import pytest
 from evaluators.base import Record
 from evaluators.loss import Loss
 from evaluators.rouge import Rouge
+from runner.cli import recipes
 from runner.evaluate import evaluate as evaluate_mod
-from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 from tests.test_errors import assert_user_error, write_recipe
 
@@ -90,7 +90,7 @@ def untrained(tiny):
     from runner.model import model as model_mod
 
     torch.set_num_threads(2)
-    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
+    recipe = recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
     return recipe, model_mod.load_tokenizer(recipe), model_mod.load_trained(recipe, None)
 
 
@@ -205,7 +205,7 @@ def test_user_evaluator_parameters_are_checked_at_validation(user_package, tiny,
 def test_user_evaluator_default_is_filled_and_it_runs(user_package, tiny, monkeypatch):
     monkeypatch.chdir(user_package)
     monkeypatch.syspath_prepend(str(user_package))
-    recipe = recipe_mod.load(write_recipe(user_package, tiny, _with_user_evaluator({})))
+    recipe = recipes.load(write_recipe(user_package, tiny, _with_user_evaluator({})))
     assert recipe["evaluation"]["evaluators"][0]["cap"] == 3.0
     (name, evaluator), _ = evaluate_mod.build_evaluators(recipe)
     out = evaluator.evaluate(records([("a b c d", "a b"), ("a b", "a b c d e f g h")]), user_package)

@@ -91,12 +91,12 @@ def test_merged_logits_match_the_4bit_model_with_its_adapter_unlike_requantizing
     import torch
     from transformers import AutoModelForCausalLM
 
+    from runner.cli import recipes
     from runner.model import model as model_mod
-    from runner.recipe import recipe as recipe_mod
 
     twin, out, _ = exported
     torch.set_num_threads(2)
-    recipe = recipe_mod.load(twin.recipe)
+    recipe = recipes.load(twin.recipe)
     tokenizer = model_mod.load_tokenizer(recipe)
     adapter = model_mod.load_trained(recipe, twin.run_dir / "adapter")
     model_mod._keep_trainable_layout(adapter)  # the 4-bit layout training computed with (not CPU inference's)

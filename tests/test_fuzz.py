@@ -22,9 +22,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.cli import cli
+from runner.cli import cli, recipes
 from runner.common.errors import RecipeError
-from runner.recipe import recipe as recipe_mod
+from runner.recipe import compose, loader, validation
 from tests.conftest import ROOT
 
 CASES = {"recipes": 2000, "overrides": 1200, "inputs": 1700, "rows": 150}  # >= 5,000 in all
@@ -44,7 +44,7 @@ DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _resolved_base(path: Path) -> dict:
-    data = recipe_mod._load_with_extends(path, ())  # extends followed, paths absolute: the file can move
+    data = compose._load_with_extends(path, ())  # extends followed, paths absolute: the file can move
     data.pop("extends", None)
     return data
 
@@ -79,7 +79,7 @@ def _paths(node, prefix=()):
     return out
 
 
-SCHEMA_KEYS = sorted({k for p in _paths(recipe_mod.schema()) for k in p if isinstance(k, str)
+SCHEMA_KEYS = sorted({k for p in _paths(validation.schema()) for k in p if isinstance(k, str)
                       and k not in ("properties", "$defs", "allOf", "then", "if", "items", "anyOf", "oneOf")})
 
 
@@ -168,7 +168,7 @@ MADE_UP_KEY = st.lists(st.one_of(st.sampled_from(SCHEMA_KEYS), st.text(max_size=
 
 
 def _one_override(base: dict):
-    values = {recipe_mod._fmt(p): _get(base, p) for p in _paths(base)}
+    values = {loader._fmt(p): _get(base, p) for p in _paths(base)}
     keys = st.sampled_from(sorted(values))
     kind_of = keys.flatmap(lambda k: _plausible(values[k]).map(lambda v: f"{k}={_flow(v)}"))
     return st.one_of(
@@ -241,7 +241,7 @@ FIELD_VALUES = st.one_of(TEXT, st.none(), st.booleans(), st.integers(), st.float
 def xsum_recipe_and_tokenizer(tiny):
     from runner.model import model as model_mod
 
-    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
+    recipe = recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
     return recipe, model_mod.load_tokenizer(recipe)
 
 
@@ -307,7 +307,7 @@ def test_any_data_file_is_prepared_or_refused_in_one_line(workdir, xsum_recipe_a
     raw["evaluation"]["split"] = "test" if holdout else "train"
     raw["training"]["eval_every"] = None
     try:
-        prepared = data_mod.prepare(recipe_mod.validate(raw), tokenizer)
+        prepared = data_mod.prepare(recipes.validate(raw), tokenizer)
         for split in prepared.splits.values():
             assert all(n <= recipe["prompt"]["max_length"] for n in split["n_tokens"])
     except RecipeError as exc:

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.data import data as data_mod
 from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate import generate as generate_mod
 from runner.evaluate import rank as rank_mod
-from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 TINY_XSUM = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
@@ -24,7 +24,7 @@ def with_keys(recipe: dict, **sections) -> dict:
     out = copy.deepcopy(recipe)
     for section, values in sections.items():
         out[section].update(values)
-    return recipe_mod.validate(out)
+    return recipes.validate(out)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def untrained(tiny):
     from runner.model import model as model_mod
 
     torch.set_num_threads(2)
-    recipe = recipe_mod.load(TINY_XSUM)
+    recipe = recipes.load(TINY_XSUM)
     return recipe, model_mod.load_tokenizer(recipe), model_mod.load_trained(recipe, None)
 
 
@@ -202,7 +202,7 @@ def test_generation_runs_cudnn_attention_and_scoring_does_not_whatever_training_
 
 
 def test_rank_mode_needs_labels_and_a_one_field_completion():
-    recipe = recipe_mod.load(TINY_XSUM)
+    recipe = recipes.load(TINY_XSUM)
     with pytest.raises(RecipeError) as err:
         with_keys(recipe, generation={"mode": "rank"})
     assert err.value.key_path == "generation.mode"
@@ -231,7 +231,7 @@ def agnews(trained, tmp_path_factory):
 
     run = trained("agnews_tiny")
     folder = tmp_path_factory.mktemp("agnews")
-    recipe = recipe_mod.load(AGNEWS_TINY, ["data.test_samples=60", f"output_dir={folder}"])
+    recipe = recipes.load(AGNEWS_TINY, ["data.test_samples=60", f"output_dir={folder}"])
     tokenizer = model_mod.load_tokenizer(recipe)
     net = model_mod.load_trained(recipe, run.run_dir / "adapter")
     test = data_mod.prepare(recipe, tokenizer, roles=("test",)).splits["test"]

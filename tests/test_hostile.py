@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.cli import cli
+from runner.cli import cli, recipes
 from runner.common import errors
 from runner.common.errors import RecipeError
+from runner.recipe import loader
 from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
@@ -194,8 +195,8 @@ def test_a_run_whose_recipe_yaml_is_unreadable_is_not_a_traceback(tmp_path, text
 
     (tmp_path / "recipe.yaml").write_bytes(text)
     assert runs.saved_recipe(tmp_path) is None
-    assert runs.trained_with(recipe_mod.load(TINY), tmp_path) is None
-    assert runs.mismatch(tmp_path, recipe_mod.load(TINY), None) == "its recipe.yaml is missing or unreadable"
+    assert runs.trained_with(recipes.load(TINY), tmp_path) is None
+    assert runs.mismatch(tmp_path, recipes.load(TINY), None) == "its recipe.yaml is missing or unreadable"
 
 
 def test_generate_input_that_is_not_utf8(tmp_path):
@@ -222,7 +223,7 @@ def test_generate_input_that_is_no_file_says_what_it_is(tmp_path, where):
 def test_generate_input_a_broken_chat_record_is_refused():
     from runner.evaluate import infer
 
-    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")
+    recipe = recipes.load(ROOT / "recipes" / "tiny" / "chat_tiny.yaml")
     with pytest.raises(RecipeError) as info:
         infer.read_inputs(["What is the news?", '{"messages": [{"role": "user", "content": "hi"}'], recipe)
     assert info.value.key_path == "--input" and info.value.problem == "line 2: not valid JSON"
@@ -231,7 +232,7 @@ def test_generate_input_a_broken_chat_record_is_refused():
 def test_plan_without_gpu_and_without_gpu_gb():
     from runner.speed import plan
 
-    text = plan.report(recipe_mod.load(TINY), None)
+    text = plan.report(recipes.load(TINY), None)
     for name in ("none", "fast", "balanced", "low_memory"):
         assert any(line.startswith(name) and line.endswith("GiB") for line in text.splitlines()), text
     assert "no GPU here" in text
@@ -291,13 +292,13 @@ class CountingTokenizer:
 def tiny_tokenizer(tiny):
     from runner.model import model as model_mod
 
-    return model_mod.load_tokenizer(recipe_mod.load(TINY))
+    return model_mod.load_tokenizer(recipes.load(TINY))
 
 
 def test_a_huge_record_is_cut_before_tokenizing_and_fits_the_same(tiny_tokenizer):
     from runner.data import data as data_mod
 
-    recipe = recipe_mod.load(TINY)
+    recipe = recipes.load(TINY)
     cap = data_mod.char_cap(tiny_tokenizer, recipe["prompt"]["max_length"])
     words = "The council met again today to discuss the plans for the new bridge. " * (30_000_000 // 70)
     rows = {"document": [words, words[: 3 * cap]], "summary": ["Council meets.", "Council meets."],
@@ -319,7 +320,7 @@ def test_inspect_measures_a_huge_record_on_its_first_characters(tiny_tokenizer):
     from runner.data import data as data_mod
     from runner.data import inspection as inspect_mod
 
-    recipe = recipe_mod.load(TINY)
+    recipe = recipes.load(TINY)
     rows = [{"id": str(i), "document": "Storms closed roads in the north.", "summary": "Storms."} for i in range(5)]
     rows.append({"id": "huge", "document": "word " * 6_000_000, "summary": "Long."})
     counting = CountingTokenizer(tiny_tokenizer)
@@ -336,8 +337,8 @@ def test_inspect_measures_a_huge_record_on_its_first_characters(tiny_tokenizer):
 
 
 def test_dump_of_a_recipe_round_trips_through_the_bounded_loader():
-    recipe = recipe_mod.load(TINY)
-    assert recipe_mod.parse_yaml(recipe_mod.dump(recipe), "x") == yaml.safe_load(recipe_mod.dump(recipe))
+    recipe = recipes.load(TINY)
+    assert loader.parse_yaml(recipe_mod.dump(recipe), "x") == yaml.safe_load(recipe_mod.dump(recipe))
 
 
 def test_a_native_writer_failing_on_a_full_disk_is_named_so(tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
+from runner.cli import recipes
 from runner.data import data as data_mod
 from runner.data import inspection as inspect_mod
-from runner.recipe import recipe as recipe_mod
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -49,7 +49,7 @@ def write_recipe(tmp_path, tiny, **prompt):
 def setup(tmp_path, tiny):
     from runner.model import model as model_mod
 
-    recipe = recipe_mod.load(write_recipe(tmp_path, tiny))
+    recipe = recipes.load(write_recipe(tmp_path, tiny))
     return recipe, model_mod.load_tokenizer(recipe)
 
 
@@ -101,13 +101,13 @@ def test_second_look_comes_from_the_cache_and_a_changed_file_is_recomputed(setup
     third = inspect_mod.analyze(recipe, tokenizer, cache_dir=cache)
     assert not third["cached"]
     assert third["splits"]["train"]["rows"] == first["splits"]["train"]["rows"] + 1
-    changed = recipe_mod.validate({**recipe, "prompt": {**recipe["prompt"], "max_length": 64}})
+    changed = recipes.validate({**recipe, "prompt": {**recipe["prompt"], "max_length": 64}})
     assert not inspect_mod.analyze(changed, tokenizer, cache_dir=cache)["cached"]
 
 
 def test_no_label_counts_without_a_classification_evaluator(setup, tmp_path):
     recipe, tokenizer = setup
-    summary = recipe_mod.validate({**recipe, "evaluation": {"evaluators": [{"name": "samples"}], "split": "test"}})
+    summary = recipes.validate({**recipe, "evaluation": {"evaluators": [{"name": "samples"}], "split": "test"}})
     result = inspect_mod.analyze(summary, tokenizer, cache_dir=tmp_path / "cache")
     assert "labels" not in result["splits"]["train"]
 

@@ -8,9 +8,10 @@ import types
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
+from runner.model import counting
 from runner.model import model as model_mod
-from runner.recipe import recipe as recipe_mod
 from runner.speed import memory, plan, profiles
 from tests.conftest import ROOT
 from tests.test_plan import PHI2
@@ -30,9 +31,9 @@ def phi2_dir(tmp_path_factory):
 
 
 def phi2_counts(phi2_dir, *overrides: str) -> tuple[int, int]:
-    recipe = recipe_mod.load(XSUM, [f"model.name_or_path={phi2_dir}", *overrides])
+    recipe = recipes.load(XSUM, [f"model.name_or_path={phi2_dir}", *overrides])
     meta = model_mod.check(recipe)
-    return model_mod.meta_lora_counts(recipe, model_mod.meta_model(meta.config))
+    return counting.meta_lora_counts(recipe, model_mod.meta_model(meta.config))
 
 
 @pytest.mark.parametrize("overrides,trainable", [
@@ -50,7 +51,7 @@ def test_plan_counts_each_variant_exactly_from_the_config(phi2_dir, overrides, t
 
 
 def test_plan_shows_the_variants_and_their_parameters(phi2_dir):
-    recipe = recipe_mod.load(XSUM, [f"model.name_or_path={phi2_dir}", "lora.dora=true", "lora.rslora=true",
+    recipe = recipes.load(XSUM, [f"model.name_or_path={phi2_dir}", "lora.dora=true", "lora.rslora=true",
                                     "lora.layers_to_transform=[0,1]"])
     text = plan.report(recipe, 80.0)
     assert "LoRA r=16 on q_proj, k_proj, v_proj, dense (DoRA; rsLoRA; layers 0, 1)" in text
@@ -64,7 +65,7 @@ def test_dora_and_fewer_layers_move_the_activation_estimate_the_right_way(phi2_d
     speed = profiles.Speed("none", 4, 4, False)
 
     def activations(*overrides):
-        recipe = recipe_mod.load(XSUM, [f"model.name_or_path={phi2_dir}", *overrides])
+        recipe = recipes.load(XSUM, [f"model.name_or_path={phi2_dir}", *overrides])
         est = memory.estimate(recipe, config, speed)
         return next(v for k, v in est.parts.items() if k.startswith("activations"))
 
@@ -80,7 +81,7 @@ def test_dora_and_fewer_layers_move_the_activation_estimate_the_right_way(phi2_d
     (["lora.layers_to_transform=[0,4]"], "lora.layers_to_transform[1]", "has 4 layers: 0 to 3"),
 ])
 def test_variants_are_checked_against_the_model_before_weights_load(tiny, overrides, where, words):
-    recipe = recipe_mod.load(TINY, overrides)
+    recipe = recipes.load(TINY, overrides)
     with pytest.raises(RecipeError) as err:
         model_mod.check(recipe)
     assert err.value.key_path == where
@@ -95,13 +96,13 @@ def test_variants_are_checked_against_the_model_before_weights_load(tiny, overri
 ])
 def test_inits_that_need_particular_weights_are_refused_by_validate(tiny, overrides, words):
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(TINY, overrides)
+        recipes.load(TINY, overrides)
     assert err.value.key_path == "lora.init"
     assert words in err.value.line()
 
 
 def test_all_linear_with_a_layer_subset_adapts_only_those_layers(tiny):
-    recipe = recipe_mod.load(TINY, ["lora.layers_to_transform=[1,3]"])
+    recipe = recipes.load(TINY, ["lora.layers_to_transform=[1,3]"])
     meta = model_mod.check(recipe)
     from peft import get_peft_model
 
@@ -123,10 +124,10 @@ def test_dora_rslora_modules_to_save_and_layers_train_in_4bit_and_merge_exactly(
 
     torch.set_num_threads(2)
     overrides = ["lora.dora=true", "lora.rslora=true", "lora.modules_to_save=[lm_head]", "lora.layers_to_transform=[0,2]"]
-    recipe = recipe_mod.load(TINY, overrides)
+    recipe = recipes.load(TINY, overrides)
     meta = model_mod.check(recipe)
     model = model_mod.load_for_training(recipe)
-    assert model_mod.count_parameters(model) == model_mod.meta_lora_counts(recipe, model_mod.meta_model(meta.config))
+    assert counting.count_parameters(model) == counting.meta_lora_counts(recipe, model_mod.meta_model(meta.config))
     assert model.peft_config["default"].use_dora and model.peft_config["default"].use_rslora
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     model(input_ids=ids, labels=ids).loss.backward()
@@ -165,7 +166,7 @@ def test_pissa_adapter_is_saved_as_a_plain_lora_of_the_original_weights(tiny, tm
     from runner.train import train
 
     torch.set_num_threads(2)
-    recipe = recipe_mod.load(TINY, ["quantization.method=none", "lora.init=pissa", "lora.r=4"])
+    recipe = recipes.load(TINY, ["quantization.method=none", "lora.init=pissa", "lora.r=4"])
     tokenizer = model_mod.load_tokenizer(recipe)
     model = model_mod.load_for_training(recipe)
     init_dir = train._save_pissa_init(model, recipe, tmp_path, dist.World())
@@ -192,7 +193,7 @@ def test_loftq_needs_a_cuda_gpu_and_says_so_before_weights_load(tiny):
 
     if torch.cuda.is_available():
         pytest.skip("the CPU refusal")
-    recipe = recipe_mod.load(TINY, ["lora.init=loftq"])
+    recipe = recipes.load(TINY, ["lora.init=loftq"])
     with pytest.raises(RecipeError) as err:
         model_mod.check_trainable_here(recipe)
     assert err.value.key_path == "lora.init" and "CUDA GPU" in err.value.line()
@@ -207,11 +208,11 @@ def test_loftq_on_a_gpu_starts_closer_to_the_original_weights(tiny):
         pytest.skip("peft computes LoftQ on a CUDA GPU")
     from transformers import AutoModelForCausalLM
 
-    recipe = recipe_mod.load(TINY, ["lora.init=loftq"])
+    recipe = recipes.load(TINY, ["lora.init=loftq"])
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device="cuda")
     full = AutoModelForCausalLM.from_pretrained(recipe["model"]["name_or_path"], dtype=torch.float32).cuda().eval()
     loftq = model_mod.load_for_training(recipe).eval()
-    plain = model_mod.load_for_training(recipe_mod.load(TINY)).eval()
+    plain = model_mod.load_for_training(recipes.load(TINY)).eval()
     with torch.no_grad():
         want = full(input_ids=ids).logits.float()
         gap_loftq = (loftq(input_ids=ids).logits.float() - want).abs().mean()

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.data import data as data_mod
 from runner.data import inspection as inspect_mod
 from runner.data import mixture
-from runner.recipe import recipe as recipe_mod
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -38,7 +38,7 @@ def mix_recipe(tmp_path: Path, sources, **data) -> dict:
            "evaluation": {"split": "train"}}
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return recipe_mod.load(path)
+    return recipes.load(path)
 
 
 def two_sources(news, briefs, w_news=3, w_briefs=1):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from runner.cli import recipes
+from runner.model import counting
 from runner.model import model as model_mod
-from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
@@ -15,10 +16,10 @@ PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hid
 def test_phi2_study_lora_has_exactly_10_485_760_trainable_parameters():
     from transformers import PhiConfig
 
-    recipe = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")
+    recipe = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml")
     meta = model_mod.meta_model(PhiConfig(**PHI2))
     model_mod.check_targets(recipe, meta)
-    trainable, total = model_mod.meta_lora_counts(recipe, meta)
+    trainable, total = counting.meta_lora_counts(recipe, meta)
     assert trainable == 10_485_760
     assert total - trainable == 2_779_683_840  # Phi-2's own parameters
     assert f"{100 * trainable / total:.2f}" == "0.38"
@@ -33,7 +34,7 @@ def test_linear_module_names_of_phi_exclude_the_output_head():
 
 @pytest.fixture
 def tiny_recipe(tiny):
-    return recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
+    return recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
 
 
 def test_tiny_model_loads_in_4bit_through_from_pretrained_with_lora(tiny_recipe):
@@ -45,7 +46,7 @@ def test_tiny_model_loads_in_4bit_through_from_pretrained_with_lora(tiny_recipe)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 4 * 6  # every linear layer of 4 blocks is NF4
     assert four_bit[0].weight.quant_state.quant_type == "nf4"
-    trainable, total = model_mod.count_parameters(model)
+    trainable, total = counting.count_parameters(model)
     assert 0 < trainable < total
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     out = model(input_ids=torch.tensor([[1, 2, 3]]))

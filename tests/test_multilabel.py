@@ -11,9 +11,9 @@ import pytest
 from evaluators import BUILTINS
 from evaluators.base import Record
 from evaluators.multilabel import Multilabel
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.common.stats import bootstrap_ci
-from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT
 
 LABELS = ["joy", "anger", "fear", "neutral"]
@@ -72,7 +72,7 @@ def test_labels_default_to_the_names_in_the_references(tmp_path):
 
 def test_is_a_builtin_that_recipes_can_name():
     assert BUILTINS["multilabel"] == "evaluators.multilabel:Multilabel"
-    recipe = recipe_mod.load(ROOT / "recipes" / "goemotions_phi2.yaml")
+    recipe = recipes.load(ROOT / "recipes" / "goemotions_phi2.yaml")
     spec = recipe["evaluation"]["evaluators"][0]
     assert spec["name"] == "multilabel" and len(spec["labels"]) == 28 and spec["separator"] == ","
 
@@ -84,7 +84,7 @@ def test_is_a_builtin_that_recipes_can_name():
 ])
 def test_wrong_parameters_are_recipe_errors(override, key_path):
     with pytest.raises(RecipeError) as info:
-        recipe_mod.load(ROOT / "recipes" / "goemotions_phi2.yaml", [override])
+        recipes.load(ROOT / "recipes" / "goemotions_phi2.yaml", [override])
     assert info.value.key_path == key_path
 
 
@@ -100,7 +100,7 @@ def test_the_recipe_s_labels_are_checked_against_each_name_of_the_data():
     from runner.evaluate import evaluate
 
     def check(labels):
-        recipe = recipe_mod.load(ROOT / "recipes" / "goemotions_phi2.yaml",
+        recipe = recipes.load(ROOT / "recipes" / "goemotions_phi2.yaml",
                                  [f"evaluation.evaluators[0].labels=[{','.join(labels)}]"])
         evaluate.check_labels(recipe, {"train": {"completion": [" joy, anger", " fear", " joy"]}})
 

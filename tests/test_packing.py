@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from runner.recipe import recipe as recipe_mod
+from runner.cli import recipes
 from runner.speed import profiles
 from tests.conftest import ROOT
 
@@ -24,7 +24,7 @@ def model(tiny):
 
     from runner.model import model as model_mod
 
-    recipe = recipe_mod.load(TINY, ["training.profile=fast"])
+    recipe = recipes.load(TINY, ["training.profile=fast"])
     speed = profiles.candidates(recipe, "fast")[0]
     torch.manual_seed(0)
     net = model_mod.load_for_training(recipe, speed)

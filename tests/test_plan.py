@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
-from runner.recipe import recipe as recipe_mod
 from runner.speed import memory, profiles
 from tests.conftest import ROOT
 
@@ -34,7 +34,7 @@ def phi2_dir(tmp_path_factory, phi2_config):
 
 
 def xsum(*overrides: str) -> dict:
-    return recipe_mod.load(XSUM, list(overrides))
+    return recipes.load(XSUM, list(overrides))
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_plan_predicts_measured_gpu_peaks_within_15_percent(phi2_config, overrid
 
 
 def test_auto_on_a_cpu_changes_nothing(phi2_config):
-    recipe = recipe_mod.load(TINY)
+    recipe = recipes.load(TINY)
     speed = profiles.resolve(recipe, phi2_config, card_gb=None, detect=False)
     assert speed == profiles.Speed("none", 16, 1, False)
     assert not (speed.fixed_shapes or speed.keep_dtype or speed.fused_activation) and speed.cudnn_sdpa
@@ -144,7 +144,7 @@ def test_training_arguments_are_the_resolved_speeds_not_the_recipes(tmp_path):
     not from a second, rewritten recipe."""
     from runner.train import train
 
-    recipe = recipe_mod.load(TINY)  # as written: 16 x 1, no checkpointing
+    recipe = recipes.load(TINY)  # as written: 16 x 1, no checkpointing
     speed = profiles.Speed("low_memory", 4, 4, True)
     args = train._setup_training(recipe, tmp_path, has_eval=False, speed=speed)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import sys
 import pytest
 import yaml
 
-from runner.cli import sweep
+from runner.cli import recipes, sweep
 from runner.common.errors import RecipeError
+from runner.recipe import compose, loader, validation
 from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT, cli_env
 
@@ -24,15 +26,15 @@ def test_bundled_recipes_exist():
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_bundled_recipe_validates(path):
-    recipe = recipe_mod.load(path)
+    recipe = recipes.load(path)
     assert recipe["name"]
     assert recipe["evaluation"]["evaluators"]
     # The resolved recipe is complete: validating it again changes nothing.
-    assert recipe_mod.validate(yaml.safe_load(recipe_mod.dump(recipe))) == recipe
+    assert recipes.validate(yaml.safe_load(recipe_mod.dump(recipe))) == recipe
 
 
 def test_xsum_phi2_has_the_study_settings():
-    r = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")
+    r = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml")
     assert r["model"]["name_or_path"] == "microsoft/phi-2"
     assert r["data"]["source"] == "EdinburghNLP/xsum"
     assert r["quantization"] == {"method": "bnb_4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
@@ -53,7 +55,7 @@ def test_xsum_phi2_has_the_study_settings():
 def test_defaults_are_filled_from_the_schema(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {name_or_path: m}\ndata: {source: d.jsonl}\nprompt: {template: 'Q: {q}', completion: ' {a}'}\n")
-    r = recipe_mod.load(path)
+    r = recipes.load(path)
     assert r["name"] == "r"
     assert r["seed"] == 42 and r["training"]["learning_rate"] == 2e-4
     assert r["quantization"]["method"] == "none" and r["lora"] is None
@@ -70,7 +72,7 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "child.yaml").write_text(yaml.safe_dump({
         "extends": "../base.yaml", "lora": {"target_modules": ["dense"]}, "training": {"max_steps": 7}}))
-    r = recipe_mod.load(tmp_path / "sub" / "child.yaml")
+    r = recipes.load(tmp_path / "sub" / "child.yaml")
     assert r["name"] == "child"
     assert r["lora"]["r"] == 8 and r["lora"]["target_modules"] == ["dense"]
     assert r["training"]["epochs"] == 3 and r["training"]["max_steps"] == 7
@@ -79,7 +81,7 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path):
 
 def test_overrides_parse_values_as_yaml_and_index_lists(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", [
+    r = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml", [
         "training.max_steps=5", "training.packing=true", "lora.target_modules=[q_proj, dense]",
         "evaluation.evaluators[1].count=3", "data.source=mine.jsonl", "generation.top_k=null", "name=other"])
     assert r["training"]["max_steps"] == 5 and r["training"]["packing"] is True
@@ -91,20 +93,20 @@ def test_overrides_parse_values_as_yaml_and_index_lists(tmp_path, monkeypatch):
 
 def test_override_past_the_end_of_a_list_is_an_error():
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", ["evaluation.evaluators[5].count=3"])
+        recipes.load(ROOT / "recipes" / "xsum_phi2.yaml", ["evaluation.evaluators[5].count=3"])
     assert err.value.key_path == "evaluation.evaluators[5]"
 
 
 def test_cross_checks():
-    base = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml")
+    base = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml")
     raw = yaml.safe_load(recipe_mod.dump(base))
     raw["prompt"]["truncate"] = "summary"
     with pytest.raises(RecipeError, match="not a field of prompt.template"):
-        recipe_mod.validate(raw)
+        recipes.validate(raw)
     raw = yaml.safe_load(recipe_mod.dump(base))
     raw["data"]["splits"]["eval"] = None
     with pytest.raises(RecipeError) as err:
-        recipe_mod.validate(raw)
+        recipes.validate(raw)
     assert err.value.key_path == "training.eval_every"
 
 
@@ -137,7 +139,7 @@ def test_validate_print_saves_a_recipe_that_validates_again(tmp_path):
 def _extend(tmp_path, parent: dict, child: dict) -> dict:
     (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
     (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "parent.yaml", **child}))
-    return recipe_mod.load(tmp_path / "child.yaml")
+    return recipes.load(tmp_path / "child.yaml")
 
 
 PARENT = {"model": {"name_or_path": "m"}, "prompt": {"template": "{x}", "completion": " {y}"},
@@ -157,7 +159,7 @@ def test_extends_null_removes_an_inherited_key_unless_null_is_its_value(tmp_path
     r = _extend(tmp_path, PARENT, {"data": {"source": {"train": "a.csv", "eval": None, "test": "b.jsonl"}},
                                    "training": {"learning_rate": None, "eval_every": None}})
     assert "eval" not in r["data"]["source"]  # was a one-line error: eval is a file name, never null
-    assert r["training"]["learning_rate"] == recipe_mod.schema()["properties"]["training"]["properties"][
+    assert r["training"]["learning_rate"] == validation.schema()["properties"]["training"]["properties"][
         "learning_rate"]["default"]  # removed: the default applies
     assert r["training"]["eval_every"] is None  # null is a value here ("no eval loss"): kept
     r = _extend(tmp_path, {**PARENT, "data": {"source": "d.jsonl", "splits": {"eval": "validation"}}},
@@ -189,11 +191,11 @@ def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path):
 def test_text_keys_keep_exponent_like_text(tmp_path):
     """Where the schema wants text, `1e3` stays the text written (as YAML 1.1 read it), and the saved recipe quotes
     it, so a resume reads back the same recipe."""
-    r = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["name=1e3", "generation.stop=[2E5]"])
+    r = recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["name=1e3", "generation.stop=[2E5]"])
     assert r["name"] == "1e3" and r["generation"]["stop"] == ["2E5"]
-    assert recipe_mod.parse_yaml(recipe_mod.dump(r), "recipe.yaml") == r
+    assert loader.parse_yaml(recipe_mod.dump(r), "recipe.yaml") == r
     with pytest.raises(RecipeError) as err:  # an integer key is not given a float, as 5.0 is not
-        recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["training.max_steps=1e3"])
+        recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["training.max_steps=1e3"])
     assert (err.value.key_path, err.value.problem) == ("training.max_steps", "expected integer or null, got number 1000.0")
 
 
@@ -210,3 +212,59 @@ def test_null_override_removes_a_key_so_data_source_can_become_sources(tmp_path)
     r = _validate_print(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", "training.eval_every=null", "lora=null",
                         "quantization.method=none")
     assert r["training"]["eval_every"] is None and r["lora"] is None  # null is a value of these: kept
+
+
+# ---------------------------------------------------------------- validation reads, never writes
+
+
+def _typed(value):
+    """``value`` with each leaf's type beside it (an exponent number turned into a plain float is a change)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, value)
+
+
+def _unsettled(resolved: dict) -> dict:
+    """A resolved recipe whose data.splits name every role again, as a file would before used_splits decides."""
+    probe = copy.deepcopy(resolved)
+    probe["data"]["splits"] = {"train": "train", "eval": "validation", "test": "test"}
+    return probe
+
+
+def _checks_write_nothing(resolved: dict) -> None:
+    probe = _unsettled(resolved)
+    before = copy.deepcopy(probe)
+    for check in recipes.CHECKS:
+        check(probe)
+    assert _typed(probe) == _typed(before)
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_validation_leaves_the_recipe_it_is_given_as_it_was(path):
+    """The study recipes and their tiny twins: validate fills a copy; the checks only read."""
+    raw = compose.compose(path, ["training.learning_rate=1e-4"])  # an exponent number, as a command line writes it
+    raw["name"] = "r"
+    before = copy.deepcopy(raw)
+    resolved = recipes.validate(raw)
+    assert _typed(raw) == _typed(before)
+    assert resolved["training"]["learning_rate"] == 1e-4 and type(resolved["training"]["learning_rate"]) is float
+    _checks_write_nothing(resolved)
+
+
+@pytest.mark.parametrize("data", [
+    {"source": {"train": "a.jsonl", "test": "b.jsonl"}},
+    {"sources": [{"source": {"train": "a.jsonl"}}, {"source": {"train": "b.jsonl", "test": "c.jsonl"}}]},
+], ids=["files", "mixture"])
+def test_splits_no_file_provides_are_null_in_the_result_only(data):
+    """A role no file provides is unused (null) in the resolved recipe; neither the recipe given nor a check
+    writes that."""
+    raw = {"name": "r", "model": {"name_or_path": "m"}, "prompt": {"template": "{x}", "completion": " {y}"},
+           "data": {**data, "splits": {"eval": "validation"}}, "training": {"eval_every": None},
+           "evaluation": {"split": "test"}}
+    before = copy.deepcopy(raw)
+    resolved = recipes.validate(raw)
+    assert raw == before
+    assert resolved["data"]["splits"] == {"train": "train", "eval": None, "test": "test"}
+    _checks_write_nothing(resolved)

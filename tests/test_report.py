@@ -100,11 +100,11 @@ def test_a_run_without_evaluation_still_gets_a_report(run_dir, tmp_path):
 def test_the_report_shows_the_settings_that_trained_not_only_the_recipes(tmp_path):
     """A speed profile may split the step and checkpoint otherwise than the recipe writes: report.md says what ran
     (env.json's speed), recipe.yaml notes it in a comment and still loads as the same recipe."""
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
     from runner.speed import profiles
     from runner.store import runs
 
-    recipe = recipe_mod.load(RECIPE, ["training.micro_batch_size=4", "training.gradient_accumulation_steps=4",
+    recipe = recipes.load(RECIPE, ["training.micro_batch_size=4", "training.gradient_accumulation_steps=4",
                                       "training.gradient_checkpointing=true"])
     ran = profiles.Speed("fast", 16, 1, False, fixed_shapes=True, keep_dtype=True, world_size=2, distributed="ddp")
     (tmp_path / "env.json").write_text(json.dumps({"speed": ran.as_dict(), "global_step": 3}))
@@ -119,10 +119,10 @@ def test_the_report_shows_the_settings_that_trained_not_only_the_recipes(tmp_pat
 
 
 def test_the_recipe_section_lists_only_the_splits_the_recipe_uses():
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
 
-    both = "\n".join(report.recipe_section(recipe_mod.load(RECIPE)))
+    both = "\n".join(report.recipe_section(recipes.load(RECIPE)))
     assert re.search(r"samples: train \S+, eval \S+, test \S+", both)
-    no_eval = recipe_mod.load(RECIPE, ["data.splits.eval=null", "data.holdout.eval=0", "training.eval_every=null"])
+    no_eval = recipes.load(RECIPE, ["data.splits.eval=null", "data.holdout.eval=0", "training.eval_every=null"])
     text = "\n".join(report.recipe_section(no_eval))
     assert re.search(r"samples: train \S+, test \S+ \|", text) and "eval " not in text.split("samples:")[1].split("|")[0]

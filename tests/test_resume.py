@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.cli import recipes
 from runner.common import safeio
 from runner.common.errors import EnvironmentProblem, RecipeError
 from runner.recipe import recipe as recipe_mod
@@ -108,7 +109,7 @@ def test_trim_log_keeps_the_steps_the_checkpoint_covers(tmp_path):
 
 @pytest.fixture
 def recipe(tmp_path):
-    return recipe_mod.load(TINY, [f"output_dir={tmp_path / 'runs'}", "training.resume=auto"])
+    return recipes.load(TINY, [f"output_dir={tmp_path / 'runs'}", "training.resume=auto"])
 
 
 def fake_run(recipe: dict, stamp: str, fingerprint: str = "f1", **env) -> Path:
@@ -157,7 +158,7 @@ def test_auto_starts_fresh_after_a_finished_or_diverged_run(recipe):
 def test_auto_refuses_a_run_of_another_recipe_or_other_data(recipe):
     run_dir = fake_run(recipe, "20260101-000000")
     fake_checkpoint(run_dir, 2)
-    other = recipe_mod.load(TINY, [f"output_dir={recipe['output_dir']}", "training.resume=auto",
+    other = recipes.load(TINY, [f"output_dir={recipe['output_dir']}", "training.resume=auto",
                                    "training.learning_rate=0.01"])
     with pytest.raises(RecipeError) as info:
         runs.open_run(other, fingerprint="f1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.recipe import recipe as recipe_mod
+from runner.cli import recipes
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # loads torch and the tiny model
@@ -20,7 +20,7 @@ def _trainer(cls, tmp_path, tiny, *overrides: str):
     from runner.train import train as train_mod
 
     torch.manual_seed(0)
-    recipe = recipe_mod.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["lora.dropout=0", *overrides])
+    recipe = recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml", ["lora.dropout=0", *overrides])
     tokenizer = model_mod.load_tokenizer(recipe)
     data = data_mod.prepare(recipe, tokenizer, roles=("train",)).splits["train"].select(range(8))
     model = model_mod.load_for_training(recipe)

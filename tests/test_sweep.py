@@ -43,11 +43,11 @@ def test_cells_pin_the_data_seed_and_get_their_own_output_folder(tiny, tmp_path)
 
 
 def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
+    from runner.cli import recipes
     from runner.data import data as data_mod
-    from runner.recipe import recipe as recipe_mod
 
     def test_ids(*overrides):
-        recipe = recipe_mod.load(AGNEWS, ["data.test_samples=20", *overrides])
+        recipe = recipes.load(AGNEWS, ["data.test_samples=20", *overrides])
         return data_mod.sample(data_mod.load_raw(recipe), recipe)["test"]["id"]
 
     assert test_ids("seed=1", "data.seed=5") == test_ids("seed=2", "data.seed=5") == test_ids("seed=5")

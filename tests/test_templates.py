@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.data import data as data_mod
 from runner.evaluate import infer
-from runner.recipe import recipe as recipe_mod
 from runner.recipe import templates
 from tests.conftest import ROOT
 
@@ -32,11 +32,11 @@ def test_fields_render_and_read_back():
 def tokenizer(tiny):
     from runner.model import model as model_mod
 
-    return model_mod.load_tokenizer(recipe_mod.load(TINY))
+    return model_mod.load_tokenizer(recipes.load(TINY))
 
 
 def test_shorten_fits_the_prompt_alone_or_with_the_completion(tokenizer):
-    recipe = recipe_mod.load(TINY)
+    recipe = recipes.load(TINY)
     prompt_cfg = recipe["prompt"]
     document = "The council met again today to discuss the plans for the new bridge. " * 40
     row = {"document": document, "summary": "Council meets."}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from runner.cli import recipes
 from runner.common.errors import RecipeError
-from runner.recipe import recipe as recipe_mod
 from runner.speed import throughput
 from tests.conftest import ROOT
 
@@ -38,7 +38,7 @@ def test_the_throughput_table_is_the_one_in_bench_results(card):
         row = table[variant]
         assert throughput.CARDS[card]["tokens_per_s"][profile] == int(row["real tok/s"].strip("*").replace(",", ""))
         # The study's job (5,000 examples x 1 epoch at 512 tokens) in the bench's own column, within its rounding.
-        recipe = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", [f"training.profile={profile}"])
+        recipe = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml", [f"training.profile={profile}"])
         minutes = 5000 / throughput.examples_per_second(card, profile, throughput.MEASURED_PARAMS, 512) / 60
         column = next(k for k in row if k.startswith("study job"))
         assert minutes == pytest.approx(float(row[column].strip("*")), abs=0.051)
@@ -46,17 +46,17 @@ def test_the_throughput_table_is_the_one_in_bench_results(card):
 
 
 def test_time_scales_with_parameters_row_length_and_examples():
-    recipe = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", ["training.max_steps=100"])
+    recipe = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml", ["training.max_steps=100"])
     assert throughput.examples_to_train(recipe) == 1600
     base = throughput.predict_seconds(recipe, "H100", "fast", throughput.MEASURED_PARAMS)
     assert base == pytest.approx(1600 * 389.9 / 20474)
     assert throughput.predict_seconds(recipe, "H100", "fast", throughput.MEASURED_PARAMS // 2) == pytest.approx(base / 2)
-    half = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", ["training.max_steps=100", "prompt.max_length=256",
+    half = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml", ["training.max_steps=100", "prompt.max_length=256",
                                                                  "data.max_tokens=256"])
     assert throughput.predict_seconds(half, "H100", "fast", throughput.MEASURED_PARAMS) == pytest.approx(base / 2)
-    epochs = recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml", ["training.epochs=2"])
+    epochs = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml", ["training.epochs=2"])
     assert throughput.examples_to_train(epochs) == 2 * 5008  # 313 steps of 16 per epoch
-    assert throughput.examples_to_train(recipe_mod.load(ROOT / "recipes" / "xsum_phi2.yaml",
+    assert throughput.examples_to_train(recipes.load(ROOT / "recipes" / "xsum_phi2.yaml",
                                                         ["data.train_samples=null"])) is None
 
 

@@ -9,9 +9,8 @@ import os
 
 import pytest
 
-from runner.cli import cli
+from runner.cli import cli, recipes
 from runner.common.errors import RecipeError
-from runner.recipe import recipe as recipe_mod
 from runner.train import tracking
 from tests.conftest import ROOT
 
@@ -19,14 +18,14 @@ TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 
 
 def test_report_to_defaults_to_tensorboard_and_accepts_the_transformers_spellings():
-    assert tracking.names(recipe_mod.load(TINY)) == ["tensorboard"]
-    assert tracking.names(recipe_mod.load(TINY, ["training.report_to=none"])) == []
-    assert tracking.names(recipe_mod.load(TINY, ["training.report_to=[]"])) == []
-    assert tracking.names(recipe_mod.load(TINY, ["training.report_to=wandb"])) == ["wandb"]
-    args = tracking.trainer_args(recipe_mod.load(TINY, ["training.report_to=none"]), ROOT / "runs" / "x" / "20261129-1")
+    assert tracking.names(recipes.load(TINY)) == ["tensorboard"]
+    assert tracking.names(recipes.load(TINY, ["training.report_to=none"])) == []
+    assert tracking.names(recipes.load(TINY, ["training.report_to=[]"])) == []
+    assert tracking.names(recipes.load(TINY, ["training.report_to=wandb"])) == ["wandb"]
+    args = tracking.trainer_args(recipes.load(TINY, ["training.report_to=none"]), ROOT / "runs" / "x" / "20261129-1")
     assert args == {"report_to": "none", "run_name": "xsum_tiny/20261129-1", "project": "xsum_tiny"}
     with pytest.raises(RecipeError) as err:
-        recipe_mod.load(TINY, ["training.report_to=[tensorbord]"])
+        recipes.load(TINY, ["training.report_to=[tensorbord]"])
     assert err.value.key_path.startswith("training.report_to")
 
 
@@ -39,15 +38,15 @@ def test_a_tracker_that_is_not_installed_is_one_line_from_validate(monkeypatch, 
     assert err == ("error: training.report_to[1]: wandb is not installed (pip install wandb, or leave wandb out of "
                    "training.report_to)\n")
     with pytest.raises(RecipeError):
-        tracking.check(recipe_mod.load(TINY, ["training.report_to=wandb"]))
-    tracking.check(recipe_mod.load(TINY, ["training.report_to=tensorboard"]))  # installed: a dependency
+        tracking.check(recipes.load(TINY, ["training.report_to=wandb"]))
+    tracking.check(recipes.load(TINY, ["training.report_to=tensorboard"]))  # installed: a dependency
 
 
 def test_the_tracker_environment_points_tensorboard_at_the_run_and_leaves_the_users_settings(monkeypatch, tmp_path):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
-    recipe = recipe_mod.load(TINY, ["training.report_to=[]"])
+    recipe = recipes.load(TINY, ["training.report_to=[]"])
     recipe["training"]["report_to"] = ["tensorboard", "wandb", "mlflow"]  # as if installed
     with tracking.environment(recipe, tmp_path / "run"):
         assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "run" / "tb")

@@ -107,13 +107,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _recipe(args) -> dict:
     """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free)."""
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
 
     # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
-    return recipe_mod.load(args.recipe, args.overrides)
+    return recipes.load(args.recipe, args.overrides)
 
 
 def _evaluation_examples(recipe: dict):

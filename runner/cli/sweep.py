@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.cli import recipes
 from runner.common import stats
 from runner.common.errors import RecipeError
 from runner.common.stats import bootstrap_ci, paired_bootstrap
 from runner.evaluate.metrics import headline, lower_is_better
-from runner.recipe import recipe as recipe_mod
+from runner.recipe.validation import schema
 from runner.store import runs
 
 PRIMARY = ("rouge.rougeL", "classification.accuracy", "multilabel.exact_match", "loss.loss")
@@ -92,7 +93,7 @@ def parse_grid(overrides: list[str]) -> tuple[list[tuple[str, list[str]]], list[
 def check_name(name: str | None) -> None:
     """``--name`` is one folder under ``<output_dir>/<name>/sweeps/``, spelled as a recipe's ``name`` must be
     (the schema's pattern): no ``..``, no ``/``, no absolute path that would put the sweep elsewhere."""
-    pattern = recipe_mod.schema()["properties"]["name"]["pattern"]
+    pattern = schema()["properties"]["name"]["pattern"]
     if name is not None and not re.fullmatch(pattern, name):
         raise RecipeError("--name", f"{name[:60]!r} is not a folder name", "one name of letters, digits, '.', '_' "
                           "and '-', starting with a letter or digit, e.g. --name lora-rank")
@@ -145,7 +146,7 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
         raise RecipeError("--seeds", f"{seeds} is out of range", "must be >= 1")
     if not axes and seeds < 2:
         raise RecipeError("sweep", "nothing to sweep", "give key.path=v1,v2,... and/or --seeds N with N >= 2")
-    base = recipe_mod.load(recipe_path, fixed)
+    base = recipes.load(recipe_path, fixed)
     seed_list = [base["seed"] + i for i in range(seeds)]
     data_seed = base["data"]["seed"] if base["data"]["seed"] is not None else base["seed"]
     folder = sweep_folder(base, axes, fixed, seed_list, name)
@@ -158,7 +159,7 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
                               f"output_dir={folder / 'cells' / slug}"]
             cell = Cell(setting, seed, cell_overrides, {})
             try:
-                cell.recipe = recipe_mod.load(recipe_path, cell_overrides)
+                cell.recipe = recipes.load(recipe_path, cell_overrides)
                 _check_local(cell.recipe)
             except RecipeError as exc:
                 raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {cell.label})", exc.hint) from None
@@ -241,7 +242,7 @@ def run_cell(recipe_path, cell: Cell) -> Path:
     # A fresh recipe, as `runner train` would load it: the cell's own stays as planned, for comparing with its run.
     from runner.cli import pipeline
     from runner.common import dist
-    pipeline.train_evaluate_report(recipe_mod.load(recipe_path, cell.overrides), recipe_path)
+    pipeline.train_evaluate_report(recipes.load(recipe_path, cell.overrides), recipe_path)
     dist.barrier()  # rank 0 writes the report after the other ranks are done
     gc.collect()  # the cell's model and trainer are garbage now: free them before the next cell loads its own
     try:

@@ -7,7 +7,7 @@ conversation to TRL with ``assistant_only_loss``: the loss covers the assistant 
 turn: its prompt is the conversation before it plus the template's generation prompt, rendered by the same template
 (set on the tokenizer here, once, and saved with the adapter), and its reference is that turn's content.
 
-Nothing here imports torch or transformers at module level: ``runner validate`` calls ``check_recipe``.
+Nothing here imports torch or transformers at module level: ``runner validate`` runs ``check_recipe``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import difflib
 import re
 
 from runner.common.errors import RecipeError, short
+from runner.recipe.checks import is_chat  # chat.is_chat: the recipe layer's one test of chat data
 
 ROLES = ("system", "user", "assistant", "tool")
 # ChatML with {% generation %} markers around each assistant turn's content and <|im_end|>, so TRL's assistant mask
@@ -36,30 +37,12 @@ _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as trl.chat_template_
 _PROBE = "PROBE-ANSWER-7"  # assistant content the end-of-turn probe looks for
 
 
-def is_chat(recipe: dict) -> bool:
-    return recipe["prompt"].get("messages") is not None
-
-
 def check_recipe(recipe: dict) -> None:
-    """The recipe-level rules of chat data (no data, no tokenizer): called by the recipe cross-checks."""
-    prompt = recipe["prompt"]
-    template = prompt.get("chat_template")
+    """The chat template a chat recipe names (no data, no tokenizer): a built-in, null (the tokenizer's own) or
+    Jinja with {% generation %} markers. A recipe check (runner.cli.recipes), after the prompt's shape."""
     if not is_chat(recipe):
-        if template is not None:
-            raise RecipeError("prompt.chat_template", "is set, but the recipe has no chat data",
-                              "set prompt.messages to the column of conversations, or remove prompt.chat_template")
-        for key in ("template", "completion"):
-            if prompt.get(key) is None:
-                raise RecipeError(f"prompt.{key}", "missing required key",
-                                  "the prompt template and its completion; or prompt.messages for chat data")
         return
-    for key in ("template", "completion"):
-        if prompt.get(key) is not None:
-            raise RecipeError(f"prompt.{key}", "is set, but prompt.messages makes this a chat recipe, whose turns "
-                              "the chat template renders", f"remove prompt.{key} (or prompt.messages to use it)")
-    if prompt.get("truncate") is not None:
-        raise RecipeError("prompt.truncate", "chat data is not truncated (a conversation longer than "
-                          "prompt.max_length is dropped and counted)", "remove prompt.truncate")
+    template = recipe["prompt"].get("chat_template")
     if template is None or template in BUILTINS:
         return
     if "{{" not in template and "{%" not in template:

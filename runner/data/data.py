@@ -3,22 +3,18 @@ render the prompt template, and fit each example into ``prompt.max_length`` toke
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.common.errors import RecipeError, hub_unreachable
 from runner.data import chat, mixture
-from runner.recipe.recipe import DATA_SUFFIXES, is_local_path, not_a_file
+from runner.data.files import local_file, peek, read_local
+from runner.recipe.compose import is_local_path
 from runner.recipe.templates import render, template_fields, text
 
 ROLES = ("train", "eval", "test")
-# datasets' and pandas' words for a file that parses to no rows (a CSV header alone, blank lines, []).
-_NO_ROWS = re.compile(r"corresponds to no data|No columns to parse")
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -39,77 +35,6 @@ def _quiet_datasets() -> None:
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
-
-
-def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _json_rows(path: Path):
-    """The rows of a JSON Lines file, one per non-empty line; a line that is no JSON object raises ValueError
-    saying which."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"line {number} is not a JSON object")
-            yield row
-
-
-def _first_bad_json_line(path: Path) -> str | None:
-    try:
-        for _ in _json_rows(path):
-            pass
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _unreadable(p: Path, reason: str, key_path: str) -> RecipeError:
-    return RecipeError(key_path, f"cannot read {p.name}: {reason[:200]}",
-                       f"check that it is valid {p.suffix.lstrip('.').upper()}")
-
-
-def _local_file(path: str, key_path: str) -> Path:
-    """``path`` as a data file the runner reads: one that exists, of a type it knows."""
-    p = Path(path)
-    problem = not_a_file(p)
-    if problem == "not found":
-        raise RecipeError(key_path, f"file not found: {p}",
-                          "paths in a recipe are relative to the recipe file, on the command line to where you run it")
-    if problem:
-        raise RecipeError(key_path, f"{p} {problem}", f"name a {'/'.join(DATA_SUFFIXES)} file")
-    if p.suffix.lower() not in _FORMATS:
-        raise RecipeError(key_path, f"unsupported file type {p.suffix!r}", f"use one of {', '.join(DATA_SUFFIXES)}")
-    return p
-
-
-def _read_local(path: str, key_path: str):
-    from datasets import load_dataset
-
-    p = _local_file(path, key_path)
-    no_rows = RecipeError(key_path, f"{p.name} has no rows", "add examples to it, or name another file")
-    if p.stat().st_size == 0:
-        raise no_rows
-    try:
-        ds = load_dataset(_FORMATS[p.suffix.lower()], data_files=str(p), split="train", keep_in_memory=True)
-    except Exception as exc:  # datasets wraps parser errors in several types; all mean "can't read this file"
-        cause = _root_cause(exc)
-        if _NO_ROWS.search(cause):
-            raise no_rows from None
-        reason = _first_bad_json_line(p) if p.suffix.lower() == ".jsonl" else None
-        raise _unreadable(p, reason or cause, key_path) from None
-    if len(ds) == 0:
-        raise no_rows
-    return ds
 
 
 def _load_hub_split(recipe: dict, split: str, key_path: str, source_key: str = "data.source"):
@@ -159,9 +84,9 @@ def _load_source(recipe: dict, key: str = "data.source") -> dict:
     raw: dict = {}
     if isinstance(source, dict):
         for role, path, where in local_files(data, key):
-            raw[role] = _read_local(path, where)
+            raw[role] = read_local(path, where)
     elif is_local_path(source):
-        ds = _read_local(source, key)
+        ds = read_local(source, key)
         for role in ROLES:
             if splits[role] is not None:
                 # data.holdout carves the role out of train here too, as it does for a hub source.
@@ -302,53 +227,20 @@ def check_fields(columns: list[str], first_row: dict | None, recipe: dict, role:
                                   "prompt.template and prompt.completion")
 
 
-# How many rows of a JSON Lines file `runner validate` reads for its columns: datasets reads the file in blocks
-# that must agree on their columns, so the first rows name them.
-PEEK_ROWS = 100
-
-
-def _peek(p: Path, key_path: str) -> tuple[list[str], dict | None] | None:
-    """(columns, first row or None) of a local data file, read from its start only (a CSV's header, a JSON Lines
-    file's first rows, a Parquet file's schema); None where the start cannot tell (a JSON document, an empty file)."""
-    suffix = p.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_schema(p).names, None
-        except Exception as exc:  # pyarrow's ArrowInvalid and OSError alike: not a Parquet file
-            raise _unreadable(p, _root_cause(exc), key_path) from None
-    if suffix == ".csv":
-        with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
-            header = next((row for row in csv.reader(f) if row), None)  # pandas skips blank lines too
-        return (header, None) if header else None
-    rows = []
-    try:
-        for row in _json_rows(p):
-            rows.append(row)
-            if len(rows) == PEEK_ROWS:
-                break
-    except ValueError as exc:
-        if suffix == ".json" and not rows:
-            return None  # one JSON document rather than JSON Lines: datasets reads it whole
-        raise _unreadable(p, str(exc), key_path) from None
-    return (list(dict.fromkeys(k for row in rows for k in row)), rows[0]) if rows else None
-
-
 def check_files(recipe: dict) -> None:
     """What `runner validate` can tell of the data without loading it (no datasets, no torch): every local file the
     recipe reads exists, and its columns give the prompt's fields. Hub datasets are left to loading."""
     data = recipe["data"]
     if data.get("sources") is None:
         for role, path, where in local_files(data):
-            columns = _peek(_local_file(path, where), where)
+            columns = peek(local_file(path, where), where)
             if columns is not None:
                 check_fields(*columns, recipe, role)
         return
     for i, name in enumerate(mixture.source_names(recipe)):
         key = f"data.sources[{i}].source"
         for _, path, where in local_files(mixture.sub_recipe(recipe, i)["data"], key):
-            columns = _peek(_local_file(path, where), where)
+            columns = peek(local_file(path, where), where)
             if columns is not None:
                 mixture.check_columns(columns[0], recipe, i, name)
 

@@ -23,7 +23,7 @@ from runner.common import safeio
 from runner.common.errors import RecipeError
 from runner.data import chat, mixture
 from runner.data import data as data_mod
-from runner.recipe.recipe import evaluator_classes
+from runner.recipe.evaluator_refs import evaluator_classes
 from runner.recipe.templates import render, template_fields, text
 
 PERCENTILES = (50, 90, 95, 99)

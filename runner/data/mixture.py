@@ -59,8 +59,8 @@ def source_names(recipe: dict) -> list[str]:
 
 
 def check_recipe(recipe: dict) -> None:
-    """data.source xor data.sources; each source's field mapping names template fields. Also marks a role no
-    source provides (no file for it, no holdout) as unused, as a {train, eval, test} data.source does."""
+    """data.source xor data.sources; each source's field mapping names template fields. A recipe check
+    (runner.cli.recipes); the roles no source provides are already null (runner.recipe.checks.used_splits)."""
     data = recipe["data"]
     sources = data.get("sources")
     if data.get("source") is not None and sources is not None:
@@ -81,14 +81,6 @@ def check_recipe(recipe: dict) -> None:
                 close = difflib.get_close_matches(field, fields, n=1)
                 raise RecipeError(f"data.sources[{i}].fields.{field}", "is not a field the prompt uses",
                                   f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(fields)}")
-    splits, holdout = data["splits"], data["holdout"]
-    for role in ("eval", "test"):
-        provided = any(not isinstance(s["source"], dict) or role in s["source"] for s in sources)
-        if splits[role] is not None and not provided and not holdout.get(role):
-            splits[role] = None
-    if splits["train"] is not None and not any(not isinstance(s["source"], dict) or "train" in s["source"]
-                                               for s in sources):
-        splits["train"] = None
 
 
 def sub_recipe(recipe: dict, index: int) -> dict:

@@ -15,7 +15,8 @@ from runner.data import data as data_mod
 from runner.evaluate import backend as backend_mod
 from runner.evaluate import generate as generate_mod
 from runner.evaluate import rank
-from runner.recipe import recipe as recipe_mod
+from runner.recipe.checks import rank_labels
+from runner.recipe.evaluator_refs import evaluator_classes
 from runner.store import runs as runs_mod
 
 
@@ -23,7 +24,7 @@ def build_evaluators(recipe: dict, user: bool = True) -> list:
     """(name, evaluator) of each of the recipe's evaluators, built with its keys; ``user=False``: a user's own
     evaluator is left unbuilt (None in its place)."""
     built = []
-    for i, (spec, cls) in enumerate(recipe_mod.evaluator_classes(recipe)):
+    for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
         if not user and ":" in spec["name"]:
             built.append((spec["name"], None))
             continue
@@ -54,7 +55,7 @@ def _label_lists(recipe: dict, refs: list[str]):
     own evaluator is built after training, as before these checks: its code may do anything, also differ by rank,
     and until the ranks first meet only rank 0 reports a mistake (runner.cli.cli._for_rank)."""
     ranked = recipe["generation"]["mode"] == "rank"
-    chosen = recipe_mod.rank_labels(recipe) if ranked else None
+    chosen = rank_labels(recipe) if ranked else None
     given = recipe["generation"].get("labels")
     for i, (_, evaluator) in enumerate(build_evaluators(recipe, user=False)):
         labels = getattr(evaluator, "labels", None)

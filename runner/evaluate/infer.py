@@ -12,7 +12,7 @@ from runner.common.errors import RecipeError
 from runner.data import chat
 from runner.data.data import cap_text, char_cap, shorten
 from runner.evaluate import evaluate
-from runner.recipe.recipe import not_a_file
+from runner.recipe.loader import not_a_file
 from runner.recipe.templates import render, template_fields
 
 

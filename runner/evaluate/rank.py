@@ -20,7 +20,7 @@ from runner.data import chat
 from runner.evaluate import backend
 from runner.evaluate.generate import length_sorted_batches
 from runner.model import attention
-from runner.recipe.recipe import rank_labels
+from runner.recipe.checks import rank_labels
 from runner.recipe.templates import render, template_fields
 
 # Tokenizing threads: at most this many, each with at least MIN_CHUNK texts (fewer are not worth a thread).

@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 from itertools import chain
 
-from runner.model.model import FUSED_ACTIVATIONS, count_parameters
+from runner.model.counting import count_parameters
+from runner.model.model import FUSED_ACTIVATIONS
 
 QUANTIZED = ("Params4bit", "Int8Params")
 

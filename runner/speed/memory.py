@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runner.model import counting
 from runner.model import model as model_mod
 
 GIB = 2**30
@@ -139,7 +140,7 @@ def model_info(recipe: dict, config) -> dict:
     if recipe["lora"] is None:
         info["trainable"] = info["total"]
     else:
-        info["trainable"] = model_mod.meta_lora_counts(recipe, meta)[0]
+        info["trainable"] = counting.meta_lora_counts(recipe, meta)[0]
     return info
 
 

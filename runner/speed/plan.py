@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from runner.model import counting
 from runner.model import model as model_mod
 from runner.speed import profiles, throughput
 from runner.speed.memory import CUDA_CONTEXT_GB, GIB, PAGED, estimate, model_info
@@ -15,13 +16,13 @@ def report(recipe: dict, card_gb: float | None = None, gpus: int = 1, card: tupl
     """The plan as text. ``card``: (runner.speed.throughput card, why it was chosen) adds the predicted training time."""
     config = model_mod.load_config(recipe)
     model_mod.check(recipe)
-    trainable, total = model_mod.meta_lora_counts(recipe, model_mod.meta_model(config))
+    trainable, total = counting.meta_lora_counts(recipe, model_mod.meta_model(config))
     info = model_info(recipe, config)
     t = recipe["training"]
     per_step = t["micro_batch_size"] * t["gradient_accumulation_steps"]
     lines = [f"{recipe['name']}: {recipe['model']['name_or_path']} ({config.model_type}), "
              f"{_quant_text(recipe)}, {_lora_text(recipe)}",
-             model_mod.parameter_line(trainable, total),
+             counting.parameter_line(trainable, total),
              f"{recipe['prompt']['max_length']} tokens a row, {per_step} examples per optimizer step"
              + (f" ({profiles.per_rank_step(recipe, gpus)} on each of {gpus} GPUs)" if gpus > 1 else "")
              + f", optimizer {t['optimizer']}"

@@ -17,7 +17,7 @@ import yaml
 
 from runner.common import safeio
 from runner.common.errors import EnvironmentProblem, RecipeError
-from runner.recipe import recipe as recipe_mod
+from runner.recipe import loader
 from runner.store import checkpoints
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "rouge-score")
@@ -70,7 +70,7 @@ def saved_recipe(run_dir: Path) -> dict | None:
     """The resolved recipe a run folder saved (recipe.yaml), read with the recipe loader's bounds; None when it is
     missing or unreadable."""
     try:
-        saved = recipe_mod.parse_yaml((run_dir / "recipe.yaml").read_text(encoding="utf-8"), "recipe.yaml")
+        saved = loader.parse_yaml((run_dir / "recipe.yaml").read_text(encoding="utf-8"), "recipe.yaml")
     except (OSError, UnicodeDecodeError, RecipeError):
         return None
     return saved if isinstance(saved, dict) else None
@@ -84,7 +84,7 @@ def mismatch(run_dir: Path, recipe: dict, fingerprint: str | None) -> str | None
     diff = _first_difference(_comparable(saved), _comparable(recipe), [])
     if diff is not None:
         path, theirs, ours = diff
-        return f"{recipe_mod._fmt(path)} was {recipe_mod._show(theirs)}, this recipe has {recipe_mod._show(ours)}"
+        return f"{loader._fmt(path)} was {loader._show(theirs)}, this recipe has {loader._show(ours)}"
     before = _read_env(run_dir).get("data_fingerprint")
     if fingerprint and before and before != fingerprint:
         return f"the data differs (fingerprint {before} then, {fingerprint} now)"
@@ -153,7 +153,7 @@ def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | 
                               "cut short)", "resume from an earlier checkpoint")
         resume_from = str(ckpt)
     run_dir = new_run_dir(recipe)
-    safeio.write_text(run_dir / "recipe.yaml", recipe_mod.dump(recipe))
+    safeio.write_text(run_dir / "recipe.yaml", loader.dump(recipe))
     return run_dir, resume_from
 
 
@@ -236,7 +236,7 @@ def note_resolved(run_dir: Path, recipe: dict, speed: dict) -> None:
     note = yaml.safe_dump({"resolved": {k: speed[k] for k in RESOLVED if k in speed}}, sort_keys=False)
     text = ("\n# What trained, as training.profile resolved it at launch (not a recipe key; env.json: speed):\n"
             + "".join(f"# {line}\n" for line in note.splitlines()))
-    safeio.write_text(run_dir / "recipe.yaml", recipe_mod.dump(recipe) + text)
+    safeio.write_text(run_dir / "recipe.yaml", loader.dump(recipe) + text)
 
 
 def _read_env(run_dir: Path) -> dict:
@@ -309,7 +309,7 @@ def reopen_or_new(recipe: dict, parent: Path, prefix: str, interrupted) -> Path:
         return previous[-1]
     out = _fresh_dir(parent, prefix)
     _track(out, created=True, keep=lambda p: any(p.rglob("predictions.jsonl")))
-    safeio.write_text(out / "recipe.yaml", recipe_mod.dump(recipe))
+    safeio.write_text(out / "recipe.yaml", loader.dump(recipe))
     return out
 
 

@@ -15,6 +15,7 @@ from runner.common.errors import RecipeError
 from runner.data import chat
 from runner.data import data as data_mod
 from runner.evaluate import evaluate
+from runner.model import counting
 from runner.model import model as model_mod
 from runner.speed import profiles
 from runner.store import checkpoints, runs
@@ -39,8 +40,8 @@ def _setup_model(recipe: dict, speed):
     # LoRA's random init happens here, before the trainer seeds anything: the same on every rank and every world size.
     set_seed(recipe["seed"])
     model = model_mod.load_for_training(recipe, speed)
-    trainable, total = model_mod.count_parameters(model)
-    print(model_mod.parameter_line(trainable, total), flush=True)
+    trainable, total = counting.count_parameters(model)
+    print(counting.parameter_line(trainable, total), flush=True)
     return model, trainable, total
 
 

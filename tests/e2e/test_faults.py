@@ -147,10 +147,10 @@ def test_killed_during_a_step_a_checkpoint_write_and_evaluation_resumes_to_the_s
     assert (run_dir / "report.md").is_file() and (run_dir / "report" / "loss.png").is_file()
 
     # Finished: the next run of the recipe starts a new folder.
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
     from runner.store import runs
 
-    recipe = recipe_mod.load(TINY, [f"output_dir={tmp_path}", *ARGS])
+    recipe = recipes.load(TINY, [f"output_dir={tmp_path}", *ARGS])
     assert runs.unfinished_run(recipe) is None
 
 
@@ -168,10 +168,10 @@ def test_divergence_stops_loudly_and_keeps_the_last_good_checkpoint(tiny, tmp_pa
     env = json.loads((run_dir / "env.json").read_text())
     assert env["diverged"]["step"] == 4
     # the diverged run is not picked up again
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
     from runner.store import runs
 
-    assert runs.unfinished_run(recipe_mod.load(TINY, [f"output_dir={tmp_path}", *ARGS])) is None
+    assert runs.unfinished_run(recipes.load(TINY, [f"output_dir={tmp_path}", *ARGS])) is None
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.recipe import recipe as recipe_mod
+from runner.cli import recipes
 from tests.conftest import ROOT, SHARED_DATA, ahead, cli_env, run_cli, run_python
 
 RECIPES = {"xsum_phi2": "xsum", "agnews_phi2": "agnews", "goemotions_phi2": "goemotions", "mnli_phi2": "mnli"}
@@ -58,7 +58,7 @@ def test_recipe_runs_on_real_rows(name, shared_data, background):
     result = background("real rows")[1][name]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("done: "))[6:])
-    recipe = recipe_mod.load(recipe_path)
+    recipe = recipes.load(recipe_path)
     env = json.loads((run_dir / "env.json").read_text())
     assert env["data"]["train"]["kept"] == 32 and env["data"]["eval"]["kept"] == 4
     assert env["data"]["test"]["kept"] == TEST_ROWS and env["global_step"] == 1

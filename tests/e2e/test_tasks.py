@@ -68,9 +68,9 @@ def test_tiny_twin_learns(task, trained):
     run_dir, base_dir = run.run_dir, folder(base)
     after = json.loads((run_dir / "metrics.json").read_text())[evaluator]
     before = json.loads((base_dir / "metrics.json").read_text())[evaluator]
-    from runner.recipe import recipe as recipe_mod
+    from runner.cli import recipes
 
-    labels = recipe_mod.load(run.recipe)["evaluation"]["evaluators"][0]["labels"]
+    labels = recipes.load(run.recipe)["evaluation"]["evaluators"][0]["labels"]
     refs = references(run_dir)
     assert len(refs) == 100 and references(base_dir) == refs  # the same held-out examples
     level = chance(evaluator, refs, labels)
