@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from evaluators import BUILTINS, builtin
-from evaluators.base import Evaluator
+from evaluators.base import Evaluator, declaration_problem
 from runner.common.errors import RecipeError, short
 from runner.data import chat, mixture
 from runner.evaluate import backend
@@ -659,6 +659,7 @@ def _check_evaluator_params(recipe: dict) -> None:
     """Each evaluator's keys against its class's ``params_schema`` (built-ins and a user's own alike), with the
     defaults filled in."""
     for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
+        check_declaration(cls, i, spec["name"])
         params_schema = getattr(cls, "params_schema", None)
         if params_schema is None:
             continue
@@ -679,6 +680,16 @@ def _check_evaluator_params(recipe: dict) -> None:
             err = _to_recipe_error(errors[0], spec)
             raise RecipeError(f"evaluation.evaluators[{i}].{err.key_path}".rstrip("."), err.problem, err.hint)
         _fill_defaults(spec, full, validator)
+
+
+def check_declaration(evaluator, i: int, name: str) -> None:
+    """A one-line error at ``evaluation.evaluators[i]`` when the evaluator (or its class) declares its metrics,
+    headline or baselines malformed (evaluators.base: the class at load, the built evaluator again)."""
+    problem = declaration_problem(evaluator)
+    if problem:
+        raise RecipeError(f"evaluation.evaluators[{i}]", f"{name}'s metric declaration is malformed: {problem}",
+                          "declare metrics = (Metric(name, better='higher' or 'lower', scale=...), ...) as "
+                          "evaluators.base.Evaluator describes")
 
 
 def evaluator_class(name: str, key_path: str) -> type[Evaluator]:
