@@ -139,13 +139,8 @@ def test_smallest_resolvable_difference_follows_the_bootstrap_spread():
     # a point by the declared scale (evaluators.base.SCALES), never by the metric's name
     assert stats.point("percent") == 1.0 and stats.point("fraction") == 0.01
     assert stats.point("unbounded") is None and stats.point(None) is None
-    from evaluators.classification import Classification
-    from evaluators.loss import Loss
-    from runner.evaluate.metrics import DECLARED, declared_by
-
     metrics = {"split": "test", "examples": 100, "classification": {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]},
-               "loss": {"loss": 2.0, "loss_ci95": [1.9, 2.1]},
-               DECLARED: declared_by([("classification", Classification()), ("loss", Loss())])}
+               "loss": {"loss": 2.0, "loss_ci95": [1.9, 2.1]}}
     lines = "\n".join(report.resolution_section(metrics))
     # half-width 0.1, smallest 0.1414; one point (0.01) needs 100 x (0.1414/0.01)^2 = 20,000 examples
     assert "| classification.accuracy | 0.5 | ±0.1 | 0.1414 | 20,000 (for 0.01) |" in lines

@@ -354,6 +354,33 @@ def test_the_sweep_table_matches_the_run_folders(swept):
 
 
 @pytest.mark.slow
+def test_the_sweep_marks_degenerate_runs_and_names_no_winner_within_noise(swept):
+    """Three optimizer steps leave the cells near chance, many predicting one label (README's sweep example): each
+    run is marked degenerate exactly when its predictions are constant or its accuracy is no better than a trivial
+    baseline's (its report.md says so too), and a best setting is named only beyond both noises."""
+    _, folder, result = swept
+    summary = json.loads((folder / "sweep.json").read_text())
+    for row in summary["settings"]:
+        for run in row["runs"]:
+            run_dir = Path(run["run"])
+            predicted = {json.loads(line)["prediction"] for line in (run_dir / "predictions.jsonl").open()}
+            accuracy = run["metrics"]["classification.accuracy"]
+            scored = json.loads((run_dir / "baselines.json").read_text())["baselines"]
+            beaten_by = [n for n, b in scored.items() if accuracy <= b["metrics"]["classification"]["accuracy"]]
+            assert bool(run["degenerate"]) == (len(predicted) == 1 or bool(beaten_by)), run
+            assert ("**Degenerate run**" in (run_dir / "report.md").read_text()) == bool(run["degenerate"])
+        assert row["degenerate_runs"] == sum(bool(run["degenerate"]) for run in row["runs"])
+    assert any(run["degenerate"] for row in summary["settings"] for run in row["runs"])
+    leader = next(row for row in summary["settings"] if row["label"] == summary["leader"])
+    clear = all(c["real"] for c in summary["comparisons"]) and not leader["degenerate_runs"]
+    assert summary["best"] == (summary["leader"] if clear else None)
+    md = (folder / "sweep.md").read_text()
+    assert "## Degenerate runs" in md
+    if summary["best"] is None:
+        assert "## No best setting on classification.accuracy" in md and "no winner: " in result.stdout
+
+
+@pytest.mark.slow
 def test_repeating_the_sweep_trains_nothing(swept):
     out, folder, _ = swept
     runs_before = sorted(p for p in (folder / "cells").glob("*/agnews_tiny/*"))

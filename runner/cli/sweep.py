@@ -119,8 +119,9 @@ def sweep_folder(base: dict, axes, fixed, seeds: list[int], name: str | None) ->
 
 
 def _check_local(recipe: dict) -> None:
-    """What `runner validate` checks beyond the schema: the local files and folders a cell names, and the local
-    data's columns (a swept data.source or model path is found missing before any cell trains)."""
+    """What `runner validate` checks beyond the schema: the local files and folders a cell names, the local data's
+    columns (a swept data.source or model path is found missing before any cell trains) and the early-stopping
+    metric."""
     from runner.data import data
     from runner.model import model
     from runner.train import early

@@ -221,5 +221,5 @@ def summary_lines(summary: dict) -> list[str]:
         elif row["ci_overlap"] is not None:
             extra = f", CIs {'overlap' if row['ci_overlap'] else 'do not overlap'}"
         out.append(f"{metric}: {first} {_fmt(row[first])} -> {second} {_fmt(row[second])} "
-                   f"({row['difference']:+.4g}{extra})")
+                   f"({row['difference']:+.4g}{extra}; better: {row['better'] or UNDECLARED})")
     return out

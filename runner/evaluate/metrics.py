@@ -6,14 +6,17 @@ Evaluators write their numbers as they like (``{"rougeL": {"f1": 68.1, "ci95": [
 into ``{"rouge.rougeL": {"value", "ci95", "better", "scale"}}``: every metric is named ``<evaluator>.<metric>``.
 
 The declarations travel with the numbers: evaluation writes them into metrics.json under DECLARED
-(``declared_by``), so a metrics.json read later says itself which way each of its metrics is better. A reader that
-holds the recipe may pass its evaluators' declarations instead (``declared=``). An evaluator that declares no
-metrics (``metrics = None``) gets every number it returns shown, ``better`` None: nothing ranks by it.
+(``declared_by``), so a metrics.json read later says itself which way each of its metrics is better (one written
+before declarations existed gets the built-in evaluators' own). A reader that holds the recipe may pass its
+evaluators' declarations instead (``declared=``). An evaluator that declares no metrics (``metrics = None``) gets
+every number it returns shown, ``better`` None: nothing ranks by it.
 """
 
 from __future__ import annotations
 
 import math
+
+from evaluators import BUILTINS, builtin
 
 # metrics.json's key for the evaluators' declarations: {evaluator: {"metrics": [..] | None, "headline": ..}}.
 DECLARED = "declared"
@@ -43,7 +46,13 @@ def declared_by(evaluators) -> dict[str, dict]:
 
 
 def _declarations(metrics: dict, declared: dict | None) -> dict:
-    return declared if declared is not None else (metrics.get(DECLARED) or {})
+    """``declared``, else metrics.json's own; a metrics.json from before evaluators declared their metrics: the
+    built-in evaluators' class declarations (a user's evaluator in it declares none)."""
+    if declared is None:
+        declared = metrics.get(DECLARED)
+    if declared is None:
+        declared = declared_by([(name, builtin(name)) for name in metrics if name in BUILTINS])
+    return declared
 
 
 def _match(path: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
