@@ -108,8 +108,8 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
         overlap = {True: "yes", False: "no", None: "–"}[row["ci_overlap"]]
         paired_ci = "[{}, {}]".format(*map(_fmt, paired["difference_ci95"])) if paired else "–"
         lines.append(f"| {metric} | {_with_ci(row[first], row[f'{first}_ci95'])} | "
-                     f"{_with_ci(row[second], row[f'{second}_ci95'])} | {row['difference']:+.4g} | {row['better'] or UNDECLARED} | "
-                     f"{overlap} | {paired_ci} | {_p(paired) if paired else '–'} |")
+                     f"{_with_ci(row[second], row[f'{second}_ci95'])} | {row['difference']:+.4g} | "
+                     f"{row['better'] or UNDECLARED} | {overlap} | {paired_ci} | {_p(paired) if paired else '–'} |")
     lines += ["", "Intervals: percentile bootstrap over examples (1000 resamples from the seed). Non-overlapping "
               "intervals mean a clear difference; overlapping ones do not mean no difference. The paired interval "
               "resamples the same examples for both models; when it excludes 0 the difference is significant at the "
