@@ -5,7 +5,7 @@ A recipe names a built-in (``rouge``, ``samples``, ``classification``, ``multila
 ``package.module:ClassName``. Built-ins are registered here and nowhere else: each declares its recipe keys in
 ``params_schema``, exactly as a user's evaluator does.
 
-May import: common (its stats, safeio and markdown: nothing else of the runner).
+May import: common (its stats, labels, safeio and markdown: nothing else of the runner).
 """
 
 from __future__ import annotations

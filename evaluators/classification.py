@@ -12,35 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.base import Evaluator, Record
+from evaluators.base import Evaluator, Metric, Record
+from runner.common.labels import label_lookup, normalize, with_unlisted
 from runner.common.stats import bootstrap_ci
 
 INVALID = "(invalid)"
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def label_lookup(labels: list[str]) -> dict[str, str]:
-    lookup = {}
-    for label in labels:
-        key = normalize(label)
-        if key in lookup:
-            raise ValueError(f"labels {lookup[key]!r} and {label!r} are the same once case and spaces are ignored")
-        lookup[key] = label
-    return lookup
-
-
-def with_unlisted(labels: list[str] | None, gold_names) -> tuple[list[str], list[str]]:
-    """(classes, gold names outside ``labels``): the recipe's labels and then, sorted, every gold name they miss
-    (a row each, and reported: the list is probably incomplete); without a list, the gold names alone."""
-    known = label_lookup(labels) if labels else {}
-    seen = {}
-    for name in gold_names:
-        seen.setdefault(normalize(name), " ".join(name.split()))
-    extra = sorted(v for k, v in seen.items() if k not in known)
-    return (labels + extra, extra) if labels else (extra, [])
 
 
 LABELS_PARAM = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}, "minItems": 2,
@@ -90,7 +66,11 @@ class Classification(Evaluator):
 
     name = "classification"
     completion = "label"
-    metrics = ("accuracy", "macro_f1", "invalid", "invalid_rate")
+    metrics = (Metric("accuracy", "higher", "fraction"), Metric("macro_f1", "higher", "fraction"),
+               Metric("invalid", "lower", "count"), Metric("invalid_rate", "lower", "fraction"),
+               *(Metric(f"per_class.*.{k}", "higher", "fraction") for k in ("precision", "recall", "f1")))
+    headline = "accuracy"
+    baselines = ("majority_class", "label_distribution")
     params_schema = {"properties": {
         "labels": {**LABELS_PARAM, "description": "The label names, in the order the confusion matrix shows them; "
                                                   "null = the labels found in the references."},

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.base import Evaluator, Record
+from evaluators.base import Evaluator, Metric, Record
 from runner.common.stats import ratio_bootstrap_ci
 
 
@@ -21,7 +21,8 @@ class Loss(Evaluator):
 
     name = "loss"
     needs = ("logprobs",)
-    metrics = ("loss", "perplexity")
+    metrics = (Metric("loss", "lower", "unbounded"), Metric("perplexity", "lower", "unbounded"))
+    headline = "loss"
     params_schema = {"properties": {
         "split": {"enum": ["eval", "test", "train"], "default": "eval", "description": "Which role's examples are scored."},
         "batch_size": {"type": ["integer", "null"], "minimum": 1, "default": None,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.base import Evaluator, Record
-from evaluators.classification import LABELS_PARAM, label_lookup, normalize, prf, with_unlisted
+from evaluators.base import Evaluator, Metric, Record
+from evaluators.classification import LABELS_PARAM, prf
+from runner.common.labels import label_lookup, normalize, with_unlisted
 from runner.common.stats import bootstrap_ci
 
 
@@ -29,8 +30,12 @@ class Multilabel(Evaluator):
 
     name = "multilabel"
     completion = "labels"
-    metrics = ("micro_f1", "micro_precision", "micro_recall", "macro_f1", "exact_match", "invalid_names",
-               "invalid_rate")
+    metrics = (*(Metric(k, "higher", "fraction") for k in ("micro_f1", "micro_precision", "micro_recall", "macro_f1",
+                                                            "exact_match")),
+               Metric("invalid_names", "lower", "count"), Metric("invalid_rate", "lower", "fraction"),
+               *(Metric(f"per_label.*.{k}", "higher", "fraction") for k in ("precision", "recall", "f1")))
+    headline = "exact_match"
+    baselines = ("label_set",)
     params_schema = {"properties": {
         "labels": {**LABELS_PARAM, "description": "The label names; null = the names found in the references."},
         "separator": {"type": "string", "minLength": 1, "default": ",",

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.base import Evaluator, Record
+from evaluators.base import Evaluator, Metric, Record
 from runner.common.stats import bootstrap_ci
 
+TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -40,6 +41,10 @@ class Rouge(Evaluator):
     """ROUGE F1 (rouge-score) between prediction and the rendered completion."""
 
     name = "rouge"
+    # The types the recipe asks for (as built: __init__); the class declares every type it can score.
+    metrics = tuple(Metric(t, "higher", "percent") for t in TYPES)
+    headline = "rougeL"
+    baselines = ("lead_1", "first_words")
     params_schema = {"properties": {
         "types": {"type": "array", "items": {"enum": ["rouge1", "rouge2", "rougeL", "rougeLsum"]}, "minItems": 1,
                   "uniqueItems": True, "default": ["rouge1", "rouge2", "rougeL", "rougeLsum"],
@@ -50,7 +55,8 @@ class Rouge(Evaluator):
     def __init__(self, types=("rouge1", "rouge2", "rougeL", "rougeLsum"), use_stemmer=True, **kw):
         super().__init__(**kw)
         self.types = list(types)
-        self.metrics = tuple(self.types)
+        self.metrics = tuple(Metric(t, "higher", "percent") for t in self.types)
+        self.headline = "rougeL" if "rougeL" in self.types else self.types[0]
         self.use_stemmer = use_stemmer
 
     def per_example(self, records: list[Record]) -> dict[str, np.ndarray]:

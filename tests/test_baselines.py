@@ -116,8 +116,8 @@ def test_classification_baselines_count_labels_in_train_only(tiny, tokenizer, tm
 def test_multilabel_baseline_is_the_most_frequent_label_set(tiny, tokenizer, tmp_path):
     from collections import Counter
 
-    from evaluators.classification import normalize
     from evaluators.multilabel import split_names
+    from runner.common.labels import normalize
 
     recipe = recipes.load(TINY / "goemotions_tiny.yaml", ["data.test_samples=40"])
     records = evaluated(recipe, tokenizer, predict=lambda ref: ref)
@@ -136,8 +136,9 @@ def test_smallest_resolvable_difference_follows_the_bootstrap_spread():
     assert stats.smallest_difference([40.0, 50.0]) == pytest.approx(5 * math.sqrt(2))
     # four times the examples halve the interval: resolving half the difference needs four times the examples
     assert stats.examples_for(5 * math.sqrt(2) / 2, [40.0, 50.0], 100) == 400
-    assert stats.point("rouge.rougeL") == 1.0 and stats.point("classification.accuracy") == 0.01
-    assert stats.point("loss.loss") is None
+    # a point by the declared scale (evaluators.base.SCALES), never by the metric's name
+    assert stats.point("percent") == 1.0 and stats.point("fraction") == 0.01
+    assert stats.point("unbounded") is None and stats.point(None) is None
     metrics = {"split": "test", "examples": 100, "classification": {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]},
                "loss": {"loss": 2.0, "loss_ci95": [1.9, 2.1]}}
     lines = "\n".join(report.resolution_section(metrics))
@@ -155,3 +156,29 @@ def test_welch_separates_seed_noise_from_a_real_difference():
     spread = stats.seed_spread([1.0, 3.0])
     assert spread["sd"] == pytest.approx(math.sqrt(2)) and spread["mean"] == 2.0
     assert spread["mean_ci95_half"] == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2), rel=1e-3)
+
+
+def test_a_run_that_predicts_one_label_is_called_degenerate_in_its_report(tiny, tokenizer, tmp_path):
+    """Every prediction the train split's majority class: report.md says the run is degenerate, for both reasons
+    (constant predictions, accuracy no better than the majority-class baseline's); a perfect model's report does
+    not."""
+    from evaluators.classification import Classification
+    from runner.evaluate.metrics import DECLARED, declared_by
+
+    recipe = recipes.load(TINY / "agnews_tiny.yaml", ["data.test_samples=40",
+                                                         "evaluation.evaluators=[{name: classification}]"])
+    train = baselines.train_references(recipe)
+    majority = max(set(train), key=train.count)
+    texts = {}
+    for name, predict in (("constant", lambda ref: majority), ("perfect", lambda ref: ref)):
+        records = evaluated(recipe, tokenizer, predict)
+        evaluator = Classification(confusion_matrix=False)
+        metrics = {"split": "test", "examples": len(records), "classification": evaluator.evaluate(records, tmp_path),
+                   DECLARED: declared_by([("classification", evaluator)])}
+        write_run(tmp_path / name, records, metrics)
+        texts[name] = report.write(tmp_path / name, recipe).read_text()
+    section = texts["constant"][texts["constant"].index("## Baselines"):]
+    accuracy = json.loads((tmp_path / "constant" / "metrics.json").read_text())["classification"]["accuracy"]
+    assert (f"**Degenerate run**: all 40 predictions are the same: `{majority}`; classification.accuracy "
+            f"{accuracy:.4g} is no better than the majority class baseline's {accuracy:.4g}") in section
+    assert "Degenerate" not in texts["perfect"]

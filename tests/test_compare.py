@@ -28,6 +28,13 @@ def test_side_by_side_knows_which_direction_is_better():
     assert rows["classification.accuracy"]["better"] == "tie"
 
 
+def test_a_metric_whose_direction_is_not_declared_names_no_better_system():
+    base = {"split": "test", "examples": 3, "mine:Score": {"score": 0.4}}
+    adapter = {"split": "test", "examples": 3, "mine:Score": {"score": 0.6}}
+    (row,) = compare_mod.side_by_side(base, adapter, {}).values()
+    assert row["difference"] == pytest.approx(0.2) and row["better"] is None
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -93,6 +100,29 @@ def test_an_interrupted_comparison_is_picked_up_again(compared):
 def test_compare_needs_a_finished_run(tmp_path, tiny, cli):
     result = cli("compare", TINY_XSUM, "--run", tmp_path, f"output_dir={tmp_path}")
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --run: ")
+
+
+@pytest.mark.slow
+def test_compare_ranks_a_users_metric_by_its_declaration(trained):
+    """The trained AG News twin against its base, scored by a user's evaluator whose error_rate is declared
+    lower-is-better and loss_free higher-is-better: the adapter is better on both (a guess from the names would have
+    called the base better on both)."""
+    run = trained("agnews_tiny")
+    result = run_cli("compare", ROOT / "recipes" / "tiny" / "agnews_tiny.yaml", "--run", run.run_dir,
+                     f"output_dir={run.output_dir}", "data.test_samples=24", "generation.mode=rank",
+                     "evaluation.evaluators=[{name: 'tests.userevals:ErrorRate'}, {name: classification, labels: "
+                     "[World, Sports, Business, Sci/Tech], confusion_matrix: false}]")
+    assert result.returncode == 0, result.stderr[-4000:]
+    folder = max(run.run_dir.glob("compare-*"))
+    rows = json.loads((folder / "comparison.json").read_text())["metrics"]
+    error, free = rows["tests.userevals:ErrorRate.error_rate"], rows["tests.userevals:ErrorRate.loss_free"]
+    print(f"error rate base {error['base']:.3f} -> adapter {error['adapter']:.3f}")
+    assert error["adapter"] < error["base"] and error["better"] == "adapter"
+    assert free["adapter"] > free["base"] and free["better"] == "adapter"
+    assert error["paired"]["difference"] < 0  # paired over the same examples (its per_example)
+    assert rows["classification.accuracy"]["better"] == "adapter"
+    md = (folder / "comparison.md").read_text()
+    assert f"| tests.userevals:ErrorRate.error_rate | {error['base']:.4g} | {error['adapter']:.4g} | " in md
 
 
 # ---------------------------------------------------------------- adapter vs adapter

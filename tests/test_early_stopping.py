@@ -71,3 +71,70 @@ def test_a_run_whose_eval_loss_rises_stops_and_keeps_the_best_steps_adapter(tiny
     report = (run / "report.md").read_text()
     assert "| adapter kept (early stopping) | kept step 1's adapter, the lowest eval_loss" in report
     assert "stopped at step 2 of 10: 1 evaluation(s) in a row without an improvement" in report
+
+
+# ---------------------------------------------------------------- a metric an evaluator declares
+
+AGNEWS = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
+USER_EVALUATORS = ("evaluation.evaluators=[{name: classification, labels: [World, Sports, Business, Sci/Tech]}, "
+                   "{name: 'tests.userevals:ErrorRate'}, {name: 'tests.userevals:Undeclared'}]")
+
+
+@pytest.mark.parametrize(("metric", "where", "what"), [
+    ("eval_los", "training.early_stopping.metric", "did you mean 'eval_loss'?"),
+    ("rouge.rougeL", "training.early_stopping.metric", "is neither the trainer's metric nor one of"),
+    ("tests.userevals:ErrorRate.nope", "training.early_stopping.metric",
+     "has no metric 'nope' (one of: tests.userevals:ErrorRate.error_rate, tests.userevals:ErrorRate.loss_free)"),
+    ("tests.userevals:Undeclared.score", "training.early_stopping.metric",
+     "declares no metrics, so whether a higher or a lower score is better is unknown"),
+])
+def test_an_evaluator_metric_to_stop_on_is_checked_at_validation(tiny, cli, metric, where, what):
+    result = cli("validate", AGNEWS, USER_EVALUATORS, f"training.early_stopping={{patience: 2, metric: '{metric}'}}")
+    assert result.returncode == 2, result.stdout
+    line = result.stderr.strip()
+    assert line.startswith(f"error: {where}: ") and what in line and "\n" not in line
+
+
+def test_the_direction_to_stop_on_is_declared(tiny):
+    from runner.train import early
+
+    def decided(metric):
+        recipe = recipes.load(AGNEWS, [USER_EVALUATORS, f"training.early_stopping={{patience: 2, metric: '{metric}'}}"])
+        found = early.decider(recipe)
+        return found.logged, early.trainer_args(recipe, found)["greater_is_better"]
+
+    assert decided("eval_loss") == ("eval_loss", False)
+    assert decided("eval_mean_token_accuracy") == ("eval_mean_token_accuracy", True)
+    # a guess from the names would have it the other way round for both
+    assert decided("tests.userevals:ErrorRate.error_rate") == ("eval_tests.userevals:ErrorRate.error_rate", False)
+    assert decided("tests.userevals:ErrorRate.loss_free") == ("eval_tests.userevals:ErrorRate.loss_free", True)
+    assert decided("classification.accuracy") == ("eval_classification.accuracy", True)
+
+
+@pytest.mark.slow
+def test_stopping_on_a_users_lower_is_better_metric_keeps_its_lowest_evaluation(tiny, cli, tmp_path):
+    """The user's evaluator scores the model's (ranked) predictions of the eval split at every evaluation; its
+    error_rate is declared lower-is-better, so the lowest one is the best (a guess from the name would have kept the
+    highest). Measured here: 0.875 at step 1, then 0.4375 at steps 2-4; patience 2 stops at step 4, keeping step 2."""
+    metric = "tests.userevals:ErrorRate.error_rate"
+    result = cli("train", AGNEWS, f"output_dir={tmp_path}", "training.max_steps=6", "training.eval_every=1",
+                 "training.warmup_ratio=0", f"training.early_stopping={{patience: 2, metric: '{metric}'}}",
+                 "training.save_total_limit=1", "training.micro_batch_size=8", "data.train_samples=200",
+                 "data.eval_samples=16", "training.report_to=none", "generation.mode=rank", USER_EVALUATORS,
+                 "--no-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_folder(result.stdout)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    evals = {row["step"]: row[f"eval_{metric}"] for row in log if f"eval_{metric}" in row}
+    assert sorted(evals) == list(range(1, len(evals) + 1)) and all("eval_loss" in row for row in log
+                                                                   if f"eval_{metric}" in row)
+    lowest = min(evals.values())
+    assert lowest < max(evals.values())  # the evaluations differ: the direction decides which is kept
+    first_lowest = min(step for step, value in evals.items() if value == lowest)
+    best = json.loads((run / "env.json").read_text())["early_stopping"]
+    assert best["metric"] == metric and best["better"] == "lower"
+    assert best["best_value"] == pytest.approx(lowest) and best["best_step"] == first_lowest == best["kept_step"]
+    # stopped after `patience` evaluations in a row without a lower error rate
+    assert best["stopped_early"] and best["last_step"] == max(evals)
+    assert all(evals[s] >= lowest for s in evals if s > first_lowest) and best["evaluations_without_improvement"] == 2
+    assert f"kept step {first_lowest}'s adapter, the lowest {metric}" in result.stdout

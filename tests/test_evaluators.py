@@ -140,15 +140,25 @@ LABELED = [("World", "World"), ("Sports", "World"), ("Business", "nonsense")]
     ("samples", {}, LABELED),
 ])
 def test_builtins_declare_the_metrics_they_return(tmp_path, name, params, pairs):
-    """`metrics` (what `runner sweep --metric` is checked against before training) is what evaluate returns."""
+    """`metrics` (what `runner sweep --metric` is checked against before training, with each metric's direction and
+    scale) is what evaluate returns; every other number it returns describes the evaluation, not the model."""
     from evaluators import builtin
-    from runner.evaluate.metrics import headline
+    from evaluators.base import declaration_problem
+    from runner.evaluate.metrics import declared_by, headline
 
     evaluator = builtin(name)(seed=1, **params)
+    assert declaration_problem(builtin(name)) is None and declaration_problem(evaluator) is None
     given = [Record(index=r.index, prompt=r.prompt, reference=r.reference, prediction=r.prediction, logprob=-2.0,
                     tokens=3) for r in records(pairs)]
-    returned = headline({name: evaluator.evaluate(given, tmp_path)})
-    assert sorted(returned) == sorted(f"{name}.{m}" for m in evaluator.metrics)
+    out = evaluator.evaluate(given, tmp_path)
+    declared = [f"{name}.{m.name}" for m in evaluator.metrics if "." not in m.name]
+    returned = headline({name: out}, declared_by([(name, evaluator)]))
+    assert sorted(returned) == sorted(declared)
+    every_number = headline({name: out}, declared={})  # as if it declared nothing
+    assert set(every_number) - set(declared) <= {f"{name}.{k}" for k in ("examples", "tokens", "count",
+                                                                         "labels_scored")}
+    headline_metric = declared_by([(name, evaluator)])[name]["headline"]
+    assert headline_metric is None if not declared else f"{name}.{headline_metric}" in declared
 
 
 # ---------------------------------------------------------------- a user's own evaluator
@@ -252,3 +262,41 @@ def test_a_user_evaluator_that_raises_is_named_not_the_runner(user_package, tiny
     assert "Traceback" not in result.stderr
     assert list((user_package / "runs").rglob("adapter_config.json"))  # trained; the evaluation failed
     assert not list((user_package / "runs").rglob("report.md"))
+
+
+# ---------------------------------------------------------------- declarations
+
+
+def test_a_malformed_declaration_is_one_line_naming_its_evaluator(tiny, cli):
+    agnews = ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"
+    result = cli("validate", agnews, "evaluation.evaluators=[{name: classification}, {name: 'tests.userevals:Malformed'}]")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: evaluation.evaluators[1]: tests.userevals:Malformed's metric declaration is malformed: metrics holds "
+        "'score', not a Metric (e.g. Metric('score', better='higher', scale='fraction')) (declare metrics = "
+        "(Metric(name, better='higher' or 'lower', scale=...), ...) as evaluators.base.Evaluator describes)")
+
+
+ACCURACY = ("accuracy", "higher", "fraction")
+
+
+@pytest.mark.parametrize(("metrics", "extra", "problem"), [
+    ((("accuracy", "higher"),), {}, "holds ('accuracy', 'higher'), not a Metric"),
+    ("accuracy", {}, "metrics is a str, not a tuple of Metric"),
+    ((("accuracy", "up", "fraction"),), {}, "better is 'up', not 'higher' or 'lower'"),
+    ((("accuracy", "higher", "percentage"),), {}, "scale is 'percentage', not one of fraction, percent, count, unbounded"),
+    ((ACCURACY, ACCURACY), {}, "metric 'accuracy' is declared twice"),
+    ((ACCURACY,), {"headline": "f1"}, "headline 'f1' is not one of its top-level metrics (accuracy)"),
+    ((ACCURACY,), {"baselines": ("lead_2",)}, "baselines is ('lead_2',), not a tuple of majority_class"),
+    ((ACCURACY,), {"baselines": ("label_set",)}, "the label_set baseline needs a gold_names(references) method"),
+])
+def test_declaration_problems_are_named(metrics, extra, problem):
+    """What is wrong, in the sentence the error line shows; Metric fields given as tuples here become Metrics."""
+    from evaluators.base import Evaluator, Metric, declaration_problem
+
+    if isinstance(metrics, tuple) and all(len(m) == 3 for m in metrics):
+        metrics = tuple(Metric(*m) for m in metrics)
+    assert problem in declaration_problem(type("Mine", (Evaluator,), {"metrics": metrics, **extra}))
+    fine = {"metrics": (Metric(*ACCURACY), Metric("per_class.*.f1", "higher", "fraction")), "headline": "accuracy"}
+    assert declaration_problem(type("Fine", (Evaluator,), fine)) is None
+    assert declaration_problem(Evaluator) is None  # declares nothing: the documented default

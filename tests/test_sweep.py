@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from runner.cli import sweep
+from runner.cli import sweep, sweep_summary
 from runner.common.errors import RecipeError
 from tests.conftest import ROOT, ahead, run_cli
 
@@ -137,7 +137,7 @@ def summarize(tiny, tmp_path, scores: dict[str, list[np.ndarray]]):
     for setting, group in grid.items():
         for cell, correct in zip(group, scores[setting[0][1]], strict=True):
             run_dirs[id(cell)] = fake_run(tmp_path / f"{setting[0][1]}-{cell.seed}", cell, correct)
-    return sweep.summarize(folder, grid, run_dirs, {}, None, axes, fixed)
+    return sweep_summary.summarize(folder, grid, run_dirs, {}, None, axes, fixed)
 
 
 def test_a_clear_gain_exceeds_both_seed_and_test_noise(tiny, tmp_path):
@@ -171,8 +171,126 @@ def test_seed_noise_hides_a_difference_the_test_set_alone_would_call_real(tiny, 
     summary = summarize(tiny, tmp_path, {"4": seeds_a, "8": seeds_b})
     (c,) = summary["comparisons"]
     assert c["beyond_test_noise"] is True and c["beyond_seed_noise"] is False and c["real"] is False
-    md = sweep.markdown(summary)
+    md = sweep_summary.markdown(summary)
     assert "no: within seed noise" in md and "| lora.r=4 | -0.075 |" in md
+
+
+def evaluated_sweep(tmp_path, predictions: dict[str, list[list[str]]], evaluators: str, baseline: list[str] | None = None,
+                    primary: str | None = None) -> dict:
+    """Summarize a 1-axis sweep of lora.r whose runs predicted ``predictions[r][seed]`` for the gold labels
+    LABELS[i % 4], scored by the cell recipe's own evaluators as evaluation scores them (metrics.json with their
+    declarations); ``baseline``: the predictions of a trivial baseline every run gets in baselines.json."""
+    from runner.evaluate import baselines as baselines_mod
+    from runner.evaluate import evaluate as evaluate_mod
+    from runner.evaluate.metrics import DECLARED, declared_by
+
+    folder, cells, axes, fixed = sweep.cells(AGNEWS, [f"lora.r={','.join(predictions)}", f"output_dir={tmp_path}",
+                                                      f"evaluation.evaluators={evaluators}"],
+                                             seeds=len(next(iter(predictions.values()))))
+    grid = sweep.settings(cells)
+
+    def scored(recipe, folder: Path, predicted: list[str]) -> dict:
+        folder.mkdir(parents=True)
+        with open(folder / "predictions.jsonl", "w") as f:
+            for i, pred in enumerate(predicted):
+                f.write(json.dumps({"index": i, "id": str(i), "prompt": f"p{i}", "reference": LABELS[i % 4],
+                                    "prediction": pred}) + "\n")
+        records = evaluate_mod.read_records(folder / "predictions.jsonl")
+        built = evaluate_mod.build_evaluators(recipe)
+        metrics = {"split": "test", "examples": len(records), **{n: e.evaluate(records, folder) for n, e in built},
+                   DECLARED: declared_by(built)}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    run_dirs = {}
+    for setting, group in grid.items():
+        for cell, predicted in zip(group, predictions[setting[0][1]], strict=True):
+            run = tmp_path / f"{setting[0][1]}-{cell.seed}"
+            scored(cell.recipe, run, predicted)
+            (run / "env.json").write_text(json.dumps({"train_seconds": 10.0}))
+            if baseline is not None:
+                result = {"examples": len(baseline), "skipped": [], "baselines": {"majority class": {
+                    "metrics": scored(cell.recipe, run / "baselines" / "majority_class", baseline)}}}
+                (run / "baselines.json").write_text(json.dumps(result))
+            run_dirs[id(cell)] = run
+    assert baselines_mod  # runs are marked degenerate by runner.evaluate.baselines.degenerate
+    return sweep_summary.summarize(folder, grid, run_dirs, {}, primary, axes, fixed)
+
+
+CLASSIFICATION = "{name: classification, labels: [World, Sports, Business, Sci/Tech], confusion_matrix: false}"
+USER = f"[{{name: 'tests.userevals:ErrorRate'}}, {CLASSIFICATION}]"
+
+
+def right_where(correct) -> list[str]:
+    return [LABELS[i % 4] if ok else LABELS[(i + 1) % 4] for i, ok in enumerate(correct)]
+
+
+def test_a_users_lower_is_better_metric_ranks_by_its_declaration(tiny, tmp_path):
+    """The user's error_rate is declared lower-is-better (its name says nothing of it) and is the primary metric
+    (its evaluator comes first and names it its headline): the setting with the lower error rate is the best. A
+    guess from the name would have named the other."""
+    rng = np.random.default_rng(0)
+    n = 200
+    weak = [right_where(rng.random(n) < p) for p in (0.40, 0.42, 0.41)]
+    strong = [right_where(rng.random(n) < p) for p in (0.80, 0.81, 0.79)]
+    summary = evaluated_sweep(tmp_path, {"4": weak, "8": strong}, USER)
+    metric = "tests.userevals:ErrorRate.error_rate"
+    assert summary["primary_metric"] == metric
+    rows = {row["label"]: row["metrics"][metric] for row in summary["settings"]}
+    assert rows["lora.r=8"]["mean"] < rows["lora.r=4"]["mean"] and rows["lora.r=8"]["better"] == "lower"
+    assert summary["best"] == summary["leader"] == "lora.r=8" and summary["no_winner"] is None
+    (c,) = summary["comparisons"]
+    assert c["setting"] == "lora.r=4" and c["difference"] > 0 and c["real"]
+    # its higher-is-better twin, named like a loss, picks the same setting
+    again = evaluated_sweep(tmp_path / "again", {"4": weak, "8": strong}, USER,
+                            primary="tests.userevals:ErrorRate.loss_free")
+    assert again["best"] == "lora.r=8"
+
+
+def test_constant_predictions_are_degenerate_and_name_no_winner(tiny, tmp_path):
+    """The README's sweep after too few steps: every seed of every setting predicts one label, the scores tie
+    exactly at the majority class's (0.25 ± 0). Every run is marked degenerate and no setting is named the best."""
+    constant = ["World"] * 40
+    summary = evaluated_sweep(tmp_path, {"4": [constant] * 2, "8": [constant] * 2},
+                              f"[{CLASSIFICATION}]",
+                              baseline=constant)
+    assert summary["best"] is None and summary["leader"] == "lora.r=4"
+    assert "degenerate" in summary["no_winner"]
+    for row in summary["settings"]:
+        assert row["degenerate_runs"] == 2 and row["metrics"]["classification.accuracy"]["values"] == [0.25, 0.25]
+        for run in row["runs"]:
+            assert run["degenerate"] == ["all 40 predictions are the same: `World`",
+                                         "classification.accuracy 0.25 is no better than the majority class "
+                                         "baseline's 0.25"]
+    md = sweep_summary.markdown(summary)
+    assert "## No best setting on classification.accuracy" in md and "## Against the best setting" not in md
+    assert "## Degenerate runs" in md and "- lora.r=8, seed 43: all 40 predictions are the same: `World`" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| lora.r=4 | 0.25 ± 0 ")]
+    assert row.endswith(" | 2 of 2 |")  # the degenerate runs column
+    lines = sweep_summary.summary_lines(summary)
+    assert lines[0].startswith("lora.r=4: classification.accuracy 0.25 ± 0") and "degenerate in 2 of 2" in lines[0]
+    assert any(line.startswith("no winner: ") for line in lines) and not any(line.startswith("best:") for line in lines)
+
+
+def test_an_exact_tie_names_no_winner(tiny, tmp_path):
+    """Two settings whose seeds predict exactly alike (and not constantly): the same means, no difference beyond
+    any noise, so neither is named the best."""
+    rng = np.random.default_rng(1)
+    seeds = [right_where(rng.random(60) < p) for p in (0.6, 0.7)]
+    summary = evaluated_sweep(tmp_path, {"4": seeds, "8": seeds}, USER)
+    assert summary["best"] is None and "not beyond the noise" in summary["no_winner"]
+    assert all(row["degenerate_runs"] == 0 for row in summary["settings"])
+    (c,) = summary["comparisons"]
+    assert c["difference"] == 0 and not c["real"]
+
+
+def test_a_metric_whose_direction_is_not_declared_ranks_nothing(tiny, tmp_path):
+    rng = np.random.default_rng(2)
+    summary = evaluated_sweep(tmp_path, {"4": [right_where(rng.random(40) < 0.3)] * 2,
+                                         "8": [right_where(rng.random(40) < 0.9)] * 2},
+                              "[{name: 'tests.userevals:Undeclared'}, {name: classification, confusion_matrix: false}]")
+    assert summary["primary_metric"] == "tests.userevals:Undeclared.score"
+    assert summary["best"] is None and summary["comparisons"] == [] and "declares no direction" in summary["no_winner"]
 
 
 # ---------------------------------------------------------------- a real sweep through the CLI
@@ -233,6 +351,33 @@ def test_the_sweep_table_matches_the_run_folders(swept):
     assert "beyond both?" in md and "majority class" in md and "smallest difference" in md
     assert (folder / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.stdout.count(": training") == 8 and "plan per setting" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_sweep_marks_degenerate_runs_and_names_no_winner_within_noise(swept):
+    """Three optimizer steps leave the cells near chance, many predicting one label (README's sweep example): each
+    run is marked degenerate exactly when its predictions are constant or its accuracy is no better than a trivial
+    baseline's (its report.md says so too), and a best setting is named only beyond both noises."""
+    _, folder, result = swept
+    summary = json.loads((folder / "sweep.json").read_text())
+    for row in summary["settings"]:
+        for run in row["runs"]:
+            run_dir = Path(run["run"])
+            predicted = {json.loads(line)["prediction"] for line in (run_dir / "predictions.jsonl").open()}
+            accuracy = run["metrics"]["classification.accuracy"]
+            scored = json.loads((run_dir / "baselines.json").read_text())["baselines"]
+            beaten_by = [n for n, b in scored.items() if accuracy <= b["metrics"]["classification"]["accuracy"]]
+            assert bool(run["degenerate"]) == (len(predicted) == 1 or bool(beaten_by)), run
+            assert ("**Degenerate run**" in (run_dir / "report.md").read_text()) == bool(run["degenerate"])
+        assert row["degenerate_runs"] == sum(bool(run["degenerate"]) for run in row["runs"])
+    assert any(run["degenerate"] for row in summary["settings"] for run in row["runs"])
+    leader = next(row for row in summary["settings"] if row["label"] == summary["leader"])
+    clear = all(c["real"] for c in summary["comparisons"]) and not leader["degenerate_runs"]
+    assert summary["best"] == (summary["leader"] if clear else None)
+    md = (folder / "sweep.md").read_text()
+    assert "## Degenerate runs" in md
+    if summary["best"] is None:
+        assert "## No best setting on classification.accuracy" in md and "no winner: " in result.stdout
 
 
 @pytest.mark.slow

@@ -136,9 +136,10 @@ def cmd_validate(args) -> int:
     recipe = _recipe(args)
     from runner.data import data
     from runner.model import model
-    from runner.train import tracking
+    from runner.train import early, tracking
 
     tracking.check(recipe)
+    early.decider(recipe)  # the early-stopping metric: the trainer's, or one an evaluator declares with a direction
     model.check_local(recipe)  # the files and folders the recipe names, read no further than their first lines
     data.check_files(recipe)
     if args.show:

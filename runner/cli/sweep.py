@@ -10,11 +10,10 @@ eval and test examples and the seeds differ only in training randomness (LoRA in
 Before anything trains, every cell's recipe is validated and checked against the model's config, and the plan
 (profile, micro-batch, predicted peak GPU memory and training time) of every setting is printed.
 
-The summary (``sweep.md``, ``sweep.json``, ``sweep.png``): one row per setting with the mean over seeds of each
-metric, the spread across seeds, the test-example uncertainty, training time and peak memory; then every setting
-against the best one on the primary metric, with the two sources of uncertainty kept apart (runner.common.stats): Welch's
-t-test over seeds and the paired bootstrap over the shared test examples. A difference is called real only when it
-exceeds both.
+The summary (``sweep.md``, ``sweep.json``, ``sweep.png``, runner.cli.sweep_summary): one row per setting with the
+mean over seeds of each metric, the spread across seeds and the test-example uncertainty; every setting against
+the best mean on the primary metric, a winner named only beyond both seed and test-example noise, and degenerate
+runs marked.
 """
 
 from __future__ import annotations
@@ -27,18 +26,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from runner.cli import recipes
-from runner.common import stats
+from runner.cli import recipes, sweep_summary
 from runner.common.errors import RecipeError
-from runner.common.stats import bootstrap_ci, paired_bootstrap
-from runner.evaluate.metrics import headline, lower_is_better
 from runner.recipe.validation import schema
 from runner.store import runs
-
-PRIMARY = ("rouge.rougeL", "classification.accuracy", "multilabel.exact_match", "loss.loss")
-
 
 # ---------------------------------------------------------------- the grid
 
@@ -128,13 +119,16 @@ def sweep_folder(base: dict, axes, fixed, seeds: list[int], name: str | None) ->
 
 
 def _check_local(recipe: dict) -> None:
-    """What `runner validate` checks beyond the schema: the local files and folders a cell names, and the local
-    data's columns (a swept data.source or model path is found missing before any cell trains)."""
+    """What `runner validate` checks beyond the schema: the local files and folders a cell names, the local data's
+    columns (a swept data.source or model path is found missing before any cell trains) and the early-stopping
+    metric."""
     from runner.data import data
     from runner.model import model
+    from runner.train import early
 
     model.check_local(recipe)
     data.check_files(recipe)
+    early.decider(recipe)
 
 
 def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None) -> tuple[Path, list[Cell], list, list]:
@@ -190,11 +184,7 @@ def check_metric(metric: str | None, grid: dict[tuple, list[Cell]]) -> None:
     for group in grid.values():
         names = evaluate_mod.metric_names(group[0].recipe)
         if names is not None and metric not in names:
-            raise _unknown_metric(metric, names)
-
-
-def _unknown_metric(metric: str, names: list[str]) -> RecipeError:
-    return RecipeError("--metric", f"{metric!r} is not a metric of these runs", f"one of: {', '.join(names)}")
+            raise sweep_summary.unknown_metric(metric, names)
 
 
 # ---------------------------------------------------------------- plan and run
@@ -258,258 +248,6 @@ def run_cell(recipe_path, cell: Cell) -> Path:
     return run_dir
 
 
-# ---------------------------------------------------------------- the summary
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def per_example_scores(recipe: dict, run_dir: Path) -> tuple[list, dict[str, np.ndarray]]:
-    """(the evaluated examples as (index, reference), {metric: per-example scores}) of one run."""
-    from runner.evaluate import evaluate as evaluate_mod
-
-    records = evaluate_mod.read_records(run_dir / "predictions.jsonl")
-    scores = {}
-    for name, evaluator in evaluate_mod.build_evaluators(recipe):
-        if hasattr(evaluator, "per_example") and records:
-            for key, values in evaluator.per_example(records).items():
-                scores[f"{name}.{key}"] = np.asarray(values, dtype=float)
-    return [(r.index, r.reference) for r in records], scores
-
-
-def summarize(folder: Path, grid: dict[tuple, list[Cell]], run_dirs: dict[int, Path], plans: dict, primary: str | None,
-              axes: list, fixed: list[str]) -> dict:
-    first_cell = next(iter(grid.values()))[0]
-    seed = first_cell.recipe["seed"]
-    rows, examples, per_example = [], None, {}
-    same_examples = True
-    for setting, setting_cells in grid.items():
-        runs, values, cis, scores = [], {}, {}, {}
-        for cell in setting_cells:
-            run_dir = run_dirs[id(cell)]
-            metrics, env = _json(run_dir / "metrics.json"), _json(run_dir / "env.json")
-            flat = headline(metrics)
-            keys, run_scores = per_example_scores(cell.recipe, run_dir)
-            if examples is None:
-                examples = keys
-            same_examples &= keys == examples
-            for metric, row in flat.items():
-                values.setdefault(metric, []).append(row["value"])
-                cis.setdefault(metric, []).append(stats.half_width(row["ci95"]))
-            for metric, arr in run_scores.items():
-                scores.setdefault(metric, []).append(arr)
-            runs.append({"seed": cell.seed, "run": str(run_dir), "metrics": {m: r["value"] for m, r in flat.items()},
-                         "train_seconds": env.get("train_seconds"), "peak_reserved_gb": env.get("peak_reserved_gb")})
-        summary = {}
-        for metric, vals in values.items():
-            entry = stats.seed_spread(vals)
-            if metric in scores and len({len(a) for a in scores[metric]}) == 1:
-                # test-example uncertainty of the seed-averaged score: bootstrap over the shared examples
-                averaged = np.mean(scores[metric], axis=0)
-                low, high = bootstrap_ci(averaged, seed)
-                entry["test_ci95_half"] = (high - low) / 2
-            else:  # no per-example scores: the runs' own bootstrap intervals, averaged
-                known = [h for h in cis[metric] if h is not None]
-                entry["test_ci95_half"] = float(np.mean(known)) if known else None
-            entry["values"] = vals
-            summary[metric] = entry
-        times = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
-        peaks = [r["peak_reserved_gb"] for r in runs if r["peak_reserved_gb"] is not None]
-        per_example[setting] = {m: np.mean(arrs, axis=0) for m, arrs in scores.items()
-                                if len({len(a) for a in arrs}) == 1}
-        rows.append({"setting": dict(setting), "label": setting_cells[0].label, "runs": runs, "metrics": summary,
-                     "train_seconds": stats.seed_spread(times) if times else None,
-                     "peak_reserved_gb": max(peaks) if peaks else None, "plan": plans.get(setting)})
-    metric_names = list(rows[0]["metrics"])
-    if primary is None:
-        primary = next((m for m in PRIMARY if m in metric_names), metric_names[0] if metric_names else None)
-    elif primary not in metric_names:  # a user's evaluator that declares no metrics: known only now
-        raise _unknown_metric(primary, metric_names)
-    out = {"recipe": first_cell.recipe["name"], "sweep": str(folder), "axes": [k for k, _ in axes], "fixed": fixed,
-           "seeds": [c.seed for c in next(iter(grid.values()))], "primary_metric": primary,
-           "examples": len(examples or []), "same_examples": same_examples, "settings": rows, "comparisons": []}
-    if primary is None:
-        return out
-    lower = lower_is_better(primary)
-    pick = min if lower else max
-    best_i = pick(range(len(rows)), key=lambda i: rows[i]["metrics"][primary]["mean"])
-    out["best"] = rows[best_i]["label"]
-    best_setting = list(grid)[best_i]
-    for i, (setting, row) in enumerate(zip(grid, rows, strict=True)):
-        if i == best_i:
-            continue
-        seeds_test = stats.welch(rows[best_i]["metrics"][primary]["values"], row["metrics"][primary]["values"])
-        paired = None
-        if same_examples and primary in per_example[setting] and primary in per_example[best_setting]:
-            paired = paired_bootstrap(per_example[best_setting][primary], per_example[setting][primary], seed)
-        beyond_seed = stats.excludes_zero(seeds_test["ci95"]) if seeds_test else None
-        beyond_test = stats.excludes_zero(paired["difference_ci95"]) if paired else None
-        out["comparisons"].append({
-            "setting": row["label"], "against": out["best"], "metric": primary,
-            "difference": row["metrics"][primary]["mean"] - rows[best_i]["metrics"][primary]["mean"],
-            "seeds": seeds_test, "test_examples": paired, "beyond_seed_noise": beyond_seed,
-            "beyond_test_noise": beyond_test, "real": bool(beyond_seed and beyond_test)})
-    baselines = _json(Path(run_dirs[id(first_cell)]) / "baselines.json")
-    out["baselines"] = {name: headline(b["metrics"]).get(primary, {}).get("value")
-                        for name, b in baselines.get("baselines", {}).items()}
-    return out
-
-
-# ---------------------------------------------------------------- files
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def _cell(entry: dict) -> str:
-    text = _fmt(entry["mean"])
-    if entry["sd"] is not None:
-        text += f" ± {_fmt(entry['sd'], 2)}"
-    if entry.get("test_ci95_half") is not None:
-        text += f" (±{_fmt(entry['test_ci95_half'], 2)})"
-    return text
-
-
-def _verdict(c: dict) -> str:
-    if c["real"]:
-        return "**yes**"
-    reasons = []
-    if c["beyond_seed_noise"] is None:
-        reasons.append("seed noise unknown (1 seed)")
-    elif not c["beyond_seed_noise"]:
-        reasons.append("within seed noise")
-    if c["beyond_test_noise"] is None:
-        reasons.append("no paired test (examples differ)")
-    elif not c["beyond_test_noise"]:
-        reasons.append("within test-example noise")
-    return "no: " + ", ".join(reasons)
-
-
-def _ci(ci: list | None) -> str:
-    return "–" if not ci else f"[{ci[0]:+.4g}, {ci[1]:+.4g}]"
-
-
-def markdown(summary: dict) -> str:
-    from runner.speed import throughput
-
-    rows = summary["settings"]
-    metrics = list(rows[0]["metrics"]) if rows else []
-    n_seeds = len(summary["seeds"])
-    lines = [f"# Sweep: {summary['recipe']}", "",
-             f"Folder `{summary['sweep']}`; axes {', '.join(summary['axes']) or '(none)'}; seeds "
-             f"{', '.join(map(str, summary['seeds']))}; {summary['examples']} test examples, the same for every cell"
-             + ("" if summary["same_examples"] else " (NOT the same: paired tests skipped)") + ".", ""]
-    if summary["fixed"]:
-        lines += ["Fixed overrides: " + " ".join(f"`{o}`" for o in summary["fixed"]), ""]
-    header = ["setting", *metrics, "train time (s)", "peak GPU GiB (measured / predicted)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        time = row["train_seconds"]
-        time_text = "–" if not time else _fmt(time["mean"], 3) + (f" ± {_fmt(time['sd'], 2)}" if time["sd"] else "")
-        plan = row["plan"] or {}
-        memory = f"{_fmt(row['peak_reserved_gb'], 3)} / {_fmt(plan.get('peak_reserved_gb'), 3)}"
-        lines.append("| " + " | ".join([row["label"], *(_cell(row["metrics"][m]) for m in metrics), time_text,
-                                        memory]) + " |")
-    lines += ["", f"Each metric: mean over the {n_seeds} seed(s) ± the standard deviation across seeds (training "
-              "randomness) (± the 95% bootstrap half-width over test examples of the seed-averaged score). Peak GPU "
-              "memory is torch's peak reserved (– on a CPU); predicted by `runner plan` from the config."]
-    if rows and rows[0]["plan"]:
-        plan = rows[0]["plan"]
-        lines += ["", "Predicted training time per seed on " + plan["card"] + f" ({plan['card_why']}): "
-                  + "; ".join(f"{r['label']} {throughput.duration((r['plan'] or {}).get('train_seconds'))}"
-                              for r in rows) + "."]
-    primary = summary["primary_metric"]
-    if summary["comparisons"]:
-        lines += ["", f"## Against the best setting on {primary}: {summary['best']}", "",
-                  "| setting | difference | seeds: Welch 95% CI | test examples: paired bootstrap 95% CI | "
-                  "beyond both? |", "|---|---|---|---|---|"]
-        for c in summary["comparisons"]:
-            seeds_ci = _ci(c["seeds"]["ci95"]) if c["seeds"] else "–"
-            test_ci = _ci(c["test_examples"]["difference_ci95"]) if c["test_examples"] else "–"
-            lines.append(f"| {c['setting']} | {c['difference']:+.4g} | {seeds_ci} | {test_ci} | {_verdict(c)} |")
-        lines += ["", "A difference is real when it exceeds both sources of uncertainty: the seed interval (Welch's "
-                  "t-test over the per-seed scores: would retraining with other seeds give it again?) and the "
-                  "test-example interval (paired bootstrap of the seed-averaged per-example scores over the shared "
-                  "examples: would other test examples give it again?). With 2 seeds the seed interval is wide "
-                  "(t with 1-2 degrees of freedom): add seeds to narrow it."]
-    if primary and rows:
-        half = rows[0]["metrics"][primary].get("test_ci95_half")
-        if half:
-            smallest = stats.smallest_difference([0.0, 2 * half])
-            unit = stats.point(primary)
-            needed = stats.examples_for(unit, [0.0, 2 * half], summary["examples"]) if unit else None
-            lines += ["", f"How many examples: with {summary['examples']} test examples the smallest difference in "
-                      f"{primary} resolvable at 95% (two systems scored separately) is about {smallest:.3g}"
-                      + (f"; resolving {unit:g} would need about {needed:,} examples." if needed else ".")]
-    if summary.get("baselines"):
-        lines += ["", f"Trivial baselines on the same examples ({primary}): "
-                  + ", ".join(f"{name} {_fmt(v)}" for name, v in summary["baselines"].items()) + "."]
-    if rows:
-        lines += ["", "![sweep](sweep.png)", "", "## Runs", "", "| setting | seed | " + primary + " | run |",
-                  "|---|---|---|---|"]
-        for row in rows:
-            for run in row["runs"]:
-                lines.append(f"| {row['label']} | {run['seed']} | {_fmt(run['metrics'].get(primary))} | "
-                             f"`{run['run']}` |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, path: Path) -> Path | None:
-    """The primary metric per setting: each seed's score, the mean ± seed sd (thick) and ± the test-example 95%
-    half-width (thin), with the trivial baselines as dashed lines."""
-    primary, rows = summary["primary_metric"], summary["settings"]
-    if primary is None or not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2.5), 4.4))
-    for x, row in enumerate(rows):
-        entry = row["metrics"][primary]
-        ax.scatter([x - 0.12] * len(entry["values"]), entry["values"], color="#999999", s=16, zorder=3,
-                   label="one seed" if x == 0 else None)
-        if entry.get("test_ci95_half") is not None:
-            ax.errorbar(x + 0.08, entry["mean"], yerr=entry["test_ci95_half"], color="#c03030", capsize=5, lw=1,
-                        label="± test examples (95%)" if x == 0 else None)
-        ax.errorbar(x, entry["mean"], yerr=entry["sd"] or 0, fmt="o", color="#4878a8", lw=4, capsize=0, zorder=4,
-                    label="mean ± seed sd" if x == 0 else None)
-    colors = ["#6a9a3a", "#b07a2a", "#7a4ab0", "#333333"]
-    for (name, value), color in zip(summary.get("baselines", {}).items(), itertools.cycle(colors)):
-        if value is not None:
-            ax.axhline(value, ls="--", lw=1, color=color, label=f"baseline: {name}")
-    labels = ["\n".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["setting"].items()) or r["label"] for r in rows]
-    ax.set_xticks(range(len(rows)), labels=labels, fontsize=8)
-    ax.set_ylabel(primary)
-    ax.set_title(f"{summary['recipe']}: {len(summary['seeds'])} seed(s) per setting, {summary['examples']} examples",
-                 fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def write(summary: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    plot(summary, folder / "sweep.png")
-    (folder / "sweep.md").write_text(markdown(summary), encoding="utf-8")
-    (folder / "sweep.json").write_text(json.dumps(summary, indent=2, default=_plain), encoding="utf-8")
-    return folder / "sweep.md"
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -552,20 +290,9 @@ def sweep(recipe_path, overrides: list[str], seeds: int = 1, name: str | None = 
         run_dirs[id(cell)] = run_cell(recipe_path, cell)
     if not main:
         return None
-    summary = summarize(folder, grid, run_dirs, plans, metric, axes, fixed)
-    path = write(summary, folder)
-    for line in summary_lines(summary):
+    summary = sweep_summary.summarize(folder, grid, run_dirs, plans, metric, axes, fixed)
+    path = sweep_summary.write(summary, folder)
+    for line in sweep_summary.summary_lines(summary):
         print(line)
     return path
-
-
-def summary_lines(summary: dict) -> list[str]:
-    primary = summary["primary_metric"]
-    out = []
-    for row in summary["settings"]:
-        if primary:
-            out.append(f"{row['label']}: {primary} {_cell(row['metrics'][primary])}")
-    for c in summary["comparisons"]:
-        out.append(f"{c['setting']} vs best ({c['against']}): {c['difference']:+.4g}, real: {_verdict(c)}")
-    return out
 

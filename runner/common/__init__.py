@@ -1,7 +1,7 @@
 """The runner's leaf helpers: the error contract (errors), complete-or-absent writes (safeio), markdown table
-cells (markdown), bootstrap statistics (stats) and the launcher's world (dist).
+cells (markdown), bootstrap statistics (stats), label matching (labels) and the launcher's world (dist).
 
-Every other package may use these; evaluators may use stats, safeio and markdown.
+Every other package may use these; evaluators may use stats, labels, safeio and markdown.
 
 May import: nothing of the project.
 """

@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-# A metric's "point": 1 on ROUGE's 0-100 scale, one percentage point for shares in [0, 1].
-HUNDRED_SCALE = ("rouge",)
-SHARE_METRICS = ("accuracy", "exact_match", "micro_f1", "macro_f1", "micro_precision", "micro_recall")
+# A metric's "point" by its declared scale (evaluators.base.SCALES): 1 on a 0-100 scale (ROUGE), one percentage
+# point of a share in [0, 1]; other scales have no natural point.
+POINTS = {"percent": 1.0, "fraction": 0.01}
 
 RESAMPLES = 1000
 
@@ -88,15 +88,10 @@ def smallest_difference(ci: list | tuple | None) -> float | None:
     return None if h is None else math.sqrt(2) * h
 
 
-def point(metric: str) -> float | None:
-    """One point of ``metric`` ("rouge.rougeL" -> 1.0, "classification.accuracy" -> 0.01); None when the metric
-    has no natural point (loss, perplexity)."""
-    family, _, last = metric.partition(".")
-    if family in HUNDRED_SCALE or metric.split(".")[0].startswith(HUNDRED_SCALE):
-        return 1.0
-    if last.rsplit(".", 1)[-1] in SHARE_METRICS:
-        return 0.01
-    return None
+def point(scale: str | None) -> float | None:
+    """One point of a metric on ``scale`` ("percent" -> 1.0, "fraction" -> 0.01); None when the scale has no
+    natural point (a loss, a perplexity, a count) or is not declared."""
+    return POINTS.get(scale)
 
 
 def examples_for(difference: float, ci: list | tuple | None, examples: int) -> int | None:

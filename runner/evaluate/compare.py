@@ -19,24 +19,27 @@ from runner.common import dist, safeio
 from runner.common.markdown import cell
 from runner.common.stats import ci_overlap, paired_bootstrap
 from runner.evaluate import evaluate as evaluate_mod
-from runner.evaluate.metrics import finite, flatten
+from runner.evaluate.metrics import better_of, finite, flatten
 from runner.store import runs
 
 SYSTEMS = ("base", "adapter")
+# The "better" cell of a metric whose evaluator declares no direction (evaluators.base.Evaluator.metrics).
+UNDECLARED = "– (direction not declared)"
 
 
 # ---------------------------------------------------------------- metrics side by side
 
 
 def side_by_side(base: dict, adapter: dict, paired: dict, names: tuple[str, str] = SYSTEMS) -> dict[str, dict]:
-    """Every metric of both systems (``names``: the first, the second), the difference second − first."""
+    """Every metric of both systems (``names``: the first, the second), the difference second − first; which is
+    better by the direction the evaluator declares (None where it declares none)."""
     first, second = names
     flat_b, flat_a = flatten(base), flatten(adapter)
     rows = {}
     for metric in [m for m in flat_b if m in flat_a and finite(flat_b[m]["value"]) and finite(flat_a[m]["value"])]:
         b, a = flat_b[metric], flat_a[metric]
         diff = a["value"] - b["value"]
-        better = "tie" if diff == 0 else (second if (diff < 0) == b["lower_is_better"] else first)
+        better = {1: second, 0: "tie", -1: first, None: None}[better_of(a["value"], b["value"], b["better"])]
         rows[metric] = {first: b["value"], second: a["value"], "difference": round(diff, 6),
                         f"{first}_ci95": b["ci95"], f"{second}_ci95": a["ci95"],
                         "ci_overlap": ci_overlap(b["ci95"], a["ci95"]), "better": better}
@@ -105,8 +108,8 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
         overlap = {True: "yes", False: "no", None: "–"}[row["ci_overlap"]]
         paired_ci = "[{}, {}]".format(*map(_fmt, paired["difference_ci95"])) if paired else "–"
         lines.append(f"| {metric} | {_with_ci(row[first], row[f'{first}_ci95'])} | "
-                     f"{_with_ci(row[second], row[f'{second}_ci95'])} | {row['difference']:+.4g} | {row['better']} | "
-                     f"{overlap} | {paired_ci} | {_p(paired) if paired else '–'} |")
+                     f"{_with_ci(row[second], row[f'{second}_ci95'])} | {row['difference']:+.4g} | "
+                     f"{row['better'] or UNDECLARED} | {overlap} | {paired_ci} | {_p(paired) if paired else '–'} |")
     lines += ["", "Intervals: percentile bootstrap over examples (1000 resamples from the seed). Non-overlapping "
               "intervals mean a clear difference; overlapping ones do not mean no difference. The paired interval "
               "resamples the same examples for both models; when it excludes 0 the difference is significant at the "
@@ -218,5 +221,5 @@ def summary_lines(summary: dict) -> list[str]:
         elif row["ci_overlap"] is not None:
             extra = f", CIs {'overlap' if row['ci_overlap'] else 'do not overlap'}"
         out.append(f"{metric}: {first} {_fmt(row[first])} -> {second} {_fmt(row[second])} "
-                   f"({row['difference']:+.4g}{extra})")
+                   f"({row['difference']:+.4g}{extra}; better: {row['better'] or UNDECLARED})")
     return out

@@ -8,15 +8,16 @@ import time
 from pathlib import Path
 
 from evaluators.base import Record
-from evaluators.classification import normalize, with_unlisted
 from runner.common import dist, safeio
 from runner.common.errors import USER_EVALUATOR, RecipeError, short
+from runner.common.labels import normalize, with_unlisted
 from runner.data import data as data_mod
 from runner.evaluate import backend as backend_mod
 from runner.evaluate import generate as generate_mod
 from runner.evaluate import rank
+from runner.evaluate.metrics import DECLARED, declared_by
 from runner.recipe.checks import rank_labels
-from runner.recipe.evaluator_refs import evaluator_classes
+from runner.recipe.evaluator_refs import check_declaration, evaluator_classes
 from runner.store import runs as runs_mod
 
 
@@ -40,6 +41,7 @@ def build_evaluators(recipe: dict, user: bool = True) -> list:
         if ":" in spec["name"] and hasattr(evaluator, "__dict__"):
             # what it raises later is blamed on it (runner.common.errors), not on the runner; set past any __setattr__
             vars(evaluator)[USER_EVALUATOR] = f"evaluation.evaluators[{i}] ({spec['name']})"
+        check_declaration(evaluator, i, spec["name"])  # its own, as built (ROUGE's follow its types)
         built.append((spec["name"], evaluator))
     return built
 
@@ -103,7 +105,7 @@ def metric_names(recipe: dict) -> list[str] | None:
     for name, evaluator in build_evaluators(recipe):
         if evaluator.metrics is None:
             return None
-        names += [f"{name}.{metric}" for metric in evaluator.metrics]
+        names += [f"{name}.{m.name}" for m in evaluator.metrics if "." not in m.name and "*" not in m.name]
     return names
 
 
@@ -176,6 +178,7 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
         metrics[name] = evaluator.evaluate(given, out_dir)
     metrics["evaluation_seconds"] = round(time.time() - start, 2)
     metrics.update(runs_mod.peak_memory())  # of this evaluation: the peak was reset at its start
+    metrics[DECLARED] = declared_by(evaluators)  # which way each metric is better, read with the numbers
     safeio.write_json(out_dir / "metrics.json", metrics)
     print(speed_line(metrics), flush=True)
     return metrics

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from evaluators import BUILTINS, builtin
-from evaluators.base import Evaluator
+from evaluators.base import Evaluator, declaration_problem
 from runner.common.errors import RecipeError, short
 from runner.recipe.loader import _show
 from runner.recipe.validation import error_rank, fill_defaults, validator_class
@@ -67,10 +67,21 @@ def import_evaluator(spec_name: str, key_path: str):
     return cls
 
 
+def check_declaration(evaluator, i: int, name: str) -> None:
+    """A one-line error at ``evaluation.evaluators[i]`` when the evaluator (or its class) declares its metrics,
+    headline or baselines malformed (evaluators.base: the class at load, the built evaluator again)."""
+    problem = declaration_problem(evaluator)
+    if problem:
+        raise RecipeError(f"evaluation.evaluators[{i}]", f"{name}'s metric declaration is malformed: {problem}",
+                          "declare metrics = (Metric(name, better='higher' or 'lower', scale=...), ...) as "
+                          "evaluators.base.Evaluator describes")
+
+
 def settle_params(resolved: dict) -> None:
     """Each evaluator's keys against its class's ``params_schema`` (built-ins and a user's own alike), its defaults
     then filled into ``resolved`` (validate's own copy of the recipe)."""
     for i, (spec, cls) in enumerate(evaluator_classes(resolved)):
+        check_declaration(cls, i, spec["name"])
         params_schema = getattr(cls, "params_schema", None)
         if params_schema is None:
             continue

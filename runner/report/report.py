@@ -16,7 +16,7 @@ from runner.common.markdown import cell, table
 from runner.data import inspection as inspect_mod
 from runner.evaluate import baselines
 from runner.evaluate import evaluate as evaluate_mod
-from runner.evaluate.metrics import by_evaluator, headline
+from runner.evaluate.metrics import DECLARED, by_evaluator, headline, primary_metric
 from runner.model.model import lora_variants
 from runner.speed import profiles
 from runner.store import checkpoints
@@ -222,9 +222,9 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
     return lines
 
 
-def _scalar_rows(name: str, values: dict) -> list[list]:
+def _scalar_rows(name: str, block: dict[str, dict]) -> list[list]:
     rows = []
-    for key, m in by_evaluator({name: values})[name].items():
+    for key, m in block.items():
         if "." in key:  # per-class rows have tables of their own
             continue
         ci = m["ci95"]
@@ -241,12 +241,11 @@ def metrics_section(metrics: dict, run_dir: Path) -> list[str]:
     if speed:
         lines += ["", speed]
     rows = []
-    for name, values in metrics.items():
-        if isinstance(values, dict):
-            rows += _scalar_rows(name, values)
+    for name, block in by_evaluator(metrics).items():  # the declared numbers (runner.evaluate.metrics)
+        rows += _scalar_rows(name, block)
     lines += [""] + table(["evaluator", "metric", "value", "95% CI"], rows)
     for name, values in metrics.items():
-        if not isinstance(values, dict):
+        if not isinstance(values, dict) or name == DECLARED:
             continue
         for key in ("per_class", "per_label"):
             per = values.get(key)
@@ -301,7 +300,7 @@ def resolution_section(metrics: dict) -> list[str]:
         smallest = stats.smallest_difference(row["ci95"])
         if smallest is None:
             continue
-        unit = stats.point(metric)
+        unit = stats.point(row["scale"])
         needed = stats.examples_for(unit, row["ci95"], n) if unit else None
         rows.append([metric, _num(float(row["value"])), f"±{_num(float(stats.half_width(row['ci95'])))}",
                      _num(float(smallest)), f"{needed:,} (for {_num(unit)})" if needed else "–"])
@@ -317,12 +316,19 @@ def resolution_section(metrics: dict) -> list[str]:
 
 
 def baselines_section(run_dir: Path, recipe: dict, metrics: dict) -> list[str]:
-    """Trivial baselines on the evaluated examples (runner.evaluate.baselines); nothing without predictions."""
+    """Trivial baselines on the evaluated examples (runner.evaluate.baselines), and first whether the run is
+    degenerate (constant predictions, or its headline metric no better than a baseline's); nothing without
+    predictions."""
     pred = run_dir / "predictions.jsonl"
     if not metrics or not pred.is_file():
         return []
-    result = baselines.compute(recipe, run_dir, evaluate_mod.read_records(pred))
-    return baselines.markdown(result, metrics)
+    records = evaluate_mod.read_records(pred)
+    result = baselines.compute(recipe, run_dir, records)
+    reasons = baselines.degenerate(records, metrics, result, primary_metric(metrics))
+    warning = ["**Degenerate run**: " + "; ".join(reasons) + ". Its scores say little about what the model "
+               "learned (too few steps, a learning rate that diverged, a prompt it cannot read).", ""] if reasons else []
+    section = baselines.markdown(result, metrics)
+    return [*section[:2], *warning, *section[2:]]
 
 
 # ---------------------------------------------------------------- the report

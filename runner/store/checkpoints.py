@@ -183,7 +183,8 @@ def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
 def describe_best(best: dict) -> str:
     """One sentence: which step's adapter the run kept, and why."""
     value = f"{best['best_value']:.4g}" if isinstance(best.get("best_value"), (int, float)) else "n/a"
-    lower = "lowest" if best["metric"] == "eval_loss" else "highest"
+    # as early stopping's metric is declared (runner.train.early); a record without it says "best"
+    lower = {"lower": "lowest", "higher": "highest"}.get(best.get("better"), "best")
     if best["best_step"] is None:
         return f"no evaluation gave {best['metric']}; kept the last step's adapter (step {best['last_step']})"
     stop = (f"stopped at step {best['last_step']} of {best['max_steps']}: {best['evaluations_without_improvement']} "

@@ -29,6 +29,9 @@ class Trainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self._sums = {}  # mode -> device tensor of running sums since the last log (see compute_loss)
         self.graph_steps = False  # the decoder layers replay CUDA graphs (runner.train.train._setup_compile)
+        # model -> {"eval_<metric>": value}: numbers of the evaluation that the loss pass does not give (an
+        # evaluator's metric that early stopping watches: runner.train.early.scorer)
+        self.extra_metrics = None
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -71,6 +74,14 @@ class Trainer(SFTTrainer):
                                 outputs.is_top1.sum().float(), seen.float().to(loss.device)])
             self._sums[mode] = step if mode not in self._sums else self._sums[mode] + step
         return loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.extra_metrics is not None and metric_key_prefix == "eval":
+            # before the trainer logs the metrics and early stopping and the best checkpoint read them
+            output.metrics.update(self.extra_metrics(self.model))
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -19,7 +19,7 @@ from runner.model import counting
 from runner.model import model as model_mod
 from runner.speed import profiles
 from runner.store import checkpoints, runs
-from runner.train import divergence, tracking
+from runner.train import divergence, early, tracking
 
 # ---------------------------------------------------------------- one _setup_* per recipe section
 
@@ -45,9 +45,9 @@ def _setup_model(recipe: dict, speed):
     return model, trainable, total
 
 
-def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
+def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, stopping: early.Decider | None = None):
     """SFTConfig from the recipe; the micro-batch, accumulation and checkpointing are the resolved ``speed``'s
-    (None: as the recipe writes them)."""
+    (None: as the recipe writes them); ``stopping``: early stopping's metric (runner.train.early)."""
     import torch
     from trl import SFTConfig
 
@@ -101,7 +101,7 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None):
         ddp_find_unused_parameters=False,
         **_fsdp_args(speed),
         **tracking.trainer_args(recipe, run_dir),
-        **_best_args(t["early_stopping"]),
+        **early.trainer_args(recipe, stopping),
         dataloader_num_workers=0,
         dataset_num_proc=None,
         save_only_model=False,
@@ -116,47 +116,6 @@ def _one_gpu_per_process(args):
               f"with torchrun --nproc-per-node {args.n_gpu}, or make train NPROC={args.n_gpu})", flush=True)
         args._n_gpu = 1  # read by Trainer as args.n_gpu; set by args.device above
     return args
-
-
-def _best_args(early: dict | None) -> dict:
-    """Early stopping's metric and direction, and whether the best checkpoint becomes the run's adapter."""
-    if early is None:
-        return {}
-    return {"metric_for_best_model": early["metric"], "greater_is_better": early["metric"] != "eval_loss",
-            "load_best_model_at_end": early["restore_best"],
-            # the patience count and best metric so far come back with a resumed checkpoint
-            "restore_callback_states_from_checkpoint": True}
-
-
-def _early_stopping_callbacks(recipe: dict) -> list:
-    from transformers import EarlyStoppingCallback
-
-    early = recipe["training"]["early_stopping"]
-    if early is None:
-        return []
-    return [EarlyStoppingCallback(early_stopping_patience=early["patience"], early_stopping_threshold=early["min_delta"])]
-
-
-def best_record(trainer, recipe: dict) -> dict | None:
-    """What early stopping decided, for env.json and report.md: the best evaluation, the step whose adapter was
-    kept, and whether (and after how many evaluations without improvement) training stopped early."""
-    early = recipe["training"]["early_stopping"]
-    if early is None:
-        return None
-    state = trainer.state
-    metric = early["metric"]
-    evals = [(row["step"], row[metric]) for row in state.log_history if metric in row]
-    best_step = state.best_global_step
-    restored = early["restore_best"] and state.best_model_checkpoint is not None
-    from transformers import EarlyStoppingCallback
-
-    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
-    since = stopper.early_stopping_patience_counter if stopper is not None else 0
-    return {"metric": metric, "patience": early["patience"], "min_delta": early["min_delta"],
-            "evaluations": len(evals), "best_step": best_step, "best_value": state.best_metric,
-            "kept_step": best_step if restored else state.global_step, "restored_best": restored,
-            "last_step": state.global_step, "max_steps": state.max_steps,
-            "stopped_early": state.global_step < state.max_steps, "evaluations_without_improvement": since}
 
 
 def _fsdp_args(speed) -> dict:
@@ -314,7 +273,9 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     world = dist.init()
     meta, tokenizer = model_mod.preflight(recipe)
     tracking.check(recipe)
+    stopping = early.decider(recipe)
     speed = _setup_speed(recipe, meta, speed)
+    early.check_launch(stopping, speed)
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
     run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
@@ -331,7 +292,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     start = time.time()
     try:
         # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
-        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed)
+        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed, stopping=stopping)
         model, trainable, total = _setup_model(recipe, speed)
         columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
         record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
@@ -344,9 +305,10 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
                 train_dataset=prepared.splits["train"].select_columns(columns),
                 eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
                 processing_class=tokenizer,
-                callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *_early_stopping_callbacks(recipe)],
+                callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *early.callbacks(recipe)],
             )
         tracking.attach(trainer, recipe["evaluation"]["split"], resume_from)
+        trainer.extra_metrics = early.scorer(stopping, recipe, tokenizer, prepared.splits.get("eval"))
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
@@ -373,7 +335,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     adapter_dir = run_dir / "adapter"
     _save_adapter(trainer, tokenizer, adapter_dir, world, init_dir)
     ranks = dist.gather({"rank": world.rank, "device": runs.device_name(), **runs.peak_memory()})
-    best = best_record(trainer, recipe)
+    best = early.best_record(trainer, recipe, stopping)
     if world.main:
         runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
                         train_loss=record.mean_loss() if record.mean_loss() is not None else result.training_loss,
