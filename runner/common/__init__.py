@@ -1,5 +1,5 @@
 """The runner's leaf helpers: the error contract (errors), complete-or-absent writes (safeio), markdown table
-cells (markdown), bootstrap statistics (stats) and the launcher's world (dist).
+cells (markdown), bootstrap statistics (stats), the launcher's world (dist) and the CPU settings (cpu).
 
 Every other package may use these; evaluators may use stats, safeio and markdown.
 

@@ -18,21 +18,20 @@ from trl import SFTTrainer
 
 from runner.speed.profiles import REAL_TOKENS
 
-# bitsandbytes' optimizers (0.50) synchronise the device after each parameter's update: 256 times a step for the
-# study's LoRA. Off where stream order already does their work (stream_ordered); bench/dist_bench.py turns it off
-# to measure the difference.
-SKIP_OPTIMIZER_SYNCS = True
-
 
 class Trainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sums = {}  # mode -> device tensor of running sums since the last log (see compute_loss)
         self.graph_steps = False  # the decoder layers replay CUDA graphs (runner.train.train._setup_compile)
+        # bitsandbytes' optimizers (0.50) synchronise the device after each parameter's update: 256 times a step for
+        # the study's LoRA. Skipped where stream order already does their work (stream_ordered); bench/dist_bench.py
+        # keeps them (False, set before training through train's ``instrument``) to measure the difference.
+        self.skip_optimizer_syncs = True
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if SKIP_OPTIMIZER_SYNCS:
+        if self.skip_optimizer_syncs:
             skip_needless_syncs(optimizer)
         return optimizer
 
