@@ -14,17 +14,8 @@ LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --nproc-per-node $(NPROC
 # the CUDA build from PyPI with one. Override with `make install TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)
 TINY := .cache/tiny/BUILT
-THREADS := $(shell nproc 2>/dev/null || echo 2)
-export OMP_NUM_THREADS ?= $(THREADS)
-# Waiting OpenMP threads sleep rather than spin: spinning ones take the cores the working ones need on a busy CPU.
-export OMP_WAIT_POLICY ?= PASSIVE
-export TOKENIZERS_PARALLELISM ?= false
-# glibc hands a freed tensor's memory back to the OS and page-faults it in again on the next step: a sixth of a tiny
-# training run's CPU time went to the kernel (2.9M page faults in one AG News twin run). Keep it in the process
-# (docs/speed-and-memory.md: On a CPU).
-export MALLOC_MMAP_THRESHOLD_ ?= 33554432
-export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
-export MALLOC_TOP_PAD_ ?= 268435456
+# The CPU settings (OMP_*, TOKENIZERS_PARALLELISM, glibc's MALLOC_*) are the runner's own: `runner` sets them when
+# it starts, wherever it is started (runner/common/cpu.py says why each, and how MALLOC_* reach glibc).
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
 .PHONY: help install validate inspect train eval compare generate export test test-fast smoke tiny lint clean plan bench sweep docs

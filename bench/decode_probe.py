@@ -65,21 +65,14 @@ def profile(net, tokenizer, texts, config) -> str:
                       events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=80)])
 
 
-def forced(label: str, n: int, phase: str, cudnn: bool, call) -> dict:
-    """``call()`` timed, with cuDNN's attention forced on or off where runner.model.attention's ``phase``
-    (for_generation, for_scoring) would choose it."""
-    from runner.model import attention
-
-    real = getattr(attention, phase)
-    setattr(attention, phase, lambda: attention.cudnn(cudnn))
-    try:
-        gb.sync()
-        start = time.perf_counter()
-        call()
-        gb.sync()
-        seconds = time.perf_counter() - start
-    finally:
-        setattr(attention, phase, real)
+def forced(label: str, n: int, cudnn: bool, call) -> dict:
+    """``call(cudnn)`` timed: generate() or rank() with cuDNN's attention forced on or off (their ``cudnn_attention``)
+    where runner.model.attention's phase would choose it."""
+    gb.sync()
+    start = time.perf_counter()
+    call(cudnn)
+    gb.sync()
+    seconds = time.perf_counter() - start
     row = {"variant": f"{label}, cuDNN attention {'on' if cudnn else 'off'}", "prompts": n, "seconds": seconds,
            "prompts_per_s": n / seconds}
     print("TIMED", json.dumps(row), flush=True)
@@ -93,8 +86,9 @@ def full_runs(model, tokenizer, every: list[str]) -> list[dict]:
 
     recipe = gb.xsum_recipe([])
     gen_mod.generate(model, tokenizer, every[:8], gb.xsum_recipe(["generation.max_new_tokens=4"]))
-    return [forced("generate()", len(every), "for_generation", cudnn,
-                   lambda: gen_mod.generate(model, tokenizer, every, recipe)) for cudnn in (True, False, True, False)]
+    return [forced("generate()", len(every), cudnn,
+                   lambda on: gen_mod.generate(model, tokenizer, every, recipe, cudnn_attention=on))
+            for cudnn in (True, False, True, False)]
 
 
 def rank_runs(model, tokenizer) -> list[dict]:
@@ -116,8 +110,8 @@ def rank_runs(model, tokenizer) -> list[dict]:
     for run, cudnn in enumerate((False, True, False, True, False, True)):
         texts = [p[:-(2 + 3 * run)] + p[-2:] for p in prompts]  # new widths, the same ending ("Topic:" stays)
         torch.cuda.empty_cache()
-        rows.append(forced("rank(), new shapes", len(texts), "for_scoring", cudnn,
-                           lambda t=texts: rank_mod.rank(model, tokenizer, t, recipe)))
+        rows.append(forced("rank(), new shapes", len(texts), cudnn,
+                           lambda on, t=texts: rank_mod.rank(model, tokenizer, t, recipe, cudnn_attention=on)))
     texts = [p[:-40] + p[-2:] for p in prompts]
     torch.cuda.empty_cache()
     prof = cProfile.Profile()

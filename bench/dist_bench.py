@@ -16,6 +16,7 @@ The model and data are bench/bench.py's (make_model, the XSum rows in .shared-da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -79,14 +80,9 @@ def cmd_train(name: str) -> None:
 
     what, overrides, warm, meas = VARIANTS[name]
     extra = os.environ.get("BENCH_EXTRA", "").split()
-    from runner.train import sft
-
-    # BENCH_OPT_SYNCS=1: bitsandbytes' optimizer step as it comes (a device sync after every parameter)
-    sft.SKIP_OPTIMIZER_SYNCS = os.environ.get("BENCH_OPT_SYNCS") != "1"
-    if os.environ.get("BENCH_CUDA_GRAPHS") == "0":  # compiled layers without CUDA graphs, to measure them
-        from runner.speed import profiles
-
-        profiles.graphs = lambda speed, card_gb: False
+    # BENCH_OPT_SYNCS=1: bitsandbytes' optimizer step as it comes (a device sync after every parameter); the trainer's
+    # skip_optimizer_syncs, set below through train's instrument
+    skip_syncs = os.environ.get("BENCH_OPT_SYNCS") != "1"
     profiled = name in os.environ.get("BENCH_PROFILE", "").split()  # every rank runs the extra steps
     profile = profiled and dist.world().main
     base = bench.base_overrides(warm + meas + (PROFILED if profiled else 0))
@@ -95,6 +91,12 @@ def cmd_train(name: str) -> None:
     if name == "fsdp_llama":
         base = [o for o in base if not o.startswith("model.name_or_path=")] + [f"model.name_or_path={LLAMA_DIR}"]
     recipe = recipes.load(bench.RECIPE, base + overrides + extra)
+    speed = None  # resolved by train from the recipe
+    if os.environ.get("BENCH_CUDA_GRAPHS") == "0":  # compiled layers without CUDA graphs, to measure them
+        from runner.model import model as model_mod
+        from runner.speed import profiles
+
+        speed = dataclasses.replace(profiles.resolve(recipe, model_mod.load_config(recipe)), cuda_graphs=False)
     stamps: dict[int, float] = {}
     held: dict = {}
     cuda = torch.cuda.is_available()
@@ -123,12 +125,13 @@ def cmd_train(name: str) -> None:
                 write_profile(name, held.pop("prof"), (time.perf_counter() - held["prof_start"]) / PROFILED)
 
     def instrument(trainer):
+        trainer.skip_optimizer_syncs = skip_syncs
         held["counter"] = trainer.data_collator = bench.Counter(trainer.data_collator)
         held["trainer"] = trainer
         trainer.add_callback(Timer())
 
     t0 = time.time()
-    run_dir, _, _, prepared = train_mod.train(recipe, instrument=instrument)
+    run_dir, _, _, prepared = train_mod.train(recipe, instrument=instrument, speed=speed)
     world = dist.world()
     ga = held["trainer"].args.gradient_accumulation_steps
     calls = held["counter"].calls[warm * ga:(warm + meas) * ga]
@@ -150,7 +153,7 @@ def cmd_train(name: str) -> None:
                mean_tokens_per_example=sum(n_tokens) / len(n_tokens), peak_reserved_gib_per_rank=peaks,
                load_peak_reserved_and_begin_alloc_and_peak_alloc_gib=loads, plan_gib=speed["predicted_gb"], budget_gib=speed["budget_gb"], params=env["total"],
                trainable=env["trainable"], total_wall_s=time.time() - t0,
-               optimizer_syncs_skipped=sft.SKIP_OPTIMIZER_SYNCS, extra=extra,
+               optimizer_syncs_skipped=held["trainer"].skip_optimizer_syncs, extra=extra,
                compiled=speed["compiled"], cuda_graphs=speed.get("cuda_graphs"),
                losses=[(h["step"], h["loss"]) for h in held["trainer"].state.log_history if "loss" in h])
     OUT.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,7 +171,7 @@ def generation(name: str, model, tokenizer, prompts: list[str], recipe, rows: Ro
     rows.by_prompt.clear()
     peak_reset()
     start = time.perf_counter()
-    preds = generate_mod.generate(model, tokenizer, prompts, recipe)
+    preds = generate_mod.generate(model, tokenizer, prompts, recipe, choice=choice)  # what is reported is what ran
     sync()
     seconds = time.perf_counter() - start
     keys = [tuple(ids) for ids in tokenizer(prompts)["input_ids"]]
@@ -249,29 +248,27 @@ def rank_examples(tokenizer) -> tuple[list[str], list[str]]:
     return over, prompts
 
 
-@contextmanager
-def compiled_layers(on: bool):
-    """A probe (BENCH_RANK_COMPILE=1), not a runner feature: the merged copy's decoder layers compiled by
-    torch.compile (dynamic shapes: every batch has its own width), to measure what fusing the elementwise work
-    (Phi's rotary concatenations, residual adds, LayerNorm) would give rank mode and what compiling costs."""
+def compiled_copy(model):
+    """A probe (BENCH_RANK_COMPILE=1), not a runner feature: the merged copy the merging backends make
+    (runner.model.merge), its decoder layers compiled by torch.compile (dynamic shapes: every batch has its own
+    width), to measure what fusing the elementwise work (Phi's rotary concatenations, residual adds, LayerNorm) would
+    give rank mode and what compiling costs. rank() runs it as the model: with nothing left to merge, a merging
+    backend uses it as it is (runner.evaluate.backend.model_for)."""
     from runner.model import merge
 
-    if not on:
-        yield
-        return
-    real = merge.merged_copy
+    copy = merge.merged_copy(model)
+    for layer in copy.model.layers:
+        layer.compile(dynamic=True)
+    return copy
 
-    def compiled(model):
-        copy = real(model)
-        for layer in copy.model.layers:
-            layer.compile(dynamic=True)
-        return copy
 
-    merge.merged_copy = compiled
-    try:
-        yield
-    finally:
-        merge.merged_copy = real
+def _free(copy) -> None:
+    """What model_for does with the copy it made: its weights released now, its memory back to the card."""
+    import torch
+
+    copy.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def filed_rank(model, tokenizer, prompts: list[str], recipe) -> dict[int, str]:
@@ -295,17 +292,23 @@ def rank_recipe(over: list[str]):
 def ranking(name: str, model, tokenizer, prompts: list[str], recipe) -> dict:
     from runner.evaluate import rank as rank_mod
 
-    if name == "filed rank":  # the code of the issue's day (bench/filed_rank.py), its batch as the recipe says
-        choice, rank = SimpleNamespace(backend="plain", batch_size=recipe["generation"]["batch_size"],
-                                       predicted_gb=None), filed_rank
-    else:
-        choice, rank = rank_mod.choose(model, tokenizer, prompts, recipe), rank_mod.rank
-    if name not in COMPILED_RANK:  # (compiled: the first run is timed whole, compiling included)
-        rank(model, tokenizer, prompts[:8], recipe)  # untimed warm-up: the first stage would pay CUDA's start
+    filed = name == "filed rank"  # the code of the issue's day (bench/filed_rank.py), its batch as the recipe says
+    choice = (SimpleNamespace(backend="plain", batch_size=recipe["generation"]["batch_size"], predicted_gb=None)
+              if filed else rank_mod.choose(model, tokenizer, prompts, recipe))
+    # An untimed warm-up: the first stage would pay CUDA's start (compiled: the first run is timed whole, compiling
+    # included).
+    if name not in COMPILED_RANK:
+        (filed_rank if filed else rank_mod.rank)(model, tokenizer, prompts[:8], recipe)
     peak_reset()
     start = time.perf_counter()
-    with compiled_layers(name in COMPILED_RANK):
-        preds = rank(model, tokenizer, prompts, recipe)
+    if filed:
+        preds = filed_rank(model, tokenizer, prompts, recipe)
+    elif name in COMPILED_RANK and choice.merges:  # the copy made, compiled and freed within the timed run
+        net = compiled_copy(model)
+        preds = rank_mod.rank(net, tokenizer, prompts, recipe, choice=choice)
+        _free(net)
+    else:
+        preds = rank_mod.rank(model, tokenizer, prompts, recipe, choice=choice)  # what is reported is what ran
     sync()
     seconds = time.perf_counter() - start
     result = {"run": name, "backend": choice.backend, "batch_size": choice.batch_size, "examples": len(prompts),

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from runner.common import cpu
 from tests import warm
 from tests.warm import Lane
 
@@ -60,15 +61,11 @@ def settings(environ) -> Settings:
 SETTINGS = settings(os.environ)  # read once: the session's commands all run the same way
 HANG_SECONDS = SETTINGS.hang_seconds
 
-# Waiting OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads steal the cores the
-# working ones need (measured on 2 busy cores: ~10x slower training steps). Read when torch loads, so set it here,
-# before any test imports torch; the runner's CLI sets the same default for its own processes.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# What the Makefile sets for every command (see there): memory freed between steps stays in the process instead of
-# being page-faulted back in (read when a process starts, so it reaches the commands, not this process itself).
-for _key, _value in (("MALLOC_MMAP_THRESHOLD_", "33554432"), ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
-                     ("MALLOC_TOP_PAD_", "268435456")):
-    os.environ.setdefault(_key, _value)
+# The runner's CPU settings (runner.common.cpu), here before any test imports torch: the tests that run models in
+# this process get what a command gets, and the commands the tests start inherit them. glibc's MALLOC_* reach only
+# those commands (read when a process starts); with them in place, a command forked from the preloaded process
+# (tests/warm.py) needs no second start to get them.
+cpu.settle()
 
 
 # A job run ahead: (its own empty output folder, the lane it runs in or None) -> what the test takes.
@@ -180,8 +177,10 @@ def shared_data() -> Path:
 
 
 def cli_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=THREADS, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # The CPU settings come from this process's environment (cpu.settle above); OMP_NUM_THREADS is the tests' own
+    # cap (two lanes of commands share the cores).
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
     return env
 
 

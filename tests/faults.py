@@ -50,25 +50,20 @@ def _install(kind: str, n: int) -> None:
     elif kind == "eval":
         from runner.evaluate import evaluate
 
-        original = evaluate.predictor
+        original = evaluate.predict
 
-        def predictor(recipe):
-            predict = original(recipe)
+        def predict(model, tokenizer, prompts, recipe, choice, skip=frozenset(), on_batch=None):
+            written = []
 
-            def run(model, tokenizer, prompts, recipe, skip=None, on_batch=None):
-                written = []
+            def each(batch):
+                on_batch(batch)
+                written.append(len(batch))
+                if len(written) == n:
+                    _kill()
 
-                def each(batch):
-                    on_batch(batch)
-                    written.append(len(batch))
-                    if len(written) == n:
-                        _kill()
+            return original(model, tokenizer, prompts, recipe, choice, skip=skip, on_batch=each)
 
-                return predict(model, tokenizer, prompts, recipe, skip=skip or frozenset(), on_batch=each)
-
-            return run
-
-        evaluate.predictor = predictor
+        evaluate.predict = predict
     elif kind == "nangrad":
         from transformers import Trainer
 

@@ -360,6 +360,51 @@ def test_an_interrupted_rank_mode_evaluation_resumes_to_the_same_predictions(lor
     assert rows[0] == rows[1] and {r["prediction"] for r in rows[0]} <= {"Storms", "Norcom", "Rovers"}
 
 
+
+@pytest.fixture
+def spied(monkeypatch):
+    """(the choices runner.evaluate.backend decided, the choices predictions ran with) while a test runs, on a
+    card-sized budget so that auto sizes from memory (its choice carries the predicted peak)."""
+    decided, ran = [], []
+    monkeypatch.setattr(backend, "_allocated", lambda: 1e6)
+    monkeypatch.setattr(backend, "budget_bytes", lambda recipe: 1000 * GIB)
+    for name in ("for_generation", "for_scoring"):
+        real = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda *a, real=real, **k: decided.append(real(*a, **k)) or decided[-1])
+
+    class Running(backend.model_for):
+        def __init__(self, choice, model):
+            ran.append(choice)
+            super().__init__(choice, model)
+
+    monkeypatch.setattr(backend, "model_for", Running)
+    return decided, ran
+
+
+@pytest.mark.parametrize("mode", ["generate", "rank"])
+def test_the_backend_is_decided_once_and_metrics_record_what_ran(lora_net, tmp_path, spied, mode):
+    """generation.backend and batch_size (auto) are decided once per evaluation and handed to the predictor as a
+    value: it runs that very choice (not one decided again from a rewritten recipe), and metrics.json records it.
+    A choice given to evaluate() is used and recorded as it is, with nothing decided."""
+    recipe, tokenizer, net, _ = lora_net
+    keys = {"generate": {"max_new_tokens": 3}, "rank": {"mode": "rank", "labels": ["Storms", "Norcom", "Rovers"]}}
+    recipe = with_keys(recipe, generation={"backend": "auto", "batch_size": "auto", **keys[mode]},
+                       evaluation={"evaluators": [{"name": "rouge"}]})
+    examples = data_mod.prepare(recipe, tokenizer, roles=("test",)).splits["test"].select(range(6))
+    decided, ran = spied
+    metrics = evaluate_mod.evaluate(recipe, net, tokenizer, tmp_path, examples=examples)
+    assert len(decided) == 1 and ran == decided and ran[0] is decided[0]
+    assert decided[0].backend == "merged" and decided[0].predicted_gb is not None  # sized from the budget
+    recorded = json.loads((tmp_path / "metrics.json").read_text())
+    assert (recorded["backend"], recorded["batch_size"]) == (metrics["backend"], metrics["batch_size"]) == (
+        ran[0].backend, ran[0].batch_size)
+    given = backend.Choice("batched", 2)
+    again = tmp_path / "given"
+    again.mkdir()
+    metrics = evaluate_mod.evaluate(recipe, net, tokenizer, again, examples=examples, choice=given)
+    assert len(decided) == 1 and ran[-1] is given
+    assert (metrics["backend"], metrics["batch_size"], metrics["new_predictions"]) == ("batched", 2, 6)
+
 def test_validate_checks_the_backend():
     recipe = recipes.load(TINY_XSUM)
     eight_bit = copy.deepcopy(recipe)

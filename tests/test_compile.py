@@ -178,7 +178,8 @@ def test_a_cuda_graph_failure_in_evaluation_names_generation_backend():
 
     message = "Error: accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run."
     source = f"def generate():\n    raise RuntimeError({message!r})\n"
-    for where, key in (("runner/generate.py", "generation.backend"), ("runner/train.py", "training.compile")):
+    for where, key in (("runner/evaluate/generate.py", "generation.backend"),
+                       ("runner/train/train.py", "training.compile")):
         scope = {}
         exec(compile(source, f"/somewhere/{where}", "exec"), scope)
         try:

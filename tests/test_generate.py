@@ -102,7 +102,7 @@ def test_beam_search_and_sampling_run_and_sampling_follows_the_seed(untrained):
 def interrupted_after(batches: int, real):
     """``real`` (runner.evaluate.generate.generate) interrupted as by Ctrl-C once ``batches`` batches are written."""
 
-    def generate(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
+    def generate(model, tok, prompts, recipe, skip=frozenset(), on_batch=None, choice=None):
         seen = []
 
         def stream(batch):
@@ -111,7 +111,7 @@ def interrupted_after(batches: int, real):
             if len(seen) == batches:
                 raise KeyboardInterrupt
 
-        return real(model, tok, prompts, recipe, skip=skip, on_batch=stream)
+        return real(model, tok, prompts, recipe, skip=skip, on_batch=stream, choice=choice)
 
     return generate
 
@@ -140,9 +140,9 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(untrained, tmp_path,
 
     skipped = {}
 
-    def remember_skip(model, tok, prompts, recipe, skip=frozenset(), on_batch=None):
+    def remember_skip(model, tok, prompts, recipe, skip=frozenset(), on_batch=None, choice=None):
         skipped["indices"] = set(skip)
-        return real(model, tok, prompts, recipe, skip=skip, on_batch=on_batch)
+        return real(model, tok, prompts, recipe, skip=skip, on_batch=on_batch, choice=choice)
 
     monkeypatch.setattr(generate_mod, "generate", remember_skip)
     metrics = evaluate_mod.evaluate(recipe, net, tokenizer, out, examples=examples)

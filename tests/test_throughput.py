@@ -1,5 +1,5 @@
 """`runner plan` predicts training time per profile from the measured throughput in bench/RESULTS.md; the table in
-runner/throughput.py must stay equal to that file."""
+runner/speed/throughput.py must stay equal to that file."""
 
 from __future__ import annotations
 

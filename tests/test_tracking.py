@@ -68,6 +68,46 @@ def test_evaluation_metrics_are_flattened_to_the_trackers_test_namespace():
     assert tracking.metric_prefix("eval") == "eval_"
 
 
+def _trainer_with_tensorboard(events: list):
+    """A trainer as Session sees one: its callbacks (a TensorBoard callback that records what it is sent) and state."""
+    from types import SimpleNamespace
+
+    from transformers.integrations import TensorBoardCallback
+
+    class Recorded(TensorBoardCallback):
+        def __init__(self):  # no writer: only what reaches the callback matters here
+            pass
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            events.append(("log", logs))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            events.append(("end", None))
+
+    state = SimpleNamespace(is_world_process_zero=True)
+    return SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[Recorded()]), args=None, state=state,
+                           control=None, model=None, is_world_process_zero=lambda: True)
+
+
+def test_a_tracker_session_is_a_value_that_ends_only_its_own_trainers_runs():
+    """The trackers of a training are held by the Session its caller made and handed to it (runner.cli.pipeline):
+    finishing another session (a sweep's next cell, a run resumed after its training) ends nothing of this one;
+    finishing this one sends the evaluation's numbers, then ends the trackers' run, once."""
+    first, second = [], []
+    session = tracking.Session()
+    session.attach(_trainer_with_tensorboard(first), "test")
+    handler_callbacks = session.trainer.callback_handler.callbacks
+    handler_callbacks[0].on_train_end(None, None, None)  # the trainer's end of training: held back
+    other = tracking.Session()
+    other.attach(_trainer_with_tensorboard(second), "test")
+    tracking.Session().finish({"rouge": {"rougeL": {"f1": 1.0}}})  # a session no training attached to
+    other.finish()
+    assert first == [] and second == [("end", None)]
+    session.finish({"rouge": {"rougeL": {"f1": 74.1, "ci95": [70.0, 78.0]}}})
+    session.finish({"rouge": {"rougeL": {"f1": 0.0}}})  # twice: nothing more
+    assert first == [("log", {"test_rouge.rougeL": 74.1}), ("end", None)]
+
+
 @pytest.mark.twins("xsum_tiny")
 def test_the_trained_twin_has_tensorboard_curves_and_its_test_scores_in_the_same_run(trained):
     """`tensorboard --logdir runs/` finds the run: train and eval curves from the trainer, and the evaluation's

@@ -10,7 +10,7 @@ environment, stdin, stdout and stderr, running ``runner/__main__.py`` as ``pytho
 ``python script.py`` would); its exit status, its output and a kill -9 are those of a fresh process. What differs:
 the libraries are already imported. Whatever importing them printed (warnings, notices) is put at the start of each
 child's stderr, where a fresh process would have printed it; the preload runs the CLI's own start (its warning
-filters, OMP_WAIT_POLICY) before importing, as a command does. The child gets the test's environment, but the
+filters, runner.common.cpu's settings) before importing, as a command does. The child gets the test's environment, but the
 imports saw the preload's: a command whose environment differs in a variable the imports read (recorded while
 they run) or a native library reads when it loads (NATIVE_ENV) starts fresh, with a warning. TEST_COLD_CLI=1
 (or TEST_PLAIN=1) starts every command fresh, to check that warm starts hide nothing: conftest then never calls
@@ -80,8 +80,9 @@ def _preload() -> tuple[str, set[str]]:
     """Import what runner commands import, the way a command does; return what that printed and the environment
     variables the imports read."""
     from runner.cli import cli
+    from runner.common import cpu
 
-    cli._idle_threads_sleep()
+    cpu.settle()  # what cpu.start does in a command, less executing again (conftest put glibc's in the environment)
     cli._quiet_libraries()
     # Capture at the file descriptors, not by swapping sys.stderr: loggers made while importing keep the real
     # sys.stderr, which in a child writes to the child's stderr.

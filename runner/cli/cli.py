@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from runner.common import dist
+from runner.common import cpu, dist
 from runner.common.errors import RecipeError, classify
 
 
@@ -376,16 +376,7 @@ def _one_voice() -> dist.World:
     return world
 
 
-def _idle_threads_sleep() -> None:
-    """OpenMP threads that wait for work sleep instead of spinning (unless the user chose otherwise). libgomp reads
-    this once, when torch loads, so it is set before any command imports torch. Spinning waiters take the cores the
-    working threads need when a CPU is shared or busy: measured on 2 busy cores, the tiny XSum twin's training steps
-    ran ~10x slower (1.7 s of CPU per step instead of 0.3 s); on a GPU or an idle CPU sleeping costs nothing visible."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: list[str] | None = None) -> int:
-    _idle_threads_sleep()
     _quiet_libraries()
     world = _one_voice()
     try:
@@ -398,13 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
-        _close_progress_bars()
         _discard_unfinished()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
-        _close_progress_bars()
-        error = classify(exc, _written())
+        from runner.store import runs
+
+        error = classify(exc, runs.written())  # the folders this command opened (runs records them)
         _discard_unfinished()
         if os.environ.get("RUNNER_DEBUG") and not isinstance(exc, RecipeError):
             import traceback
@@ -415,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> int:
-    """The ``runner`` command and ``python -m runner``: main(), and under a launcher the rank's end (dist.end)."""
+    """The ``runner`` command and ``python -m runner``: the CPU settings first (runner.common.cpu: before anything
+    loads, and the command executed again where glibc's must be in place from its start), main(), and under a
+    launcher the rank's end (dist.end)."""
+    cpu.start()
     return dist.end(main())
 
 
@@ -436,23 +430,6 @@ def _for_rank(error: RecipeError, world: dist.World) -> str:
     return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
 
 
-def _close_progress_bars() -> None:
-    """Close the progress bars a failure left open (the trainer's, generation's) now: closed later, at exit,
-    they would print after the error line, or the error would continue a bar's unfinished line."""
-    std = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
-        try:
-            bar.close()
-        except Exception:
-            pass
-
-
-def _written() -> list:
-    """The folders this process was writing (runner.store.runs keeps the list)."""
-    runs = sys.modules.get("runner.store.runs")
-    return runs.written() if runs is not None else []
-
-
 def _discard_unfinished() -> None:
     """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list)."""
     from runner.store import runs
@@ -464,4 +441,4 @@ def _discard_unfinished() -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

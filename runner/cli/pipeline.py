@@ -14,7 +14,8 @@ from runner.train import tracking, train
 
 def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after: bool = True) -> Path:
     """Train ``recipe`` (read from ``recipe_path``), evaluate and report; returns the run folder."""
-    run_dir, model, tokenizer, prepared = train.train(recipe)
+    trackers = tracking.Session()  # held open by training, finished here with the evaluation's numbers
+    run_dir, model, tokenizer, prepared = train.train(recipe, trackers=trackers)
     metrics = None
     if evaluate_after and dist.sharded(model):
         # Each rank would generate its own batches on a model whose every forward needs all ranks in step.
@@ -26,7 +27,7 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
                                     splits=prepared.splits)
         if metrics is not None:
             print(summary_line(metrics))
-    tracking.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
+    trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
         print(f"done: {run_dir}")

@@ -1,5 +1,6 @@
 """The runner's leaf helpers: the error contract (errors), complete-or-absent writes (safeio), markdown table
-cells (markdown), bootstrap statistics (stats), label matching (labels) and the launcher's world (dist).
+cells (markdown), bootstrap statistics (stats), label matching (labels), the launcher's world (dist) and the CPU
+settings (cpu).
 
 Every other package may use these; evaluators may use stats, labels, safeio and markdown.
 

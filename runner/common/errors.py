@@ -86,10 +86,10 @@ def _compiler_failure(exc: BaseException) -> RecipeError | None:
         return None
     files = {Path(frame.filename).as_posix() for item in chain for frame in traceback.extract_tb(item.__traceback__)}
     what = f"torch.compile failed: {type(failed).__name__}: {short(failed, 200)}"
-    if any(f.endswith("runner/generate.py") for f in files):
+    if any(f.endswith("runner/evaluate/generate.py") for f in files):
         return EnvironmentProblem("generation.backend", what, "set generation.backend: merged (the same merged "
                                   "weights, not compiled)")
-    if any(f.endswith("runner/train.py") for f in files):
+    if any(f.endswith("runner/train/train.py") for f in files):
         return EnvironmentProblem("training.compile", what, "set training.compile: false to train the decoder "
                                   "layers uncompiled, without CUDA graphs")
     return None

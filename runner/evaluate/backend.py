@@ -53,6 +53,10 @@ class Choice:
     def merges(self) -> bool:
         return self.backend in MERGING
 
+    def record(self) -> dict:
+        """What metrics.json keeps of the choice: the backend and batch size the predictions ran with."""
+        return {"backend": self.backend, "batch_size": self.batch_size}
+
     def describe(self) -> str:
         text = f"backend {self.backend}, batch {self.batch_size}"
         if self.predicted_gb is not None:
@@ -71,12 +75,6 @@ def check_recipe(recipe: dict) -> None:
     if g["backend"] == "compiled" and g["num_beams"] > 1:
         raise RecipeError("generation.backend", "compiled decodes with a static KV cache, which beam search does "
                           "not reorder", "use merged, or generation.num_beams: 1")
-
-
-def apply(recipe: dict, choice: Choice) -> dict:
-    """The recipe with the backend and batch size decided (the predictors then use them as written)."""
-    return {**recipe, "generation": {**recipe["generation"], "backend": choice.backend,
-                                     "batch_size": choice.batch_size}}
 
 
 # ---------------------------------------------------------------- memory
@@ -126,10 +124,22 @@ def batch_for_budget(budget: float, fixed: float, per_row: float, rows_per_promp
 # ---------------------------------------------------------------- the choice
 
 
-def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_per_batch: int,
+def _option(backend: str, per_row: float, rows_per_prompt: int, fixed_batch: int | None, n: int, budget: float,
+            fixed: float) -> Choice:
+    """``backend`` with ``fixed_batch`` prompts a batch, or as many as fit ``budget`` beside ``fixed`` bytes (rows of
+    ``per_row`` bytes, ``rows_per_prompt`` a prompt, at most ``n`` prompts), and the peak that predicts."""
+    if fixed_batch or backend == "plain":
+        size = fixed_batch or DEFAULT_BATCH
+    else:
+        size = batch_for_budget(budget, fixed, per_row, rows_per_prompt, n)
+    predicted = memory.reserved_for(fixed + max(size, 1) * rows_per_prompt * per_row)
+    return Choice(backend, size, predicted_gb=predicted / GIB, budget_gb=budget / GIB)
+
+
+def _pick(recipe: dict, model, n: int, row_bytes: dict[str, float], rows_per_prompt: int, steps_per_batch: int,
           batch: int | str, most: int | None = None) -> Choice:
-    """The backend and batch size for ``n`` prompts; ``row_bytes(backend)`` is one row's predicted peak bytes;
-    ``most``: at most this many prompts a batch when sized from memory."""
+    """The backend and batch size for ``n`` prompts; ``row_bytes[backend]`` is one row's predicted peak bytes on each
+    backend; ``most``: at most this many prompts a batch when sized from memory."""
     requested = recipe["generation"]["backend"]
     fixed_batch = None if batch == "auto" else int(batch)
     budget = budget_bytes(recipe)
@@ -138,27 +148,20 @@ def _pick(recipe: dict, model, n: int, row_bytes, rows_per_prompt: int, steps_pe
         return Choice(backend, fixed_batch or DEFAULT_BATCH, "no GPU" if requested == "auto" else "")
     allocated = _allocated()
     copy = merge.copy_bytes(model, _dtype_bytes(model)) if merge.needs_copy(model) else 0.0
-
-    def option(backend: str) -> Choice:
-        fixed = allocated + (copy if backend in MERGING else 0.0)
-        if fixed_batch or backend == "plain":
-            size = fixed_batch or DEFAULT_BATCH
-        else:
-            size = batch_for_budget(budget, fixed, row_bytes(backend), rows_per_prompt, min(n, most or n))
-        predicted = memory.reserved_for(fixed + max(size, 1) * rows_per_prompt * row_bytes(backend))
-        return Choice(backend, size, predicted_gb=predicted / GIB, budget_gb=budget / GIB)
-
+    # Every backend sized (arithmetic only); the rules below pick one.
+    options = {b: _option(b, row_bytes[b], rows_per_prompt, fixed_batch, min(n, most or n), budget,
+                          allocated + (copy if b in MERGING else 0.0)) for b in BACKENDS}
     if requested == "auto":
-        merged = option("merged")
+        merged = options["merged"]
         fits = merged.predicted_gb <= merged.budget_gb if fixed_batch else merged.batch_size >= min(MIN_BATCH, n)
         if not fits:
-            chosen = replace(option("batched"), why="the merged copy does not fit the memory budget")
+            chosen = replace(options["batched"], why="the merged copy does not fit the memory budget")
         else:
             steps = -(-n // merged.batch_size) * steps_per_batch
             compile_it = steps >= COMPILE_MIN_STEPS and recipe["generation"]["num_beams"] == 1
-            chosen = replace(option("compiled"), why=f"{steps} decoding steps") if compile_it else merged
+            chosen = replace(options["compiled"], why=f"{steps} decoding steps") if compile_it else merged
     else:
-        chosen = option(requested)
+        chosen = options[requested]
         if requested in MERGING and chosen.batch_size < 1:
             raise RecipeError("generation.backend", f"{requested} needs {copy / GIB:.1f} GiB for the merged copy "
                               f"beside {allocated / GIB:.1f} GiB in use, and the memory budget is "
@@ -175,13 +178,18 @@ def for_generation(recipe: dict, model, lengths: list[int]) -> Choice:
         return Choice(g["backend"], int(g["batch_size"]))
     shape = memory.model_shape(model.config)
     attn = model.config._attn_implementation
-
-    def row_bytes(backend: str) -> float:
-        static = backend != "plain" and g["num_beams"] == 1
-        return memory.generation_row_bytes(shape, _dtype_bytes(model, backend), max(lengths), g["max_new_tokens"],
-                                         static, attn)
-
+    row_bytes = {b: memory.generation_row_bytes(shape, _dtype_bytes(model, b), max(lengths), g["max_new_tokens"],
+                                                b != "plain" and g["num_beams"] == 1, attn) for b in BACKENDS}
     return _pick(recipe, model, len(lengths), row_bytes, g["num_beams"], g["max_new_tokens"], g["batch_size"])
+
+
+def _scoring_bytes(model, backend: str, longest: int, scored_tokens: int, rows_per_prompt: int,
+                   shared_prefix: bool) -> float:
+    """One prompt's predicted peak bytes when scored on ``backend`` (see ``for_scoring``)."""
+    shape, c = memory.model_shape(model.config), _dtype_bytes(model, backend)
+    if shared_prefix and backend != "plain":
+        return memory.packed_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt * scored_tokens)
+    return rows_per_prompt * memory.scoring_row_bytes(shape, c, longest, scored_tokens, model.config._attn_implementation)
 
 
 def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, rows_per_prompt: int = 1,
@@ -196,20 +204,12 @@ def for_scoring(recipe: dict, model, lengths: list[int], scored_tokens: int, row
     backend = "merged" if g["backend"] == "compiled" else g["backend"]
     if backend != "auto" and batch != "auto":
         return Choice(backend, int(batch))
-    shape = memory.model_shape(model.config)
-    attn = model.config._attn_implementation
     longest = max(lengths)
-
-    def prompt_bytes(name: str) -> float:
-        c = _dtype_bytes(model, name)
-        if shared_prefix and name != "plain":
-            return memory.packed_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt * scored_tokens)
-        return rows_per_prompt * memory.scoring_row_bytes(shape, c, longest, scored_tokens, attn)
-
+    row_bytes = {b: _scoring_bytes(model, b, longest, scored_tokens, rows_per_prompt, shared_prefix) for b in BACKENDS}
     scoring = {**recipe, "generation": {**g, "backend": backend, "num_beams": 1}}
     # Tokens a forward pass runs per prompt: with a shared prompt, the prompt once and each label's own tokens.
     per_prompt = longest + (rows_per_prompt - 1) * scored_tokens if shared_prefix else longest * rows_per_prompt
-    return _pick(scoring, model, len(lengths), prompt_bytes, 1, 0, batch, most=max(1, SCORING_TOKENS // per_prompt))
+    return _pick(scoring, model, len(lengths), row_bytes, 1, 0, batch, most=max(1, SCORING_TOKENS // per_prompt))
 
 
 # ---------------------------------------------------------------- the model to run

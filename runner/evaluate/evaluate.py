@@ -130,14 +130,20 @@ def _read_done(path: Path) -> dict[int, dict]:
     return done
 
 
-def predictor(recipe: dict):
-    """generation.mode: free generation, or ranking the allowed labels; both stream (index, text) batches."""
-    return rank.rank if recipe["generation"]["mode"] == "rank" else generate_mod.generate
+def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()) -> backend_mod.Choice:
+    """The backend and batch size that predict these prompts (runner.evaluate.backend, for generation.mode): decided
+    once, by the caller of ``predict``, which records it and hands it on."""
+    ranked = recipe["generation"]["mode"] == "rank"
+    return (rank.choose if ranked else generate_mod.choose)(model, tokenizer, prompts, recipe, skip=skip)
 
 
-def _chooser(recipe: dict):
-    """The predictor's choice of backend and batch size (runner.evaluate.backend), made once here so it is recorded."""
-    return rank.choose if recipe["generation"]["mode"] == "rank" else generate_mod.choose
+def predict(model, tokenizer, prompts: list[str], recipe: dict, choice: backend_mod.Choice,
+            skip: set[int] = frozenset(), on_batch=None) -> dict[int, str]:
+    """generation.mode: free generation, or ranking the allowed labels, with ``choice``'s backend and batch size;
+    both stream (index, text) batches to ``on_batch``."""
+    ranked = recipe["generation"]["mode"] == "rank"
+    return (rank.rank if ranked else generate_mod.generate)(model, tokenizer, prompts, recipe, skip=skip,
+                                                           on_batch=on_batch, choice=choice)
 
 
 def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
@@ -146,12 +152,15 @@ def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
     return known[role]
 
 
-def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, splits: dict | None = None) -> dict | None:
+def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, splits: dict | None = None,
+             choice: backend_mod.Choice | None = None) -> dict | None:
     """Predict for the evaluation split, score, and write predictions.jsonl, metrics.json and evaluator files.
 
     ``splits`` ({role: prepared examples}) saves re-preparing the splits that model-scoring evaluators (``loss``)
-    read; missing ones are prepared here. Under a launcher every rank predicts its share of the examples and rank 0
-    alone scores and writes; the other ranks return None.
+    read; missing ones are prepared here. ``choice``: the backend and batch size to predict with; decided here once
+    (``choose``, from the prompts still to predict) unless given, then used and recorded in metrics.json as it is.
+    Under a launcher every rank predicts its share of the examples and rank 0 alone scores and writes; the other
+    ranks return None.
     """
     world = dist.world()
     role = recipe["evaluation"]["split"]
@@ -164,7 +173,7 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
     start = time.time()
     records, speed = [], {}
     if any("predictions" in ev.needs for _, ev in evaluators):
-        records, speed = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl")
+        records, speed = _predictions(recipe, model, tokenizer, examples, out_dir / "predictions.jsonl", choice)
     metrics = {"split": role, "examples": len(examples), "mode": recipe["generation"]["mode"],
                "prediction_seconds": round(time.time() - start, 2), **speed}
     if not world.main:
@@ -185,12 +194,12 @@ def evaluate(recipe: dict, model, tokenizer, out_dir: Path, examples=None, split
 
 
 def scored_records(recipe: dict, model, tokenizer, examples, batch_size: int | None = None,
-                   predicted: list[Record] = ()) -> list[Record]:
+                   predicted: list[Record] = (), choice: backend_mod.Choice | None = None) -> list[Record]:
     """The examples as records carrying the model's log-probability of each reference completion + EOS and its
     token count (what an evaluator that ``needs`` "logprobs" reads), with the predictions made for them, if any."""
     completions = list(examples["completion"])
     scores = rank.completion_logprobs(model, tokenizer, list(examples["prompt"]), completions, recipe,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, choice=choice)
     made = {r.index: r.prediction for r in predicted}
     ids = examples["id"] if "id" in getattr(examples, "column_names", examples) else [None] * len(completions)
     refs = references(examples)
@@ -224,9 +233,11 @@ def _resumable(pred_path: Path, prompts: list[str]) -> dict[int, dict]:
     return done
 
 
-def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> tuple[list[Record], dict]:
+def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path,
+                 choice: backend_mod.Choice | None = None) -> tuple[list[Record], dict]:
     """Every example's prediction, streamed to ``pred_path``; an interrupted run's lines are kept and skipped.
-    Returns the records and the speed: backend, batch size, prompts/s and prediction tokens/s of this call.
+    Returns the records and the speed: backend, batch size (``choice``, or rank 0's decision), prompts/s and
+    prediction tokens/s of this call.
 
     Under a launcher each rank predicts whole batches of its own (runner.common.dist.share) into ``predictions.rank<r>.jsonl``
     and rank 0 merges them, in example order, into ``pred_path``; the backend and batch size are rank 0's, so every
@@ -238,7 +249,8 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> t
     ids = examples["id"]
     done = dist.broadcast(_resumable(pred_path, prompts) if world.main else None)
     out_path = pred_path if world.size == 1 else pred_path.with_name(f"{pred_path.stem}.rank{world.rank}.jsonl")
-    choice = dist.broadcast(_chooser(recipe)(model, tokenizer, prompts, recipe, skip=set(done)) if world.main else None)
+    if choice is None:
+        choice = dist.broadcast(choose(model, tokenizer, prompts, recipe, skip=set(done)) if world.main else None)
     if len(done) < len(prompts):
         print(f"evaluation: {choice.describe()}" + (f" per process, {world.size} processes" if world.size > 1 else ""),
               flush=True)
@@ -263,7 +275,7 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> t
         bar.update(min(len(batch) * world.size, bar.total - bar.n))
 
     try:
-        predictor(recipe)(model, tokenizer, prompts, backend_mod.apply(recipe, choice), skip=set(done), on_batch=write)
+        predict(model, tokenizer, prompts, recipe, choice, skip=set(done), on_batch=write)
     finally:
         bar.close()
     if world.size > 1:
@@ -275,7 +287,7 @@ def _predictions(recipe: dict, model, tokenizer, examples, pred_path: Path) -> t
     seconds = max(time.time() - start, 1e-6)
     counts = dist.gather(count)
     made, tokens = sum(c["predictions"] for c in counts), sum(c["tokens"] for c in counts)
-    speed = {"backend": choice.backend, "batch_size": choice.batch_size, "new_predictions": made,
+    speed = {**choice.record(), "new_predictions": made,
              "prompts_per_s": round(made / seconds, 3) if made else None,
              "tokens_per_s": round(tokens / seconds, 3) if made else None,
              **({"processes": world.size} if world.size > 1 else {})}

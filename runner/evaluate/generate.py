@@ -47,7 +47,7 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
         yield order[start:start + batch_size]
 
 
-def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
+def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()) -> backend_mod.Choice:
     """The backend and batch size ``generate`` uses for these prompts (runner.evaluate.backend)."""
     todo = [i for i in range(len(prompts)) if i not in skip]
     return backend_mod.for_generation(recipe, model, _lengths(tokenizer, [prompts[i] for i in todo]) or [1])
@@ -59,11 +59,14 @@ def _lengths(tokenizer, texts: list[str]) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
-             on_batch: Callable[[list[tuple[int, str]]], None] | None = None) -> dict[int, str]:
+             on_batch: Callable[[list[tuple[int, str]]], None] | None = None, choice: backend_mod.Choice | None = None,
+             cudnn_attention: bool | None = None) -> dict[int, str]:
     """Completions for ``prompts`` (by index), streamed batch by batch to ``on_batch``.
 
-    ``generation.backend`` and ``generation.batch_size`` as runner.evaluate.backend decides them (``choose``); every backend
-    runs ``model.generate`` with the recipe's decoding settings on length-sorted, left-padded batches.
+    ``choice``: the backend and batch size to run (runner.evaluate.backend), as the caller decided and recorded them;
+    decided here (``choose``) when not given. Every backend runs ``model.generate`` with the recipe's decoding
+    settings on length-sorted, left-padded batches. ``cudnn_attention``: cuDNN's SDPA forced on or off instead of
+    generation's own choice (runner.model.attention; bench/decode_probe.py compares the two).
     """
     import torch
     from transformers import set_seed
@@ -72,7 +75,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     if not todo:
         return {}
     lengths = _lengths(tokenizer, [prompts[i] for i in todo])
-    choice = backend_mod.for_generation(recipe, model, lengths)
+    choice = choice or backend_mod.for_generation(recipe, model, lengths)
     config = generation_config(recipe, tokenizer, choice.backend)
     stops = chat.stop_strings(recipe, tokenizer)
     results: dict[int, str] = {}
@@ -80,7 +83,7 @@ def generate(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] 
     was_training = model.training
     model.eval()
     try:
-        with backend_mod.model_for(choice, model) as net, attention.for_generation():
+        with backend_mod.model_for(choice, model) as net, attention.for_generation(cudnn_attention):
             set_seed(recipe["seed"])  # after the copy is made: sampling draws start from the seed on every backend
             device = next(net.parameters()).device
             size = dist.balanced(choice.batch_size, len(lengths))

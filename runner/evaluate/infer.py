@@ -135,9 +135,11 @@ def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:
 
 
 def complete(model, tokenizer, prompts: list[str], recipe: dict) -> list[str]:
-    """Completions in input order, with the recipe's generation.mode and decoding settings."""
+    """Completions in input order, with the recipe's generation.mode and decoding settings (the backend and batch
+    size decided once, here, as evaluation decides them)."""
     from tqdm.auto import tqdm
 
+    choice = evaluate.choose(model, tokenizer, prompts, recipe)
     with tqdm(total=len(prompts), desc="generating", unit=" inputs", file=sys.stderr, dynamic_ncols=True) as bar:
-        results = evaluate.predictor(recipe)(model, tokenizer, prompts, recipe, on_batch=lambda b: bar.update(len(b)))
+        results = evaluate.predict(model, tokenizer, prompts, recipe, choice, on_batch=lambda b: bar.update(len(b)))
     return [results[i] for i in range(len(prompts))]

@@ -55,7 +55,7 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str], end: s
 def token_ids(tokenizer, texts: list[str], workers: int | None = None) -> list[list[int]]:
     """``tokenizer(texts)["input_ids"]``, the texts split across threads on the cores this process may use. A fast
     tokenizer encodes without holding the GIL, so the threads run at once; its own thread pool (rayon) stays as
-    TOKENIZERS_PARALLELISM says (the Makefile turns it off: forking after it ran is unsafe), and these threads end
+    TOKENIZERS_PARALLELISM says (the CLI turns it off: runner.common.cpu), and these threads end
     before this returns. Rank mode tokenizes four texts per example, a third of its time on one core."""
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -189,15 +189,16 @@ def eval_mode(model):
 
 
 def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str], recipe: dict,
-                        batch_size: int | None = None) -> list[tuple[float, int]]:
-    """(summed log-probability, scored tokens) of each completion + EOS after its prompt, in batches of
-    ``batch_size`` rows, else as runner.evaluate.backend sizes them (on the merged copy where the backend merges)."""
+                        batch_size: int | None = None, choice: backend.Choice | None = None) -> list[tuple[float, int]]:
+    """(summed log-probability, scored tokens) of each completion + EOS after its prompt, with ``choice``'s backend
+    and batch size when given, else in batches of ``batch_size`` rows or as runner.evaluate.backend sizes them (on
+    the merged copy where the backend merges)."""
     rows = tokenize_pairs(tokenizer, prompts, completions, chat.completion_end(recipe, tokenizer))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     if not rows:
         return out
     lengths = [len(ids) for ids, _ in rows]
-    choice = backend.for_scoring(recipe, model, lengths, max(n for _, n in rows), batch_size=batch_size)
+    choice = choice or backend.for_scoring(recipe, model, lengths, max(n for _, n in rows), batch_size=batch_size)
     with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
         queued = ((batch, score_rows(net, tokenizer, [rows[i] for i in batch]))
                   for batch in length_sorted_batches(lengths, choice.batch_size))
@@ -228,32 +229,35 @@ def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
     return labels, cands, longest
 
 
-def _plan(model, tokenizer, texts: list[str], recipe: dict, cands: list[str], longest: int):
-    """(the prompts' token ids, the backend and batch size that rank them: prompts per forward pass)."""
-    ids = token_ids(tokenizer, texts)
-    lengths = [len(one) + longest for one in ids] or [longest]
-    return ids, backend.for_scoring(recipe, model, lengths, longest, rows_per_prompt=len(cands), shared_prefix=True)
+def _choice(model, recipe: dict, prompt_ids: list[list[int]], cands: list[str], longest: int) -> backend.Choice:
+    """The backend and batch size (prompts per forward pass) that rank prompts of these token ids."""
+    lengths = [len(one) + longest for one in prompt_ids] or [longest]
+    return backend.for_scoring(recipe, model, lengths, longest, rows_per_prompt=len(cands), shared_prefix=True)
 
 
-def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()):
+def choose(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset()) -> backend.Choice:
     """The backend and batch size (prompts per forward pass) ``rank`` uses for these prompts (runner.evaluate.backend)."""
     _, cands, longest = _candidates(recipe, tokenizer)
-    return _plan(model, tokenizer, [p for i, p in enumerate(prompts) if i not in skip], recipe, cands, longest)[1]
+    ids = token_ids(tokenizer, [p for i, p in enumerate(prompts) if i not in skip])
+    return _choice(model, recipe, ids, cands, longest)
 
 
 def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = frozenset(),
-         on_batch: Callable[[list[tuple[int, str]]], None] | None = None) -> dict[int, str]:
+         on_batch: Callable[[list[tuple[int, str]]], None] | None = None, choice: backend.Choice | None = None,
+         cudnn_attention: bool | None = None) -> dict[int, str]:
     """The most likely allowed label for each prompt (by index), streamed batch by batch to ``on_batch``.
 
-    Same interface as ``runner.evaluate.generate.generate``. Each batch of prompts becomes prompts x labels rows, scored in
-    one forward pass on the plain backend, and on the others with each prompt run once (``score_groups``); the
-    prediction is always one of the labels (ties go to the label listed first).
+    Same interface as ``runner.evaluate.generate.generate`` (``choice``: decided here by ``choose`` unless given;
+    ``cudnn_attention``: forced instead of scoring's own choice). Each batch of prompts becomes prompts x labels
+    rows, scored in one forward pass on the plain backend, and on the others with each prompt run once
+    (``score_groups``); the prediction is always one of the labels (ties go to the label listed first).
     """
     labels, cands, longest = _candidates(recipe, tokenizer)
     todo = [i for i in range(len(prompts)) if i not in skip]
     if not todo:
         return {}
-    prompt_ids, choice = _plan(model, tokenizer, [prompts[i] for i in todo], recipe, cands, longest)
+    prompt_ids = token_ids(tokenizer, [prompts[i] for i in todo])
+    choice = choice or _choice(model, recipe, prompt_ids, cands, longest)
     lengths = [len(ids) for ids in prompt_ids]
     end = chat.completion_end(recipe, tokenizer)
 
@@ -270,7 +274,7 @@ def rank(model, tokenizer, prompts: list[str], recipe: dict, skip: set[int] = fr
             yield [todo[j] for j in batch], scores
 
     results: dict[int, str] = {}
-    with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring():
+    with backend.model_for(choice, model) as net, eval_mode(net), attention.for_scoring(cudnn_attention):
         for indices, scores in one_behind(queued(net)):
             done = [(i, labels[best]) for i, best in zip(indices, scores.argmax(-1).tolist())]
             results.update(done)

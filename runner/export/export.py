@@ -74,7 +74,9 @@ def export(recipe: dict, run_dir: Path, out: Path) -> dict:
         raise RecipeError("--run", f"cannot merge this adapter: {exc}", "export needs 4-bit or unquantized "
                           "weights (8-bit ones are not dequantized)") from None
     merged.config.use_cache = True
-    merged.generation_config = generate.generation_config(recipe, tokenizer)
+    # The recipe's decoding settings as a plain generate() runs them: no evaluation backend (its static KV cache
+    # is sized per evaluation batch), whatever generation.backend says.
+    merged.generation_config = generate.generation_config(recipe, tokenizer, backend="plain")
     stops = list(merged.generation_config.stop_strings or [])
     # Stop strings in a saved generation config make a plain generate() without tokenizer= fail; they go in
     # export.json instead, for generate(..., stop_strings=..., tokenizer=...).

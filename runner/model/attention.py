@@ -27,10 +27,11 @@ def cudnn(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-# Per phase: decoding reuses a batch's shapes thousands of times; a scoring pass meets each shape once.
-def for_generation():
-    return cudnn(True)
+# Per phase: decoding reuses a batch's shapes thousands of times; a scoring pass meets each shape once. ``forced``:
+# on or off whatever the phase would choose (bench/decode_probe.py measures both).
+def for_generation(forced: bool | None = None):
+    return cudnn(True if forced is None else forced)
 
 
-def for_scoring():
-    return cudnn(False)
+def for_scoring(forced: bool | None = None):
+    return cudnn(False if forced is None else forced)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 
-from runner.common import dist
+from runner.common import cpu
 from runner.common.errors import RecipeError, hub_unreachable
 from runner.data import chat
 
@@ -207,16 +206,6 @@ def preflight(recipe: dict):
     return meta, load_tokenizer(recipe)
 
 
-def set_threads(recipe: dict) -> int:
-    """One torch thread per core at most: oversubscribed CPU threads make torch many times slower."""
-    import torch
-
-    # Under a launcher the processes of one machine share its cores (torchrun would leave each one thread).
-    n = recipe["training"]["num_threads"] or max(1, len(os.sched_getaffinity(0)) // dist.world().local_size)
-    torch.set_num_threads(n)
-    return n
-
-
 def quantization_config(recipe: dict, sharded: bool = False):
     """``sharded``: FSDP shards only floating-point tensors, so the packed 4-bit weights are stored in the compute
     dtype (bitsandbytes' quant_storage), like the unquantized weights of the same layer."""
@@ -397,7 +386,7 @@ def load_for_inference(recipe: dict, adapter_dir: Path | None):
     """The model that `runner eval`, `compare` and `generate` predict with: the recipe's threads, the base model
     and the saved adapter (None: the base alone), in eval mode. Call ``preflight`` first, so the recipe's mistakes
     show before any weight loads."""
-    set_threads(recipe)
+    cpu.torch_threads(recipe)
     return load_trained(recipe, adapter_dir)
 
 

@@ -13,7 +13,7 @@ import contextlib
 import difflib
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from evaluators.base import Metric, Record
@@ -107,12 +107,11 @@ def scorer(found: Decider | None, recipe: dict, tokenizer, examples):
     name, evaluator = found.evaluator
     g = recipe["generation"]
     batch = g["batch_size"] if isinstance(g["batch_size"], int) else backend_mod.DEFAULT_BATCH
-    # The model as it trains, never a merged or compiled copy of it.
-    plain = backend_mod.apply(recipe, backend_mod.Choice("plain", batch))
+    plain = backend_mod.Choice("plain", batch, why="the model as it trains, never a merged or compiled copy of it")
 
     def score(model) -> dict[str, float]:
         with _training_state_kept():
-            records = _records(plain, evaluator, model, tokenizer, examples)
+            records = _records(recipe, plain, evaluator, model, tokenizer, examples)
             value = None
             if dist.world().main:
                 with tempfile.TemporaryDirectory() as tmp:  # files it writes (plots) are not this run's
@@ -126,18 +125,19 @@ def scorer(found: Decider | None, recipe: dict, tokenizer, examples):
     return score
 
 
-def _records(recipe: dict, evaluator, model, tokenizer, examples) -> list[Record]:
+def _records(recipe: dict, choice: backend_mod.Choice, evaluator, model, tokenizer, examples) -> list[Record]:
     """The eval split as records: the predictions it needs (each rank its share, gathered), the reference scores."""
     prompts, refs = list(examples["prompt"]), evaluate_mod.references(examples)
     ids = examples["id"] if "id" in getattr(examples, "column_names", examples) else [None] * len(prompts)
     made = {}
     if "predictions" in evaluator.needs:
-        mine = evaluate_mod.predictor(recipe)(model, tokenizer, prompts, recipe)
+        mine = evaluate_mod.predict(model, tokenizer, prompts, recipe, choice)
         made = {i: text for part in dist.gather(mine) for i, text in part.items()}
     records = [Record(index=i, prompt=p, reference=refs[i], prediction=made.get(i, ""), id=ids[i])
                for i, p in enumerate(prompts)]
     if "logprobs" in evaluator.needs:
-        records = evaluate_mod.scored_records(recipe, model, tokenizer, examples, evaluator.batch_size, records)
+        scoring = replace(choice, batch_size=evaluator.batch_size or choice.batch_size)
+        records = evaluate_mod.scored_records(recipe, model, tokenizer, examples, predicted=records, choice=scoring)
     return records
 
 

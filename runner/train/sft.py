@@ -18,11 +18,6 @@ from trl import SFTTrainer
 
 from runner.speed.profiles import REAL_TOKENS
 
-# bitsandbytes' optimizers (0.50) synchronise the device after each parameter's update: 256 times a step for the
-# study's LoRA. Off where stream order already does their work (stream_ordered); bench/dist_bench.py turns it off
-# to measure the difference.
-SKIP_OPTIMIZER_SYNCS = True
-
 
 class Trainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
@@ -32,10 +27,14 @@ class Trainer(SFTTrainer):
         # model -> {"eval_<metric>": value}: numbers of the evaluation that the loss pass does not give (an
         # evaluator's metric that early stopping watches: runner.train.early.scorer)
         self.extra_metrics = None
+        # bitsandbytes' optimizers (0.50) synchronise the device after each parameter's update: 256 times a step for
+        # the study's LoRA. Skipped where stream order already does their work (stream_ordered); bench/dist_bench.py
+        # keeps them (False, set before training through train's ``instrument``) to measure the difference.
+        self.skip_optimizer_syncs = True
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if SKIP_OPTIMIZER_SYNCS:
+        if self.skip_optimizer_syncs:
             skip_needless_syncs(optimizer)
         return optimizer
 

@@ -5,8 +5,9 @@ is made); wandb, mlflow and trackio keep their own settings (offline modes, trac
 ``<name>/<timestamp>`` and, unless the environment says otherwise, the recipe's name as project / experiment.
 
 The trainer would close each tracker's run when training ends, before the runner's evaluation (ROUGE, accuracy,
-...) exists; the trackers' end-of-training event is held back instead, and :func:`finish` sends the evaluation's
-metrics through the same callbacks first, so one tracker run holds the training curves and the final scores.
+...) exists; the trackers' end-of-training event is held back instead, in a :class:`Session` that `runner train`
+makes and hands to training, and whose ``finish`` sends the evaluation's metrics through the same callbacks first,
+so one tracker run holds the training curves and the final scores.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _integration_classes() -> tuple:
 
 
 class _Held:
-    """A tracker callback whose ``on_train_end`` waits for :func:`finish` (every other event passes through)."""
+    """A tracker callback whose ``on_train_end`` waits for :meth:`Session.finish` (every other event passes through)."""
 
     def __init__(self, callback):
         self.callback = callback
@@ -101,11 +102,19 @@ class _Held:
 
 
 class Session:
-    """The trainer's tracker callbacks, held open past training (see the module docstring)."""
+    """The trainer's tracker callbacks, held open past training (see the module docstring): a value the caller
+    makes, hands to training (``attach``) and finishes with the evaluation's metrics."""
 
-    def __init__(self, trainer, split: str, resumed_step: int | None = None):
-        self.trainer, self.split = trainer, split
+    def __init__(self):
+        self.trainer, self.split = None, None
         self.held: list[_Held] = []
+
+    def attach(self, trainer, split: str, resumed_from: str | Path | None = None) -> None:
+        """Hold ``trainer``'s tracker callbacks open until :meth:`finish`; ``split`` names the evaluation's metrics;
+        ``resumed_from``: the checkpoint the run goes on from."""
+        match = re.fullmatch(r"checkpoint-(\d+)", Path(resumed_from).name) if resumed_from else None
+        resumed_step = int(match.group(1)) if match else None
+        self.trainer, self.split = trainer, split
         handler = trainer.callback_handler
         classes = _integration_classes()
         for i, callback in enumerate(handler.callbacks):
@@ -117,7 +126,8 @@ class Session:
 
     def finish(self, metrics: dict | None = None) -> None:
         """Send the evaluation's numbers (flattened to ``test/rouge.rougeL``-style names, at the last training
-        step), then end each tracker's run. Safe to call twice; rank 0 only sends (the callbacks check it too)."""
+        step), then end each tracker's run. Safe to call twice, and on a session no training attached to (a run
+        resumed after its training); rank 0 only sends (the callbacks check it too)."""
         held, self.held = self.held, []
         if not held:
             return
@@ -141,24 +151,3 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     test_). Intervals, counts and NaNs are left out, and so are the top-level timings and sizes, which describe the
     evaluation rather than the model."""
     return {prefix + key: float(m["value"]) for key, m in flatten(metrics).items() if finite(m["value"])}
-
-
-# The session of the training in this process (runner train evaluates after training, then calls finish()).
-_current: Session | None = None
-
-
-def attach(trainer, split: str, resumed_from: str | Path | None = None) -> Session:
-    """Hold the trainer's tracker callbacks open until :func:`finish`; ``split`` names the evaluation's metrics;
-    ``resumed_from``: the checkpoint the run goes on from."""
-    global _current
-    match = re.fullmatch(r"checkpoint-(\d+)", Path(resumed_from).name) if resumed_from else None
-    _current = Session(trainer, split, int(match.group(1)) if match else None)
-    return _current
-
-
-def finish(metrics: dict | None = None) -> None:
-    """End the trackers of this process's training, sending ``metrics`` (the evaluation's) first."""
-    global _current
-    session, _current = _current, None
-    if session is not None:
-        session.finish(metrics)

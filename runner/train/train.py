@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner.common import dist, safeio
+from runner.common import cpu, dist, safeio
 from runner.common.errors import RecipeError
 from runner.data import chat
 from runner.data import data as data_mod
@@ -264,12 +264,15 @@ def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
         trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"], rows)
 
 
-def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
+def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
+          trackers: tracking.Session | None = None):
     """Train the recipe. Returns (run folder, trained model, tokenizer, prepared data) for evaluation.
 
     The recipe says what is trained; how (micro-batch x accumulation, checkpointing, the profile's switches, the
     processes) is ``speed``, resolved here by the recipe's training.profile unless given (the benchmark gives its
-    own). ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there)."""
+    own). ``instrument(trainer)``, when given, runs just before training (the benchmark adds its timers there).
+    ``trackers``: the session that holds training.report_to's runs open after training, for the caller to finish
+    with the evaluation's metrics (runner.cli.pipeline); without one they end with training."""
     world = dist.init()
     meta, tokenizer = model_mod.preflight(recipe)
     tracking.check(recipe)
@@ -281,7 +284,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
                                           if world.main else None)
     print(f"run folder: {run_dir}", flush=True)
-    threads = model_mod.set_threads(recipe)
+    threads = cpu.torch_threads(recipe)
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
@@ -307,7 +310,8 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
                 processing_class=tokenizer,
                 callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *early.callbacks(recipe)],
             )
-        tracking.attach(trainer, recipe["evaluation"]["split"], resume_from)
+        session = trackers if trackers is not None else tracking.Session()
+        session.attach(trainer, recipe["evaluation"]["split"], resume_from)
         trainer.extra_metrics = early.scorer(stopping, recipe, tokenizer, prepared.splits.get("eval"))
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
@@ -328,8 +332,13 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     try:
         result = (_trained_in_checkpoint(trainer, resume_from, recipe)
                   or trainer.train(resume_from_checkpoint=resume_from))
+    except BaseException:
+        _close_progress_bars(trainer)
+        raise
     finally:
         _uncompile(compiled, trainer)
+    if trackers is None:  # nobody evaluates into the trackers' runs: they end with training, as the trainer's do
+        session.finish()
     train_s = record.seconds()  # the whole run's, over every session (runner.store.checkpoints)
     divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"
@@ -345,6 +354,18 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None):
     if best is not None:
         print(f"early stopping: {checkpoints.describe_best(best)}", flush=True)
     return run_dir, trainer.model, tokenizer, prepared
+
+
+def _close_progress_bars(trainer) -> None:
+    """The trainer's progress bars, closed when training fails: closed later, at exit, they would print after the
+    CLI's error line, or the error would continue a bar's unfinished line."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for bar in (callback.training_bar, callback.prediction_bar):
+                if bar is not None:
+                    bar.close()
 
 
 def _save_pissa_init(model, recipe: dict, run_dir: Path, world: dist.World) -> Path | None:
