@@ -10,6 +10,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+        if name in RUN_COMMANDS:
+            p.add_argument("recipe", metavar="RECIPE", nargs="?", default=None,
+                           help="recipe YAML file (default with --run: the run's own recipe.yaml, as it trained)")
+        else:
+            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key.path=value",
                        help="override recipe keys, e.g. training.max_steps=5")
         add_args(p)
@@ -106,14 +111,45 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args) -> dict:
-    """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free)."""
+    """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free). Without RECIPE, a command given
+    a run (--run) uses the recipe that run trained with: its recipe.yaml (overrides included), these overrides on top."""
     from runner.recipe import recipe as recipe_mod
 
     # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
-    return recipe_mod.load(args.recipe, args.overrides)
+    return recipe_mod.load(args.recipe or _run_recipe(args), args.overrides)
+
+
+# The commands that take a run (--run): their RECIPE may be left out, the run's own is used.
+RUN_COMMANDS = ("eval", "compare", "generate", "export")
+_KEY_PATH = re.compile(r"\s*[A-Za-z_]\w*(\[\d+\])*(\.[A-Za-z_]\w*(\[\d+\])*)*\s*=")
+
+
+def _settle_recipe(args) -> None:
+    """A run command's first word is RECIPE or, when RECIPE is left out, the first override: ``key.path=value`` (a
+    dotted key before the first ``=``, no ``/``) is an override unless a file of that name exists."""
+    word = getattr(args, "recipe", None)
+    if args.command in RUN_COMMANDS and word and _KEY_PATH.match(word) and not Path(word).is_file():
+        args.overrides = [word, *args.overrides]
+        args.recipe = None
+
+
+def _run_recipe(args) -> Path:
+    """The recipe.yaml of the run given with --run (the first of two), for a command given no RECIPE."""
+    from runner.store import runs
+
+    run = getattr(args, "run", None)
+    run = run[0] if isinstance(run, list) else run
+    if not run:
+        raise RecipeError("RECIPE", "missing", f"give the recipe file: runner {args.command} RECIPE ...; with --run DIR "
+                          "it may be left out to use that run's own recipe")
+    path = runs.find_run(run) / "recipe.yaml"
+    if runs.saved_recipe(path.parent) is None:
+        raise RecipeError("--run", f"{run} has no readable recipe.yaml to take the recipe from",
+                          f"name the recipe it was trained with: runner {args.command} RECIPE --run {run}")
+    return path
 
 
 def _evaluation_examples(recipe: dict):
@@ -395,11 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*args.overrides, *extra]
+        _settle_recipe(args)
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
         _close_progress_bars()
-        _discard_unfinished()
-        print("interrupted", file=sys.stderr)
+        left = _discard_unfinished()
+        if world.main:  # rank 0 held the folders; the other ranks have nothing to add
+            print(_interrupted(left), file=sys.stderr)
         return 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
         _close_progress_bars()
@@ -452,14 +490,27 @@ def _written() -> list:
     return runs.written() if runs is not None else []
 
 
-def _discard_unfinished() -> None:
-    """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list)."""
+def _discard_unfinished() -> list | None:
+    """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list); what was
+    kept and removed, None if cleaning up failed."""
     from runner.store import runs
 
     try:
-        runs.discard_unfinished()
+        return runs.discard_unfinished()
     except Exception:  # cleaning up must never replace the error the user needs to see
-        pass
+        return None
+
+
+def _interrupted(left: list | None) -> str:
+    """After Ctrl-C: what was kept, what was removed, how to go on (runner.store.leftovers)."""
+    if left is None:
+        return "interrupted"
+    from runner.store import leftovers
+
+    try:
+        return "\n".join(leftovers.describe(left))
+    except Exception:  # saying it must never hide that the command was interrupted
+        return "interrupted"
 
 
 if __name__ == "__main__":
