@@ -341,11 +341,14 @@ def cmd_export(args) -> int:
 
 def cmd_plan(args) -> int:
     recipe = _recipe(args)
-    from runner.speed import plan, throughput
+    from runner.model import hub
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
     _check_gpu_gb(args.gpu_gb)
+    hub.check_model(recipe)  # before torch loads (to look for a GPU): a hub id out of reach fails in a moment
+    from runner.speed import plan, throughput
+
     card = throughput.find_card(args.card, throughput.gpu_name())
     print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
