@@ -287,6 +287,19 @@ def test_an_interruption_says_what_was_kept_removed_and_how_to_go_on(recipe):
         f"half-written adapter.partial", f"resume it with the same command and training.resume={ckpt}"]
 
 
+def test_an_interrupted_sweep_speaks_of_the_cell_it_was_in_not_the_finished_ones(recipe):
+    from runner.store import leftovers
+
+    done = runs.new_run_dir(recipe)
+    (done / "report.md").write_text("# Report")
+    assert leftovers.describe(runs.discard_unfinished()) == [f"interrupted: kept the finished run folder {done}"]
+    runs._track(done, created=True)
+    current = runs.new_run_dir(recipe)
+    fake_checkpoint(current, 2)
+    assert leftovers.describe(runs.discard_unfinished())[0] == (
+        f"interrupted: kept the run folder {current} with its last complete checkpoint, at step 2")
+
+
 def test_an_interrupted_evaluation_says_how_many_predictions_it_kept(recipe, tmp_path):
     from runner.store import leftovers
 

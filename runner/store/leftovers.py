@@ -18,11 +18,18 @@ def describe(left: list[runs.Left]) -> list[str]:
     what was removed, and how to go on from it."""
     if not left:
         return ["interrupted: nothing was written"]
+    # Runs that finished before the interruption (a sweep's earlier cells) need no word, unless they are all there is.
+    unfinished = [item for item in left if not _finished(item)]
     lines = []
-    for item in left:
+    for item in unfinished or left:
         lines += _evaluation(item) if item.kind == "evaluation" else _run(item)
     lines[0] = f"interrupted: {lines[0]}"
     return lines
+
+
+def _finished(item: runs.Left) -> bool:
+    return (item.kind == "run" and not item.discarded and not item.removed
+            and runs.run_state(item.folder) == "finished")
 
 
 def _removed(item: runs.Left) -> str:
@@ -48,7 +55,7 @@ def _run(item: runs.Left) -> list[str]:
                  else f"evaluate it with runner eval --run {item.folder}")
         return [f"kept the run folder {item.folder}: trained, its adapter saved, not yet evaluated{_removed(item)}",
                 again]
-    return [f"kept the run folder {item.folder} ({state}){_removed(item)}"]
+    return [f"kept the {state} run folder {item.folder}{_removed(item)}"]
 
 
 def _evaluation(item: runs.Left) -> list[str]:
