@@ -161,10 +161,19 @@ NEVER_CACHED = "qlora-recipes-tests/never-cached"
 @pytest.fixture
 def hub_requests(monkeypatch):
     """Every request huggingface_hub makes, each failing to connect (no network); and its retry sleeps."""
+    import threading
+
     import httpx2
     from huggingface_hub.utils import _http
 
     made, slept = [], []
+    this, real_sleep = threading.get_ident(), _http.time.sleep
+
+    def sleep(seconds):  # time.sleep itself: the session's background threads sleep on as before
+        if threading.get_ident() == this:
+            slept.append(seconds)
+        else:
+            real_sleep(seconds)
 
     class NoNetwork:
         def request(self, method, url, **kwargs):
@@ -172,7 +181,7 @@ def hub_requests(monkeypatch):
             raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(_http, "get_session", NoNetwork)
-    monkeypatch.setattr(_http.time, "sleep", slept.append)
+    monkeypatch.setattr(_http.time, "sleep", sleep)
     return made, slept
 
 
