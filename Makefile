@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny/xsum_tiny.yaml
+# eval, compare, generate and export use the run's own recipe (its recipe.yaml) unless RECIPE is given.
+RUN_RECIPE := $(if $(filter file,$(origin RECIPE)),,$(RECIPE))
 RUN ?=
 ARGS ?=
 INPUT ?= -
@@ -24,11 +26,11 @@ help:  ## list the targets
 	@echo "make install                    create .venv (CPU torch here, CUDA torch on a GPU machine) and install the runner (then source .venv/bin/activate puts runner on PATH)"
 	@echo "make train [RECIPE=...] [ARGS=\"key=value ...\"]   train + evaluate + report.md (default: the tiny offline XSum twin; times: docs/timings.md)"
 	@echo "make train RECIPE=... NPROC=N   the same on N GPUs (torchrun; also for eval and compare)"
-	@echo "make eval RECIPE=... RUN=runs/<name>/<time>       re-evaluate a finished run's adapter"
-	@echo "make compare RECIPE=... RUN=runs/<name>/<time>    base model vs adapter on the same examples -> comparison.md"
+	@echo "make eval RUN=runs/<name>/<time> [RECIPE=...]     re-evaluate a finished run's adapter (with the run's own recipe unless RECIPE is given)"
+	@echo "make compare RUN=runs/<name>/<time> [RECIPE=...]  base model vs adapter on the same examples -> comparison.md"
 	@echo "make sweep [RECIPE=...] AXES=\"lora.r=8,16 ...\" [SEEDS=N] [ARGS=...]   a grid of settings x seeds -> sweep.md/json/png"
-	@echo "make generate RECIPE=... RUN=runs/<name>/<time> [INPUT=file|-]   completions for your own JSONL/text lines"
-	@echo "make export RECIPE=... RUN=runs/<name>/<time> OUT=dir   merge the adapter into the dequantized base -> a plain transformers model folder"
+	@echo "make generate RUN=runs/<name>/<time> [INPUT=file|-] [RECIPE=...]   completions for your own JSONL/text lines"
+	@echo "make export RUN=runs/<name>/<time> OUT=dir [RECIPE=...]   merge the adapter into the dequantized base -> a plain transformers model folder"
 	@echo "make validate RECIPE=...        check a recipe without loading anything heavy"
 	@echo "make inspect [RECIPE=...]       token lengths, truncation, drops and labels per split -> inspect.json + histograms"
 	@echo "make plan [RECIPE=...] [ARGS=\"training.vram_budget_gb=6\"]   parameters + predicted GPU memory per profile (config only)"
@@ -65,21 +67,21 @@ train: $(BIN)/runner $(TINY)
 	$(LAUNCH) train $(RECIPE) $(ARGS)
 
 eval: $(BIN)/runner $(TINY)
-	@test -n "$(RUN)" || { echo "error: RUN: missing (make eval RECIPE=... RUN=runs/<name>/<time>)" >&2; exit 2; }
-	$(LAUNCH) eval $(RECIPE) --run $(RUN) $(ARGS)
+	@test -n "$(RUN)" || { echo "error: RUN: missing (make eval RUN=runs/<name>/<time>)" >&2; exit 2; }
+	$(LAUNCH) eval $(RUN_RECIPE) --run $(RUN) $(ARGS)
 
 compare: $(BIN)/runner $(TINY)
-	@test -n "$(RUN)" || { echo "error: RUN: missing (make compare RECIPE=... RUN=runs/<name>/<time>)" >&2; exit 2; }
-	$(LAUNCH) compare $(RECIPE) --run $(RUN) $(ARGS)
+	@test -n "$(RUN)" || { echo "error: RUN: missing (make compare RUN=runs/<name>/<time>)" >&2; exit 2; }
+	$(LAUNCH) compare $(RUN_RECIPE) --run $(RUN) $(ARGS)
 
 generate: $(BIN)/runner $(TINY)
-	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RECIPE=... RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }
-	$(BIN)/runner generate $(RECIPE) --run $(RUN) --input $(INPUT) $(ARGS)
+	@test -n "$(RUN)" || { echo "error: RUN: missing (make generate RUN=runs/<name>/<time> INPUT=file)" >&2; exit 2; }
+	$(BIN)/runner generate $(RUN_RECIPE) --run $(RUN) --input $(INPUT) $(ARGS)
 
 OUT ?=
 export: $(BIN)/runner $(TINY)
-	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "error: RUN, OUT: missing (make export RECIPE=... RUN=runs/<name>/<time> OUT=merged/<name>)" >&2; exit 2; }
-	$(BIN)/runner export $(RECIPE) --run $(RUN) --out $(OUT) $(ARGS)
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "error: RUN, OUT: missing (make export RUN=runs/<name>/<time> OUT=merged/<name>)" >&2; exit 2; }
+	$(BIN)/runner export $(RUN_RECIPE) --run $(RUN) --out $(OUT) $(ARGS)
 
 AXES ?=
 SEEDS ?= 1

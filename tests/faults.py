@@ -2,6 +2,7 @@
 fault tests can kill a run exactly there (SIGKILL: no cleanup, no exception handler runs). FAULT= picks it:
 
 - ``step:N``: when optimizer step N begins;
+- ``sigint:N``: Ctrl-C (SIGINT to the process) when optimizer step N begins;
 - ``save:N``: while checkpoint-N is being written (its weights are on disk; optimizer, trainer state and the
   runner's manifest are not);
 - ``eval:K``: after K batches of predictions have been written;
@@ -33,6 +34,17 @@ def _install(kind: str, n: int) -> None:
         def training_step(self, *args, **kwargs):
             if self.state.global_step + 1 == n:
                 _kill()
+            return original(self, *args, **kwargs)
+
+        Trainer.training_step = training_step
+    elif kind == "sigint":
+        from transformers import Trainer
+
+        original = Trainer.training_step
+
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step + 1 == n:
+                os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next instruction
             return original(self, *args, **kwargs)
 
         Trainer.training_step = training_step

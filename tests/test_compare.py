@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 
+from runner.cli import recipes
 from runner.evaluate import compare as compare_mod
+from runner.recipe import recipe as recipe_mod
 from tests.conftest import ROOT, run_cli
 from tests.test_metrics import METRICS
 
@@ -162,6 +165,82 @@ def test_a_trained_adapter_beats_a_barely_trained_one(pair):
     md = (folder / "comparison.md").read_text()
     assert md.startswith("# Adapter vs adapter: xsum_tiny") and "| metric | A | B | B − A |" in md
     assert "rouge.rougeL: A " in result.stdout and "-> B " in result.stdout
+
+
+@pytest.mark.slow
+def test_compare_says_how_a_and_b_were_trained_differently(pair):
+    barely, trained, folder, result = pair
+    steps = recipes.load(TINY_XSUM)["training"]["max_steps"]
+    summary = json.loads((folder / "comparison.json").read_text())
+    # output_dir differs too, as it always may: where a run writes is not how it trained
+    assert summary["recipe_differences"] == [{"key": "training.max_steps", "A": 2, "B": steps}]
+    assert f"A vs B: trained with training.max_steps 2 -> {steps}" in result.stdout.splitlines()
+    md = (folder / "comparison.md").read_text()
+    assert f"## How A and B were trained differently\n\n| recipe key | A | B |\n|---|---|---|\n" \
+           f"| training.max_steps | 2 | {steps} |\n" in md
+
+
+def test_the_recipe_differences_of_two_runs(tmp_path):
+    from runner.store import runs
+
+    def run(name: str, *overrides: str):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text(recipe_mod.dump(recipes.load(TINY_XSUM, [f"output_dir={folder}",
+                                                                                     *overrides])))
+        return folder
+
+    a = run("a", "lora.r=8", "training.resume=never")
+    b = run("b", "lora.r=16", "training.learning_rate=0.003", "lora.target_modules=[q_proj]")
+    lr = recipes.load(TINY_XSUM)["training"]["learning_rate"]
+    targets = recipes.load(TINY_XSUM)["lora"]["target_modules"]
+    assert runs.recipe_differences(a, b) == [("lora.r", 8, 16), ("lora.target_modules", targets, ["q_proj"]),
+                                             ("training.learning_rate", lr, 0.003)]
+    assert runs.recipe_differences(a, run("c", "lora.r=8")) == []  # training.resume differs: not how it trained
+    assert runs.recipe_differences(a, tmp_path) is None  # no recipe.yaml
+    assert compare_mod.difference_line([]) == "A vs B: trained with the same recipe"
+
+
+# ---------------------------------------------------------------- a run's own recipe
+
+
+@pytest.fixture
+def agnews_run_copy(trained, tmp_path):
+    """A copy of the trained AG News twin's adapter and recipe (evaluating it writes into the run folder)."""
+    run = trained("agnews_tiny").run_dir
+    copy = tmp_path / "agnews_run"
+    shutil.copytree(run / "adapter", copy / "adapter")
+    shutil.copy(run / "recipe.yaml", copy / "recipe.yaml")
+    return copy
+
+
+@pytest.mark.slow
+def test_without_a_recipe_a_run_is_evaluated_with_its_own(agnews_run_copy, cli):
+    """`runner eval --run DIR` (make eval RUN=DIR): the AG News run on its own data and evaluators, not the XSum
+    recipe make used to pass by default; overrides apply on top of the run's recipe."""
+    result = cli("eval", "--run", agnews_run_copy, "data.test_samples=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note:" not in result.stderr
+    (folder,) = agnews_run_copy.glob("eval-*")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["examples"] == 4 and "classification" in metrics and "rouge" not in metrics
+    used = recipes.load(folder / "recipe.yaml")
+    assert used["name"] == "agnews_tiny" and used["data"]["test_samples"] == 4
+
+
+@pytest.mark.parametrize("target", ["eval", "compare", "generate", "export"])
+def test_make_passes_recipe_only_when_the_user_names_one(target, tmp_path):
+    import subprocess
+
+    def dry(*given: str) -> str:
+        out = subprocess.run(["make", "-n", "-C", str(ROOT), target, "RUN=runs/agnews_tiny/1", "OUT=o",
+                              f"VENV={tmp_path}", f"TINY={tmp_path / 'BUILT'}", *given],
+                             capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "RECIPE"})
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if f"runner {target} " in line)
+
+    assert f"runner {target}  --run runs/agnews_tiny/1" in dry()  # the run's own recipe
+    assert f"runner {target} my.yaml --run runs/agnews_tiny/1" in dry("RECIPE=my.yaml")
 
 
 def test_compare_refuses_the_same_run_twice_and_a_third(tiny, tmp_path, cli):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from runner.cli import cli
+from runner.cli import cli, recipes
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.twins("xsum_tiny")  # the twin `trained` gives this module's tests (docs/testing.md)
@@ -111,3 +111,22 @@ def test_merged_logits_match_the_4bit_model_with_its_adapter_unlike_requantizing
             requantized = (adapter.merge_and_unload()(**enc).logits[mask] - want).abs().max().item()
     assert ours < 1e-4
     assert requantized > 1000 * ours
+
+
+def test_export_without_a_recipe_takes_the_runs_own(tiny, tmp_path, capsys):
+    """No RECIPE: the run's recipe.yaml; a run without a readable one is refused, naming how to give the recipe."""
+    from runner.recipe import recipe as recipe_mod
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    code = cli.main(["export", "--run", str(run), "--out", str(tmp_path / "new")])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"error: --run: {run} has no readable recipe.yaml to take the recipe from (name the recipe it was trained "
+        f"with: runner export RECIPE --run {run})")
+    (run / "recipe.yaml").write_text(recipe_mod.dump(recipes.load(TINY, ["model.name_or_path=./nowhere"])))
+    code = cli.main(["export", "--run", str(run), "--out", str(tmp_path / "new")])
+    assert code == 2 and capsys.readouterr().err.startswith("error: model.name_or_path: local folder not found: ")
+    assert not (tmp_path / "new").exists()
+    code = cli.main(["eval", "--base"])
+    assert code == 2 and capsys.readouterr().err.startswith("error: RECIPE: missing (give the recipe file")

@@ -150,3 +150,77 @@ def test_training_arguments_are_the_resolved_speeds_not_the_recipes(tmp_path):
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
     assert any(getattr(args, f"{prefix}_checkpointing", False) for prefix in ("activation", "gradient"))
     assert recipe["training"]["micro_batch_size"] == 16  # the recipe itself is left as written
+
+
+# ---------------------------------------------------------------- a hub id out of reach
+
+
+NEVER_CACHED = "qlora-recipes-tests/never-cached"
+
+
+@pytest.fixture
+def hub_requests(monkeypatch):
+    """Every request huggingface_hub makes, each failing to connect (no network); and its retry sleeps."""
+    import threading
+
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    made, slept = [], []
+    this, real_sleep = threading.get_ident(), _http.time.sleep
+
+    def sleep(seconds):  # time.sleep itself: the session's background threads sleep on as before
+        if threading.get_ident() == this:
+            slept.append(seconds)
+        else:
+            real_sleep(seconds)
+
+    class NoNetwork:
+        def request(self, method, url, **kwargs):
+            made.append((method, url))
+            raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(_http, "get_session", NoNetwork)
+    monkeypatch.setattr(_http.time, "sleep", sleep)
+    return made, slept
+
+
+def test_a_hub_id_offline_fails_at_once_without_a_request(hub_requests, monkeypatch):
+    from huggingface_hub import constants
+
+    from runner.common.errors import EnvironmentProblem
+    from runner.model import model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EnvironmentProblem) as err:
+        model.load_config(xsum(f"model.name_or_path={NEVER_CACHED}"))
+    assert err.value.key_path == "model.name_or_path" and "(offline: HF_HUB_OFFLINE is set)" in err.value.problem
+    assert hub_requests == ([], [])
+
+
+def test_a_hub_id_without_network_is_asked_once_without_retries(hub_requests, monkeypatch):
+    """huggingface_hub retries a file that is not cached with backoff (23 s of sleeping); the runner asks once."""
+    from huggingface_hub import constants
+
+    from runner.common.errors import EnvironmentProblem
+    from runner.model import model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(EnvironmentProblem) as err:
+        model.load_config(xsum(f"model.name_or_path={NEVER_CACHED}"))
+    assert err.value.line().startswith(f"error: model.name_or_path: cannot reach the Hugging Face hub for "
+                                       f"'{NEVER_CACHED}' (no network? HF_HUB_OFFLINE is not set)")
+    made, slept = hub_requests
+    assert len(made) == 1 and made[0][0] == "HEAD" and NEVER_CACHED in made[0][1] and slept == []
+
+
+def test_plan_on_a_hub_id_offline_is_one_line_exit_1(cli):
+    result = cli("plan", XSUM, f"model.name_or_path={NEVER_CACHED}")  # the tests run with HF_HUB_OFFLINE=1
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"error: model.name_or_path: cannot reach the Hugging Face hub for '{NEVER_CACHED}' (offline: HF_HUB_OFFLINE "
+        "is set), and it is not in the local cache (connect to the network and unset HF_HUB_OFFLINE, or use a local "
+        "directory)")

@@ -257,3 +257,95 @@ def test_resuming_the_checkpoint_of_the_last_step_trains_nothing_more(tiny, tmp_
     assert json.loads((run / "env.json").read_text())["global_step"] == 4
     saved, held = (load_file(d / "adapter_model.safetensors") for d in (run / "adapter", last))
     assert saved.keys() == held.keys() and all(saved[k].equal(held[k]) for k in saved)
+
+
+# ---------------------------------------------------------------- what Ctrl-C says
+
+
+def test_an_interruption_says_what_was_kept_removed_and_how_to_go_on(recipe):
+    from runner.store import leftovers
+
+    assert leftovers.describe(runs.discard_unfinished()) == ["interrupted: nothing was written"]
+    empty = runs.new_run_dir(recipe)  # interrupted before its first checkpoint
+    (empty / "recipe.yaml").write_text("x")
+    assert leftovers.describe(runs.discard_unfinished()) == [
+        f"interrupted: removed the run folder {empty}: no complete checkpoint yet, nothing to resume from"]
+    assert not empty.exists()
+
+    kept = runs.new_run_dir(recipe)
+    fake_checkpoint(kept, 2)
+    fake_checkpoint(kept, 4, complete=False)  # Ctrl-C while checkpoint-4 was written
+    assert leftovers.describe(runs.discard_unfinished()) == [
+        f"interrupted: kept the run folder {kept} with its last complete checkpoint, at step 2; removed the "
+        "half-written checkpoints/checkpoint-4", "run the same command again to resume from there (training.resume: auto)"]
+
+    never = recipes.load(TINY, [f"output_dir={recipe['output_dir']}", "training.resume=never"])
+    fresh = runs.new_run_dir(never)
+    ckpt = fake_checkpoint(fresh, 2)
+    (fresh / "adapter.partial").mkdir()
+    assert leftovers.describe(runs.discard_unfinished()) == [
+        f"interrupted: kept the run folder {fresh} with its last complete checkpoint, at step 2; removed the "
+        f"half-written adapter.partial", f"resume it with the same command and training.resume={ckpt}"]
+
+
+def test_an_interrupted_sweep_speaks_of_the_cell_it_was_in_not_the_finished_ones(recipe):
+    from runner.store import leftovers
+
+    done = runs.new_run_dir(recipe)
+    (done / "report.md").write_text("# Report")
+    assert leftovers.describe(runs.discard_unfinished()) == [f"interrupted: kept the finished run folder {done}"]
+    runs._track(done, created=True)
+    current = runs.new_run_dir(recipe)
+    fake_checkpoint(current, 2)
+    assert leftovers.describe(runs.discard_unfinished())[0] == (
+        f"interrupted: kept the run folder {current} with its last complete checkpoint, at step 2")
+
+
+def test_an_interrupted_evaluation_says_how_many_predictions_it_kept(recipe, tmp_path):
+    from runner.store import leftovers
+
+    run_dir = fake_run(recipe, "20260101-000000")
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    runs._track(run_dir, created=False, resume_auto=True)
+    assert leftovers.describe(runs.discard_unfinished()) == [
+        f"interrupted: kept the run folder {run_dir}: trained, its adapter saved, not yet evaluated",
+        "run the same command again to evaluate it (training.resume: auto)"]
+    out = runs.open_eval_dir(recipe, run_dir)
+    (out / "predictions.jsonl").write_text('{"index": 0}\n{"index": 1}\n')
+    nothing = runs.open_eval_dir(recipe, None)  # the base model's, interrupted before its first prediction
+    assert leftovers.describe(runs.discard_unfinished()) == [
+        f"interrupted: kept the evaluation folder {out} (2 predictions written)",
+        "run the same command again to go on from there",
+        f"removed the evaluation folder {nothing}: no prediction written yet"]
+
+
+def test_the_clock_checkpoints_as_rank_0_decides(monkeypatch):
+    """save_every_minutes: a checkpoint at the first step that ends that long after the last one, not at the last
+    step; under a launcher every rank takes rank 0's decision (a rank saving alone would hang the others)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from runner.common import dist
+
+    now = [1000.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: now[0])
+    record = checkpoints.run_record(every_minutes=2)
+    state = SimpleNamespace(global_step=1, max_steps=10)
+    record.on_train_begin(None, state, TrainerControl())
+
+    def step(at_minute: float, global_step: int = 1) -> bool:
+        now[0] = 1000.0 + 60 * at_minute
+        state.global_step = global_step
+        return record.on_step_end(None, state, TrainerControl()).should_save
+
+    assert not step(1.9) and step(2.0)
+    record.last_save = now[0]  # what on_save does
+    assert not step(3.9) and step(4.1) and not step(4.1, global_step=10)  # the last step: the adapter follows
+    record.last_save = now[0]
+    assert not checkpoints.run_record().on_step_end(None, state, TrainerControl()).should_save  # no clock: no save
+    sent = []
+    monkeypatch.setattr(dist, "world", lambda: dist.World(rank=1, size=2))
+    monkeypatch.setattr(dist, "broadcast", lambda obj: sent.append(obj) or True)  # rank 0's clock: it is time
+    assert step(4.2) and sent == [None]  # rank 1's own clock (not due) is not asked

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,22 @@ def test_cells_pin_the_data_seed_and_get_their_own_output_folder(tiny, tmp_path)
     assert {c.recipe["data"]["seed"] for c in cells} == {7}  # every training seed sees the same examples
     assert [c.recipe["lora"]["r"] for c in cells] == [4, 4, 4, 8, 8, 8]
     outs = {c.recipe["output_dir"] for c in cells}
-    assert len(outs) == 6 and all(Path(o).parent == folder / "cells" for o in outs)
+    assert len(outs) == 6 and all(Path(o).parent == folder for o in outs)
+    # safe, short folder names: no '=', the setting and the seed readable
+    assert sorted(Path(o).name for o in outs) == [f"r-{r}_seed-{s}" for r in (4, 8) for s in (7, 8, 9)]
     again, _, _, _ = sweep.cells(AGNEWS, ["lora.r=4,8", f"output_dir={tmp_path}", "seed=7"], seeds=3)
     assert again == folder  # the same command finds the same sweep
+
+
+def test_cell_names_are_safe_short_and_never_shared():
+    names = sweep.cell_names([((("lora.r", "8"), ("training.learning_rate", "2e-4")), 42),
+                              ((("lora.target_modules", "[q_proj,v_proj]"),), 1),
+                              ((("lora.target_modules", "[q_proj, v_proj]"),), 1),  # the same once made safe
+                              ((("data.source", "/a/" + "b" * 200 + ".jsonl"),), 1)])
+    assert names[0] == "r-8_learning_rate-2e-4_seed-42"
+    assert names[1].startswith("target_modules-q_proj-v_proj_seed-1-") and names[1] != names[2]
+    assert names[3].endswith("_seed-1") and len(names[3]) < 60
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names)
 
 
 def test_data_seed_pins_the_samples_while_the_seed_changes(tiny):
@@ -293,6 +307,23 @@ def test_a_metric_whose_direction_is_not_declared_ranks_nothing(tiny, tmp_path):
     assert summary["best"] is None and summary["comparisons"] == [] and "declares no direction" in summary["no_winner"]
 
 
+def test_without_a_gpu_the_sweep_plan_predicts_no_time(tiny, tmp_path):
+    """No GPU, no card named: memory is predicted (for a GPU), time is not; sweep.md keeps no H100 time either."""
+    from runner.speed import throughput
+
+    folder, cells, axes, fixed = sweep.cells(AGNEWS, ["lora.r=4,8", f"output_dir={tmp_path}",
+                                                      "evaluation.evaluators=[{name: classification}]"], seeds=1)
+    grid = sweep.settings(cells)
+    plans = {setting: sweep.plan_setting(group[0].recipe, None, None) for setting, group in grid.items()}
+    assert all(p["card"] is None and p["train_seconds"] is None for p in plans.values())
+    lines = sweep.plan_lines(plans, grid)
+    assert lines[0] == f"plan per setting (peak GPU memory from the config; {throughput.NOT_PREDICTED}):"
+    assert all("predicted peak" in line and "per seed" not in line for line in lines[1:])
+    run_dirs = {id(c): fake_run(tmp_path / f"run{i}", c, np.arange(20) % 2 == 0) for i, c in enumerate(cells)}
+    md = sweep_summary.markdown(sweep_summary.summarize(folder, grid, run_dirs, plans, None, axes, fixed))
+    assert "Predicted training time" not in md and "H100" not in md and "| lora.r=4 |" in md
+
+
 # ---------------------------------------------------------------- a real sweep through the CLI
 
 
@@ -383,12 +414,12 @@ def test_the_sweep_marks_degenerate_runs_and_names_no_winner_within_noise(swept)
 @pytest.mark.slow
 def test_repeating_the_sweep_trains_nothing(swept):
     out, folder, _ = swept
-    runs_before = sorted(p for p in (folder / "cells").glob("*/agnews_tiny/*"))
+    runs_before = sorted(folder.glob("*/agnews_tiny/*"))
     table = json.loads((folder / "sweep.json").read_text())
     result = run_cli(*ARGS, f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("finished already") == 8 and ": training" not in result.stdout
-    assert sorted(p for p in (folder / "cells").glob("*/agnews_tiny/*")) == runs_before
+    assert sorted(folder.glob("*/agnews_tiny/*")) == runs_before
     assert json.loads((folder / "sweep.json").read_text())["settings"] == table["settings"]
 
 
@@ -406,9 +437,9 @@ def test_a_sweep_under_torchrun_trains_each_cell_once(tiny, tmp_path):
     (folder,) = (tmp_path / "xsum_tiny" / "sweeps").iterdir()
     summary = json.loads((folder / "sweep.json").read_text())
     assert [r["label"] for r in summary["settings"]] == ["lora.r=4", "lora.r=8"]
-    runs = sorted(folder.glob("cells/*/xsum_tiny/*"))
+    runs = sorted(folder.glob("*/xsum_tiny/*"))
     assert len(runs) == 2 and all((r / "report.md").is_file() for r in runs)
     assert first.stdout.count(": training") == 2 and first.stdout.count("done: ") == 1 + 2
     again = launch(torchrun(2), *args)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("finished already") == 2 and sorted(folder.glob("cells/*/xsum_tiny/*")) == runs
+    assert again.stdout.count("finished already") == 2 and sorted(folder.glob("*/xsum_tiny/*")) == runs

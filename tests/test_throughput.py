@@ -65,7 +65,7 @@ def test_the_card_is_named_detected_or_assumed_and_said():
     assert throughput.find_card(None, "NVIDIA H200") == ("H200", "this machine's GPU")
     key, why = throughput.find_card(None, "NVIDIA A10G")
     assert key == "H100" and "A10G" in why and why.startswith("assumed")
-    assert throughput.find_card(None, None)[1].startswith("assumed: no GPU here")
+    assert throughput.find_card(None, None) is None  # no GPU, none named: the GPU measurements predict nothing
     with pytest.raises(RecipeError) as err:
         throughput.find_card("A100")
     assert err.value.key_path == "--card" and "H100, H200" in err.value.hint
@@ -96,3 +96,28 @@ def test_plan_prints_the_time_per_profile_and_the_card(tmp_path, cli):
     assert torch_adam.returncode == 0 and "bitsandbytes" not in torch_adam.stdout
     bad = cli("plan", ROOT / "recipes" / "xsum_phi2.yaml", f"model.name_or_path={tmp_path}", "--card", "A100")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --card: no measured throughput for 'A100'")
+
+
+def test_without_a_gpu_the_plan_predicts_no_time(tiny):
+    """The measured throughput is a GPU's: on a CPU (none named) the plan says no time is predicted instead of
+    printing an H100's examples/s for this machine."""
+    from runner.speed import plan
+
+    text = plan.report(recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"), None, card=None)
+    assert throughput.NOT_PREDICTED in text and "examples/s" not in text and "H100" not in text.replace(
+        throughput.NOT_PREDICTED, "")
+    assert "no GPU here: GPU memory predicted for a card of any size" in text
+    named = plan.report(recipes.load(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"), None,
+                        card=throughput.find_card("H100"))
+    assert "training time on NVIDIA H100 80GB HBM3 (named)" in named and throughput.NOT_PREDICTED not in named
+
+
+@pytest.mark.slow
+def test_plan_on_this_cpu_says_no_time_is_predicted(tiny, cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: its time is predicted")
+    result = cli("plan", ROOT / "recipes" / "tiny" / "xsum_tiny.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith(throughput.NOT_PREDICTED) and "examples/s" not in result.stdout

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from runner.cli import outcome, recipes
 from runner.common import cpu, dist
 from runner.common.errors import RecipeError, classify
 
@@ -98,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+        if name in recipes.RUN_COMMANDS:
+            p.add_argument("recipe", metavar="RECIPE", nargs="?", default=None,
+                           help="recipe YAML file (default with --run: the run's own recipe.yaml, as it trained)")
+        else:
+            p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", metavar="key.path=value",
                        help="override recipe keys, e.g. training.max_steps=5")
         add_args(p)
@@ -106,14 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args) -> dict:
-    """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free)."""
-    from runner.cli import recipes
-
-    # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
-    return recipes.load(args.recipe, args.overrides)
+    """The resolved recipe of RECIPE (or, left out, of the run given with --run) plus the overrides."""
+    return recipes.for_command(args)
 
 
 def _evaluation_examples(recipe: dict):
@@ -306,11 +305,14 @@ def cmd_export(args) -> int:
 
 def cmd_plan(args) -> int:
     recipe = _recipe(args)
-    from runner.speed import plan, throughput
+    from runner.model import hub
 
     if args.gpus < 1:
         raise RecipeError("--gpus", f"{args.gpus} is not a number of GPUs", "use 1 or more")
     _check_gpu_gb(args.gpu_gb)
+    hub.check_model(recipe)  # before torch loads (to look for a GPU): a hub id out of reach fails in a moment
+    from runner.speed import plan, throughput
+
     card = throughput.find_card(args.card, throughput.gpu_name())
     print(plan.report(recipe, _card_gb(args, card), gpus=args.gpus, card=card))
     return 0
@@ -387,21 +389,23 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*args.overrides, *extra]
+        recipes.settle_recipe(args)
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
-        _discard_unfinished()
-        print("interrupted", file=sys.stderr)
+        left = outcome.discard_unfinished()
+        if world.main:  # rank 0 held the folders; the other ranks have nothing to add
+            print(outcome.interrupted(left), file=sys.stderr)
         return 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
         from runner.store import runs
 
         error = classify(exc, runs.written())  # the folders this command opened (runs records them)
-        _discard_unfinished()
+        outcome.discard_unfinished()
         if os.environ.get("RUNNER_DEBUG") and not isinstance(exc, RecipeError):
             import traceback
 
             traceback.print_exc()
-        print(_for_rank(error, world), file=sys.stderr, end="")
+        print(outcome.for_rank(error, world), file=sys.stderr, end="")
         return error.exit_code
 
 
@@ -411,33 +415,6 @@ def run() -> int:
     launcher the rank's end (dist.end)."""
     cpu.start()
     return dist.end(main())
-
-
-# How gloo and NCCL report that a peer process died: not this rank's failure.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ProcessGroupNCCL")
-
-
-def _for_rank(error: RecipeError, world: dist.World) -> str:
-    """The error line as this rank says it. Until the ranks first meet, each runs the same checks on the same recipe
-    and data, so rank 0 alone reports the user's mistakes; anything else, or anything after that, names the rank
-    it happened on (the launcher stops the others)."""
-    if world.size == 1 or (world.main and error.exit_code == 2):
-        return error.line() + "\n"
-    if error.exit_code == 2 and not dist.diverged_yet():
-        return ""
-    if any(sign in error.line() for sign in _PEER_GONE):
-        return f"error: rank {world.rank}: another rank stopped first (its error line above says why)\n"
-    return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
-
-
-def _discard_unfinished() -> None:
-    """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list)."""
-    from runner.store import runs
-
-    try:
-        runs.discard_unfinished()
-    except Exception:  # cleaning up must never replace the error the user needs to see
-        pass
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ the ones before it having passed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from runner.common.errors import RecipeError
 from runner.data import chat, mixture
 from runner.evaluate import backend
 from runner.recipe import checks, recipe
@@ -33,3 +35,43 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
 def validate(raw: dict) -> dict:
     """A recipe given as values (not a file) resolved through every check; ``raw`` is left as it was."""
     return recipe.validate(raw, checks=CHECKS)
+
+
+def for_command(args) -> dict:
+    """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free). Without RECIPE, a command given
+    a run (--run) uses the recipe that run trained with: its recipe.yaml (overrides included), these overrides on top."""
+    # argparse puts "key=value" words that come before options into overrides; anything else is a mistake.
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
+    return load(args.recipe or _run_recipe(args), args.overrides)
+
+
+# The commands that take a run (--run): their RECIPE may be left out, the run's own is used.
+RUN_COMMANDS = ("eval", "compare", "generate", "export")
+_KEY_PATH = re.compile(r"\s*[A-Za-z_]\w*(\[\d+\])*(\.[A-Za-z_]\w*(\[\d+\])*)*\s*=")
+
+
+def settle_recipe(args) -> None:
+    """A run command's first word is RECIPE or, when RECIPE is left out, the first override: ``key.path=value`` (a
+    dotted key before the first ``=``, no ``/``) is an override unless a file of that name exists."""
+    word = getattr(args, "recipe", None)
+    if args.command in RUN_COMMANDS and word and _KEY_PATH.match(word) and not Path(word).is_file():
+        args.overrides = [word, *args.overrides]
+        args.recipe = None
+
+
+def _run_recipe(args) -> Path:
+    """The recipe.yaml of the run given with --run (the first of two), for a command given no RECIPE."""
+    from runner.store import runs
+
+    run = getattr(args, "run", None)
+    run = run[0] if isinstance(run, list) else run
+    if not run:
+        raise RecipeError("RECIPE", "missing", f"give the recipe file: runner {args.command} RECIPE ...; with --run DIR "
+                          "it may be left out to use that run's own recipe")
+    path = runs.find_run(run) / "recipe.yaml"
+    if runs.saved_recipe(path.parent) is None:
+        raise RecipeError("--run", f"{run} has no readable recipe.yaml to take the recipe from",
+                          f"name the recipe it was trained with: runner {args.command} RECIPE --run {run}")
+    return path

@@ -1,7 +1,8 @@
 """``runner sweep RECIPE key=v1,v2 ... [--seeds N]``: a grid of settings x training seeds, each cell a normal run.
 
 Every cell is trained, evaluated and reported by ``runner train``'s own command, in this process, into its own
-output folder ``<output_dir>/<name>/sweeps/<sweep>/cells/<cell>/``, so ``training.resume: auto`` and the run folder
+output folder ``<output_dir>/<name>/sweeps/<sweep>/<cell>/`` (cell_names: ``r-8_learning_rate-0.001_seed-42``), so
+``training.resume: auto`` and the run folder
 layout work as for any run. A cell whose finished run (adapter, metrics.json, report.md) was made from exactly the
 cell's resolved recipe is not trained again: repeating the command resumes an interrupted sweep, or just rewrites
 the summary. All cells pin ``data.seed`` to the recipe's sample seed, so every training seed sees the same train,
@@ -103,10 +104,21 @@ class Cell:
 
 
 def _slug(text: str, limit: int = 90) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
     if len(slug) > limit:
         slug = slug[:limit - 9] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return slug
+
+
+def cell_names(grid: list[tuple[tuple, int]]) -> list[str]:
+    """A folder name per (setting, seed): each axis's last key part and value, then the seed
+    (``r-8_learning_rate-0.001_seed-42``), in letters, digits, '.', '_' and '-' only (no '=' for a shell or a path to
+    trip on). A long value is cut (with a hash of it); two cells that would come out the same get a hash of their
+    exact setting each."""
+    names = ["_".join([*(f"{k.rsplit('.', 1)[-1]}-{_slug(v, 24) or 'x'}" for k, v in setting), f"seed-{seed}"])
+             for setting, seed in grid]
+    return [name if names.count(name) == 1 else f"{name}-{hashlib.sha1(repr(cell).encode()).hexdigest()[:8]}"
+            for name, cell in zip(names, grid, strict=True)]
 
 
 def sweep_folder(base: dict, axes, fixed, seeds: list[int], name: str | None) -> Path:
@@ -145,19 +157,18 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
     data_seed = base["data"]["seed"] if base["data"]["seed"] is not None else base["seed"]
     folder = sweep_folder(base, axes, fixed, seed_list, name)
     out = []
-    for values in itertools.product(*(vals for _, vals in axes)):
-        setting = tuple(zip((k for k, _ in axes), values, strict=True))
-        for seed in seed_list:
-            slug = _slug("_".join(f"{k}={v}" for k, v in setting) + f"_seed={seed}")
-            cell_overrides = [*fixed, *(f"{k}={v}" for k, v in setting), f"seed={seed}", f"data.seed={data_seed}",
-                              f"output_dir={folder / 'cells' / slug}"]
-            cell = Cell(setting, seed, cell_overrides, {})
-            try:
-                cell.recipe = recipes.load(recipe_path, cell_overrides)
-                _check_local(cell.recipe)
-            except RecipeError as exc:
-                raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {cell.label})", exc.hint) from None
-            out.append(cell)
+    grid = [(tuple(zip((k for k, _ in axes), values, strict=True)), seed)
+            for values in itertools.product(*(vals for _, vals in axes)) for seed in seed_list]
+    for (setting, seed), cell_name in zip(grid, cell_names(grid), strict=True):
+        cell_overrides = [*fixed, *(f"{k}={v}" for k, v in setting), f"seed={seed}", f"data.seed={data_seed}",
+                          f"output_dir={folder / cell_name}"]
+        cell = Cell(setting, seed, cell_overrides, {})
+        try:
+            cell.recipe = recipes.load(recipe_path, cell_overrides)
+            _check_local(cell.recipe)
+        except RecipeError as exc:
+            raise RecipeError(exc.key_path, f"{exc.problem} (in the cell {cell.label})", exc.hint) from None
+        out.append(cell)
     return folder, out, axes, fixed
 
 
@@ -197,8 +208,9 @@ def settings(all_cells: list[Cell]) -> dict[tuple, list[Cell]]:
     return out
 
 
-def plan_setting(recipe: dict, card_gb: float | None, card: tuple[str, str]) -> dict:
-    """Config-only checks and the plan of one setting: the profile's choice, predicted peak memory and time."""
+def plan_setting(recipe: dict, card_gb: float | None, card: tuple[str, str] | None) -> dict:
+    """Config-only checks and the plan of one setting: the profile's choice, predicted peak memory and time (on
+    ``card``; None: no GPU here, no time predicted)."""
     from runner.model import model as model_mod
     from runner.speed import memory, profiles, throughput
 
@@ -206,10 +218,10 @@ def plan_setting(recipe: dict, card_gb: float | None, card: tuple[str, str]) -> 
     info = memory.model_info(recipe, meta.config)
     speed = profiles.resolve(recipe, meta.config, card_gb, detect=False, info=info)
     predicted = speed.predicted_gb or memory.estimate(recipe, meta.config, speed, info).reserved_gb
-    seconds = throughput.predict_seconds(recipe, card[0], speed.profile, info["total"])
+    seconds = throughput.predict_seconds(recipe, card[0], speed.profile, info["total"]) if card else None
     return {"profile": speed.profile, "micro_batch": f"{speed.micro_batch_size} x {speed.gradient_accumulation_steps}",
             "checkpointing": speed.gradient_checkpointing, "peak_reserved_gb": round(predicted, 2),
-            "card": throughput.CARDS[card[0]]["name"], "card_why": card[1],
+            "card": throughput.CARDS[card[0]]["name"] if card else None, "card_why": card[1] if card else None,
             "train_seconds": None if seconds is None else round(seconds, 1)}
 
 
@@ -217,12 +229,15 @@ def plan_lines(plans: dict[tuple, dict], grid: dict[tuple, list[Cell]]) -> list[
     from runner.speed import throughput
 
     first = next(iter(plans.values()))
-    lines = [f"plan per setting (peak GPU memory from the config; time on {first['card']}, {first['card_why']}):"]
+    timed = first["card"] is not None
+    lines = [f"plan per setting (peak GPU memory from the config; time on {first['card']}, {first['card_why']}):"
+             if timed else f"plan per setting (peak GPU memory from the config; {throughput.NOT_PREDICTED}):"]
     for setting, p in plans.items():
         label = grid[setting][0].label
         lines.append(f"  {label}: profile {p['profile']}, micro-batch {p['micro_batch']}, "
                      f"{'checkpointing' if p['checkpointing'] else 'no checkpointing'}, predicted peak "
-                     f"{p['peak_reserved_gb']:.2f} GiB, training {throughput.duration(p['train_seconds'])} per seed")
+                     f"{p['peak_reserved_gb']:.2f} GiB"
+                     + (f", training {throughput.duration(p['train_seconds'])} per seed" if timed else ""))
     return lines
 
 

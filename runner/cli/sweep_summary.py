@@ -266,7 +266,7 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Each metric: mean over the {n_seeds} seed(s) ± the standard deviation across seeds (training "
               "randomness) (± the 95% bootstrap half-width over test examples of the seed-averaged score). Peak GPU "
               "memory is torch's peak reserved (– on a CPU); predicted by `runner plan` from the config."]
-    if rows and rows[0]["plan"]:
+    if rows and rows[0]["plan"] and rows[0]["plan"]["card"]:  # no card: no GPU, no time predicted
         plan = rows[0]["plan"]
         lines += ["", "Predicted training time per seed on " + plan["card"] + f" ({plan['card_why']}): "
                   + "; ".join(f"{r['label']} {throughput.duration((r['plan'] or {}).get('train_seconds'))}"

@@ -107,8 +107,14 @@ def hub_unreachable(exc: BaseException, key_path: str, hub_id: str, instead: str
     ``instead``: what the recipe can use offline. None when ``exc`` says something else."""
     if not any(cls.__name__ in _UNREACHABLE for item in _chain(exc) for cls in type(item).__mro__):
         return None
+    return hub_out_of_reach(key_path, hub_id, instead)
+
+
+def hub_out_of_reach(key_path: str, hub_id: str, instead: str) -> EnvironmentProblem:
+    """``hub_id`` is not in the local cache and the hub cannot be asked for it: an offline setting (named) or no
+    network."""
     offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
-    why = f"offline: {offline[0]} is set" if offline else "no network?"
+    why = f"offline: {offline[0]} is set" if offline else "no network? HF_HUB_OFFLINE is not set"
     return EnvironmentProblem(key_path, f"cannot reach the Hugging Face hub for {short(hub_id, 80)!r} ({why}), "
                               "and it is not in the local cache",
                               f"connect to the network{f' and unset {offline[0]}' if offline else ''}, or {instead}")

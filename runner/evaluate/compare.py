@@ -101,6 +101,8 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
                  f"Run `{summary['run']}`; split `{summary['split']}` ({summary['examples']} examples), seed "
                  f"{summary['seed']}, mode `{summary['mode']}`. Both models saw the same examples with the same seed; "
                  "the base is the same loaded model with the adapter disabled.", ""]
+    if "runs" in summary:
+        lines += _difference_lines(summary.get("recipe_differences"))
     lines += [f"| metric | {first} | {second} | {second} − {first} | better | 95% CIs overlap | paired 95% CI of the "
               "difference | p |", "|---|---|---|---|---|---|---|---|"]
     for metric, row in summary["metrics"].items():
@@ -122,6 +124,29 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
             lines.append(f"| {r.index} | {_cell(r.prompt)} | {_cell(r.reference)} | {_cell(r.prediction)} | "
                          f"{_cell(adapted[r.index].prediction)} |")
     safeio.write_text(path, "\n".join(lines) + "\n")
+
+
+def _value(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _difference_lines(differences: list | None) -> list[str]:
+    """comparison.md's account of how A and B were trained differently (their recipe.yaml)."""
+    if differences is None:
+        return ["A's or B's recipe.yaml is missing or unreadable: how they were trained differently is not known.", ""]
+    if not differences:
+        return ["A and B were trained with the same recipe (their recipe.yaml, where they write and how they started "
+                "aside).", ""]
+    lines = ["## How A and B were trained differently", "", "| recipe key | A | B |", "|---|---|---|"]
+    lines += [f"| {d['key']} | {_cell(_value(d['A']))} | {_cell(_value(d['B']))} |" for d in differences]
+    return [*lines, ""]
+
+
+def recipe_differences(run_a: Path, run_b: Path) -> list[dict] | None:
+    """Every recipe key the two runs were trained with differently, as {key, A, B} (None: a recipe unreadable)."""
+    found = runs.recipe_differences(run_a, run_b)
+    return None if found is None else [{"key": key, "A": a, "B": b} for key, a, b in found]
 
 
 def open_compare_dir(recipe: dict, run_dir: Path) -> Path:
@@ -198,6 +223,7 @@ def compare_adapters(recipe: dict, run_a: Path, run_b: Path, net, tokenizer, exa
     records = {s: evaluate_mod.read_records(out_dir / s / "predictions.jsonl") for s in names}
     paired = paired_scores(recipe, records["A"], records["B"])
     summary = {"recipe": recipe["name"], "systems": list(names), "runs": {"A": str(run_a), "B": str(run_b)},
+               "recipe_differences": recipe_differences(run_a, run_b),
                "split": recipe["evaluation"]["split"], "examples": results["B"]["examples"], "seed": recipe["seed"],
                "mode": recipe["generation"]["mode"],
                "metrics": side_by_side(results["A"], results["B"], paired, names)}
@@ -211,6 +237,8 @@ def summary_lines(summary: dict) -> list[str]:
     """One line per headline metric; per-class rows stay in comparison.md."""
     first, second = summary.get("systems", SYSTEMS)
     out = []
+    if "runs" in summary:
+        out.append(difference_line(summary.get("recipe_differences")))
     for metric, row in summary["metrics"].items():
         if metric.count(".") > 1:
             continue
@@ -223,3 +251,12 @@ def summary_lines(summary: dict) -> list[str]:
         out.append(f"{metric}: {first} {_fmt(row[first])} -> {second} {_fmt(row[second])} "
                    f"({row['difference']:+.4g}{extra}; better: {row['better'] or UNDECLARED})")
     return out
+
+
+def difference_line(differences: list | None) -> str:
+    """How A and B were trained differently, in one line."""
+    if differences is None:
+        return "A vs B: a recipe.yaml is missing or unreadable, how they differ is not known"
+    if not differences:
+        return "A vs B: trained with the same recipe"
+    return "A vs B: trained with " + ", ".join(f"{d['key']} {_value(d['A'])} -> {_value(d['B'])}" for d in differences)

@@ -8,6 +8,7 @@ from pathlib import Path
 from runner.common import cpu
 from runner.common.errors import RecipeError, hub_unreachable
 from runner.data import chat
+from runner.model import hub
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -101,6 +102,7 @@ def load_config(recipe: dict):
     hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error below
 
     src = recipe["model"]["name_or_path"]
+    hub.check_model(recipe)  # a hub id out of reach fails at once, not after huggingface_hub's retries
     try:
         return AutoConfig.from_pretrained(src, revision=recipe["model"]["revision"],
                                           trust_remote_code=recipe["model"]["trust_remote_code"])

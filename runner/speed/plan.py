@@ -13,7 +13,8 @@ from runner.speed.memory import CUDA_CONTEXT_GB, GIB, PAGED, estimate, model_inf
 
 
 def report(recipe: dict, card_gb: float | None = None, gpus: int = 1, card: tuple[str, str] | None = None) -> str:
-    """The plan as text. ``card``: (runner.speed.throughput card, why it was chosen) adds the predicted training time."""
+    """The plan as text. ``card``: (runner.speed.throughput card, why it was chosen) adds the predicted training
+    time; None (no GPU here, none named: runner.speed.throughput.find_card) says that no time is predicted."""
     config = model_mod.load_config(recipe)
     model_mod.check(recipe)
     trainable, total = counting.meta_lora_counts(recipe, model_mod.meta_model(config))
@@ -26,7 +27,8 @@ def report(recipe: dict, card_gb: float | None = None, gpus: int = 1, card: tupl
              f"{recipe['prompt']['max_length']} tokens a row, {per_step} examples per optimizer step"
              + (f" ({profiles.per_rank_step(recipe, gpus)} on each of {gpus} GPUs)" if gpus > 1 else "")
              + f", optimizer {t['optimizer']}"
-             + (f", card {card_gb:.1f} GiB" if card_gb else ", no GPU here (fast assumes an unlimited card)"), ""]
+             + (f", card {card_gb:.1f} GiB" if card_gb else ", no GPU here: GPU memory predicted for a card of "
+                "any size (fast assumes an unlimited one)"), ""]
     strategies = ("none",) if gpus == 1 else ("ddp", "fsdp")
     header = "peak reserved (predicted)" if gpus == 1 else "per GPU (predicted)"
     col = (lambda text: f"{text:<9} ") if gpus > 1 else (lambda text: "")  # the strategy column, with several GPUs
@@ -44,7 +46,7 @@ def report(recipe: dict, card_gb: float | None = None, gpus: int = 1, card: tupl
             lines.append(f"{name:<11} {col(strategy)}{f'{speed.micro_batch_size} x {speed.gradient_accumulation_steps}':<12} "
                          f"{'yes' if speed.gradient_checkpointing else 'no':<14} {speed.predicted_gb:>22.2f} GiB")
     mine = profiles.pick_profile(t["profile"], card_gb)
-    timing = []
+    timing = ["", throughput.NOT_PREDICTED] if card is None else []
     if card is not None:
         timing = ["", *throughput.report_lines(recipe, card[0], card[1], info["total"])]
         if gpus > 1:

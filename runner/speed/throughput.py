@@ -37,8 +37,9 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def find_card(name: str | None, detected: str | None = None) -> tuple[str, str]:
-    """(table key, why this card): the named card, else this machine's GPU when measured, else the default."""
+def find_card(name: str | None, detected: str | None = None) -> tuple[str, str] | None:
+    """(table key, why this card): the named card, else this machine's GPU when measured, else the default card for
+    an unmeasured GPU; None without a GPU (the measurements are a GPU's: they predict nothing for a CPU)."""
     if name is not None:
         key = _match(name)
         if key is None:
@@ -50,7 +51,12 @@ def find_card(name: str | None, detected: str | None = None) -> tuple[str, str]:
         if key is not None:
             return key, "this machine's GPU"
         return DEFAULT_CARD, f"assumed: this machine's {detected} was not measured; --card names a measured one"
-    return DEFAULT_CARD, "assumed: no GPU here; --card names another"
+    return None
+
+
+# What the plan says instead of a time on a machine without a GPU.
+NOT_PREDICTED = ("training time: not predicted: no GPU here, and the throughput measured (bench/RESULTS.md) is a "
+                 f"GPU's, not this CPU's; --card {' or '.join(CARDS)} predicts it for that card")
 
 
 def _match(text: str) -> str | None:

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner.common import safeio
+from runner.common import dist, safeio
 
 MANIFEST = "runner_checkpoint.json"
 PREFIX = "checkpoint-"
@@ -57,17 +57,21 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in _candidates(Path(run_dir) / "checkpoints") if complete(p)]
 
 
-def tidy(run_dir: Path) -> None:
-    """Remove what a stopped process left half-written: incomplete checkpoints, a partial adapter. Only the
-    process that holds the run (runner.store.runs.claim) calls this."""
+def tidy(run_dir: Path) -> list[Path]:
+    """Remove what a stopped process left half-written: incomplete checkpoints, a partial adapter; returns what was
+    removed. Only the process that holds the run (runner.store.runs.claim) calls this."""
     run_dir = Path(run_dir)
+    removed = []
     for ckpt in _candidates(run_dir / "checkpoints"):
         if not complete(ckpt):
             shutil.rmtree(ckpt, ignore_errors=True)
+            removed.append(ckpt)
     for partial in run_dir.glob("*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
     for tmp in run_dir.glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
+    return removed
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -128,11 +132,13 @@ def _keeping_dtypes(trainer, load):
     return load_keeping_dtypes
 
 
-def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
+def run_record(keep: int | None = None, resumed_from: str | Path | None = None, every_minutes: float | None = None):
     """A trainer callback keeping the whole run's record across resumes: it logs at every checkpoint and at the
     last step (so each checkpoint holds the loss of every step before it), sums loss x steps and training time,
     marks each saved checkpoint complete and rotates old ones (``keep`` = training.save_total_limit; the
-    trainer's own rotation is off). ``seconds()`` and ``mean_loss()`` are the run's."""
+    trainer's own rotation is off). ``seconds()`` and ``mean_loss()`` are the run's. ``every_minutes``: also
+    checkpoint at the first step that ends that long after the last checkpoint (or the session's start), but not at
+    the last step (the adapter is saved right after it)."""
     from transformers import TrainerCallback
 
     class RunRecord(TrainerCallback):
@@ -143,6 +149,15 @@ def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
             self.last_step = int(base.get("step", 0))
             self.base_seconds = float(base.get("train_seconds", 0.0))
             self.session_start: float | None = None
+            self.every_s = every_minutes * 60 if every_minutes else None
+            self.last_save = time.monotonic()
+
+        def _time_to_save(self) -> bool:
+            # Every rank must decide alike: a checkpoint is written by all ranks together (FSDP gathers the weights;
+            # the trainer waits at barriers), and clocks read at slightly different moments could disagree. Rank 0's
+            # clock decides for all.
+            due = time.monotonic() - self.last_save >= self.every_s
+            return bool(dist.broadcast(due if dist.world().main else None))
 
         def seconds(self) -> float:
             """Training time of the whole run: the sessions before the checkpoint resumed from, and this one."""
@@ -153,8 +168,11 @@ def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.session_start = time.time()
+            self.last_save = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if self.every_s is not None and not control.should_save and state.global_step < state.max_steps:
+                control.should_save = self._time_to_save()
             if control.should_save or state.global_step >= state.max_steps:
                 control.should_log = True  # the checkpoint (and the end) then covers every step's loss
             return control
@@ -172,6 +190,7 @@ def run_record(keep: int | None = None, resumed_from: str | Path | None = None):
                 logs["train_runtime"] = round(self.seconds(), 4)
 
         def on_save(self, args, state, control, **kwargs):
+            self.last_save = time.monotonic()
             ckpt = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
             if ckpt.is_dir() and args.should_save:
                 _mark_complete(ckpt, {"loss_sum": self.loss_sum, "train_seconds": self.seconds()})

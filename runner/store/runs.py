@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def mismatch(run_dir: Path, recipe: dict, fingerprint: str | None) -> str | None
     saved = saved_recipe(run_dir)
     if saved is None:
         return "its recipe.yaml is missing or unreadable"
-    diff = _first_difference(_comparable(saved), _comparable(recipe), [])
+    diff = next(_differences(_comparable(saved), _comparable(recipe), []), None)
     if diff is not None:
         path, theirs, ours = diff
         return f"{loader._fmt(path)} was {loader._show(theirs)}, this recipe has {loader._show(ours)}"
@@ -94,28 +96,33 @@ def mismatch(run_dir: Path, recipe: dict, fingerprint: str | None) -> str | None
 def _comparable(recipe: dict) -> dict:
     out = json.loads(json.dumps(recipe, default=str))
     out.get("training", {}).pop("resume", None)  # how to start is not what is trained
+    out.get("training", {}).pop("save_every_minutes", None)  # nor how often by the clock it is kept (a newer key)
     return out
+
+
+def recipe_differences(run_a: Path, run_b: Path) -> list[tuple[str, object, object]] | None:
+    """(key path, A's value, B's value) for every recipe key two runs were trained with differently (their
+    recipe.yaml; where they write and how they started left out); None when either recipe is unreadable."""
+    a, b = saved_recipe(run_a), saved_recipe(run_b)
+    if a is None or b is None:
+        return None
+    a, b = ({**_comparable(r), "output_dir": None} for r in (a, b))
+    return [(loader._fmt(path), x, y) for path, x, y in _differences(a, b, [])]
 
 
 _MISSING = object()
 
 
-def _first_difference(a, b, path):
+def _differences(a, b, path):
+    """Every (path, a's value, b's value) where the two differ, in a's key order (a missing key: None)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in [*a, *(k for k in b if k not in a)]:
-            found = _first_difference(a.get(key, _MISSING), b.get(key, _MISSING), [*path, key])
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            yield from _differences(a.get(key, _MISSING), b.get(key, _MISSING), [*path, key])
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _first_difference(x, y, [*path, i])
-            if found:
-                return found
-        return None
-    if a != b:
-        return path, None if a is _MISSING else a, None if b is _MISSING else b
-    return None
+            yield from _differences(x, y, [*path, i])
+    elif a != b:
+        yield path, None if a is _MISSING else a, None if b is _MISSING else b
 
 
 def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | None]:
@@ -133,7 +140,7 @@ def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | 
                                   f"{differs}", "run it with the same recipe and data to finish it, or start "
                                   f"fresh with training.resume=never{also}")
             claim(run_dir)
-            _track(run_dir, created=False)
+            _track(run_dir, created=False, resume_auto=True)
             checkpoints.tidy(run_dir)
             if state == "evaluate":
                 print(f"resuming the interrupted run {run_dir}: trained, evaluating", flush=True)
@@ -159,7 +166,7 @@ def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | 
 
 def new_run_dir(recipe: dict) -> Path:
     run_dir = _fresh_dir(recipe_root(recipe))
-    _track(run_dir, created=True)
+    _track(run_dir, created=True, resume_auto=recipe["training"]["resume"] == "auto")
     return run_dir
 
 
@@ -305,10 +312,10 @@ def reopen_or_new(recipe: dict, parent: Path, prefix: str, interrupted) -> Path:
     previous = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix))
     if previous and interrupted(previous[-1]) and holder(previous[-1]) is None:
         claim(previous[-1])
-        _track(previous[-1], created=False)
+        _track(previous[-1], created=False, kind="evaluation")
         return previous[-1]
     out = _fresh_dir(parent, prefix)
-    _track(out, created=True, keep=lambda p: any(p.rglob("predictions.jsonl")))
+    _track(out, created=True, keep=lambda p: any(p.rglob("predictions.jsonl")), kind="evaluation")
     safeio.write_text(out / "recipe.yaml", loader.dump(recipe))
     return out
 
@@ -378,34 +385,50 @@ def claim(folder: Path) -> None:
 
 # ---------------------------------------------------------------- what a failed command leaves
 
-_tracked: list[tuple[Path, bool, object]] = []
+@dataclass
+class Left:
+    """A folder this process wrote into, and (after discard_unfinished) what became of it."""
+    folder: Path
+    created: bool  # made by this process (else taken over: a resumed run, a reopened evaluation)
+    keep: Callable[[Path], bool]  # whether it holds something a later command can continue from
+    kind: str = "run"  # run | evaluation
+    resume_auto: bool = False  # a run of training.resume: auto (the same command picks it up again)
+    removed: list[Path] = field(default_factory=list)  # half-written pieces removed from it
+    discarded: bool = False  # the whole folder removed: nothing in it to continue from
+
+
+_tracked: list[Left] = []
 
 
 def _has_progress(run_dir: Path) -> bool:
     return run_state(run_dir) != "empty"
 
 
-def _track(folder: Path, created: bool, keep=_has_progress) -> None:
-    _tracked.append((Path(folder), created, keep))
+def _track(folder: Path, created: bool, keep=_has_progress, kind: str = "run", resume_auto: bool = False) -> None:
+    _tracked.append(Left(Path(folder), created, keep, kind, resume_auto))
 
 
 def written() -> list[Path]:
     """The folders this process created or took over, to write into."""
-    return [folder for folder, _, _ in _tracked if folder.is_dir()]
+    return [left.folder for left in _tracked if left.folder.is_dir()]
 
 
-def discard_unfinished() -> None:
+def discard_unfinished() -> list[Left]:
     """After a command failed: remove half-written pieces from the folders it held, and the folders it created
     that hold nothing a later command could continue from (no checkpoint, no adapter, no prediction; a diverged
-    run keeps its log)."""
-    for folder, created, keep in reversed(_tracked):
-        if not folder.is_dir():
+    run keeps its log). Returns each folder with what was removed (runner.store.leftovers says it in words)."""
+    done = []
+    for left in reversed(_tracked):
+        if not left.folder.is_dir():
             continue
-        checkpoints.tidy(folder)
-        if created and not keep(folder):
-            shutil.rmtree(folder, ignore_errors=True)
+        left.removed = checkpoints.tidy(left.folder)
+        if left.created and not left.keep(left.folder):
+            shutil.rmtree(left.folder, ignore_errors=True)
+            left.discarded = True
             try:
-                folder.parent.rmdir()  # <name>/ or base/ made for it, if now empty
+                left.folder.parent.rmdir()  # <name>/ or base/ made for it, if now empty
             except OSError:
                 pass
+        done.append(left)
     _tracked.clear()
+    return done[::-1]

@@ -298,7 +298,9 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
         args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed, stopping=stopping)
         model, trainable, total = _setup_model(recipe, speed)
         columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
-        record = checkpoints.run_record(recipe["training"]["save_total_limit"], resume_from)
+        t = recipe["training"]  # checkpoints by time unless the recipe sets them by steps
+        record = checkpoints.run_record(t["save_total_limit"], resume_from,
+                                        t["save_every_minutes"] if t["save_every"] is None else None)
         guard = divergence.guard(recipe, run_dir)
         init_dir = _save_pissa_init(model, recipe, run_dir, world)
         with tracking.environment(recipe, run_dir):  # the tracker callbacks read it when they are made

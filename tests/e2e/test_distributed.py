@@ -223,3 +223,17 @@ def test_two_machines_on_one_host_train_one_run(tiny, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 2 and env["nodes"] == 2
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoints_by_the_clock_are_taken_by_every_rank_together(tiny, tmp_path):
+    """training.save_every_minutes under torchrun: rank 0's clock decides for every rank (one collective per step),
+    so the ranks save together (a rank saving alone would leave the others waiting); every checkpoint is complete."""
+    from runner.store import checkpoints
+
+    ok(launch(torchrun(2), "train", TINY, f"output_dir={tmp_path}", *SMALL, "training.save_every=null",
+              "training.save_every_minutes=0.00001", "--no-eval"))
+    (run,) = run_folders(tmp_path)
+    # after steps 1, 2 and 3 (not the last: the adapter follows), the newest two kept
+    assert [p.name for p in checkpoints.complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((run / "env.json").read_text())["global_step"] == 4

@@ -154,6 +154,26 @@ def test_killed_during_a_step_a_checkpoint_write_and_evaluation_resumes_to_the_s
     assert runs.unfinished_run(recipe) is None
 
 
+def test_ctrl_c_says_what_it_kept_and_a_recipe_without_save_every_checkpoints_by_the_clock(tiny, tmp_path):
+    """No training.save_every: a checkpoint once save_every_minutes have passed (here a few milliseconds, so after
+    every step but the last). Ctrl-C at step 4 keeps the run with checkpoint-3, says so and how to resume."""
+    clock = ["training.save_every=null", "training.save_every_minutes=0.00001"]
+    result = train(tmp_path, *clock, fault="sigint:4")
+    assert result.returncode == 130, result.stderr[-3000:]
+    (run_dir,) = run_folders(tmp_path)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    nothing_torn(run_dir)
+    said = result.stderr[result.stderr.index("interrupted"):].strip().splitlines()
+    assert said == [f"interrupted: kept the run folder {run_dir} with its last complete checkpoint, at step 3",
+                    "run the same command again to resume from there (training.resume: auto)"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    again = ok(train(tmp_path, *clock, "--no-eval"))
+    assert "resuming the interrupted run" in again.stdout and "from checkpoint-3" in again.stdout
+    assert json.loads((run_dir / "env.json").read_text())["global_step"] == 6
+    # the last step is not checkpointed by the clock: the adapter is saved right after it
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+
+
 def test_divergence_stops_loudly_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     result = train(tmp_path, fault="nangrad:4")
     assert result.returncode == 2, result.stderr[-3000:]

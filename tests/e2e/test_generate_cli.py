@@ -93,3 +93,13 @@ def test_a_broken_json_record_is_refused_not_read_as_text(tmp_path, tiny, cli):
     line = assert_user_error(cli("generate", TINY_XSUM, "--base", "--input", broken, "--jsonl"),
                              "--input", "line 2: not valid JSON (", "column 47", "read as a JSON record")
     assert line.startswith("error: --input: line 2: not valid JSON (Expecting property name")
+
+
+def test_without_a_recipe_a_run_generates_with_its_own(xsum, from_jsonl, articles):
+    """No RECIPE: the run's recipe.yaml (the template the adapter learned), the same summaries; overrides apply on
+    top (a word before the options that looks like key.path=value is one)."""
+    run_dir, _ = xsum
+    result = run_cli("generate", "generation.batch_size=3", "--run", run_dir, "--input", articles[0] / "articles.jsonl")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.splitlines() == from_jsonl.stdout.splitlines()
+    assert "note:" not in result.stderr

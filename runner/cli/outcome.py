@@ -1,0 +1,46 @@
+"""How a command ends when it does not succeed: the one error line as each rank says it, what this process began
+and cannot be resumed from removed, and after Ctrl-C an account of what was kept and removed."""
+
+from __future__ import annotations
+
+from runner.common import dist
+from runner.common.errors import RecipeError
+
+# How gloo and NCCL report that a peer process died: not this rank's failure.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "ProcessGroupNCCL")
+
+
+def for_rank(error: RecipeError, world: dist.World) -> str:
+    """The error line as this rank says it. Until the ranks first meet, each runs the same checks on the same recipe
+    and data, so rank 0 alone reports the user's mistakes; anything else, or anything after that, names the rank
+    it happened on (the launcher stops the others)."""
+    if world.size == 1 or (world.main and error.exit_code == 2):
+        return error.line() + "\n"
+    if error.exit_code == 2 and not dist.diverged_yet():
+        return ""
+    if any(sign in error.line() for sign in _PEER_GONE):
+        return f"error: rank {world.rank}: another rank stopped first (its error line above says why)\n"
+    return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
+
+
+def discard_unfinished() -> list | None:
+    """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list); what was
+    kept and removed, None if cleaning up failed."""
+    from runner.store import runs
+
+    try:
+        return runs.discard_unfinished()
+    except Exception:  # cleaning up must never replace the error the user needs to see
+        return None
+
+
+def interrupted(left: list | None) -> str:
+    """After Ctrl-C: what was kept, what was removed, how to go on (runner.store.leftovers)."""
+    if left is None:
+        return "interrupted"
+    from runner.store import leftovers
+
+    try:
+        return "\n".join(leftovers.describe(left))
+    except Exception:  # saying it must never hide that the command was interrupted
+        return "interrupted"
