@@ -224,3 +224,24 @@ def test_plan_on_a_hub_id_offline_is_one_line_exit_1(cli):
         f"error: model.name_or_path: cannot reach the Hugging Face hub for '{NEVER_CACHED}' (offline: HF_HUB_OFFLINE "
         "is set), and it is not in the local cache (connect to the network and unset HF_HUB_OFFLINE, or use a local "
         "directory)")
+
+
+def test_a_local_folder_written_without_dot_slash_is_loaded_as_local(hub_requests, monkeypatch, tiny):
+    """``.cache/tiny/phi`` names a folder that exists: from_pretrained reads it, so the hub is never asked (it was
+    taken for a hub id and failed as an invalid one)."""
+    from runner.model import model
+
+    monkeypatch.chdir(tiny.parent.parent)
+    config = model.load_config(xsum(f"model.name_or_path={tiny.relative_to(tiny.parent.parent) / 'phi'}"))
+    assert config.model_type == "phi" and hub_requests == ([], [])
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_the_users_mistake(hub_requests):
+    from runner.model import model
+
+    with pytest.raises(RecipeError) as err:
+        model.load_config(xsum("model.name_or_path=no/such/folder"))
+    assert err.value.exit_code == 2 and err.value.line() == (
+        "error: model.name_or_path: 'no/such/folder' is neither a local folder nor a hub id (use a local directory, "
+        "or a hub id such as microsoft/phi-2)")
+    assert hub_requests == ([], [])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.common.errors import hub_out_of_reach, hub_unreachable
+from runner.common.errors import RecipeError, hub_out_of_reach, hub_unreachable
 
 
 def check_model(recipe: dict) -> None:
@@ -21,7 +21,8 @@ def check_model(recipe: dict) -> None:
     local path recipe.load made absolute) is left to loading. Imports no more than huggingface_hub: a command may
     call it before torch loads."""
     src = recipe["model"]["name_or_path"]
-    if not Path(src).is_absolute():
+    # A folder that exists is local, whatever its spelling: transformers' from_pretrained looks there first too.
+    if not Path(src).is_absolute() and not Path(src).is_dir():
         check_reachable("model.name_or_path", src, recipe["model"]["revision"], "config.json", "use a local directory")
 
 
@@ -29,8 +30,14 @@ def check_reachable(key_path: str, hub_id: str, revision: str | None, filename: 
     """Raise EnvironmentProblem (exit 1) at once when ``hub_id``'s ``filename`` is neither in the local cache nor
     to be had from the hub: offline (no request made) or no connection (one request, no retries)."""
     from huggingface_hub import constants, file_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    if try_to_load_from_cache(hub_id, filename, revision=revision) is not None:
+    try:
+        cached = try_to_load_from_cache(hub_id, filename, revision=revision)
+    except HFValidationError:
+        raise RecipeError(key_path, f"{hub_id!r} is neither a local folder nor a hub id",
+                          f"{instead}, or a hub id such as microsoft/phi-2") from None
+    if cached is not None:
         return  # cached (or cached as missing): from_pretrained reads the cache, asking the hub only once if at all
     if constants.is_offline_mode():
         raise hub_out_of_reach(key_path, hub_id, instead)
