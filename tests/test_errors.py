@@ -346,3 +346,15 @@ def test_hub_out_of_reach_is_the_machines_problem(tmp_path, tiny, cli, override,
     result = cli("train", write_recipe(tmp_path, tiny), override, "training.max_steps=1", "--no-eval")
     assert_environment_error(result, key_path, "cannot reach the Hugging Face hub", "HF_HUB_OFFLINE is set", instead)
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_holdout_rows_for_a_null_split_are_refused_before_training(tmp_path, tiny, cli, command):
+    """data.holdout carves rows only for a named split: with data.splits.test null it gave no test rows, and train
+    trained, saved the adapter, then failed in evaluation as an internal KeyError: 'test'."""
+    source = tiny / "data" / "xsum_tiny" / "train.jsonl"
+    assert source.is_file()
+    result = cli(command, TINY_RECIPE, f"data.source={source}", "data.splits.test=null", "data.holdout.test=8",
+                 f"output_dir={tmp_path / 'runs'}", "training.max_steps=1")
+    assert_user_error(result, "data.holdout.test", "data.splits.test is null")
+    assert_nothing_written(tmp_path)

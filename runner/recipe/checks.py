@@ -77,14 +77,22 @@ def check_settings(recipe: dict) -> None:
         raise RecipeError("lora", "a quantized model cannot be fully fine-tuned",
                           "add a lora section or set quantization.method: none")
     splits, holdout = data["splits"], data["holdout"]
+    # A null split is not used at all: data.holdout carves rows only for a split that is named (and missing from
+    # the source), so holdout rows never stand in for a null split.
+    for carved in ("eval", "test"):
+        if holdout.get(carved) and splits.get(carved) is None:
+            raise RecipeError(f"data.holdout.{carved}", f"carves {holdout[carved]} {carved} rows, but "
+                              f"data.splits.{carved} is null (the {carved} split is not used)",
+                              f"set data.splits.{carved} to a split name, which a source without that split gets as "
+                              f"the carved rows; or remove data.holdout.{carved}")
     role = recipe["evaluation"]["split"]
-    if splits.get(role) is None and not holdout.get(role):
+    if splits.get(role) is None:
         raise RecipeError("evaluation.split", f"evaluates the {role!r} split, but data.splits.{role} is null",
                           f"set data.splits.{role} or choose another evaluation.split")
-    if training["eval_every"] is not None and splits["eval"] is None and not holdout["eval"]:
+    if training["eval_every"] is not None and splits["eval"] is None:
         raise RecipeError("training.eval_every", "needs an eval split, but data.splits.eval is null",
                           "set data.splits.eval, or training.eval_every: null")
-    _check_early_stopping(training, splits["eval"] is not None or bool(holdout["eval"]))
+    _check_early_stopping(training, splits["eval"] is not None)
     _check_lora_init(recipe)
     prompt = recipe["prompt"]
     if data["max_tokens"] is not None and data["max_tokens"] > prompt["max_length"]:
@@ -92,7 +100,7 @@ def check_settings(recipe: dict) -> None:
                           f"{prompt['max_length']}", "examples are truncated to prompt.max_length first")
     for i, (spec, cls) in enumerate(evaluator_classes(recipe)):
         scored = spec.get("split") if "logprobs" in cls.needs else None
-        if scored and splits.get(scored) is None and not holdout.get(scored):
+        if scored and splits.get(scored) is None:
             raise RecipeError(f"evaluation.evaluators[{i}].split", f"scores the {scored!r} split, but "
                               f"data.splits.{scored} is null", f"set data.splits.{scored} or another split")
     _check_rank_mode(recipe)
