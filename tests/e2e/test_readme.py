@@ -18,6 +18,8 @@ the offline variables of conftest's cli_env (no hub here). What is set up, and w
 - `.cache/tiny` is a link to the session's tiny model and data: built by the same runner.model.tiny (its BUILT
   stamp names that source's hash), so the README's `make tiny` finds it built, as after the quick start.
 - The quick start's `make test` and `make test-fast` lines are skipped: they run this suite, which would run itself.
+  So would be a line that installs packages (pip install, python -m venv), should a section gain one: the shared
+  venv must not change. `make install` runs: it installs nothing where the venv is up to date (checked).
 
 The result check: the section states the score the user will see (the quick start ROUGE-L, the own task accuracy);
 the test reads that number from the README and compares it with the one the commands printed.
@@ -42,7 +44,10 @@ from tests.conftest import HANG_SECONDS, ROOT, ahead, cli_env, run_watched
 QUICK_START = "Quick start"
 OWN_TASK = "Your own task"
 # Lines of the README's blocks the test does not run, and why.
-SKIPPED = {r"make\s+test(-fast)?(\s|$)": "it runs this test suite, which would run itself"}
+SKIPPED = {r"make\s+test(-fast)?(\s|$)": "it runs this test suite, which would run itself",
+           # The walks use the session's installed venv and must never change it (nor reach a package index).
+           r"\S*(pip3?|uv\s+pip)\s+install\b|\S*python3?(\.\d+)?\s+-m\s+(pip|venv)\b":
+               "it installs packages; the test runs in the installed venv and must not change it"}
 # What ignoring .gitignore means where git is not there to ask.
 IGNORED = (".git", ".venv", ".cache", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "build")
 
@@ -214,12 +219,13 @@ def test_the_sections_are_found_and_turned_into_scripts():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     quick = script(first_bash_block(section(text, QUICK_START)))
     own = script(first_bash_block(section(text, OWN_TASK)))
-    assert "make train" in quick[0]  # the quick start trains the tiny twin
-    assert all(re.match(r"\s*make\s+test", line) for line in quick[1])  # only the suite's own lines are skipped
+    assert "\nmake train" in "\n" + quick[0]  # the quick start trains the tiny twin, and the walk runs that line
     assert own[1] == [] and "runner train" in own[0]  # the own task runs every line
     assert section("intro\n## Your own task here\nbody\n## Next\n", OWN_TASK) == "## Your own task here\nbody"
     assert script("make test  # all\nmake test-fast\nmake train\nmake tests2\n")[1] == ["make test  # all",
                                                                                          "make test-fast"]
+    installs = ["pip install -e .", ".venv/bin/pip install x", "python3 -m venv .venv", "python -m pip install y"]
+    assert script("\n".join([*installs, "source .venv/bin/activate", "python - <<'EOF'"]))[1] == installs
     assert claimed("## X\n```bash\naccuracy 9\n```\nthen accuracy about 0.95 [0.9, 1]\n", "accuracy") == 0.95
     assert printed("x\ntest (100 examples): accuracy 1 [1, 1], classification.invalid 0\ndone: r\n",
                    "classification.invalid") == 0
