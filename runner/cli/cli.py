@@ -70,7 +70,7 @@ def _args_plan(p):
                         "with ddp and with fsdp, and the strategy auto picks (default 1)")
     p.add_argument("--card", default=None, metavar="NAME",
                    help="predict training time for this card from bench/RESULTS.md (H100, H200; default: this "
-                        "machine's GPU, else H100)")
+                        "machine's GPU; without one, no training time is predicted)")
 
 
 def _args_sweep(p):
@@ -79,9 +79,9 @@ def _args_sweep(p):
     p.add_argument("--name", default=None, help="the sweep's folder name under <output_dir>/<name>/sweeps/ "
                    "(default: made from the axes, so the same command resumes the same sweep)")
     p.add_argument("--metric", default=None, help="the metric settings are compared on, e.g. rouge.rougeL "
-                   "(default: ROUGE-L, accuracy, exact match or loss, the first the recipe has)")
+                   "(default: the headline metric of the recipe's first evaluator that declares one)")
     p.add_argument("--card", default=None, metavar="NAME", help="predict memory and training time for this card "
-                   "(H100, H200; default: this machine's GPU, else H100)")
+                   "(H100, H200; default: this machine's GPU; without one, no training time is predicted)")
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB", help="plan memory for a card this large")
     p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
 
