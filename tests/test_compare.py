@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -204,14 +205,17 @@ def test_the_recipe_differences_of_two_runs(tmp_path):
 # ---------------------------------------------------------------- a run's own recipe
 
 
-@pytest.fixture
-def agnews_run_copy(trained, tmp_path):
-    """A copy of the trained AG News twin's adapter and recipe (evaluating it writes into the run folder)."""
-    run = trained("agnews_tiny").run_dir
-    copy = tmp_path / "agnews_run"
+def run_copy(trained, twin: str, copy: Path) -> Path:
+    """A copy of a trained twin's adapter and recipe (evaluating it writes into the run folder)."""
+    run = trained(twin).run_dir
     shutil.copytree(run / "adapter", copy / "adapter")
     shutil.copy(run / "recipe.yaml", copy / "recipe.yaml")
     return copy
+
+
+@pytest.fixture
+def agnews_run_copy(trained, tmp_path):
+    return run_copy(trained, "agnews_tiny", tmp_path / "agnews_run")
 
 
 @pytest.mark.slow
@@ -260,12 +264,7 @@ def test_compare_refuses_the_same_run_twice_and_a_third(tiny, tmp_path, cli):
 
 @pytest.fixture
 def xsum_run_copy(trained, tmp_path):
-    """A copy of the trained XSum twin's adapter and recipe (evaluating it writes into the run folder)."""
-    run = trained("xsum_tiny").run_dir
-    copy = tmp_path / "xsum_run"
-    shutil.copytree(run / "adapter", copy / "adapter")
-    shutil.copy(run / "recipe.yaml", copy / "recipe.yaml")
-    return copy
+    return run_copy(trained, "xsum_tiny", tmp_path / "xsum_run")
 
 
 @pytest.mark.slow

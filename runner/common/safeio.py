@@ -81,3 +81,9 @@ def folder(path: str | Path):
         raise
     _fsync_dir(path.parent)
 
+
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` itself or its nearest parent that exists: whether the rest of it can be made as folders (it can
+    when that one is a folder)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))

@@ -320,11 +320,9 @@ def write(result: dict, out_dir: Path) -> Path:
 def check_out(out_dir: Path) -> Path:
     """``--out``: a folder that exists or can be made. A file there, or in the way of making it, is the user's
     mistake, told before the data is tokenized (mkdir would fail after it, as if the machine were at fault)."""
-    for path in (out_dir, *out_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise RecipeError("--out", f"{path} is a file", "give a folder")
-            break
+    found = safeio.nearest_existing(out_dir)
+    if not found.is_dir():
+        raise RecipeError("--out", f"{found} is a file", "give a folder")
     return out_dir
 
 

@@ -30,11 +30,9 @@ def check_out(out: Path) -> Path:
     out = Path(out)
     if out.exists():
         raise RecipeError("--out", f"{out} already exists", "give a new folder; an export never overwrites one")
-    for parent in out.parents:  # the nearest one that exists decides whether the rest can be made
-        if parent.exists():
-            if not parent.is_dir():
-                raise RecipeError("--out", f"{parent} is a file, not a folder", "give a path under a folder")
-            break
+    parent = safeio.nearest_existing(out.parent)  # it decides whether the rest can be made
+    if not parent.is_dir():
+        raise RecipeError("--out", f"{parent} is a file, not a folder", "give a path under a folder")
     return out
 
 
