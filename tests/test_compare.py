@@ -107,6 +107,7 @@ def test_compare_needs_a_finished_run(tmp_path, tiny, cli):
 
 
 @pytest.mark.slow
+@pytest.mark.twins("agnews_tiny")
 def test_compare_ranks_a_users_metric_by_its_declaration(trained):
     """The trained AG News twin against its base, scored by a user's evaluator whose error_rate is declared
     lower-is-better and loss_free higher-is-better: the adapter is better on both (a guess from the names would have
@@ -219,6 +220,7 @@ def agnews_run_copy(trained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.twins("agnews_tiny")
 def test_without_a_recipe_a_run_is_evaluated_with_its_own(agnews_run_copy, cli):
     """`runner eval --run DIR` (make eval RUN=DIR): the AG News run on its own data and evaluators, not the XSum
     recipe make used to pass by default; overrides apply on top of the run's recipe."""
