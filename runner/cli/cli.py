@@ -60,6 +60,13 @@ def _args_generate(p):
 def _args_export(p):
     p.add_argument("--run", required=True, help="a finished run folder whose adapter is merged")
     p.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"), help="hf: a transformers folder (default); "
+                   "gguf: one GGUF file for llama.cpp / Ollama / LM Studio with an Ollama Modelfile (phi, llama; "
+                   "needs the gguf package: pip install 'qlora-recipes[gguf]')")
+    p.add_argument("--quant", default=None, metavar="TYPE", help="the GGUF's weight type: f32, f16 (default), bf16, "
+                   "q8_0, q5_0, q4_0; or q4_k_m, q4_k_s, q5_k_m, q6_k, q3_k_m, q2_k through llama.cpp's llama-quantize")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR", help="a llama.cpp checkout whose build/bin has "
+                   "llama-quantize, for the k-quants (default: $LLAMA_CPP_DIR, else llama-quantize on PATH)")
 
 
 def _args_plan(p):
@@ -296,8 +303,9 @@ def cmd_export(args) -> int:
     export.refuse_launcher()
     run_dir = _trained_run(recipe, args.run)
     out = export.check_out(Path(args.out))
-    model.preflight(recipe)
-    record = export.export(recipe, run_dir, out)
+    meta, _ = model.preflight(recipe)
+    tool = export.check_format(args.format, args.quant, args.llama_cpp, meta.config)
+    record = export.export(recipe, run_dir, out, args.format, args.quant, tool)
     print(export.summary(record, out))
     print(f"done: {out}")
     return 0

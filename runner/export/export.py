@@ -56,9 +56,28 @@ def logit_gap(reference, other, tokenizer, prompt: str) -> dict:
             "same_next_token": bool((a.argmax(-1) == b.argmax(-1)).all())}
 
 
-def export(recipe: dict, run_dir: Path, out: Path) -> dict:
-    """Merge ``run_dir``'s adapter into the dequantized base and save it to ``out``; returns the export record."""
+FORMATS = ("hf", "gguf")
+
+
+def check_format(fmt: str, quant: str | None, llama_cpp: str | None, config) -> str | None:
+    """``--format``/``--quant``/``--llama-cpp`` against the model's config, before any weight loads; returns the path
+    of llama-quantize when the quantization needs it."""
+    if fmt == "hf":
+        if quant is not None or llama_cpp is not None:
+            given = "--quant" if quant is not None else "--llama-cpp"
+            raise RecipeError(given, "applies to --format gguf only", "add --format gguf, or leave it out")
+        return None
+    from runner.export import gguf_file
+
+    return gguf_file.check(config, quant or "f16", llama_cpp)
+
+
+def export(recipe: dict, run_dir: Path, out: Path, fmt: str = "hf", quant: str | None = None,
+           quantize_tool: str | None = None) -> dict:
+    """Merge ``run_dir``'s adapter into the dequantized base and save it to ``out`` (a transformers folder, or a
+    GGUF file with its Ollama Modelfile); returns the export record."""
     from runner.evaluate import generate
+    from runner.export import card
     from runner.model import merge
     from runner.model import model as model_mod
 
@@ -84,19 +103,62 @@ def export(recipe: dict, run_dir: Path, out: Path) -> dict:
               "quantization": recipe["quantization"]["method"], "dtype": str(merged.dtype).removeprefix("torch."),
               "merged": "base weights dequantized to the compute dtype, LoRA added there (peft merge_and_unload)",
               "prompt_template": recipe["prompt"]["template"], "stop_strings": stops,
-              "check_vs_adapter": check}
+              "check_vs_adapter": check, "format": fmt}
     with safeio.folder(out) as partial:  # appears whole or not at all
-        merged.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        if fmt == "gguf":
+            record["gguf"] = _write_gguf(recipe, run_dir, merged, tokenizer, partial, quant or "f16", quantize_tool,
+                                         stops)
+        else:
+            merged.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            card.write(partial / card.CARD, recipe, run_dir, "merged")
         safeio.write_text(partial / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
     return record
 
 
+def _write_gguf(recipe: dict, run_dir: Path, merged, tokenizer, folder: Path, quant: str, quantize_tool, stops):
+    """The GGUF file, read back and checked, its Modelfile and card; returns export.json's "gguf" entry."""
+    import tempfile
+
+    from runner.export import card, gguf_file, modelfile
+
+    name = f"{recipe['name']}-{quant}.gguf"
+    with tempfile.TemporaryDirectory() as scratch:  # the tokenizer's files, as gguf's vocabulary readers read them
+        tokenizer.save_pretrained(scratch)
+        written = gguf_file.write(merged, tokenizer, Path(scratch), folder / name, quant, name=recipe["name"],
+                                  base=recipe["model"]["name_or_path"],
+                                  chat_template=modelfile.jinja_template(recipe, tokenizer),
+                                  quantize_tool=quantize_tool)
+    read_back = gguf_file.verify(folder / name, written)
+    gap = gguf_file.llama_cpp_gap(folder / name, merged, tokenizer, _probe_prompt(recipe))
+    safeio.write_text(folder / "Modelfile", modelfile.modelfile(recipe, name, stops))
+    card.write(folder / card.CARD, recipe, run_dir, "gguf", gguf_name=name)
+    types: dict[str, int] = {}
+    for kind in written["types"].values():
+        types[kind] = types.get(kind, 0) + 1
+    return {"file": name, "quant": quant, "architecture": written["architecture"], "tensor_types": types,
+            "tokenizer": written["vocab"], "chat_template": written["chat_template"], "read_back": read_back,
+            "check_vs_llama_cpp": gap if gap is not None else "not run: llama-cpp-python is not installed"}
+
+
 def summary(record: dict, out: Path) -> str:
     c = record["check_vs_adapter"]
-    return (f"exported {record['dtype']} model to {out}: logits vs the {record['quantization']} base + adapter differ "
+    line = (f"exported {record['dtype']} model to {out}: logits vs the {record['quantization']} base + adapter differ "
             f"by at most {c['max_abs_logit_diff']:.3g} (logits up to {c['max_abs_logit']:.3g}, {c['tokens']} tokens; "
             f"same next token everywhere: {'yes' if c['same_next_token'] else 'no'})")
+    g = record.get("gguf")
+    if not g:
+        return line
+    back, cpp = g["read_back"], g["check_vs_llama_cpp"]
+    line += (f"\nGGUF {g['file']} ({g['architecture']}, {g['quant']}): read back {back['tensors']} tensors, "
+             f"{back['tokens']} tokens and the metadata; weights within {back['max_weight_error_relative']:.2g} "
+             "(relative) of the merged ones; ")
+    if isinstance(cpp, dict):
+        line += (f"logits under llama.cpp differ by at most {cpp['max_abs_logit_diff']:.3g} (same next token "
+                 f"everywhere: {'yes' if cpp['same_next_token'] else 'no'})")
+    else:
+        line += f"logits under llama.cpp {cpp}"
+    return line + f"\nOllama: cd {out} && ollama create {record['recipe']} -f Modelfile"
 
 
 def refuse_launcher() -> None:
