@@ -61,12 +61,22 @@ def _args_export(p):
     p.add_argument("--run", required=True, help="a finished run folder whose adapter is merged")
     p.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist)")
     p.add_argument("--format", default="hf", choices=("hf", "gguf"), help="hf: a transformers folder (default); "
-                   "gguf: one GGUF file for llama.cpp / Ollama / LM Studio with an Ollama Modelfile (phi, llama; "
-                   "needs the gguf package: pip install 'qlora-recipes[gguf]')")
-    p.add_argument("--quant", default=None, metavar="TYPE", help="the GGUF's weight type: f32, f16 (default), bf16, "
-                   "q8_0, q5_0, q4_0; or q4_k_m, q4_k_s, q5_k_m, q6_k, q3_k_m, q2_k through llama.cpp's llama-quantize")
-    p.add_argument("--llama-cpp", default=None, metavar="DIR", help="a llama.cpp checkout whose build/bin has "
-                   "llama-quantize, for the k-quants (default: $LLAMA_CPP_DIR, else llama-quantize on PATH)")
+                   "gguf: a GGUF file + Ollama Modelfile (phi, llama; pip install 'qlora-recipes[gguf]')")
+    p.add_argument("--quant", default=None, metavar="TYPE", help="the GGUF's weights: f32, f16 (default), bf16, "
+                   "q8_0, q5_0, q4_0; q4_k_m, q4_k_s, q5_k_m, q6_k, q3_k_m, q2_k need llama.cpp's llama-quantize")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR", help="a llama.cpp build with llama-quantize "
+                   "(default: $LLAMA_CPP_DIR, else PATH)")
+
+
+def _args_push(p):
+    p.add_argument("--run", required=True, help="a finished run folder whose adapter is pushed")
+    p.add_argument("--repo", required=True, metavar="NAME", help="a new hub repo: owner/name, or name (yours)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--merged", action="store_true", help="push the merged model (runner export), not the adapter")
+    what.add_argument("--gguf", action="store_true", help="push the GGUF and its Modelfile (export --format gguf)")
+    p.add_argument("--quant", default=None, metavar="TYPE", help="with --gguf: the GGUF's weight type (default f16)")
+    p.add_argument("--dry-run", action="store_true", help="print the upload plan and the model card; ask no hub")
 
 
 def _args_plan(p):
@@ -311,6 +321,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    recipe = _recipe(args)
+    from runner.export import push
+
+    url = push.push(recipe, _trained_run(recipe, args.run), args.repo, private=args.private, quant=args.quant,
+                    kind="gguf" if args.gguf else "merged" if args.merged else "adapter", dry_run=args.dry_run)
+    print("dry run: nothing was uploaded" if url is None else f"done: {url}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     recipe = _recipe(args)
     from runner.model import hub
@@ -361,6 +381,7 @@ COMMANDS = {
                  _args_generate, cmd_generate),
     "export": ("merge a run's adapter into the dequantized base and save a plain transformers model folder "
                "(safetensors, tokenizer, generation config)", _args_export, cmd_export),
+    "push": ("upload a run's adapter (or --merged / --gguf model), its card and record to a new hub repo", _args_push, cmd_push),
     "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",
              _args_plan, cmd_plan),
 }

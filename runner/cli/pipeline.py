@@ -8,6 +8,7 @@ from pathlib import Path
 from runner.common import dist
 from runner.evaluate import evaluate
 from runner.evaluate.metrics import summary_line
+from runner.export import card
 from runner.report import report
 from runner.train import tracking, train
 
@@ -30,5 +31,7 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
     trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
+        if (run_dir / "adapter").is_dir():  # the adapter's model card, from the report's numbers (peft's is empty)
+            card.write(run_dir / "adapter" / card.CARD, recipe, run_dir, "adapter")
         print(f"done: {run_dir}")
     return run_dir

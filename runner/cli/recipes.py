@@ -48,7 +48,7 @@ def for_command(args) -> dict:
 
 
 # The commands that take a run (--run): their RECIPE may be left out, the run's own is used.
-RUN_COMMANDS = ("eval", "compare", "generate", "export")
+RUN_COMMANDS = ("eval", "compare", "generate", "export", "push")
 _KEY_PATH = re.compile(r"\s*[A-Za-z_]\w*(\[\d+\])*(\.[A-Za-z_]\w*(\[\d+\])*)*\s*=")
 
 
