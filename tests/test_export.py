@@ -65,8 +65,8 @@ def test_the_export_is_a_plain_transformers_folder_with_the_recipes_decoding(exp
 
     _, out, stdout = exported
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "export.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert names == ["README.md", "config.json", "export.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]  # README.md: the model card (issue 28)
     assert not list(out.parent.glob("*.partial"))
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
