@@ -149,7 +149,10 @@ def _hparams(writer, config, arch: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
 
 
 def _vocab(writer, tokenizer_dir: Path, tokenizer, vocab_size: int, base: str, chat_template: str | None) -> dict:
@@ -220,6 +223,7 @@ def write(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *, name
     writer = gguf.GGUFWriter(target, arch)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[DIRECT[direct][1]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hparams(writer, model.config, arch)
     vocab = _vocab(writer, tokenizer_dir, tokenizer, model.config.vocab_size, base, chat_template)
     types = {}
