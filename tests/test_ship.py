@@ -203,6 +203,10 @@ def test_phi_gguf_reads_back_with_llama_cpps_names_metadata_and_weights(tiny, tm
     assert reader.fields["phi2.rope.dimension_count"].contents() == 12  # 0.4 x 128 / 4 heads
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert written["types"]["blk.0.attn_norm.weight"] == "F32" and written["types"]["token_embd.weight"] == "Q8_0"
+    from runner.export import gguf_file
+
+    with pytest.raises(EnvironmentProblem, match="phi2.context_length is 512, not 1024"):  # the check can fail
+        gguf_file.verify(tmp_path / "m.gguf", {**written, "context_length": 1024})
 
 
 @needs_gguf
