@@ -332,6 +332,8 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
     """Rendered, fitted examples for ``roles``; examples that still don't fit, or have an empty target, dropped."""
     raw = raw if raw is not None else sample(load_raw(recipe), recipe)
     limit = recipe["data"]["max_tokens"] or recipe["prompt"]["max_length"]
+    if methods.method(recipe) == "pretrain":  # raw text is cut into max_length rows in training, never dropped
+        limit = float("inf")
     out = Prepared()
     digest = hashlib.sha256(json.dumps(recipe["data"], sort_keys=True, default=str).encode())
     for role in roles:

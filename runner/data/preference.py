@@ -141,6 +141,8 @@ def prepare(recipe: dict, tokenizer, roles=data_mod.ROLES) -> data_mod.Prepared:
                               "raise prompt.max_length / data.max_tokens or set prompt.truncate")
         digest = _digest(digest, role, kept)
     out.fingerprint = digest
+    out.splits = {role: out.splits[role] for role in roles if role in out.splits}  # in the order asked
+    out.stats = {role: out.stats[role] for role in roles if role in out.stats}
     return out
 
 
@@ -162,7 +164,7 @@ def pair_lengths(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, np.ndarr
     series = {}
     if not chat.is_chat(recipe):
         for name in ("prompt", *SIDES):
-            series[name] = np.asarray([len(x) for x in tokenizer(rendered[name])["input_ids"]], dtype=int)
+            series[name] = np.asarray([len(x) for x in tokenizer(list(rendered[name]))["input_ids"]], dtype=int)
     for side in SIDES:
         series[f"prompt+{side}+EOS"] = np.asarray(rendered[f"n_{side}"], dtype=int)
     return series, np.asarray(rendered["n_tokens"], dtype=int), int(sum(rendered["truncated"]))
