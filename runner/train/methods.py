@@ -42,9 +42,18 @@ def config(recipe: dict, kwargs: dict):
         s = recipe["training"]["kto"]
         return KTOConfig(**common, beta=s["beta"], desirable_weight=s["desirable_weight"],
                          undesirable_weight=s["undesirable_weight"])
-    from trl.experimental.orpo import ORPOConfig
-
+    ORPOConfig = _experimental().ORPOConfig
     return ORPOConfig(**common, beta=recipe["training"]["orpo"]["beta"])
+
+
+def _experimental():
+    """trl.experimental.orpo, where TRL 1.x keeps ORPO, without the warning its import prints: the recipe chose it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental")
+        from trl.experimental import orpo
+    return orpo
 
 
 def speed_for(recipe: dict, speed):
@@ -68,7 +77,7 @@ def trainer_class(recipe: dict):
     elif name == "kto":
         from trl import KTOTrainer as base
     else:
-        from trl.experimental.orpo import ORPOTrainer as base
+        base = _experimental().ORPOTrainer
 
     return type(f"{base.__name__}Run", (base,), {"graph_steps": False, "extra_metrics": None})
 
