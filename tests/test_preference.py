@@ -206,3 +206,30 @@ def test_the_report_shows_the_method_and_its_signals():
     assert "`runs/a` ← `org/base-sft`" in text
     assert "| eval pairs, step 8 | 0.9 | 0.2 | -1 | -9 |" in text
     assert signals.section(recipes.load(ROOT / "recipes" / "tiny" / "agnews_tiny.yaml"), {}, log) == []
+
+
+# ---------------------------------------------------------------- the memory model learns the method
+
+
+@pytest.mark.parametrize("name, rows, reference", [("sft", 4, False), ("dpo", 8, True), ("orpo", 8, False),
+                                                   ("kto", 4, True)])
+def test_the_memory_model_counts_the_methods_sequences_and_reference(name, rows, reference):
+    """Phi-2's shape: a pair puts two sequences through the policy (DPO, ORPO), KTO one; DPO and KTO hold a frozen
+    copy of the adapter as the reference, as large as the trained LoRA weights."""
+    from transformers import PhiConfig
+
+    from runner.speed import memory, profiles
+    from tests.test_plan import PHI2
+
+    r = recipes.load(ROOT / "recipes" / "agnews_phi2.yaml", [f"training.method={name}"])
+    est = memory.estimate(r, PhiConfig(**PHI2), profiles.Speed("none", 4, 4, True))
+    sft = memory.estimate(recipes.load(ROOT / "recipes" / "agnews_phi2.yaml"), PhiConfig(**PHI2),
+                          profiles.Speed("none", 4, 4, True))
+    activations = next(k for k in est.parts if k.startswith("activations"))
+    assert f", {rows} x 256 tokens" in activations
+    assert est.parts[activations] == pytest.approx(sft.parts[next(k for k in sft.parts if k.startswith("activ"))]
+                                                   * rows / 4)
+    copy = est.parts.get("reference adapter (frozen LoRA copy)")
+    assert (copy is not None) == reference
+    if reference:  # the bf16 weights alone: half of weight + gradient (the paged optimizer keeps its state apart)
+        assert copy == pytest.approx(est.parts["LoRA weights + grads + optimizer"] / 2)

@@ -67,7 +67,6 @@ def test_compare_sft_with_dpo_gives_the_paired_difference(dpo):
     assert "paired 95% CI" in line
 
 
-@pytest.mark.twins("agnews_tiny")
 def test_pretrain_lowers_the_held_out_loss(tmp_path):
     result = ok(run_cli("train", RECIPES / "xsum_pretrain_tiny.yaml", f"output_dir={tmp_path}"))
     run = run_folder(result.stdout)
