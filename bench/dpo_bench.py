@@ -55,7 +55,10 @@ def overrides(profile: str, data: Path) -> list[str]:
     # base_overrides evaluates the train split, whose rows are pairs under dpo: the same file as the test split
     return [*bench.base_overrides(WARM + MEASURED), f"data.source={data}", "data.splits.test=train",
             "evaluation.split=test", "training.method=dpo", "prompt.chosen=' {summary}'", "prompt.rejected=' {rejected}'",
-            f"training.profile={profile}"]
+            f"training.profile={profile}",
+            # the CPU smoke test: a few short pairs a step (the profiles still re-split them)
+            *(["training.micro_batch_size=2", "training.gradient_accumulation_steps=1", "data.train_samples=16"]
+              if bench.TINY else [])]
 
 
 class Counter:

@@ -148,6 +148,14 @@ def test_train_refuses_bad_pairs_before_any_weight_loads(tmp_path):
     assert not any((tmp_path / "runs").rglob("recipe.yaml"))
 
 
+@pytest.mark.slow
+def test_a_sweep_over_dpo_beta_checks_and_plans_each_cell(tmp_path):
+    result = run_cli("sweep", DPO_TINY, "training.dpo.beta=0.05,0.5", f"output_dir={tmp_path}", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 setting(s) x 1 seed(s) = 2 cells" in result.stdout
+    assert "training.dpo.beta=0.05: profile none" in result.stdout and "training.dpo.beta=0.5: " in result.stdout
+
+
 # ---------------------------------------------------------------- inspect, config, start, report
 
 
