@@ -101,7 +101,9 @@ def run_one(profile: str) -> dict:
         held["trainer"] = trainer
         trainer.add_callback(Timer())
 
-    run_dir, _, _, _ = train_mod.train(recipe, instrument=instrument)
+    # the profile's speed as train would resolve it, with the plan's prediction for every profile (none included)
+    speed = bench.forced_speed(recipe, {})
+    run_dir, _, _, _ = train_mod.train(recipe, instrument=instrument, speed=speed)
     speed = json.loads((run_dir / "env.json").read_text())["speed"]
     ga = speed["gradient_accumulation_steps"]
     calls = held["counter"].calls[WARM * ga:(WARM + MEASURED) * ga]
