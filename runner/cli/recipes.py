@@ -16,13 +16,14 @@ from pathlib import Path
 from runner.common.errors import RecipeError
 from runner.data import chat, mixture
 from runner.evaluate import backend
-from runner.recipe import checks, recipe
+from runner.recipe import checks, methods, recipe
 
 CHECKS: tuple[recipe.Check, ...] = (
     checks.check_prompt,    # prompt.messages (chat data) or template + completion; the template's fields
     chat.check_recipe,      # the chat template: a built-in, the tokenizer's own, or Jinja with generation markers
     mixture.check_recipe,   # data.source or data.sources; each source's fields mapping
     checks.check_settings,  # splits each setting needs, early stopping, LoRA init, data.max_tokens, rank mode
+    methods.check_recipe,   # training.method's prompt, splits and keys; model.adapter needs LoRA
     backend.check_recipe,   # what generation.backend needs: weights it can merge, no beams to compile
 )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from runner.common.errors import RecipeError, hub_unreachable
 from runner.data import chat, mixture
 from runner.data.files import local_file, peek, read_local
+from runner.recipe import methods
 from runner.recipe.compose import is_local_path
 from runner.recipe.templates import render, template_fields, text
 
@@ -208,13 +209,18 @@ def check_fields(columns: list[str], first_row: dict | None, recipe: dict, role:
 
     columns = set(columns)
     if chat.is_chat(recipe):
-        name = recipe["prompt"]["messages"]
-        if name not in columns:
-            close = difflib.get_close_matches(name, sorted(columns), n=1)
-            raise RecipeError("prompt.messages", f"{name!r} is not a column of the {role} data",
-                              f"did you mean {close[0]!r}?" if close else f"columns: {', '.join(sorted(columns))}")
+        names = [("messages", recipe["prompt"]["messages"])]
+        if role in methods.pair_roles(recipe):
+            names += [(key, template_fields(recipe["prompt"][key], f"prompt.{key}")[0]) for key in ("chosen", "rejected")]
+        for key, name in names:
+            if name not in columns:
+                close = difflib.get_close_matches(name, sorted(columns), n=1)
+                raise RecipeError(f"prompt.{key}", f"{name!r} is not a column of the {role} data",
+                                  f"did you mean {close[0]!r}?" if close else f"columns: {', '.join(sorted(columns))}")
         return
-    for key in ("template", "completion"):
+    # the pair roles of a preference method: the prompt and both answers (runner.data.preference)
+    keys = ("template", "chosen", "rejected") if role in methods.pair_roles(recipe) else ("template", "completion")
+    for key in keys:
         for name in template_fields(recipe["prompt"][key], f"prompt.{key}"):
             if name not in columns:
                 close = difflib.get_close_matches(name, sorted(columns), n=1)
@@ -326,6 +332,8 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
     """Rendered, fitted examples for ``roles``; examples that still don't fit, or have an empty target, dropped."""
     raw = raw if raw is not None else sample(load_raw(recipe), recipe)
     limit = recipe["data"]["max_tokens"] or recipe["prompt"]["max_length"]
+    if methods.method(recipe) == "pretrain":  # raw text is cut into max_length rows in training, never dropped
+        limit = float("inf")
     out = Prepared()
     digest = hashlib.sha256(json.dumps(recipe["data"], sort_keys=True, default=str).encode())
     for role in roles:

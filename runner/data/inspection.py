@@ -21,8 +21,9 @@ import numpy as np
 
 from runner.common import safeio
 from runner.common.errors import RecipeError
-from runner.data import chat, mixture
+from runner.data import chat, mixture, preference
 from runner.data import data as data_mod
+from runner.recipe import methods
 from runner.recipe.evaluator_refs import evaluator_classes
 from runner.recipe.templates import render, template_fields, text
 
@@ -86,6 +87,8 @@ def label_counts(values: list) -> dict[str, int]:
 
 def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
     """(statistics, raw lengths per series) of one split, already label-named."""
+    if role in methods.pair_roles(recipe):
+        return inspect_pairs(ds, recipe, tokenizer, role)
     if chat.is_chat(recipe):
         return inspect_chat_split(ds, recipe, tokenizer, role)
     prompt_cfg = recipe["prompt"]
@@ -136,6 +139,19 @@ def inspect_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
     return stats, {name: v.tolist() for name, v in series.items()}
 
 
+def inspect_pairs(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
+    """A split of preference pairs: both sides' lengths, truncation and drops (runner.data.preference)."""
+    max_length = recipe["prompt"]["max_length"]
+    limit = recipe["data"]["max_tokens"] or max_length
+    series, longer, truncated = preference.pair_lengths(ds, recipe, tokenizer, role)
+    too_long = longer > limit
+    stats = {"rows": len(longer), "lengths": {name: summarize(v) for name, v in series.items()},
+             "over_max_length": int((longer > max_length).sum()), "truncated": truncated,
+             "dropped_too_long": int(too_long.sum()), "dropped_empty_completion": 0, "kept": int((~too_long).sum()),
+             f"max_length_for_{round(KEEP_SHARE * 100)}pct": keep_length(longer)}
+    return stats, {name: v.tolist() for name, v in series.items()}
+
+
 def inspect_chat_split(ds, recipe: dict, tokenizer, role: str) -> tuple[dict, dict]:
     """A chat split: per conversation, the tokens of each role's turns (content only, summed over its turns), the
     prompt (the turns before the last assistant turn, rendered, + the generation prompt), the completion (the last
@@ -182,6 +198,7 @@ def _tokenizer_identity(tokenizer) -> str:
 
 def cache_key(recipe: dict, raw: dict, tokenizer) -> str:
     parts = {"data": recipe["data"], "prompt": recipe["prompt"], "label_column": label_column(recipe),
+             "pair_roles": methods.pair_roles(recipe),
              "tokenizer": _tokenizer_identity(tokenizer),
              "fingerprints": {role: getattr(ds, "_fingerprint", None) for role, ds in raw.items()},
              "version": 3}

@@ -8,7 +8,7 @@ from pathlib import Path
 from runner.common import cpu
 from runner.common.errors import RecipeError, hub_unreachable
 from runner.data import chat
-from runner.model import hub
+from runner.model import hub, start
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -347,7 +347,9 @@ def load_for_training(recipe: dict, speed=None):
     elif recipe["quantization"]["method"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe["lora"] is not None:
+    if recipe["model"]["adapter"] is not None:  # continue a trained adapter (runner.model.start)
+        model = start.attach(model, recipe)
+    elif recipe["lora"] is not None:
         model = get_peft_model(model, lora_config(recipe, model=model))
         if recipe["lora"]["init"] == "loftq":
             _loftq(model, recipe)

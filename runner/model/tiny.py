@@ -236,11 +236,20 @@ def make_chat(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def make_topic_pairs(n: int, rng: random.Random) -> list[dict]:
+    """Preference pairs about the AG News twin's articles: the true topic chosen, another topic rejected (the
+    DPO/ORPO/KTO twin); ``label`` stays, so evaluation scores the topic as the AG News twin does."""
+    rows = []
+    for row in make_topics(n, rng):
+        rows.append({**row, "rejected": rng.choice([t for t in TOPICS if t != row["label"]])})
+    return rows
+
+
 TASKS = {"xsum_tiny": make_news, "agnews_tiny": make_topics, "goemotions_tiny": make_emotions,
          "mnli_tiny": make_nli}
 # Tasks made from the study tasks' words: written beside them, but left out of the tokenizer's training text, so
 # adding one changes neither the tokenizer nor the tiny model (nor any other twin's numbers).
-DERIVED_TASKS = {"chat_tiny": make_chat}
+DERIVED_TASKS = {"chat_tiny": make_chat, "agnews_pref_tiny": make_topic_pairs}
 
 
 # ---------------------------------------------------------------- building

@@ -15,7 +15,7 @@ from runner.recipe.validation import allows_null
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Keys whose relative paths are resolved against the file (or, for overrides, the directory) that set them.
-PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
+PATH_KEYS = (("model", "name_or_path"), ("model", "tokenizer"), ("model", "adapter"), ("data", "source"))
 # Values that an extending recipe replaces as a whole rather than key by key: the files of one dataset
 # ({train, eval, test}) are one choice; keeping a parent's eval file beside a child's train file mixes datasets.
 REPLACED_WHOLE = (("data", "source"),)

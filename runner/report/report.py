@@ -18,6 +18,7 @@ from runner.evaluate import baselines
 from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate.metrics import DECLARED, by_evaluator, headline, primary_metric
 from runner.model.model import lora_variants
+from runner.report import signals
 from runner.speed import profiles
 from runner.store import checkpoints
 
@@ -109,6 +110,8 @@ def recipe_section(recipe: dict) -> list[str]:
     adapter = "full fine-tuning" if lora is None else (
         f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {lora['target_modules']}"
         + "".join(f"; {part}" for part in lora_variants(lora)))
+    if m["adapter"] is not None:  # its own LoRA settings are the ones trained (runner.model.start)
+        adapter = f"continues {m['adapter']}"
     steps = f"{t['max_steps']} steps" if t["max_steps"] else f"{t['epochs']} epoch(s)"
     decode = ("sampling (top_p {top_p}, temperature {temperature})".format(**g) if g["do_sample"]
               else ("beam search" if g["num_beams"] > 1 else "greedy"))
@@ -124,7 +127,7 @@ def recipe_section(recipe: dict) -> list[str]:
                  + (f" (config {d['config']})" if d["config"] else "")
                  + f"; samples: {samples}"],
         ["prompt", f"max_length {p['max_length']}, truncate {p['truncate']}, data.max_tokens {d['max_tokens']}"],
-        ["training", f"{steps}, micro-batch {t['micro_batch_size']} x {t['gradient_accumulation_steps']} "
+        ["training", f"{t['method']}, {steps}, micro-batch {t['micro_batch_size']} x {t['gradient_accumulation_steps']} "
                      f"accumulation, lr {t['learning_rate']} ({t['lr_scheduler']}, warmup {t['warmup_ratio']}), "
                      f"{t['optimizer']}, gradient checkpointing {t['gradient_checkpointing']}"],
         ["generation", f"{decode}, max_new_tokens {g['max_new_tokens']}, stop {g['stop']}"],
@@ -359,7 +362,8 @@ def write(run_dir: Path, recipe: dict, tokenizer=None, data_stats: dict | None =
     lines = [title, "", f"Run folder `{run_dir}`; started {env.get('started', 'n/a')}, git commit "
              f"{(env.get('git_commit') or 'n/a')[:12]}, data fingerprint {env.get('data_fingerprint', 'n/a')}.", ""]
     for section in (recipe_section(recipe), data_section(data_stats, env, images, run_dir),
-                    training_section(env, log, loss_png, run_dir, rss_gb), metrics_section(metrics, run_dir),
+                    training_section(env, log, loss_png, run_dir, rss_gb), signals.section(recipe, env, log),
+                    metrics_section(metrics, run_dir),
                     baselines_section(run_dir, recipe, metrics), resolution_section(metrics),
                     samples_section(run_dir)):
         if not section:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from runner.model import counting
 from runner.model import model as model_mod
+from runner.speed import method_memory
 
 GIB = 2**30
 # Block size of bitsandbytes' 4-bit scales, and of the second-level scales with double quantization.
@@ -164,10 +165,12 @@ def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
     else:
         est.parts["weights"] = total * w
     est.parts["LoRA weights + grads + optimizer"] = trainable * _train_state_bytes(recipe, quantized, w)
+    est.parts.update(method_memory.reference_bytes(recipe, trainable, 2 if quantized else w))
     if speed.distributed == "fsdp" and speed.world_size > 1:
         _shard(est, shape, recipe, speed.world_size)
 
-    tokens = speed.micro_batch_size * recipe["prompt"]["max_length"]
+    rows = speed.micro_batch_size * method_memory.sequences(recipe)  # a preference pair: two sequences
+    tokens = rows * recipe["prompt"]["max_length"]
     layer = layer_activation_bytes(shape, recipe, upcast, speed.fused_activation)
     if speed.gradient_checkpointing:
         saved = tokens * (shape["layers"] * r * shape["hidden"] + layer)
@@ -175,7 +178,7 @@ def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
     else:
         saved = tokens * shape["layers"] * layer
         label = "activations (all layers)"
-    est.parts[f"{label}, {speed.micro_batch_size} x {recipe['prompt']['max_length']} tokens"] = saved
+    est.parts[f"{label}, {rows} x {recipe['prompt']['max_length']} tokens"] = saved
     transient = tokens * (2 * shape["inter"] + 3 * shape["hidden"]) * r + shape["inter"] * shape["hidden"] * c
     labelled = min(tokens, HEAD_TOKENS)
     head = labelled * min(shape["vocab"], HEAD_VOCAB) * c + tokens * shape["hidden"] * (4 + c)

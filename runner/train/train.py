@@ -12,14 +12,16 @@ from pathlib import Path
 
 from runner.common import cpu, dist, safeio
 from runner.common.errors import RecipeError
-from runner.data import chat
+from runner.data import chat, preference
 from runner.data import data as data_mod
 from runner.evaluate import evaluate
 from runner.model import counting
 from runner.model import model as model_mod
+from runner.model import start as adapter_start
+from runner.recipe import methods as recipe_methods
 from runner.speed import profiles
 from runner.store import checkpoints, runs
-from runner.train import divergence, early, tracking
+from runner.train import divergence, early, methods, tracking
 
 # ---------------------------------------------------------------- one _setup_* per recipe section
 
@@ -28,9 +30,11 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
     if recipe["data"]["splits"]["train"] is None:
         raise RecipeError("data.splits.train", "is null, so there is nothing to train on", "name the train split")
     roles = ("train", "eval", recipe["evaluation"]["split"])
-    prepared = data_mod.prepare(recipe, tokenizer, roles=tuple(dict.fromkeys(roles)))
+    prepare = preference.prepare if recipe_methods.is_preference(recipe) else data_mod.prepare
+    prepared = prepare(recipe, tokenizer, roles=tuple(dict.fromkeys(roles)))
     print(f"data: {data_mod.describe(prepared.stats)}", flush=True)
-    evaluate.check_labels(recipe, prepared.splits)
+    evaluate.check_labels(recipe, {role: examples for role, examples in prepared.splits.items()
+                                   if role not in recipe_methods.pair_roles(recipe)})
     return prepared
 
 
@@ -46,8 +50,9 @@ def _setup_model(recipe: dict, speed):
 
 
 def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, stopping: early.Decider | None = None):
-    """SFTConfig from the recipe; the micro-batch, accumulation and checkpointing are the resolved ``speed``'s
-    (None: as the recipe writes them); ``stopping``: early stopping's metric (runner.train.early)."""
+    """The method's TRL config from the recipe (runner.train.methods); the micro-batch, accumulation and
+    checkpointing are the resolved ``speed``'s (None: as the recipe writes them); ``stopping``: early stopping's
+    metric (runner.train.early)."""
     import torch
     from trl import SFTConfig
 
@@ -64,7 +69,7 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, sto
     save_strategy = "steps" if t["save_every"] else "no"
     if t["early_stopping"] is not None:  # a checkpoint at every evaluation, so the best one can be restored
         save_strategy = eval_strategy
-    return _one_gpu_per_process(SFTConfig(
+    return _one_gpu_per_process(methods.config(recipe, dict(
         output_dir=str(run_dir / "checkpoints"),
         seed=recipe["seed"],
         num_train_epochs=t["epochs"],
@@ -105,7 +110,7 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, sto
         dataloader_num_workers=0,
         dataset_num_proc=None,
         save_only_model=False,
-    ))
+    )))
 
 
 def _one_gpu_per_process(args):
@@ -258,7 +263,7 @@ def _uncompile(compiled: tuple[list, list], trainer) -> None:
 
 
 def _setup_shapes(trainer, speed, tokenizer, recipe: dict) -> None:
-    if speed.fixed_shapes:
+    if speed.fixed_shapes and recipe["training"]["method"] in ("sft", "pretrain"):  # the others: TRL's pair collators
         # Compiled layers: every batch as many rows as the micro-batch (runner.speed.profiles.FixedRows)
         rows = speed.micro_batch_size if speed.compiled else None
         trainer.data_collator = profiles.FixedRows(tokenizer.pad_token_id, recipe["prompt"]["max_length"], rows)
@@ -277,8 +282,9 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     meta, tokenizer = model_mod.preflight(recipe)
     tracking.check(recipe)
     stopping = early.decider(recipe)
-    speed = _setup_speed(recipe, meta, speed)
+    speed = methods.speed_for(recipe, _setup_speed(recipe, meta, speed))
     early.check_launch(stopping, speed)
+    started_from = adapter_start.describe(recipe)  # model.adapter found (or refused) before any weight loads
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
     run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
@@ -288,8 +294,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     trained = runs.trained_adapter(run_dir)
     if trained is not None:  # interrupted after training: evaluate what was trained
         return run_dir, model_mod.load_trained(recipe, trained), tokenizer, prepared
-    from runner.train.sft import Trainer
-
+    Trainer = methods.trainer_class(recipe)
     if chat.is_chat(recipe):
         chat.quiet_trl_stop_token_warning()
     start = time.time()
@@ -297,18 +302,18 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
         # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
         args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed, stopping=stopping)
         model, trainable, total = _setup_model(recipe, speed)
-        columns = ["messages"] if chat.is_chat(recipe) else ["prompt", "completion"]
         t = recipe["training"]  # checkpoints by time unless the recipe sets them by steps
         record = checkpoints.run_record(t["save_total_limit"], resume_from,
                                         t["save_every_minutes"] if t["save_every"] is None else None)
         guard = divergence.guard(recipe, run_dir)
         init_dir = _save_pissa_init(model, recipe, run_dir, world)
+        train_ds, eval_ds = methods.datasets(recipe, prepared)
         with tracking.environment(recipe, run_dir):  # the tracker callbacks read it when they are made
             trainer = Trainer(
                 model=model,
                 args=args,
-                train_dataset=prepared.splits["train"].select_columns(columns),
-                eval_dataset=prepared.splits["eval"].select_columns(columns) if "eval" in prepared.splits else None,
+                train_dataset=train_ds,
+                eval_dataset=eval_ds,
                 processing_class=tokenizer,
                 callbacks=[record, guard, _log_callback(run_dir / "train_log.jsonl"), *early.callbacks(recipe)],
             )
@@ -328,6 +333,8 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
         runs.write_env(run_dir, recipe, prepared, threads=threads, trainable=trainable, total=total,
                        speed=speed.as_dict(), world_size=world.size, nodes=world.nodes, distributed=speed.distributed)
         runs.note_resolved(run_dir, recipe, speed.as_dict())
+        if started_from is not None:
+            runs.update_env(run_dir, started_from=started_from)
     if instrument is not None:
         instrument(trainer)
     load_s = time.time() - start
@@ -342,6 +349,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     if trackers is None:  # nobody evaluates into the trackers' runs: they end with training, as the trainer's do
         session.finish()
     train_s = record.seconds()  # the whole run's, over every session (runner.store.checkpoints)
+    methods.drop_reference(trainer.model)
     divergence.check_weights(trainer.model, recipe, run_dir, result.global_step)
     adapter_dir = run_dir / "adapter"
     _save_adapter(trainer, tokenizer, adapter_dir, world, init_dir)
