@@ -121,6 +121,23 @@ def test_the_upload_plan_puts_the_adapter_on_top_and_the_record_under_run(tiny, 
     assert push.plan(run, "gguf", None)[0].local is None  # made by the export first
 
 
+def test_the_record_goes_up_without_local_paths(tiny, tmp_path):
+    from runner.export import push
+
+    run = _run(tmp_path)
+    recorded = (run / "recipe.yaml").read_text()
+    assert str(ROOT) in recorded  # the resolved recipe names the local model and data folders
+    (run / "env.json").write_text(json.dumps({"started_from": {"folder": "/home/ann/runs/sft-1/adapter"},
+                                              "url": "https://huggingface.co/x/y", "relative": "runs/a/b"}))
+    items = {i.path_in_repo: i for i in push.plan(run, "adapter", None)}
+    recipe_up = items["run/recipe.yaml"].data.decode()
+    env_up = json.loads(items["run/env.json"].data)
+    assert str(ROOT) not in recipe_up and "<local>/" in recipe_up
+    assert env_up == {"started_from": {"folder": "<local>/adapter"}, "url": "https://huggingface.co/x/y",
+                      "relative": "runs/a/b"}  # URLs and relative paths stay as they are
+    assert items["run/report/loss.png"].data is None  # binary files go up as they are
+
+
 def test_push_dry_run_prints_the_plan_and_the_card_and_asks_no_hub(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dry run needs no hub
     run = _run(tmp_path)

@@ -11,6 +11,7 @@ not at all, and a repo created for a commit that failed is deleted again, so not
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ RECORD_FILES = ("recipe.yaml", "metrics.json", "report.md", "samples.md", "basel
                 "train_log.jsonl")
 # Left out of the repo: the card is written fresh, export.json names local paths.
 SKIPPED = ("README.md", "export.json")
+# The record's text files name local folders (the recipe's resolved data and model paths, env.json's adapter
+# chain): they go up with each absolute path cut to "<local>/<its last part>", so no user's home or layout leaks.
+SCRUBBED = (".yaml", ".json", ".jsonl", ".md")
+_ABSOLUTE = re.compile(r"(?<![\w:/.~-])(?:/[\w.+-]+){2,}")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,19 @@ class Item:
     path_in_repo: str
     local: Path | None
     size: int | None
+    data: bytes | None = None  # what goes up instead of the local file (a record file with its local paths cut)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every absolute local path replaced by ``<local>/<its last part>``."""
+    return _ABSOLUTE.sub(lambda m: "<local>/" + m.group(0).rsplit("/", 1)[-1], text)
+
+
+def _record_item(path_in_repo: str, local: Path) -> Item:
+    if local.suffix not in SCRUBBED:
+        return Item(path_in_repo, local, local.stat().st_size)
+    data = scrub(local.read_text(encoding="utf-8", errors="replace")).encode("utf-8")
+    return Item(path_in_repo, local, len(data), data)
 
 
 def check_repo(name: str) -> None:
@@ -63,7 +81,7 @@ def plan(run_dir: Path, kind: str, staged: Path | None) -> list[Item]:
                           None, None))
     for name in RECORD_FILES:
         if (run_dir / name).is_file():
-            items.append(Item(f"run/{name}", run_dir / name, (run_dir / name).stat().st_size))
+            items.append(_record_item(f"run/{name}", run_dir / name))
     for png in sorted((run_dir / "report").glob("*.png")):  # the plots report.md shows
         items.append(Item(f"run/report/{png.name}", png, png.stat().st_size))
     return items
@@ -142,7 +160,7 @@ def upload(api, repo: str, private: bool, items: list[Item], card_text: str, mes
     except Exception as exc:
         raise _failed(exc, repo, "nothing was created") from None
     operations = [CommitOperationAdd("README.md", card_text.encode("utf-8"))]
-    operations += [CommitOperationAdd(i.path_in_repo, str(i.local)) for i in items]
+    operations += [CommitOperationAdd(i.path_in_repo, i.data if i.data is not None else str(i.local)) for i in items]
     try:
         api.create_commit(repo, operations, commit_message=message)
     except BaseException as exc:
