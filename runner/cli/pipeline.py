@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.common import dist
-from runner.evaluate import evaluate
+from runner.evaluate import evaluate, retention
 from runner.evaluate.metrics import summary_line
 from runner.report import report
 from runner.train import tracking, train
@@ -27,6 +27,8 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
                                     splits=prepared.splits)
         if metrics is not None:
             print(summary_line(metrics))
+        if dist.world().main:  # the base vs the adapter on evaluation.retention's benchmarks (rank 0 alone)
+            retention.run(recipe, model, tokenizer, run_dir)
     trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")

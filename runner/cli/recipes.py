@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.common.errors import RecipeError
 from runner.data import chat, mixture
-from runner.evaluate import backend
+from runner.evaluate import backend, benchmark
 from runner.recipe import checks, recipe
 
 CHECKS: tuple[recipe.Check, ...] = (
@@ -24,6 +24,7 @@ CHECKS: tuple[recipe.Check, ...] = (
     mixture.check_recipe,   # data.source or data.sources; each source's fields mapping
     checks.check_settings,  # splits each setting needs, early stopping, LoRA init, data.max_tokens, rank mode
     backend.check_recipe,   # what generation.backend needs: weights it can merge, no beams to compile
+    benchmark.check_recipe,  # evaluation.retention: each benchmark's source file or lm-eval task, its template
 )
 
 

@@ -19,7 +19,7 @@ from runner.model import counting
 from runner.model import model as model_mod
 from runner.speed import profiles
 from runner.store import checkpoints, runs
-from runner.train import divergence, early, tracking
+from runner.train import divergence, early, live_eval, tracking
 
 # ---------------------------------------------------------------- one _setup_* per recipe section
 
@@ -314,7 +314,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
             )
         session = trackers if trackers is not None else tracking.Session()
         session.attach(trainer, recipe["evaluation"]["split"], resume_from)
-        trainer.extra_metrics = early.scorer(stopping, recipe, tokenizer, prepared.splits.get("eval"))
+        trainer.extra_metrics = live_eval.scorer(recipe, stopping, tokenizer, prepared.splits.get("eval"))
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
@@ -351,7 +351,9 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
         runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
                         train_loss=record.mean_loss() if record.mean_loss() is not None else result.training_loss,
                         global_step=result.global_step, **runs.peak_memory(),
-                        **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}))
+                        **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}),
+                        **({"task_metrics": trainer.extra_metrics.record()}
+                           if isinstance(trainer.extra_metrics, live_eval.Scorer) else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     if best is not None:
         print(f"early stopping: {checkpoints.describe_best(best)}", flush=True)
