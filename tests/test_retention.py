@@ -115,6 +115,20 @@ def test_the_verdict_says_whether_the_difference_is_resolved(ci, words):
     assert text == "MMLU \u22121.8 [" + words
 
 
+def test_the_report_section_lists_subjects_largest_drop_first():
+    base = [Record(i, "q", "a", "a", group="law" if i < 6 else "art") for i in range(12)]
+    adapter = [Record(i, "q", "a", "b" if i < 4 else "a", group=b.group) for i, b in enumerate(base)]
+    per = retention._per_subject(list(zip(base, adapter)), MultipleChoice(), 0)
+    assert per["law"]["difference"] == pytest.approx(-4 / 6, abs=1e-4) and per["art"]["difference"] == 0
+    result = {"benchmarks": [{"name": "MMLU", "n": 12, "base": {"accuracy": 1.0}, "adapter": {"accuracy": 2 / 3},
+                              "verdict": "MMLU \u221233.3 [...]", "per_subject": per}]}
+    lines = retention.section(result)
+    assert lines[0] == "## General ability" and "| MMLU | 12 | 100.0 | 66.7 | MMLU \u221233.3 [...] |" in lines
+    subjects = [line.split(" | ")[0] for line in lines if line.startswith(("| law", "| art"))]
+    assert subjects == ["| law", "| art"]
+    assert retention.summary_lines(result) == ["general ability: MMLU \u221233.3 [...]"]
+
+
 # ---------------------------------------------------------------- the base's cache
 
 
@@ -223,7 +237,7 @@ def test_the_report_resolves_the_forgetting_and_compare_reuses_the_base(backgrou
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert f"general ability: {teams['verdict']}" in compared.stdout
     assert "cached" in compared.stdout.split("general ability: Teams")[1].splitlines()[0]
-    summary = json.loads(next(run.parent.parent.rglob("comparison.json")).read_text())
+    summary = json.loads(next(run.rglob("comparison.json")).read_text())
     assert [b["base_cached"] for b in summary["retention"]["benchmarks"]] == [True, True]
     assert [b["base"] for b in summary["retention"]["benchmarks"]] == [teams["base"], companies["base"]]
 
