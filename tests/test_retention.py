@@ -89,6 +89,25 @@ def test_the_recipe_names_a_source_and_a_template_of_known_fields(tmp_path):
     with pytest.raises(RecipeError) as err:
         recipes.load(TINY, ["evaluation.retention=[{name: B}]"])
     assert err.value.key_path == "evaluation.retention[0].source"
+    with pytest.raises(RecipeError) as err:
+        recipes.load(TINY, [f"evaluation.retention=[{{name: B, source: {path}}}]", "lora=null",
+                            "quantization.method=none"])
+    assert err.value.key_path == "evaluation.retention" and "lora: null" in err.value.problem
+
+
+def test_task_metrics_need_an_eval_split_and_no_fsdp(tiny):
+    from types import SimpleNamespace
+
+    from runner.train import live_eval
+
+    with pytest.raises(RecipeError) as err:
+        recipes.load(TINY, ["training.task_metrics=8", "data.splits.eval=null", "training.eval_every=null"])
+    assert err.value.key_path == "training.task_metrics"
+    recipe = recipes.load(TINY, ["training.task_metrics=8"])
+    live_eval.check_launch(recipe, SimpleNamespace(distributed="ddp"))
+    with pytest.raises(RecipeError) as err:
+        live_eval.check_launch(recipe, SimpleNamespace(distributed="fsdp"))
+    assert err.value.key_path == "training.task_metrics"
 
 
 def test_the_lm_eval_bridge_without_lm_eval_is_one_error_line(tiny, tmp_path):

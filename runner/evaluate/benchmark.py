@@ -44,7 +44,11 @@ def key(i: int, field: str | None = None) -> str:
 
 
 def check_recipe(recipe: dict) -> None:
-    """Each benchmark names a source or an lm-eval task (installed), and a template of known fields."""
+    """Each benchmark names a source or an lm-eval task (installed), and a template of known fields; the run has an
+    adapter to compare with its base."""
+    if recipe["evaluation"]["retention"] and recipe["lora"] is None:
+        raise RecipeError("evaluation.retention", "compares the base model with the adapter, and full fine-tuning "
+                          "(lora: null) leaves no adapter to switch off", "train with lora, or evaluation.retention: []")
     for i, spec in enumerate(recipe["evaluation"]["retention"]):
         if spec["lm_eval"] is not None:
             if importlib.util.find_spec("lm_eval") is None:

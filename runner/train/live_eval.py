@@ -18,6 +18,7 @@ from pathlib import Path
 
 from evaluators.base import Record
 from runner.common import dist
+from runner.common.errors import RecipeError
 from runner.evaluate import backend as backend_mod
 from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate.metrics import declared_by, flatten
@@ -90,6 +91,13 @@ class Scorer:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_launch(recipe: dict, speed) -> None:
+    """Task metrics need predictions at every evaluation, which FSDP's sharded model cannot make outside its step."""
+    if recipe["training"]["task_metrics"] is not None and speed.distributed == "fsdp":
+        raise RecipeError("training.task_metrics", "needs the model's predictions at every evaluation, and FSDP "
+                          "shards the model across the processes", "train with ddp, or training.task_metrics: null")
 
 
 def scorer(recipe: dict, found: early.Decider | None, tokenizer, examples):

@@ -279,6 +279,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     stopping = early.decider(recipe)
     speed = _setup_speed(recipe, meta, speed)
     early.check_launch(stopping, speed)
+    live_eval.check_launch(recipe, speed)
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
     run_dir, resume_from = dist.broadcast(runs.open_run(recipe, fingerprint=prepared.fingerprint)
