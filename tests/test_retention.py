@@ -110,6 +110,15 @@ def test_task_metrics_need_an_eval_split_and_no_fsdp(tiny):
     assert err.value.key_path == "training.task_metrics"
 
 
+def test_an_unreachable_hub_benchmark_stops_the_run_before_it_trains(tiny, tmp_path):
+    result = run_cli("train", TINY, f"output_dir={tmp_path}",
+                     "evaluation.retention=[{name: MMLU, source: cais/mmlu, subset: all}]")
+    assert result.returncode == 1 and "adapter saved" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: evaluation.retention[0].source: cannot reach the Hugging Face hub for 'cais/mmlu'")
+    assert not list(tmp_path.rglob("env.json"))
+
+
 def test_the_lm_eval_bridge_without_lm_eval_is_one_error_line(tiny, tmp_path):
     pytest.importorskip("pytest")  # the bridge is optional: this checks the message where lm_eval is absent
     import importlib.util

@@ -14,6 +14,7 @@ from runner.train import tracking, train
 
 def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after: bool = True) -> Path:
     """Train ``recipe`` (read from ``recipe_path``), evaluate and report; returns the run folder."""
+    benchmarks = retention.load_all(recipe) if evaluate_after else None  # unreadable ones stop it before training
     trackers = tracking.Session()  # held open by training, finished here with the evaluation's numbers
     run_dir, model, tokenizer, prepared = train.train(recipe, trackers=trackers)
     metrics = None
@@ -28,7 +29,7 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
         if metrics is not None:
             print(summary_line(metrics))
         if dist.world().main:  # the base vs the adapter on evaluation.retention's benchmarks (rank 0 alone)
-            retention.run(recipe, model, tokenizer, run_dir)
+            retention.run(recipe, model, tokenizer, run_dir, loaded=benchmarks)
     trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")

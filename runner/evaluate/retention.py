@@ -88,17 +88,25 @@ def verdict(name: str, paired: dict, n: int) -> str:
     return f"{text}: within noise at n = {n}"
 
 
-def run(recipe: dict, model, tokenizer, out_dir: Path, cache_dir: Path = CACHE_DIR) -> dict | None:
+def load_all(recipe: dict) -> list[list[benchmark.Item] | None]:
+    """Every benchmark's items (None for an lm-eval task): read before training, so that a file or hub dataset that
+    cannot be read stops the run before it trains, not after."""
+    return [benchmark.load(spec, i) if spec["lm_eval"] is None else None
+            for i, spec in enumerate(recipe["evaluation"]["retention"])]
+
+
+def run(recipe: dict, model, tokenizer, out_dir: Path, cache_dir: Path = CACHE_DIR,
+        loaded: list | None = None) -> dict | None:
     """Every benchmark of evaluation.retention on the base and on the adapter; writes ``out_dir/retention.json``
-    and returns what it holds (None without benchmarks)."""
+    and returns what it holds (None without benchmarks). ``loaded``: the items load_all read already."""
     specs = recipe["evaluation"]["retention"]
     if not specs:
         return None
     evaluator = MultipleChoice(seed=recipe["seed"])
+    loaded = loaded if loaded is not None else load_all(recipe)
     rows = []
-    for i, spec in enumerate(specs):
+    for spec, items in zip(specs, loaded, strict=True):
         start = time.time()
-        items = benchmark.load(spec, i) if spec["lm_eval"] is None else None
         base, cached = base_records(recipe, spec, items, model, tokenizer, cache_dir)
         adapter = _score(model, tokenizer, recipe, spec, items)
         by_index = {r.index: r for r in adapter}
