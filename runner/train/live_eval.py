@@ -37,16 +37,26 @@ class Scorer:
         self.recipe, self.tokenizer = recipe, tokenizer
         self.examples = examples.select(range(min(size, len(examples))))
         self.evaluators = [(n, ev) for n, ev in evaluate_mod.build_evaluators(recipe) if ev.metrics]
-        g = recipe["generation"]
-        batch = g["batch_size"] if isinstance(g["batch_size"], int) else backend_mod.DEFAULT_BATCH
-        plain = g["backend"] == "plain"  # the recipe asks for the plain path: kept (as generation checks it)
-        self.choice = backend_mod.Choice("plain" if plain else FAST, min(batch, max(1, len(self.examples))),
-                                         why="task metrics while training: the model as it trains")
+        self.choice = None  # decided at the first evaluation, on the model as it trains (``_choose``)
         self.seconds = 0.0
         self.calls = 0
 
+    def _choose(self, model) -> backend_mod.Choice:
+        """The fast backend (the plain one where the recipe asks for it) and its batch size for these prompts, as
+        generation sizes it: a given generation.batch_size, else from the memory budget and what is free while
+        training holds its own (rank 0 decides for every rank)."""
+        g = self.recipe["generation"]
+        fast = {**self.recipe, "generation": {**g, "backend": "plain" if g["backend"] == "plain" else FAST}}
+        choice = None
+        if dist.world().main:
+            choice = evaluate_mod.choose(model, self.tokenizer, list(self.examples["prompt"]), fast)
+            choice = replace(choice, why="task metrics while training: the model as it trains")
+        return dist.broadcast(choice)
+
     def __call__(self, model) -> dict[str, float]:
         start = time.time()
+        if self.choice is None:
+            self.choice = self._choose(model)
         with early._training_state_kept():
             records = self._records(model)
             values = None
@@ -85,8 +95,8 @@ class Scorer:
 
     def record(self) -> dict:
         """What env.json keeps: the evaluations run, their total time, the examples and backend."""
-        return {"evaluations": self.calls, "seconds": round(self.seconds, 2), "examples": len(self.examples),
-                "backend": self.choice.backend, "batch_size": self.choice.batch_size}
+        choice = self.choice.record() if self.choice is not None else {}
+        return {"evaluations": self.calls, "seconds": round(self.seconds, 2), "examples": len(self.examples), **choice}
 
 
 def _finite(value) -> bool:
