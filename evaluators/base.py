@@ -51,6 +51,7 @@ class Record:
 
     ``logprob`` and ``tokens`` are set for an evaluator that ``needs`` "logprobs": the summed log-probability of
     the reference completion + EOS after the prompt, and how many tokens it sums over (as training counts them).
+    ``group``: the example's subject or category where its data names one (a multiple-choice benchmark's items).
     """
 
     index: int
@@ -60,6 +61,7 @@ class Record:
     id: str | None = None
     logprob: float | None = None
     tokens: int | None = None
+    group: str | None = None
 
 
 class Evaluator:

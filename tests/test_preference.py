@@ -41,6 +41,7 @@ def rows_of(items: list[dict]) -> dict:
     ("evaluation.split=eval", "evaluation.split"),          # eval holds the trainer's pairs, not completions
     ("training.packing=true", "training.packing"),          # a pair's sides are compared as whole sequences
     ("prompt.chosen=answer", "prompt.chosen"),              # a template that names no field
+    ("training.task_metrics=8", "training.task_metrics"),  # the task's evaluators cannot score pairs
 ])
 def test_preference_recipe_rules(override, key):
     with pytest.raises(RecipeError) as caught:

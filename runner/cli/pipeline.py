@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.common import dist
-from runner.evaluate import evaluate
+from runner.evaluate import evaluate, retention
 from runner.evaluate.metrics import summary_line
 from runner.export import card
 from runner.report import report
@@ -15,6 +15,7 @@ from runner.train import tracking, train
 
 def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after: bool = True) -> Path:
     """Train ``recipe`` (read from ``recipe_path``), evaluate and report; returns the run folder."""
+    benchmarks = retention.load_all(recipe) if evaluate_after else None  # unreadable ones stop it before training
     trackers = tracking.Session()  # held open by training, finished here with the evaluation's numbers
     run_dir, model, tokenizer, prepared = train.train(recipe, trackers=trackers)
     metrics = None
@@ -28,6 +29,8 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
                                     splits=prepared.splits)
         if metrics is not None:
             print(summary_line(metrics))
+        if dist.world().main:  # the base vs the adapter on evaluation.retention's benchmarks (rank 0 alone)
+            retention.run(recipe, model, tokenizer, run_dir, loaded=benchmarks)
     trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.common.errors import RecipeError
 from runner.data import chat, mixture
-from runner.evaluate import backend
+from runner.evaluate import backend, benchmark
 from runner.recipe import checks, methods, recipe
 
 CHECKS: tuple[recipe.Check, ...] = (
@@ -25,6 +25,7 @@ CHECKS: tuple[recipe.Check, ...] = (
     checks.check_settings,  # splits each setting needs, early stopping, LoRA init, data.max_tokens, rank mode
     methods.check_recipe,   # training.method's prompt, splits and keys; model.adapter needs LoRA
     backend.check_recipe,   # what generation.backend needs: weights it can merge, no beams to compile
+    benchmark.check_recipe,  # evaluation.retention: each benchmark's source file or lm-eval task, its template
 )
 
 

@@ -19,6 +19,7 @@ from runner.common import dist, safeio
 from runner.common.markdown import cell
 from runner.common.stats import ci_overlap, paired_bootstrap
 from runner.evaluate import evaluate as evaluate_mod
+from runner.evaluate import retention
 from runner.evaluate.metrics import better_of, finite, flatten
 from runner.store import runs
 
@@ -116,6 +117,9 @@ def write_markdown(path: Path, summary: dict, base_records: list, adapter_record
               "intervals mean a clear difference; overlapping ones do not mean no difference. The paired interval "
               "resamples the same examples for both models; when it excludes 0 the difference is significant at the "
               "5% level (p: two-sided bootstrap p-value).", ""]
+    general = retention.section(summary.get("retention"))
+    if general:
+        lines += [*general, ""]
     adapted = {r.index: r for r in adapter_records}
     shown = [r for r in base_records if r.index in adapted][:examples]
     if shown:
@@ -200,6 +204,9 @@ def compare(recipe: dict, run_dir: Path, net, tokenizer, examples, out_dir: Path
                "examples": results["adapter"]["examples"], "seed": recipe["seed"],
                "mode": recipe["generation"]["mode"],
                "metrics": side_by_side(results["base"], results["adapter"], paired)}
+    general = retention.run(recipe, net, tokenizer, out_dir)  # the base's scores come from the cache when known
+    if general is not None:
+        summary["retention"] = general
     write_markdown(out_dir / "comparison.md", summary, records["base"], records["adapter"])
     # comparison.json last: its presence marks the comparison finished.
     safeio.write_json(out_dir / "comparison.json", summary)
@@ -250,7 +257,7 @@ def summary_lines(summary: dict) -> list[str]:
             extra = f", CIs {'overlap' if row['ci_overlap'] else 'do not overlap'}"
         out.append(f"{metric}: {first} {_fmt(row[first])} -> {second} {_fmt(row[second])} "
                    f"({row['difference']:+.4g}{extra}; better: {row['better'] or UNDECLARED})")
-    return out
+    return out + retention.summary_lines(summary.get("retention"))
 
 
 def difference_line(differences: list | None) -> str:

@@ -92,6 +92,9 @@ def check_settings(recipe: dict) -> None:
     if training["eval_every"] is not None and splits["eval"] is None:
         raise RecipeError("training.eval_every", "needs an eval split, but data.splits.eval is null",
                           "set data.splits.eval, or training.eval_every: null")
+    if training["task_metrics"] is not None and splits["eval"] is None:
+        raise RecipeError("training.task_metrics", "needs an eval split, but data.splits.eval is null",
+                          "set data.splits.eval (or data.holdout.eval), or training.task_metrics: null")
     _check_early_stopping(training, splits["eval"] is not None)
     _check_lora_init(recipe)
     prompt = recipe["prompt"]

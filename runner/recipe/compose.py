@@ -35,7 +35,7 @@ def compose(path: Path, overrides: list[str] | tuple[str, ...]) -> dict:
             continue
         if tuple(key_path[:2]) in PATH_KEYS:  # a path typed on the command line is relative to the shell's directory
             value = _fix_path(value, Path.cwd()) if len(key_path) == 3 else _fix_paths(value, Path.cwd())
-        elif key_path[:2] == ["data", "sources"]:
+        elif key_path[:2] in (["data", "sources"], ["evaluation", "retention"]):  # a benchmark's source alike
             value = _fix_source_paths(value, key_path[2:], Path.cwd())
         _set_path(raw, key_path, value, text)
     raw.pop("extends", None)
@@ -114,6 +114,8 @@ def _absolutize(data: dict, base_dir: Path) -> dict:
             block[key] = _fix_paths(block[key], base_dir)
     if isinstance(data.get("data"), dict) and "sources" in data["data"]:
         data["data"]["sources"] = _fix_source_paths(data["data"]["sources"], [], base_dir)
+    if isinstance(data.get("evaluation"), dict) and "retention" in data["evaluation"]:
+        data["evaluation"]["retention"] = _fix_source_paths(data["evaluation"]["retention"], [], base_dir)
     return data
 
 

@@ -45,6 +45,9 @@ def check_recipe(recipe: dict) -> None:
     if training["early_stopping"] is not None:
         raise RecipeError("training.early_stopping", f"is not supported with training.method {name}",
                           "remove it; the report shows the eval pairs' reward accuracy at every evaluation")
+    if training.get("task_metrics"):  # the eval split holds pairs, which the task's evaluators cannot score
+        raise RecipeError("training.task_metrics", f"is not supported with training.method {name}: the eval split "
+                          "holds preference pairs", "remove it; the report shows the eval pairs' reward accuracy")
     for side in ("chosen", "rejected"):
         fields = template_fields(prompt[side], f"prompt.{side}")
         if not fields:

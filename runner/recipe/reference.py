@@ -42,6 +42,8 @@ def _yaml(value) -> str:
 
 
 def _code(value) -> str:
+    if isinstance(value, str) and "\n" in value:  # a table cell is one line: the text as YAML writes it quoted
+        return "`" + json.dumps(value).replace("|", "\\|") + "`"
     return "`" + _yaml(value).replace("|", "\\|") + "`"
 
 
@@ -104,6 +106,9 @@ def _rows(node: dict, path: str, defs: dict, required: bool = False) -> list[str
     rows = [f"| `{path}` | {_escape(_kind(node, defs))} | {_default(node, required)} | "
             f"{_escape(node.get('description', ''))} |"]
     below = node.get("items", {}) if "properties" not in node else node
+    if "$ref" in below:  # a closed definition's keys are listed here (a benchmark's); an open one's elsewhere
+        target = defs.get(below["$ref"].rsplit("/", 1)[-1], {})
+        below = target if target.get("additionalProperties") is False else {}
     prefix = f"{path}[]" if below is not node else path
     for key, child in below.get("properties", {}).items():
         rows += _rows(child, f"{prefix}.{key}", defs, key in below.get("required", ()))

@@ -14,7 +14,7 @@ from pathlib import Path
 from runner.common import safeio, stats
 from runner.common.markdown import cell, table
 from runner.data import inspection as inspect_mod
-from runner.evaluate import baselines
+from runner.evaluate import baselines, retention
 from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate.metrics import DECLARED, by_evaluator, headline, primary_metric
 from runner.model.model import lora_variants
@@ -76,6 +76,38 @@ def plot_loss(log: list[dict], path: Path) -> Path | None:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def task_metric_points(log: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """training.task_metrics' numbers (``eval_<evaluator>.<metric>``) as (step, value) pairs, per metric."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in log:
+        for k, v in r.items():
+            if k.startswith("eval_") and "." in k and isinstance(v, (int, float)):
+                out.setdefault(k[5:], []).append((r["step"], float(v)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_task_metrics(log: list[dict], path: Path) -> Path | None:
+    """The task metrics measured while training, one panel each, to set beside the loss."""
+    points = task_metric_points(log)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points) + 0.8, 3.8), squeeze=False)
+    for ax, (name, values) in zip(axes[0], points.items()):
+        ax.plot(*zip(*values, strict=True), color="#3a8a3a", marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -208,6 +240,12 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
         rows.append(["adapter kept (early stopping)", checkpoints.describe_best(env["early_stopping"])])
     if env.get("train_seconds") is not None:
         rows.append(["training time", f"{env['train_seconds']:.1f} s (+ {env.get('load_seconds', 0):.1f} s loading)"])
+    live = env.get("task_metrics")
+    if live:
+        spent = live["seconds"] / max(env.get("train_seconds", 0) - live["seconds"], 1e-9)
+        rows.append(["task metrics while training", f"{live['evaluations']} evaluations of {live['examples']} eval "
+                     f"examples (backend {live['backend']}): {live['seconds']:.1f} s, +{100 * spent:.0f}% on the "
+                     "training steps' time"])
     if env.get("peak_allocated_gb") is not None:
         rows.append(["peak GPU memory", f"{env['peak_allocated_gb']} GiB allocated, "
                                         f"{env.get('peak_reserved_gb')} GiB reserved"])
@@ -222,6 +260,9 @@ def training_section(env: dict, log: list[dict], loss_png: Path | None, run_dir:
     lines += table(["", ""], rows) if rows else ["No training record (env.json) in this folder."]
     if loss_png is not None:
         lines += ["", f"![loss]({loss_png.relative_to(run_dir).as_posix()})"]
+    live_png = plot_task_metrics(log, run_dir / PLOTS / "task_metrics.png")
+    if live_png is not None:
+        lines += [f"![task metrics while training]({live_png.relative_to(run_dir).as_posix()})"]
     return lines
 
 
@@ -365,6 +406,7 @@ def write(run_dir: Path, recipe: dict, tokenizer=None, data_stats: dict | None =
                     training_section(env, log, loss_png, run_dir, rss_gb), signals.section(recipe, env, log),
                     metrics_section(metrics, run_dir),
                     baselines_section(run_dir, recipe, metrics), resolution_section(metrics),
+                    retention.section(retention.read(run_dir)),
                     samples_section(run_dir)):
         if not section:
             continue

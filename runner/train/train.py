@@ -21,7 +21,7 @@ from runner.model import start as adapter_start
 from runner.recipe import methods as recipe_methods
 from runner.speed import profiles
 from runner.store import checkpoints, runs
-from runner.train import divergence, early, methods, tracking
+from runner.train import divergence, early, live_eval, methods, tracking
 
 # ---------------------------------------------------------------- one _setup_* per recipe section
 
@@ -284,6 +284,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     stopping = early.decider(recipe)
     speed = methods.speed_for(recipe, _setup_speed(recipe, meta, speed))
     early.check_launch(stopping, speed)
+    live_eval.check_launch(recipe, speed)
     started_from = adapter_start.describe(recipe)  # model.adapter found (or refused) before any weight loads
     prepared = _setup_data(recipe, tokenizer)
     # Rank 0 claims the one run folder (or finds the run to resume); every rank trains into it.
@@ -319,7 +320,7 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
             )
         session = trackers if trackers is not None else tracking.Session()
         session.attach(trainer, recipe["evaluation"]["split"], resume_from)
-        trainer.extra_metrics = early.scorer(stopping, recipe, tokenizer, prepared.splits.get("eval"))
+        trainer.extra_metrics = live_eval.scorer(recipe, stopping, tokenizer, prepared.splits.get("eval"))
         guard.attach(trainer)
         checkpoints.resume_in_the_same_precision(trainer)
         _setup_shapes(trainer, speed, tokenizer, recipe)
@@ -359,7 +360,9 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
         runs.update_env(run_dir, train_seconds=round(train_s, 2), load_seconds=round(load_s, 2),
                         train_loss=record.mean_loss() if record.mean_loss() is not None else result.training_loss,
                         global_step=result.global_step, **runs.peak_memory(),
-                        **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}))
+                        **({"ranks": ranks} if world.size > 1 else {}), **({"early_stopping": best} if best else {}),
+                        **({"task_metrics": trainer.extra_metrics.record()}
+                           if isinstance(trainer.extra_metrics, live_eval.Scorer) else {}))
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     if best is not None:
         print(f"early stopping: {checkpoints.describe_best(best)}", flush=True)
