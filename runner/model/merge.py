@@ -91,6 +91,9 @@ def dequantized_copy(base, dtype):
     with torch.device("meta"):
         out = type(base)._from_config(config, dtype=dtype)  # the loaded class itself (remote code included)
     out.to_empty(device=device)
+    # to_empty gives every module a tensor of its own, which unties a tied head from the embeddings (Llama 3.2,
+    # Qwen3, Gemma 3): tie them again, so the head is the embeddings the base shares it with.
+    out.tie_weights()
     targets = dict(chain(out.named_parameters(), out.named_buffers()))
     modules = dict(base.named_modules())
     filled = set()
