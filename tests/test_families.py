@@ -133,7 +133,8 @@ def test_validate_names_the_familys_linear_modules_for_a_target_it_lacks(built):
     """From the local config.json (the twin) and from a preset's hub id: one error line, exit 2, no torch."""
     out = _validate(_twin_recipe("phi3"), "lora.target_modules=[qkv_proj,q_proj]")
     assert out.returncode == 2 and "HEAVY []" in out.stdout
-    assert out.stderr == ("error: lora.target_modules[1]: Phi-3 (phi3) has no linear module 'q_proj' (its linear "
+    assert out.stderr == ("error: lora.target_modules[1]: Phi-3 (phi3) has no linear module 'q_proj' (did you mean "
+                          "'qkv_proj'? its linear "
                           "modules: qkv_proj, o_proj, gate_up_proj, down_proj)\n"), out.stderr
     out = _validate(PRESETS["gemma3"], "lora.target_modules=[q_proj,dense]")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
