@@ -58,10 +58,9 @@ def test_declared_linear_modules_are_the_models(name, built):
     meta = model.meta_model(config)
     assert model.linear_module_names(meta) == sorted(family.linear_for(config.to_dict()))
     assert config.tie_word_embeddings is family.tied_embeddings
-    assert bool(getattr(config, "sliding_window", None)) is bool(family.sliding_window) or name == "qwen3"
+    assert bool(getattr(config, "sliding_window", None)) is bool(family.sliding_window)
     params = {n.split("layers.0.", 1)[-1] for n, _ in meta.named_parameters() if ".layers.0." in n}
-    assert {f"{p}.weight" if not p.endswith(("proj", "weight")) else p for p in family.experts + family.router} \
-        <= params, params
+    assert set(family.experts + family.router) <= params, params
     if not family.gated_mlp:
         assert not {"gate_proj", "gate_up_proj"} & set(family.linear)
 
@@ -209,7 +208,7 @@ for _name in TWINNED:
 
 
 def _accuracy(folder) -> float:
-    return json.loads((folder / "metrics.json").read_text())["classification"]["accuracy"]["value"]
+    return json.loads((folder / "metrics.json").read_text())["classification"]["accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +243,19 @@ def test_family_twin_exports_a_plain_model_with_the_adapters_logits(name, family
     check = record["check_vs_adapter"]
     assert check["same_next_token"] and check["max_abs_logit_diff"] <= 1e-3 * max(1.0, check["max_abs_logit"]), check
     assert AutoConfig.from_pretrained(merged).model_type in families.BY_NAME[name].model_types
+
+
+@pytest.mark.parametrize("name, prefix", [("mistral", " "), ("llama", ""), ("gemma3", ""), ("phi3", "")])
+def test_rank_mode_scores_each_label_as_the_template_writes_an_answer(name, prefix, built):
+    """Mistral writes "[/INST] answer": rank mode scores " Sports" after the prompt, as trained (it scored "Sports",
+    which the model never saw there, and ranked at chance)."""
+    from transformers import AutoTokenizer
+
+    from runner.data import chat
+    from runner.evaluate import rank
+
+    recipe = recipes.load(_twin_recipe(name))
+    tok = AutoTokenizer.from_pretrained(built / name)
+    chat.attach(recipe, tok)
+    assert chat.answer_prefix(tok) == prefix
+    assert rank.candidate(recipe, "Sports", tok) == prefix + "Sports"

@@ -38,9 +38,9 @@ LLAMA3 = "\n".join((  # Llama 3.1 / 3.2 Instruct, minus the tools block and the 
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}",
 ))
 
-QWEN3 = "\n".join((  # Qwen3 with enable_thinking=False: ChatML, each answer after an empty think block (as the real template
-    # writes the last one; it drops the block from earlier turns, which would make training and inference prompts
-    # differ turn by turn)
+# Qwen3 with enable_thinking=False: ChatML, each answer after an empty think block (as the real template writes the
+# last one; it drops the block from earlier turns, which would make training and inference prompts differ by turn)
+QWEN3 = "\n".join((
     "{%- for message in messages -%}",
     "{%- if message['role'] == 'assistant' -%}",
     "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}",
@@ -52,7 +52,8 @@ QWEN3 = "\n".join((  # Qwen3 with enable_thinking=False: ChatML, each answer aft
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}",
 ))
 
-GEMMA3 = "\n".join((  # Gemma 3 (text): no system role, a system turn is prefixed to the first user turn; the assistant is 'model'
+# Gemma 3 (text): no system role, a system turn is prefixed to the first user turn; the assistant is 'model'
+GEMMA3 = "\n".join((
     "{{- bos_token -}}",
     "{%- if messages[0]['role'] == 'system' -%}",
     "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}",
@@ -69,7 +70,8 @@ GEMMA3 = "\n".join((  # Gemma 3 (text): no system role, a system turn is prefixe
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}",
 ))
 
-MISTRAL = "\n".join((  # Mistral-7B-Instruct-v0.3: [INST] turns, the system text before the last user turn, answers end with EOS
+# Mistral-7B-Instruct-v0.3: [INST] turns, the system text before the last user turn, answers end with EOS
+MISTRAL = "\n".join((
     "{{- bos_token -}}",
     "{%- if messages[0]['role'] == 'system' -%}",
     "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
@@ -86,7 +88,8 @@ MISTRAL = "\n".join((  # Mistral-7B-Instruct-v0.3: [INST] turns, the system text
     "{%- endfor -%}",
 ))
 
-PHI3 = "\n".join((  # Phi-3-mini-4k-instruct; the real template ends a conversation (not a prompt) with EOS after the last <|end|>
+# Phi-3-mini-4k-instruct; the real template ends a conversation (not a prompt) with EOS after the last <|end|>
+PHI3 = "\n".join((
     "{%- for message in messages -%}",
     "{%- if message['role'] == 'assistant' -%}",
     "{{- '<|assistant|>\\n' -}}{% generation %}{{- message['content'] + '<|end|>' -}}{% endgeneration %}{{- '\\n' -}}",
@@ -108,9 +111,9 @@ GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 class Family:
     """One family's declared contract. ``attention``/``mlp``: the nn.Linear leaf names in each decoder layer (the
     output head is never a LoRA target); ``experts``/``router``: a mixture of experts' parameter names, which in
-    transformers 5 are fused 3-D tensors and a router weight, not nn.Linear (so neither ``all-linear`` nor a
-    target_modules name reaches them); ``dense_mlp_when``: config keys whose non-default value adds dense MLP layers
-    to a mixture of experts."""
+    transformers 5 are fused 3-D tensors and a router weight, not nn.Linear (no target_modules name reaches them;
+    peft 0.22 expands ``all-linear`` to them as target_parameters); ``dense_mlp_when``: config keys whose
+    non-default value adds dense MLP layers to a mixture of experts."""
 
     name: str                       # the registry key and the preset/twin file stem
     title: str                      # what people call it
@@ -158,8 +161,7 @@ FAMILIES: tuple[Family, ...] = (
            other_presets=("meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.1-8B-Instruct")),
     Family("qwen3", "Qwen 3", ("qwen3",), "Qwen/Qwen3-1.7B", ATTENTION, GATED_MLP, "all-linear", QWEN3,
            None, "<|im_end|>", "<|im_end|>", ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
-           pad="<|endoftext|>", tied_embeddings=True,
-           sliding_window="config has one (use_sliding_window), off in every released Qwen3",
+           pad="<|endoftext|>", tied_embeddings=True,  # (use_sliding_window exists, off in every released Qwen3)
            other_presets=("Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B")),
     Family("gemma3", "Gemma 3 (text)", ("gemma3_text",), "google/gemma-3-1b-it", ATTENTION, GATED_MLP, "all-linear",
            GEMMA3, "<bos>", "<eos>", "<end_of_turn>", ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
@@ -227,8 +229,8 @@ def check_targets(recipe: dict) -> Family | None:
         if name not in available:
             close = difflib.get_close_matches(name, available, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            extra = (f"; its experts ({', '.join(family.experts)}) and router are not linear modules"
-                     if family.experts else "")
+            extra = (f"; its experts ({', '.join(family.experts)}) and router are not linear modules: "
+                     "all-linear reaches them" if family.experts else "")
             raise RecipeError(f"lora.target_modules[{i}]", f"{family.title} ({family.model_types[0]}) has no linear "
                               f"module {name!r}", f"{hint}its linear modules: {', '.join(available)}{extra}")
     return family
