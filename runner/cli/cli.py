@@ -151,12 +151,13 @@ def cmd_validate(args) -> int:
     start = time.perf_counter()
     recipe = _recipe(args)
     from runner.data import data
-    from runner.model import model
+    from runner.model import families, model
     from runner.train import early, tracking
 
     tracking.check(recipe)
     early.decider(recipe)  # the early-stopping metric: the trainer's, or one an evaluator declares with a direction
     model.check_local(recipe)  # the files and folders the recipe names, read no further than their first lines
+    family = families.check_targets(recipe)  # LoRA targets against the model family's linear modules, no torch
     data.check_files(recipe)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
@@ -165,7 +166,8 @@ def cmd_validate(args) -> int:
     targets = lora_text(recipe["lora"])
     # With --print, stdout is the recipe alone (`> r.yaml` saves a recipe that loads again); the verdict goes aside.
     print(f"ok: {args.recipe} -> {recipe['name']}: {recipe['model']['name_or_path']}, "
-          f"{recipe['quantization']['method']}, {targets} ({time.perf_counter() - start:.2f} s)",
+          f"{recipe['quantization']['method']}, {targets}{f' ({family.title} family)' if family else ''} "
+          f"({time.perf_counter() - start:.2f} s)",
           file=sys.stderr if args.show else sys.stdout)
     return 0
 

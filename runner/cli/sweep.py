@@ -135,10 +135,11 @@ def _check_local(recipe: dict) -> None:
     columns (a swept data.source or model path is found missing before any cell trains) and the early-stopping
     metric."""
     from runner.data import data
-    from runner.model import model
+    from runner.model import families, model
     from runner.train import early
 
     model.check_local(recipe)
+    families.check_targets(recipe)
     data.check_files(recipe)
     early.decider(recipe)
 

@@ -96,6 +96,7 @@ def attach(recipe: dict, tokenizer) -> None:
         raise RecipeError("prompt.chat_template", f"leaves the end of an assistant turn ({short(end, 20)!r}) out of "
                           "the loss, so the model never learns to stop", "move {% endgeneration %} after it")
     tokenizer.runner_turn_end = end
+    tokenizer.runner_answer_prefix = full[len(prompt):at]  # what the template writes before an answer (Mistral: " ")
 
 
 class _StopTokenWarning:
@@ -136,6 +137,12 @@ def _tokenizer_training_template(tokenizer) -> str:
 def turn_end(tokenizer) -> str:
     """The text that closes an assistant turn (``<|im_end|>`` for ChatML), found by ``attach``."""
     return tokenizer.runner_turn_end
+
+
+def answer_prefix(tokenizer) -> str:
+    """The text a chat template puts between its generation prompt and an answer's content (found by ``attach``):
+    "" for most, a space for Mistral's "[/INST] answer"; rank mode scores each label after it, as trained."""
+    return tokenizer.runner_answer_prefix
 
 
 def completion_end(recipe: dict, tokenizer) -> str:

@@ -28,10 +28,11 @@ MAX_TOKENIZE_THREADS = 8
 MIN_CHUNK = 64
 
 
-def candidate(recipe: dict, label: str) -> str:
-    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``; chat: the label)."""
+def candidate(recipe: dict, label: str, tokenizer=None) -> str:
+    """The completion text the model was trained to write for ``label`` (e.g. ``" Sports"``; chat: the label as the
+    chat template writes an answer after its generation prompt, e.g. Mistral's ``" Sports"`` after ``[/INST]``)."""
     if chat.is_chat(recipe):
-        return label
+        return (chat.answer_prefix(tokenizer) if tokenizer is not None else "") + label
     template = recipe["prompt"]["completion"]
     (field,) = template_fields(template, "prompt.completion")  # one field: the recipe checks say so in rank mode
     return render(template, {field: label}, recipe["prompt"]["list_separator"])
@@ -223,7 +224,7 @@ def one_behind(items: Iterator) -> Iterator:
 def _candidates(recipe: dict, tokenizer) -> tuple[list[str], list[str], int]:
     """(labels, their completion texts, the most tokens a completion + EOS takes)."""
     labels = rank_labels(recipe)
-    cands = [candidate(recipe, label) for label in labels]
+    cands = [candidate(recipe, label, tokenizer) for label in labels]
     end = chat.completion_end(recipe, tokenizer)
     longest = max(len(tokenizer(c + end, add_special_tokens=False)["input_ids"]) for c in cands)
     return labels, cands, longest

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from runner.common import dist, safeio
 from runner.common.errors import RecipeError
+from runner.data import chat
 from runner.recipe.templates import render, template_fields
 
 RECORD = "export.json"
@@ -36,9 +37,12 @@ def check_out(out: Path) -> Path:
     return out
 
 
-def _probe_prompt(recipe: dict) -> str:
-    """A prompt in the recipe's own shape (its template, each field filled with one plain sentence)."""
+def _probe_prompt(recipe: dict, tokenizer) -> str:
+    """A prompt in the recipe's own shape (its template, each field filled with one plain sentence; chat data: one
+    user turn of that sentence, rendered by the recipe's chat template as evaluation renders it)."""
     text = "The council approved the new budget on Tuesday after a long debate about schools and roads."
+    if chat.is_chat(recipe):
+        return chat.render_prompt(tokenizer, [{"role": "user", "content": text}])
     template = recipe["prompt"]["template"]
     return render(template, {name: text for name in template_fields(template, "prompt.template")})
 
@@ -98,11 +102,11 @@ def export(recipe: dict, run_dir: Path, out: Path, fmt: str = "hf", quant: str |
     # Stop strings in a saved generation config make a plain generate() without tokenizer= fail; they go in
     # export.json instead, for generate(..., stop_strings=..., tokenizer=...).
     merged.generation_config.stop_strings = None
-    check = logit_gap(net, merged, tokenizer, _probe_prompt(recipe))
+    check = logit_gap(net, merged, tokenizer, _probe_prompt(recipe, tokenizer))
     record = {"run": str(run_dir), "recipe": recipe["name"], "base": recipe["model"]["name_or_path"],
               "quantization": recipe["quantization"]["method"], "dtype": str(merged.dtype).removeprefix("torch."),
               "merged": "base weights dequantized to the compute dtype, LoRA added there (peft merge_and_unload)",
-              "prompt_template": recipe["prompt"]["template"], "stop_strings": stops,
+              "prompt_template": recipe["prompt"].get("template"), "stop_strings": stops,
               "check_vs_adapter": check, "format": fmt}
     with safeio.folder(out) as partial:  # appears whole or not at all
         if fmt == "gguf":

@@ -11,12 +11,14 @@ was trained against those. The loaded model is left as it was (training, ``runne
 from __future__ import annotations
 
 import copy
+import re
 from itertools import chain
 
 from runner.model.counting import count_parameters
 from runner.model.model import FUSED_ACTIVATIONS
 
 QUANTIZED = ("Params4bit", "Int8Params")
+_PEFT_WRAPPERS = re.compile(r"(\.base_layer|\.original_module)+\.")
 
 
 def is_quantized(model) -> bool:
@@ -91,6 +93,9 @@ def dequantized_copy(base, dtype):
     with torch.device("meta"):
         out = type(base)._from_config(config, dtype=dtype)  # the loaded class itself (remote code included)
     out.to_empty(device=device)
+    # to_empty gives every module a tensor of its own, which unties a tied head from the embeddings (Llama 3.2,
+    # Qwen3, Gemma 3): tie them again, so the head is the embeddings the base shares it with.
+    out.tie_weights()
     targets = dict(chain(out.named_parameters(), out.named_buffers()))
     modules = dict(base.named_modules())
     filled = set()
@@ -99,8 +104,9 @@ def dequantized_copy(base, dtype):
             if ".lora_" in name or ".modules_to_save." in name:  # the adapter's; merged_copy loads them
                 continue
             # peft wraps each target Linear as <name>.base_layer, and each of lora.modules_to_save as
-            # <name>.original_module beside its trained copy
-            key = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+            # <name>.original_module beside its trained copy; a module with several target parameters (a mixture
+            # of experts' fused experts: gate_up_proj and down_proj) is wrapped once per parameter
+            key = _PEFT_WRAPPERS.sub(".", name)
             if key not in targets:
                 raise ValueError(f"cannot place {name!r} in a plain {type(out).__name__}")
             target = targets[key]

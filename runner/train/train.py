@@ -366,7 +366,17 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     if best is not None:
         print(f"early stopping: {checkpoints.describe_best(best)}", flush=True)
+    _router_logits_off(trainer.model)
     return run_dir, trainer.model, tokenizer, prepared
+
+
+def _router_logits_off(model) -> None:
+    """The trained model goes on to evaluation: TRL turned a mixture of experts' output_router_logits on for its
+    load-balancing loss, and generation with it on fails in transformers 5 (the loss masks the router logits of the
+    new token with the whole prompt's attention mask); evaluation needs no router logits."""
+    config = model.config.get_text_config()
+    if getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
 
 
 def _close_progress_bars(trainer) -> None:
