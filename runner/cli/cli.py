@@ -378,7 +378,48 @@ def _one_voice() -> dist.World:
     return world
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `docker stop`, `timeout`, a launcher stopping its ranks): handled as Ctrl-C is, since
+    every part of the runner that cleans up after Ctrl-C catches KeyboardInterrupt; exit status 143 (128 + 15)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _ending() -> None:
+    """The command is ending (an error, an interruption): a SIGTERM now (a launcher stopping every rank once one
+    failed) must not cut the cleanup and the one line short with a traceback of its own."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
+def _sigterm_as_interrupt():
+    """Install the SIGTERM handler for the life of main(); the previous handler back after (main() also runs
+    in-process, in tests). Only the main thread may set a handler; elsewhere SIGTERM keeps its default."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    previous = _sigterm_as_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_libraries()
     world = _one_voice()
     try:
@@ -391,12 +432,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
         recipes.settle_recipe(args)
         return COMMANDS[args.command][2](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        _ending()
+        terminated = isinstance(exc, Terminated)
         left = outcome.discard_unfinished()
-        if world.main:  # rank 0 held the folders; the other ranks have nothing to add
-            print(outcome.interrupted(left), file=sys.stderr)
-        return 130
+        if world.main:  # rank 0 held the folders
+            print(outcome.interrupted(left, "terminated (SIGTERM)" if terminated else "interrupted"), file=sys.stderr)
+        elif terminated:  # a rank signalled alone (or by the launcher, stopping the job) says which it is
+            print(outcome.terminated_rank(world), file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
+        _ending()
         from runner.store import runs
 
         error = classify(exc, runs.written())  # the folders this command opened (runs records them)

@@ -34,13 +34,24 @@ def discard_unfinished() -> list | None:
         return None
 
 
-def interrupted(left: list | None) -> str:
-    """After Ctrl-C: what was kept, what was removed, how to go on (runner.store.leftovers)."""
+def interrupted(left: list | None, how: str = "interrupted") -> str:
+    """After Ctrl-C or SIGTERM (``how``: "interrupted", "terminated (SIGTERM)"): what was kept, what was removed,
+    how to go on (runner.store.leftovers)."""
     if left is None:
-        return "interrupted"
+        return how
     from runner.store import leftovers
 
     try:
-        return "\n".join(leftovers.describe(left))
+        lines = leftovers.describe(left)
     except Exception:  # saying it must never hide that the command was interrupted
-        return "interrupted"
+        return how
+    if lines and lines[0].startswith("interrupted"):
+        lines[0] = how + lines[0].removeprefix("interrupted")
+    return "\n".join(lines)
+
+
+def terminated_rank(world: dist.World) -> str:
+    """A rank other than 0 ended by SIGTERM: true whoever sent it (the job's scheduler stopping every rank, or the
+    launcher stopping the others after one failed, whose own line says why); rank 0 says what was kept."""
+    return (f"error: rank {world.rank}: terminated (SIGTERM): the job was stopped, or another rank failed first "
+            "(its line says why)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from runner.common.errors import RecipeError
 from runner.data import chat, mixture
 from runner.evaluate import backend
-from runner.recipe import checks, recipe
+from runner.recipe import checks, compose, recipe
 
 CHECKS: tuple[recipe.Check, ...] = (
     checks.check_prompt,    # prompt.messages (chat data) or template + completion; the template's fields
@@ -44,6 +44,7 @@ def for_command(args) -> dict:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
+    compose.check_repeated(args.overrides)
     return load(args.recipe or _run_recipe(args), args.overrides)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 # How much of a foreign message (a library's, an OS's) goes into the one line.
 MESSAGE_CHARS = 300
+# The most of each part of an error line: a key path, a value or a key typed by mistake can be megabytes long.
+WHERE_CHARS, PROBLEM_CHARS, HINT_CHARS = 120, 1500, 1000
 
 
 class RecipeError(Exception):
@@ -27,9 +29,10 @@ class RecipeError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        where = f"{self.key_path}: " if self.key_path else ""
-        hint = f" ({self.hint})" if self.hint else ""
-        return " ".join(f"error: {where}{self.problem}{hint}".split())  # one line, whatever the parts held
+        where = f"{clip(self.key_path, WHERE_CHARS)}: " if self.key_path else ""
+        hint = f" ({clip(self.hint, HINT_CHARS)})" if self.hint else ""
+        # one line, whatever the parts held, each at most a head...tail of what it quotes
+        return " ".join(f"error: {where}{clip(self.problem, PROBLEM_CHARS)}{hint}".split())
 
 
 class EnvironmentProblem(RecipeError):
@@ -39,9 +42,18 @@ class EnvironmentProblem(RecipeError):
 
 
 def short(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``text`` on one line, at most ``limit`` characters (its head and tail)."""
+    return clip(" ".join(str(text).split()), limit)
+
+
+def clip(text, limit: int) -> str:
+    """``text`` as it is when at most ``limit`` characters, else its head...tail in ``limit`` characters: what a
+    message quotes of a value or a key the user typed stays short, whatever its length."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = max(1, (limit - 3) * 2 // 3)
+    return f"{text[:head]}...{text[len(text) - max(1, limit - 3 - head):]}"
 
 
 # errno -> (what, hint) for the OS errors a run can meet while writing its folders.

