@@ -4,8 +4,10 @@ text, overrides named by their key path. Each test fails without the fix it cove
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -112,7 +114,6 @@ def test_the_makefile_launcher_ends_in_the_runners_line_and_its_status(tmp_path)
     """`make train NPROC=N` runs runner.cli.launch (torchrun's own entry point): a failed job shows the runner's error
     line and one launcher line with the rank's exit status, not torchrun's traceback."""
     import subprocess
-    import sys
 
     from tests.conftest import cli_env
     from tests.e2e.test_distributed import _free_port
@@ -130,3 +131,43 @@ def test_the_makefile_launcher_ends_in_the_runners_line_and_its_status(tmp_path)
     # rank 1, stopped by the launcher before it ended on its own, may say so (truly); nothing else
     assert all(line.startswith("error: rank 1: terminated (SIGTERM)") for line in lines[1:-1]), lines
     assert "runner.cli.launch --nproc-per-node $(NPROC)" in (ROOT / "Makefile").read_text()
+
+
+# ---------------------------------------------------------------- 6. machine faults
+
+
+def test_a_cache_folder_that_cannot_be_written_is_the_machines_fault_not_the_datas(tmp_path, tiny, monkeypatch):
+    """HOME or the datasets cache read-only or not a folder: exit 1 naming the cache, not "cannot read train.jsonl"
+    with exit 2 (root ignores permissions, so a file where the cache folder should be stands in for it)."""
+    import datasets.config
+
+    from runner.data import files
+
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    with pytest.raises(errors.RecipeError) as caught:
+        files.read_local(str(tiny / "data" / "xsum_tiny" / "validation.jsonl"), "data.source.eval")
+    assert caught.value.exit_code == 1
+    line = caught.value.line()
+    assert line.startswith(f"error: {cache}: a part of the path is a file") and "HF_HOME" in line, line
+
+
+@pytest.mark.parametrize(("exc", "where", "words"), [
+    (OSError(errno.ELOOP, "Too many levels of symbolic links", "/x/loop/run"), "/x/loop/run", ["symbolic link loop"]),
+    (RuntimeError("can't start new thread"), "threads", ["cannot start a thread", "ulimit -u"]),
+    (ValueError("x"), "internal", []),
+])
+def test_symlink_loops_and_threads_that_cannot_start_are_machine_faults(exc, where, words):
+    error = errors.classify(exc)
+    assert error.exit_code == 1
+    assert error.key_path == where and all(w in error.line() for w in words), error.line()
+
+
+def test_a_symlink_loop_in_an_output_folder_is_one_line_exit_1(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    code, _, err = run_main("inspect", TINY, "--out", tmp_path / "a" / "x")
+    line = one_line(err)
+    assert code == 1 and "symbolic link loop" in line, line

@@ -68,7 +68,36 @@ _OS_ERRORS = {
     errno.ENAMETOOLONG: ("the path is too long", "choose a shorter output_dir or name"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
     errno.EIO: ("input/output error", "check the disk"),
+    errno.ELOOP: ("a symbolic link loop (too many levels of symbolic links)", "fix or remove the link that points "
+                  "back into its own path"),
 }
+# Where the libraries keep their caches: a failure to write there is the cache folder's, not the data's or the run's.
+_CACHE_VARIABLES = ("HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME",
+                    "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR")
+_CACHE_HINT = ("a cache folder (under HOME, or HF_HOME / HF_DATASETS_CACHE / XDG_CACHE_HOME) cannot be written: make "
+               "it writable, or point HF_HOME and HF_DATASETS_CACHE at a writable folder")
+# Python's and native threads' words for a thread that could not start (a process or user limit, or no memory).
+_THREAD_START = re.compile(r"can't start new thread|pthread_create|Resource temporarily unavailable.*thread", re.I)
+
+
+def _in_cache(filename: str) -> bool:
+    """Whether ``filename`` is in a library's cache folder rather than where the user asked the runner to write."""
+    roots = [os.environ.get(v) for v in _CACHE_VARIABLES] + [os.path.join(os.path.expanduser("~"), ".cache")]
+    path = os.path.abspath(filename)
+    return any(root and (path + os.sep).startswith(os.path.abspath(root) + os.sep) for root in roots)
+
+
+def os_fault(exc: BaseException) -> EnvironmentProblem | None:
+    """The machine's fault behind ``exc``, if an OS error of the kinds _OS_ERRORS names is in its chain: exit 1,
+    named by the path; one in a cache folder says so (its hint is the cache's, not output_dir's)."""
+    for item in _chain(exc):
+        if isinstance(item, OSError) and item.errno in _OS_ERRORS:
+            what, hint = _OS_ERRORS[item.errno]
+            name = str(item.filename or "")
+            if name and _in_cache(name) and item.errno != errno.ELOOP:
+                hint = _CACHE_HINT
+            return EnvironmentProblem(short(name, 200), what, hint)
+    return None
 # Libraries that write in native code (safetensors, torch.save) report the OS error only in their message.
 _MESSAGES = [
     (re.compile(r"no space left|storagefull|enospc|file write failed", re.I), errno.ENOSPC),
@@ -175,10 +204,14 @@ def classify(exc: BaseException, written: tuple | list = ()) -> RecipeError:
     for item in _chain(exc):
         if isinstance(item, RecipeError):
             return item
-        if isinstance(item, OSError) and item.errno in _OS_ERRORS:
-            what, hint = _OS_ERRORS[item.errno]
-            return EnvironmentProblem(short(item.filename or "", 200), what, hint)
+    fault = os_fault(exc)
+    if fault is not None:
+        return fault
     for item in _chain(exc):
+        if isinstance(item, RuntimeError) and _THREAD_START.search(str(item)):
+            return EnvironmentProblem("threads", f"cannot start a thread: {short(item, 120)}",
+                                      "the process's thread or memory limit is reached (ulimit -u, a container's "
+                                      "pids or memory limit): raise it, or set training.num_threads lower")
         if isinstance(item, MemoryError) or type(item).__name__ == "OutOfMemoryError":
             return EnvironmentProblem("memory", "out of memory",
                                       "lower training.micro_batch_size, prompt.max_length or generation.batch_size, "

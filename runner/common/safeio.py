@@ -4,6 +4,7 @@ exists half-written, whatever stops the process (a full disk, a kill, a power cu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -86,4 +87,11 @@ def nearest_existing(path: str | Path) -> Path:
     """``path`` itself or its nearest parent that exists: whether the rest of it can be made as folders (it can
     when that one is a folder)."""
     path = Path(path)
-    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    for p in (path, *path.parents):
+        try:
+            p.stat()
+            return p
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symbolic link loop on the way: the machine's fault, told before any
+                raise  # work (errors.classify names it), not when the first file is written
+    return Path(".")

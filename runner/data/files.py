@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from runner.common.errors import RecipeError
+from runner.common.errors import RecipeError, os_fault
 from runner.recipe.compose import DATA_SUFFIXES
 from runner.recipe.loader import not_a_file
 
@@ -79,6 +79,9 @@ def read_local(path: str, key_path: str):
     try:
         ds = load_dataset(_FORMATS[p.suffix.lower()], data_files=str(p), split="train", keep_in_memory=True)
     except Exception as exc:  # datasets wraps parser errors in several types; all mean "can't read this file"
+        fault = os_fault(exc)  # unless it is the machine's: a cache folder not writable, a link loop, a full disk
+        if fault is not None:
+            raise fault from None
         cause = _root_cause(exc)
         if _NO_ROWS.search(cause):
             raise no_rows from None
