@@ -171,3 +171,52 @@ def test_a_symlink_loop_in_an_output_folder_is_one_line_exit_1(tmp_path):
     code, _, err = run_main("inspect", TINY, "--out", tmp_path / "a" / "x")
     line = one_line(err)
     assert code == 1 and "symbolic link loop" in line, line
+
+
+# ---------------------------------------------------------------- 7. background threads
+
+
+def test_a_tensorboard_writer_failing_on_a_full_disk_prints_no_traceback(tmp_path, monkeypatch):
+    """The writer's thread fails (disk full) and torch raises it again at the next write, in the main thread: the
+    command ends in its one line, with no thread traceback beside it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from runner.cli import recipes
+
+    def settle(args):
+        writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "tb" / "events"))
+
+        monkeypatch.setattr(writer.file_writer.event_writer._general_file_writer, "write", full)
+        writer.add_scalar("loss", 1.0, 1)
+        writer.flush()  # the thread fails and the main thread hears of it here
+
+    monkeypatch.setattr(recipes, "settle_recipe", settle)
+    code, _, err = run_main("validate", TINY)
+    assert code == 1 and "Traceback" not in err and "Exception in thread" not in err, err
+    assert one_line(err).startswith(f"error: {tmp_path / 'tb' / 'events'}: no space left on the device")
+
+
+def test_a_background_failure_under_a_command_that_succeeds_is_one_warning(monkeypatch):
+    import threading
+
+    from runner.cli import recipes
+
+    original = recipes.settle_recipe
+
+    def settle(args):
+        def fail():
+            raise OSError(errno.ENOSPC, "No space left on device", "/x/events")
+
+        thread = threading.Thread(target=fail, name="tb-writer")
+        thread.start()
+        thread.join()
+        original(args)
+
+    monkeypatch.setattr(recipes, "settle_recipe", settle)
+    code, _, err = run_main("validate", TINY)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 0 and "Traceback" not in err
+    assert lines[-1].startswith("warning: a background thread (tb-writer) failed") and "/x/events: no space" in lines[-1]

@@ -410,13 +410,31 @@ def _sigterm_as_interrupt():
 
 def main(argv: list[str] | None = None) -> int:
     import signal
+    import threading
 
     previous = _sigterm_as_interrupt()
+    failed: list = []  # background threads' failures, in the order they happened
+    hook, threading.excepthook = threading.excepthook, functools.partial(_thread_failed, failed, threading.excepthook)
     try:
-        return _main(argv)
+        code = _main(argv)
+        if code == 0 and failed:  # the command succeeded without what that thread did: say so, in one line
+            print(outcome.background_failure(failed[0]), file=sys.stderr)
+        return code
     finally:
+        threading.excepthook = hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _thread_failed(failed: list, original, args) -> None:
+    """A background thread's exception (the TensorBoard writer on a full disk or a too-long path, a data loader's
+    worker): kept, not printed as a traceback beside the command's one error line; the library raises it again in
+    the main thread (the writer's next write), where it becomes that line. RUNNER_DEBUG=1 prints it too."""
+    if args.exc_type is SystemExit:
+        return
+    failed.append((getattr(args.thread, "name", "a thread"), args.exc_value))
+    if os.environ.get("RUNNER_DEBUG"):
+        original(args)
 
 
 def _main(argv: list[str] | None) -> int:

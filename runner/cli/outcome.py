@@ -23,6 +23,16 @@ def for_rank(error: RecipeError, world: dist.World) -> str:
     return error.line().replace("error: ", f"error: rank {world.rank}: ", 1) + "\n"
 
 
+def background_failure(failure: tuple[str, BaseException]) -> str:
+    """A background thread failed while the command itself succeeded (what the thread did is missing: a
+    TensorBoard log's last events, say): one warning line, the failure as classify names it."""
+    from runner.common.errors import classify
+
+    name, exc = failure
+    line = classify(exc).line().removeprefix("error: ")
+    return f"warning: a background thread ({name}) failed; the command's own results are complete: {line}"
+
+
 def discard_unfinished() -> list | None:
     """Remove what this process began and cannot be resumed from (runner.store.runs keeps the list); what was
     kept and removed, None if cleaning up failed."""
