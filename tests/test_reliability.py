@@ -220,3 +220,97 @@ def test_a_background_failure_under_a_command_that_succeeds_is_one_warning(monke
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 0 and "Traceback" not in err
     assert lines[-1].startswith("warning: a background thread (tb-writer) failed") and "/x/events: no space" in lines[-1]
+
+
+# ---------------------------------------------------------------- 2. damaged artifacts
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(("name", "damage", "words"), [
+    ("model.safetensors", lambda p: _truncate(p), ["the model's weights or config is damaged: cut short"]),
+    ("model.safetensors", lambda p: p.write_bytes(b"\xff" * 64), ["header is cut short or garbled"]),
+    ("config.json", lambda p: _truncate(p), ["is damaged: not valid JSON"]),
+    ("tokenizer.json", lambda p: p.write_bytes(b"\x00\xff garbage"), ["is damaged: not"]),
+])
+def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny, name, damage, words):
+    model = tmp_path / "m"
+    shutil.copytree(tiny / "phi", model)
+    damage(model / name)
+    code, _, err = run_main("plan", TINY, f"model.name_or_path={model}", "--gpu-gb", "80")
+    line = one_line(err)
+    assert code == 1 and line.startswith(f"error: {model / name}: "), line
+    assert all(w in line for w in words) and "internal" not in line, line
+
+
+def test_a_damaged_adapter_is_named_before_the_base_model_loads(tmp_path):
+    from runner.common import artifacts
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "x", ')
+    with pytest.raises(errors.EnvironmentProblem) as caught:
+        artifacts.check_folder(adapter, "the run's adapter", "train it again")
+    assert caught.value.line().startswith(f"error: {adapter / 'adapter_config.json'}: the run's adapter is damaged")
+    (adapter / "adapter_config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 10)
+    with pytest.raises(errors.EnvironmentProblem) as caught:
+        artifacts.check_folder(adapter, "the run's adapter", "train it again")
+    assert "cut short: " in caught.value.line() and "adapter_model.safetensors" in caught.value.key_path
+    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    artifacts.check_folder(adapter, "the run's adapter", "train it again")  # whole again: no error
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint_to_the_last_good_one(tmp_path):
+    from runner.store import checkpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_model.safetensors").write_bytes(bytes([step]) * 100)
+        checkpoints._mark_complete(ckpt, {})
+    newest = run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
+    newest.write_bytes(b"\x07" * 100)  # garbled, the same size: the manifest's sizes still match
+    assert checkpoints.complete(newest.parent)
+    ckpt, passed = checkpoints.newest_loadable(run)
+    assert ckpt == run / "checkpoints" / "checkpoint-2"
+    assert passed == [f"{newest.parent} is damaged: adapter_model.safetensors does not hold what was saved; passed over"]
+    assert checkpoints.complete_checkpoints(run) == [ckpt]  # the damaged one no longer counts for anything
+
+
+# ---------------------------------------------------------------- 4. provenance without a recipe record
+
+
+def _run_with_adapter(tmp_path, base: str, recipe_text: str | None):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    if recipe_text is not None:
+        (run / "recipe.yaml").write_text(recipe_text)
+    return run
+
+
+@pytest.mark.parametrize("record", [None, "name: x\n", "model: {}\nquantization: 3\n", "- a list\n"])
+def test_without_a_recipe_record_the_adapters_own_config_names_its_base(tmp_path, record):
+    from runner.cli import recipes
+    from runner.store import runs
+
+    recipe = recipes.load(TINY)
+    base = recipe["model"]["name_or_path"]
+    note = runs.trained_with(recipe, _run_with_adapter(tmp_path / "a", base, record))
+    assert note.startswith("note: ") and f"its adapter's config names the base {base}" in note
+    with pytest.raises(errors.RecipeError) as caught:
+        runs.trained_with(recipe, _run_with_adapter(tmp_path / "b", "/models/other-model", record))
+    assert caught.value.key_path == "--run" and "its adapter was trained on '/models/other-model'" in caught.value.line()
+
+
+def test_a_run_record_without_model_keys_is_named_as_the_runs(tmp_path):
+    run = _run_with_adapter(tmp_path, "x", "name: x\n")
+    code, _, err = run_main("export", "--run", run, "--out", tmp_path / "out")
+    line = one_line(err)
+    assert code == 2 and f"in the run's record {run / 'recipe.yaml'}" in line and "runner export RECIPE --run" in line

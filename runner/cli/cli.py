@@ -378,43 +378,14 @@ def _one_voice() -> dist.World:
     return world
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `docker stop`, `timeout`, a launcher stopping its ranks): handled as Ctrl-C is, since
-    every part of the runner that cleans up after Ctrl-C catches KeyboardInterrupt; exit status 143 (128 + 15)."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def _ending() -> None:
-    """The command is ending (an error, an interruption): a SIGTERM now (a launcher stopping every rank once one
-    failed) must not cut the cleanup and the one line short with a traceback of its own."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-
-
-def _sigterm_as_interrupt():
-    """Install the SIGTERM handler for the life of main(); the previous handler back after (main() also runs
-    in-process, in tests). Only the main thread may set a handler; elsewhere SIGTERM keeps its default."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _on_sigterm)
-
-
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    previous = _sigterm_as_interrupt()
+    previous = outcome.sigterm_as_interrupt()
     failed: list = []  # background threads' failures, in the order they happened
-    hook, threading.excepthook = threading.excepthook, functools.partial(_thread_failed, failed, threading.excepthook)
+    hook, threading.excepthook = threading.excepthook, functools.partial(outcome.thread_failed, failed,
+                                                                        threading.excepthook)
     try:
         code = _main(argv)
         if code == 0 and failed:  # the command succeeded without what that thread did: say so, in one line
@@ -424,17 +395,6 @@ def main(argv: list[str] | None = None) -> int:
         threading.excepthook = hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _thread_failed(failed: list, original, args) -> None:
-    """A background thread's exception (the TensorBoard writer on a full disk or a too-long path, a data loader's
-    worker): kept, not printed as a traceback beside the command's one error line; the library raises it again in
-    the main thread (the writer's next write), where it becomes that line. RUNNER_DEBUG=1 prints it too."""
-    if args.exc_type is SystemExit:
-        return
-    failed.append((getattr(args.thread, "name", "a thread"), args.exc_value))
-    if os.environ.get("RUNNER_DEBUG"):
-        original(args)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -451,8 +411,8 @@ def _main(argv: list[str] | None) -> int:
         recipes.settle_recipe(args)
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt as exc:
-        _ending()
-        terminated = isinstance(exc, Terminated)
+        outcome.ending()
+        terminated = isinstance(exc, outcome.Terminated)
         left = outcome.discard_unfinished()
         if world.main:  # rank 0 held the folders
             print(outcome.interrupted(left, "terminated (SIGTERM)" if terminated else "interrupted"), file=sys.stderr)
@@ -460,7 +420,7 @@ def _main(argv: list[str] | None) -> int:
             print(outcome.terminated_rank(world), file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
-        _ending()
+        outcome.ending()
         from runner.store import runs
 
         error = classify(exc, runs.written())  # the folders this command opened (runs records them)

@@ -3,6 +3,10 @@ and cannot be resumed from removed, and after Ctrl-C an account of what was kept
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 from runner.common import dist
 from runner.common.errors import RecipeError
 
@@ -65,3 +69,41 @@ def terminated_rank(world: dist.World) -> str:
     launcher stopping the others after one failed, whose own line says why); rank 0 says what was kept."""
     return (f"error: rank {world.rank}: terminated (SIGTERM): the job was stopped, or another rank failed first "
             "(its line says why)")
+
+
+# ---------------------------------------------------------------- signals and background threads
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `docker stop`, `timeout`, a launcher stopping its ranks): handled as Ctrl-C is, since
+    every part of the runner that cleans up after Ctrl-C catches KeyboardInterrupt; exit status 143 (128 + 15)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def ending() -> None:
+    """The command is ending (an error, an interruption): a SIGTERM now (a launcher stopping every rank once one
+    failed) must not cut the cleanup and the one line short with a traceback of its own."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
+def sigterm_as_interrupt():
+    """Install the SIGTERM handler for the life of main(); the previous handler back after (main() also runs
+    in-process, in tests). Only the main thread may set a handler; elsewhere SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def thread_failed(failed: list, original, args) -> None:
+    """A background thread's exception (the TensorBoard writer on a full disk or a too-long path, a data loader's
+    worker): kept, not printed as a traceback beside the command's one error line; the library raises it again in
+    the main thread (the writer's next write), where it becomes that line. RUNNER_DEBUG=1 prints it too."""
+    if args.exc_type is SystemExit:
+        return
+    failed.append((getattr(args.thread, "name", "a thread"), args.exc_value))
+    if os.environ.get("RUNNER_DEBUG"):
+        original(args)

@@ -45,7 +45,18 @@ def for_command(args) -> dict:
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
     compose.check_repeated(args.overrides)
-    return load(args.recipe or _run_recipe(args), args.overrides)
+    if args.recipe:
+        return load(args.recipe, args.overrides)
+    path = _run_recipe(args)
+    try:
+        return load(path, args.overrides)
+    except RecipeError as exc:  # the run's own record, not a recipe the user wrote: say whose it is
+        given = {o.partition("=")[0].strip() for o in args.overrides}
+        if exc.exit_code != 2 or str(path) in exc.line() or exc.key_path in given:
+            raise
+        raise RecipeError(exc.key_path, f"{exc.problem}, in the run's record {path}",
+                          f"{exc.hint + '; or ' if exc.hint else ''}name the recipe it was trained with: runner "
+                          f"{args.command} RECIPE --run {path.parent}") from None
 
 
 # The commands that take a run (--run): their RECIPE may be left out, the run's own is used.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from runner.common import cpu
+from runner.common import artifacts, cpu
 from runner.common.errors import RecipeError, hub_unreachable, short
 from runner.data import chat
 from runner.model import hub
@@ -76,11 +76,16 @@ def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
     return RecipeError(key_path, f"cannot load {what!r}: {text[:200]}", hint)
 
 
+# A local model folder whose files were cut short or changed (a copy or download that stopped, a full disk).
+_DAMAGED_HINT = "copy or download the model folder again; a partial copy or download leaves files like this"
+
+
 def load_tokenizer(recipe: dict):
     from transformers import AutoTokenizer
 
     src = _source(recipe, "tokenizer")
     key = "model.tokenizer" if recipe["model"]["tokenizer"] else "model.name_or_path"
+    artifacts.check_folder(src, "the tokenizer's files", _DAMAGED_HINT)
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=recipe["model"]["revision"],
                                             trust_remote_code=recipe["model"]["trust_remote_code"])
@@ -103,6 +108,7 @@ def load_config(recipe: dict):
 
     src = recipe["model"]["name_or_path"]
     hub.check_model(recipe)  # a hub id out of reach fails at once, not after huggingface_hub's retries
+    artifacts.check_folder(src, "the model's weights or config", _DAMAGED_HINT)
     try:
         config = AutoConfig.from_pretrained(src, revision=recipe["model"]["revision"],
                                             trust_remote_code=recipe["model"]["trust_remote_code"])
@@ -344,6 +350,7 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
         # Sharded: quantized on the CPU, so no GPU ever holds the whole model (bitsandbytes' loader would put it on
         # this process's GPU); FSDP then moves one layer at a time to the GPU and keeps this rank's shard of it.
         kwargs["device_map"] = {"": "cpu" if sharded else torch.cuda.current_device()}
+    artifacts.check_folder(m["name_or_path"], "the model's weights or config", _DAMAGED_HINT)
     try:
         model = AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
     except (OSError, ValueError) as exc:
@@ -398,6 +405,9 @@ def load_trained(recipe: dict, adapter_dir: Path | None):
     """Base model plus the saved adapter (or the base alone), ready for inference."""
     from peft import PeftModel
 
+    if adapter_dir is not None:  # a damaged adapter is named before the base model loads
+        artifacts.check_folder(adapter_dir, "the run's adapter", "the run folder's adapter was cut short or changed "
+                               "since it was saved: train the run again, or use another run")
     model = load_base(recipe)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
