@@ -314,3 +314,65 @@ def test_a_run_record_without_model_keys_is_named_as_the_runs(tmp_path):
     code, _, err = run_main("export", "--run", run, "--out", tmp_path / "out")
     line = one_line(err)
     assert code == 2 and f"in the run's record {run / 'recipe.yaml'}" in line and "runner export RECIPE --run" in line
+
+
+# ---------------------------------------------------------------- 9. odd input text, weights, many labels
+
+
+def test_a_lone_surrogate_in_generate_input_names_the_line():
+    from runner.cli import recipes
+    from runner.evaluate import infer
+
+    lines = infer._decode(b'{"document": "fine"}\n{"document": "half \\ud800 a pair"}\n', "input.jsonl")
+    with pytest.raises(errors.RecipeError) as caught:
+        infer.read_inputs(lines, recipes.load(TINY))
+    assert caught.value.line().startswith("error: --input: line 2: document: character 6 is a lone surrogate (\\ud800)")
+
+
+def test_input_lines_end_at_newlines_only():
+    from runner.evaluate import infer
+
+    assert infer._decode('{"document": "a\u2028b"}\r\nnext\n'.encode(), "x") == ['{"document": "a\u2028b"}', "next", ""]
+
+
+def test_a_lone_surrogate_in_the_data_names_the_line(tmp_path):
+    from runner.data import files
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"document": "a", "summary": "b"}\n{"document": "c", "summary": "x \\udc00"}\n')
+    assert files._first_bad_json_line(path) == ("line 2: summary: character 3 is a lone surrogate (\\udc00), not text "
+                                                "(a \\uD800-\\uDFFF escape is half of a character)")
+
+
+@pytest.mark.parametrize("weights", [[1e308, 1e308], [1e-300, 1.0], [1.0, 5e-324]])
+def test_mixture_weights_that_overflow_or_vanish(tmp_path, weights):
+    import yaml
+
+    from runner.cli import recipes
+    from runner.data import mixture
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"document": "a", "summary": "b"}\n')
+    files = {role: str(data) for role in ("train", "eval", "test")}
+    raw = {"extends": str(TINY), "data": {"source": None, "sources": [{"source": files, "weight": w} for w in weights]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    if weights[0] == weights[1]:  # equal huge weights: an even split, not inf / inf
+        assert mixture.allocate(10, weights) == [5, 5]
+        recipes.load(tmp_path / "r.yaml")
+        return
+    with pytest.raises(errors.RecipeError) as caught:
+        recipes.load(tmp_path / "r.yaml")
+    assert caught.value.key_path.endswith("].weight") and "would draw no rows" in caught.value.line()
+
+
+def test_very_many_labels_keep_the_confusion_matrix_bounded(tmp_path):
+    from evaluators.base import Record
+    from evaluators.classification import MATRIX_CLASSES, OTHER, Classification
+
+    records = [Record(i, "p", f"l{i % 3000}", f"l{(i * 7) % 3000}") for i in range(6000)]
+    records += [Record(6000 + i, "p", "l1", "l1") for i in range(50)]
+    out = Classification().evaluate(records, tmp_path)
+    cm = out["confusion_matrix"]
+    assert len(cm["rows"]) == MATRIX_CLASSES + 1 and cm["rows"][-1] == OTHER and "l1" in cm["rows"]
+    assert sum(map(sum, cm["counts"])) == len(records) and "most frequent of 3000 classes" in cm["note"]
+    assert (tmp_path / "confusion_matrix.png").stat().st_size < 2_000_000 and len(out["per_class"]) == 3000

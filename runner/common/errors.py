@@ -46,6 +46,27 @@ def short(text: str, limit: int = MESSAGE_CHARS) -> str:
     return clip(" ".join(str(text).split()), limit)
 
 
+def bad_text(value, where: str = "") -> str | None:
+    """What in ``value`` (a string, or the strings of a JSON record) is no text a tokenizer or a file can take: a
+    lone surrogate (half of a UTF-16 pair, which JSON's \\uXXXX escapes can write), said with its field; None when
+    all of it encodes as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            field = f"{where}: " if where else ""
+            return f"{field}character {exc.start + 1} is a lone surrogate ({ascii(char)[1:-1]}), not text"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = bad_text(item, f"{where}.{key}" if where and isinstance(key, str) else
+                         f"{where}[{key}]" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def clip(text, limit: int) -> str:
     """``text`` as it is when at most ``limit`` characters, else its head...tail in ``limit`` characters: what a
     message quotes of a value or a key the user typed stays short, whatever its length."""

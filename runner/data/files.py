@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from runner.common.errors import RecipeError, os_fault
+from runner.common.errors import RecipeError, bad_text, os_fault
 from runner.recipe.compose import DATA_SUFFIXES
 from runner.recipe.loader import not_a_file
 
@@ -37,6 +37,9 @@ def _json_rows(path: Path):
                 raise ValueError(f"line {number} is not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"line {number} is not a JSON object")
+            bad = bad_text(row)
+            if bad:
+                raise ValueError(f"line {number}: {bad} (a \\uD800-\\uDFFF escape is half of a character)")
             yield row
 
 
