@@ -376,3 +376,46 @@ def test_very_many_labels_keep_the_confusion_matrix_bounded(tmp_path):
     assert len(cm["rows"]) == MATRIX_CLASSES + 1 and cm["rows"][-1] == OTHER and "l1" in cm["rows"]
     assert sum(map(sum, cm["counts"])) == len(records) and "most frequent of 3000 classes" in cm["note"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size < 2_000_000 and len(out["per_class"]) == 3000
+
+
+# ---------------------------------------------------------------- 5. concurrent writers
+
+
+def test_a_destination_that_appeared_meanwhile_is_refused_never_replaced(tmp_path):
+    from runner.common import safeio
+
+    out = tmp_path / "export"
+    with pytest.raises(FileExistsError), safeio.folder(out, replace=False) as mine:
+        (mine / "weights").write_text("mine")
+        with safeio.folder(out, replace=False) as theirs:  # another writer, finishing first
+            (theirs / "weights").write_text("theirs")
+        assert mine != theirs and mine.exists()  # each writer's temporary folder is its own
+    assert (out / "weights").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_temporary_names_are_each_writers_own_and_abandoned_ones_go(tmp_path):
+    import threading
+
+    from runner.common import safeio
+
+    target = tmp_path / "sweep.json"
+    failures = []
+
+    def write(n):
+        try:
+            for i in range(30):
+                safeio.write_json(target, {"writer": n, "i": i})
+        except Exception as exc:  # two writers sharing a temporary name: one renames the other's file away
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and json.loads(target.read_text())["i"] == 29
+    dead = tmp_path / "out.999999999-dead.partial"  # a killed writer's (no such process)
+    dead.mkdir()
+    with safeio.folder(tmp_path / "out", replace=False) as tmp:
+        (tmp / "x").write_text("x")
+    assert not dead.exists() and (tmp_path / "out" / "x").is_file()

@@ -85,10 +85,14 @@ def export(recipe: dict, run_dir: Path, out: Path) -> dict:
               "merged": "base weights dequantized to the compute dtype, LoRA added there (peft merge_and_unload)",
               "prompt_template": recipe["prompt"]["template"], "stop_strings": stops,
               "check_vs_adapter": check}
-    with safeio.folder(out) as partial:  # appears whole or not at all
-        merged.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        safeio.write_text(partial / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
+    try:
+        with safeio.folder(out, replace=False) as partial:  # appears whole or not at all, and never over another
+            merged.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            safeio.write_text(partial / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
+    except FileExistsError:
+        raise RecipeError("--out", f"{out} appeared while this export was writing (another export to the same "
+                          "folder finished first); it is left as it is", "give a new folder") from None
     return record
 
 
