@@ -419,3 +419,43 @@ def test_temporary_names_are_each_writers_own_and_abandoned_ones_go(tmp_path):
     with safeio.folder(tmp_path / "out", replace=False) as tmp:
         (tmp / "x").write_text("x")
     assert not dead.exists() and (tmp_path / "out" / "x").is_file()
+
+
+# ---------------------------------------------------------------- 3. data that changes under a run
+
+
+def test_data_changed_while_training_is_said_and_no_report_marks_the_run_done(tmp_path, monkeypatch):
+    import os
+
+    from runner.cli import pipeline, recipes
+    from runner.report import report
+    from runner.train import train
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(ROOT / ".cache" / "tiny" / "data" / "xsum_tiny" / "train.jsonl", data)
+    recipe = recipes.load(TINY, [f"data.source.train={data}"])
+    run_dir = tmp_path / "run"
+
+    def trained(recipe, trackers):  # training reads the file; meanwhile someone rewrites it
+        with open(data, "a") as f:
+            f.write('{"document": "a row added mid-run", "summary": "x"}\n')
+        os.utime(data, ns=(1, 1))
+        return run_dir, None, None, None
+
+    monkeypatch.setattr(train, "train", trained)
+    monkeypatch.setattr(report, "write", lambda *a, **k: pytest.fail("a report of other data than trained on"))
+    with pytest.raises(errors.RecipeError) as caught:
+        pipeline.train_evaluate_report(recipe, TINY, evaluate_after=False)
+    line = caught.value.line()
+    assert line.startswith(f"error: data.source.train: {data} changed while this run was training"), line
+    assert caught.value.exit_code == 2
+
+
+def test_unchanged_data_files_pass(tmp_path):
+    from runner.cli import recipes
+    from runner.data import files
+
+    recipe = recipes.load(TINY)
+    before = files.signature(recipe)
+    assert sorted(key for key, _, _ in before.values()) == ["data.source.eval", "data.source.test", "data.source.train"]
+    assert files.changed_since(before, recipe) is None

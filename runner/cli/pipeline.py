@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.common import dist
+from runner.data import files
 from runner.evaluate import evaluate
 from runner.evaluate.metrics import summary_line
 from runner.report import report
@@ -15,6 +16,7 @@ from runner.train import tracking, train
 def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after: bool = True) -> Path:
     """Train ``recipe`` (read from ``recipe_path``), evaluate and report; returns the run folder."""
     trackers = tracking.Session()  # held open by training, finished here with the evaluation's numbers
+    sources = files.signature(recipe)  # the data files as the run reads them (checked again before the report)
     run_dir, model, tokenizer, prepared = train.train(recipe, trackers=trackers)
     metrics = None
     if evaluate_after and dist.sharded(model):
@@ -29,6 +31,9 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
             print(summary_line(metrics))
     trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
+        changed = files.changed_since(sources, recipe)  # the report re-reads the data: only the data it trained on
+        if changed is not None:
+            raise changed
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
         print(f"done: {run_dir}")
     return run_dir

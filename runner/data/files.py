@@ -126,3 +126,36 @@ def peek(p: Path, key_path: str) -> tuple[list[str], dict | None] | None:
             return None  # one JSON document rather than JSON Lines: datasets reads it whole
         raise _unreadable(p, str(exc), key_path) from None
     return (list(dict.fromkeys(k for row in rows for k in row)), rows[0]) if rows else None
+
+
+# ---------------------------------------------------------------- files that change under a run
+
+
+def signature(recipe: dict) -> dict[str, tuple[str, int, int]]:
+    """{path: (its recipe key, size, modification time in ns)} of every local data file the recipe reads: taken
+    before a run loads its data, compared (changed_since) before anything reads the files again (the report's data
+    statistics and baselines), so that those never describe other rows than the run trained on."""
+    data = recipe["data"]
+    named = [("data.source", data.get("source"))]
+    named += [(f"data.sources[{i}].source", spec.get("source")) for i, spec in enumerate(data.get("sources") or [])]
+    out = {}
+    for key, source in named:
+        paths = source.items() if isinstance(source, dict) else [(None, source)]
+        for role, path in paths:
+            if isinstance(path, str) and Path(path).is_file():
+                st = Path(path).stat()
+                out[path] = (f"{key}.{role}" if role else key, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed_since(before: dict[str, tuple[str, int, int]], recipe: dict) -> RecipeError | None:
+    """The error for the first local data file that changed (or went) since ``before`` was taken, else None."""
+    now = signature(recipe)
+    for path, (key, size, mtime) in before.items():
+        if path not in now or now[path][1:] != (size, mtime):
+            what = "was removed" if path not in now else "changed"
+            return RecipeError(key, f"{path} {what} while this run was training: its report would describe other "
+                               "rows than it trained on, so none is written",
+                               "the adapter and metrics are kept; restore the file and run the same command to "
+                               "finish the run (training.resume: auto), or train again on the new data")
+    return None
