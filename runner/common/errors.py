@@ -14,7 +14,7 @@ from pathlib import Path
 # How much of a foreign message (a library's, an OS's) goes into the one line.
 MESSAGE_CHARS = 300
 # The most of each part of an error line: a key path, a value or a key typed by mistake can be megabytes long.
-WHERE_CHARS, PROBLEM_CHARS, HINT_CHARS = 120, 1500, 1000
+WHERE_CHARS, PROBLEM_CHARS, HINT_CHARS = 120, 600, 600
 
 
 class RecipeError(Exception):

@@ -114,28 +114,8 @@ def load_config(recipe: dict):
                                             trust_remote_code=recipe["model"]["trust_remote_code"])
     except Exception as exc:
         raise _load_error("model.name_or_path", src, exc) from None
-    check_dimensions(config, src)
+    artifacts.check_dimensions(config, src)
     return config
-
-
-# The sizes a config.json gives that plan, the meta model and the memory model build from, and the most any real
-# model has (several times today's largest): a zero, a negative or a typo's extra digits is refused before a layer
-# is built, rather than a division by zero or minutes and gigabytes spent on a meta model of a million layers.
-DIMENSIONS = {"num_hidden_layers": 1024, "hidden_size": 131072, "num_attention_heads": 2048,
-              "num_key_value_heads": 2048, "intermediate_size": 1048576, "vocab_size": 4194304}
-
-
-def check_dimensions(config, src: str) -> None:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name, most in DIMENSIONS.items():
-        value = getattr(cfg, name, None)
-        if value is None and name in ("num_key_value_heads", "intermediate_size"):
-            continue  # optional: the heads and 4 x hidden_size stand in
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-            raise RecipeError("model.name_or_path", f"{src}/config.json: {name} is {short(repr(value), 40)}, "
-                              f"not a model's (a whole number from 1 to {most:,})",
-                              "the config.json is damaged or not a causal language model's: fix that value, or "
-                              "take the folder again from where it came")
 
 
 def meta_model(config):
@@ -224,6 +204,9 @@ def check(recipe: dict):
     except ValueError as exc:
         raise RecipeError("model.name_or_path", f"not a causal language model: {str(exc)[:150]}",
                           "use a model with an AutoModelForCausalLM class") from None
+    except (ArithmeticError, TypeError, IndexError, AssertionError) as exc:  # sizes that do not fit each other
+        raise RecipeError("model.name_or_path", f"its config.json describes no model that can be built: "
+                          f"{type(exc).__name__}: {short(exc, 150)}", artifacts.CONFIG_HINT) from None
     check_targets(recipe, model)
     check_lora_variants(recipe, model)
     return model
