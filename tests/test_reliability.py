@@ -193,7 +193,10 @@ def test_a_tensorboard_writer_failing_on_a_full_disk_prints_no_traceback(tmp_pat
         writer.add_scalar("loss", 1.0, 1)
         writer.flush()  # the thread fails and the main thread hears of it here
 
+    import threading
+
     monkeypatch.setattr(recipes, "settle_recipe", settle)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # Python's own, not pytest's
     code, _, err = run_main("validate", TINY)
     assert code == 1 and "Traceback" not in err and "Exception in thread" not in err, err
     assert one_line(err).startswith(f"error: {tmp_path / 'tb' / 'events'}: no space left on the device")
