@@ -9,9 +9,10 @@ RUN_RECIPE := $(if $(filter file,$(origin RECIPE)),,$(RECIPE))
 RUN ?=
 ARGS ?=
 INPUT ?= -
-# Processes (GPUs) for train/eval/compare: NPROC=N launches them with torchrun, one process without it.
+# Processes (GPUs) for train/eval/compare: NPROC=N launches them through torchrun's own entry point (runner/cli/launch.py:
+# its failure is one line after the runner's), one process without it.
 NPROC ?= 1
-LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --nproc-per-node $(NPROC) -m runner,$(BIN)/runner)
+LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/python -m runner.cli.launch --nproc-per-node $(NPROC),$(BIN)/runner)
 # CPU torch without a GPU (a small build; `pip install torch==2.13.0` finds the local CPU wheel where there is one),
 # the CUDA build from PyPI with one. Override with `make install TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)

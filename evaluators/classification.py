@@ -59,6 +59,25 @@ def plot_confusion(matrix: np.ndarray, rows: list[str], columns: list[str], path
     return path
 
 
+# The most classes the confusion matrix (metrics.json and the PNG) shows one by one; past it, the most frequent
+# ones (references and predictions) and one OTHER row and column for the rest, so its size stays bounded.
+MATRIX_CLASSES = 40
+OTHER = "(other classes)"
+
+
+def confusion(gold: np.ndarray, pred: np.ndarray, frequency: np.ndarray, limit: int) -> tuple[list[int], np.ndarray]:
+    """(the class ids shown, in class order; the matrix: rows the reference class, columns the predicted class,
+    then invalid predictions). With more than ``limit`` classes, the ``limit`` most frequent and OTHER."""
+    k = len(frequency)
+    shown = sorted(np.argsort(-frequency, kind="stable")[:limit].tolist()) if k > limit else list(range(k))
+    n = len(shown) + (len(shown) < k)  # OTHER's row and column, when some classes are folded into it
+    position = np.full(k, n - 1, dtype=int)
+    position[shown] = np.arange(len(shown))
+    matrix = np.zeros((n, n + 1), dtype=int)
+    np.add.at(matrix, (position[gold], np.where(pred < 0, n, position[np.maximum(pred, 0)])), 1)
+    return shown, matrix
+
+
 class Classification(Evaluator):
     """Single-label classification: the prediction is a label name (case and spaces ignored). Accuracy with a
     bootstrap 95% CI, macro-F1, per-class precision/recall/F1, confusion_matrix.png; predictions naming no label
@@ -106,10 +125,11 @@ class Classification(Evaluator):
     def evaluate(self, records: list[Record], out_dir: Path) -> dict:
         classes, extra, gold, pred = self.encode(records)
         k = len(classes)
-        # Rows: reference class; columns: predicted class, then one column for invalid predictions.
-        matrix = np.zeros((k, k + 1), dtype=int)
-        np.add.at(matrix, (gold, np.where(pred < 0, k, pred)), 1)
-        tp, support, predicted = np.diag(matrix[:, :k]), matrix.sum(axis=1), matrix[:, :k].sum(axis=0)
+        # Counted per class, not from a k x k matrix: thousands of labels (a text column taken for the label) would
+        # need gigabytes for it.
+        support, predicted = np.bincount(gold, minlength=k), np.bincount(pred[pred >= 0], minlength=k)
+        tp = np.bincount(gold[gold == pred], minlength=k)
+        shown, matrix = confusion(gold, pred, support + predicted, MATRIX_CLASSES)
         precision, recall, f1 = prf(tp, predicted, support)
         # A class that is neither a reference nor a prediction here has no defined F1: left out of the average.
         scored = (support + predicted) > 0
@@ -126,12 +146,18 @@ class Classification(Evaluator):
             "per_class": {c: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
                               "f1": round(float(f1[i]), 4), "support": int(support[i])}
                           for i, c in enumerate(classes)},
-            "confusion_matrix": {"rows": classes, "columns": [*classes, INVALID], "counts": matrix.tolist()},
+            "confusion_matrix": {"rows": (rows := [classes[i] for i in shown] + ([OTHER] if len(shown) < k else [])),
+                                 "columns": [*rows, INVALID], "counts": matrix.tolist()},
         }
+        if len(shown) < k:
+            out["confusion_matrix"]["note"] = (f"the {len(shown)} most frequent of {k} classes; the rest are "
+                                               f"{OTHER}")
         if extra:
             out["references_not_in_labels"] = extra
         if self.confusion_matrix and len(records):
-            plot_confusion(matrix, classes, [*classes, INVALID], out_dir / "confusion_matrix.png",
-                           f"{len(records)} examples, accuracy {out['accuracy']:.3f}")
+            rows = out["confusion_matrix"]["rows"]
+            top = f", the top {len(shown)} of {k} classes" if len(shown) < k else ""
+            plot_confusion(matrix, rows, [*rows, INVALID], out_dir / "confusion_matrix.png",
+                           f"{len(records)} examples, accuracy {out['accuracy']:.3f}{top}")
             out["file"] = "confusion_matrix.png"
         return out

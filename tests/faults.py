@@ -3,6 +3,7 @@ fault tests can kill a run exactly there (SIGKILL: no cleanup, no exception hand
 
 - ``step:N``: when optimizer step N begins;
 - ``sigint:N``: Ctrl-C (SIGINT to the process) when optimizer step N begins;
+- ``sigterm:N``: SIGTERM to the process (a scheduler, `docker stop`, `timeout`) when optimizer step N begins;
 - ``save:N``: while checkpoint-N is being written (its weights are on disk; optimizer, trainer state and the
   runner's manifest are not);
 - ``eval:K``: after K batches of predictions have been written;
@@ -37,14 +38,15 @@ def _install(kind: str, n: int) -> None:
             return original(self, *args, **kwargs)
 
         Trainer.training_step = training_step
-    elif kind == "sigint":
+    elif kind in ("sigint", "sigterm"):
         from transformers import Trainer
 
         original = Trainer.training_step
+        sent = signal.SIGINT if kind == "sigint" else signal.SIGTERM
 
         def training_step(self, *args, **kwargs):
             if self.state.global_step + 1 == n:
-                os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next instruction
+                os.kill(os.getpid(), sent)  # Python runs the handler (raising) at the next instruction
             return original(self, *args, **kwargs)
 
         Trainer.training_step = training_step

@@ -27,7 +27,8 @@ from runner.common.errors import RecipeError
 from runner.recipe import compose, loader, validation
 from tests.conftest import ROOT
 
-CASES = {"recipes": 2000, "overrides": 1200, "inputs": 1700, "rows": 150}  # >= 5,000 in all
+CASES = {"recipes": 2000, "overrides": 1200, "inputs": 1700, "rows": 150,  # >= 5,000 in all
+         "override_sizes": 300, "config_dimensions": 12}
 _SCALE = {"deep": 10, "quick": 0.2}.get(os.environ.get("HYPOTHESIS_PROFILE", ""), 1)
 _COMMON = dict(deadline=None, database=None, derandomize=_SCALE <= 1, print_blob=True,
                suppress_health_check=list(HealthCheck))
@@ -227,6 +228,57 @@ def test_any_override_validates_or_fails_in_one_line(case):
     recipe_path, texts = case
     code, _, err = run_main("validate", str(recipe_path), *texts)
     assert_contract(code, err)
+
+
+# ---------------------------------------------------------------- sizes a user controls (issue 30)
+
+KEY_PART = st.one_of(st.sampled_from(SCHEMA_KEYS), st.text(alphabet="abc_.[]0123456789=", max_size=8))
+LONG_KEY = st.one_of(
+    st.integers(1, 5000).map(lambda n: ".".join(["a"] * n)),  # deep dotted paths
+    st.integers(150, 300_000).map(lambda n: "training." + "k" * n),  # long names
+    st.lists(KEY_PART, min_size=1, max_size=40).map(".".join),
+    st.integers(1, 3000).map(lambda n: "lora" + "[0]" * n))
+LONG_VALUE = st.one_of(
+    st.integers(100, 300_000).map(lambda n: "x" * n),
+    st.integers(10, 2000).map(lambda n: "[" * n + "]" * n),
+    st.integers(10, 20_000).map(lambda n: "[" + ",".join(["1"] * n) + "]"),
+    st.integers(10, 5000).map(lambda n: "{" + ",".join(f"k{i}: .nan" for i in range(n)) + "}"),
+    HOSTILE_VALUE)
+SIZED_OVERRIDE = st.one_of(
+    st.tuples(LONG_KEY, HOSTILE_VALUE).map("=".join),
+    st.tuples(st.sampled_from(["training.max_steps", "model.name_or_path", "name", "lora.target_modules",
+                               "evaluation.evaluators", "prompt.template", "data.label_names"]),
+              LONG_VALUE).map("=".join))
+
+
+@fuzz_settings("override_sizes")
+@given(st.lists(SIZED_OVERRIDE, min_size=1, max_size=3))
+def test_override_keys_and_values_of_any_size_fail_in_one_short_line(texts):
+    """Keys and values of any length or depth: validated or refused in one line that quotes a head...tail of them."""
+    code, _, err = run_main("validate", str(BUNDLED[0]), *texts)
+    assert_contract(code, err)
+
+
+DIMENSION = st.sampled_from([0, -1, 1, 2, 4, 7, 16, 64, 10**7, 2**63, "x", None, 1.5, True, [4]])
+CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "vocab_size")
+
+
+@fuzz_settings("config_dimensions")
+@given(st.dictionaries(st.sampled_from(CONFIG_KEYS), DIMENSION, min_size=1, max_size=4))
+def test_any_config_json_dimensions_plan_or_fail_in_one_line(tiny, workdir, dimensions):
+    """`runner plan` reads a model's config.json: zero, negative, absurd or mistyped sizes are refused in one line
+    (exit 1 or 2), never a division by zero, an internal error or minutes spent building a huge meta model."""
+    model = workdir / "model"
+    model.mkdir(exist_ok=True)
+    config = json.loads((tiny / "phi" / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **dimensions}))
+    code, _, err = run_main("plan", str(ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"), f"model.name_or_path={model}",
+                            "--gpu-gb", "80")
+    lines = [line for line in err.splitlines() if line.strip()]
+    if code:
+        assert code in (1, 2) and len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+        assert "internal" not in lines[0].split(":")[1], lines[0]
 
 
 # ---------------------------------------------------------------- data a user hands over

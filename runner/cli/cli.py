@@ -410,6 +410,25 @@ def _one_voice() -> dist.World:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = outcome.sigterm_as_interrupt()
+    failed: list = []  # background threads' failures, in the order they happened
+    hook, threading.excepthook = threading.excepthook, functools.partial(outcome.thread_failed, failed,
+                                                                        threading.excepthook)
+    try:
+        code = _main(argv)
+        if code == 0 and failed:  # the command succeeded without what that thread did: say so, in one line
+            print(outcome.background_failure(failed[0]), file=sys.stderr)
+        return code
+    finally:
+        threading.excepthook = hook
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_libraries()
     world = _one_voice()
     try:
@@ -422,12 +441,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
         recipes.settle_recipe(args)
         return COMMANDS[args.command][2](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        outcome.ending()
+        terminated = isinstance(exc, outcome.Terminated)
         left = outcome.discard_unfinished()
-        if world.main:  # rank 0 held the folders; the other ranks have nothing to add
-            print(outcome.interrupted(left), file=sys.stderr)
-        return 130
+        if world.main:  # rank 0 held the folders
+            print(outcome.interrupted(left, "terminated (SIGTERM)" if terminated else "interrupted"), file=sys.stderr)
+        elif terminated:  # a rank signalled alone (or by the launcher, stopping the job) says which it is
+            print(outcome.terminated_rank(world), file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # the one-line contract: whatever escaped becomes one line, never a traceback
+        outcome.ending()
         from runner.store import runs
 
         error = classify(exc, runs.written())  # the folders this command opened (runs records them)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.common import dist
+from runner.data import files
 from runner.evaluate import evaluate, retention
 from runner.evaluate.metrics import summary_line
 from runner.export import card
@@ -17,6 +18,7 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
     """Train ``recipe`` (read from ``recipe_path``), evaluate and report; returns the run folder."""
     benchmarks = retention.load_all(recipe) if evaluate_after else None  # unreadable ones stop it before training
     trackers = tracking.Session()  # held open by training, finished here with the evaluation's numbers
+    sources = files.signature(recipe)  # the data files as the run reads them (checked again before the report)
     run_dir, model, tokenizer, prepared = train.train(recipe, trackers=trackers)
     metrics = None
     if evaluate_after and dist.sharded(model):
@@ -33,6 +35,9 @@ def train_evaluate_report(recipe: dict, recipe_path: str | Path, evaluate_after:
             retention.run(recipe, model, tokenizer, run_dir, loaded=benchmarks)
     trackers.finish(metrics)  # the evaluation's numbers join the training curves in the trackers' run
     if dist.world().main:
+        changed = files.changed_since(sources, recipe)  # the report re-reads the data: only the data it trained on
+        if changed is not None:
+            raise changed
         print(f"report: {report.write(run_dir, recipe, tokenizer, rss_gb=report.peak_rss_gb())}")
         if (run_dir / "adapter").is_dir():  # the adapter's model card, from the report's numbers (peft's is empty)
             card.write(run_dir / "adapter" / card.CARD, recipe, run_dir, "adapter")

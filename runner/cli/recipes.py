@@ -16,7 +16,7 @@ from pathlib import Path
 from runner.common.errors import RecipeError
 from runner.data import chat, mixture
 from runner.evaluate import backend, benchmark
-from runner.recipe import checks, methods, recipe
+from runner.recipe import checks, compose, methods, recipe
 
 CHECKS: tuple[recipe.Check, ...] = (
     checks.check_prompt,    # prompt.messages (chat data) or template + completion; the template's fields
@@ -46,7 +46,19 @@ def for_command(args) -> dict:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
-    return load(args.recipe or _run_recipe(args), args.overrides)
+    compose.check_repeated(args.overrides)
+    if args.recipe:
+        return load(args.recipe, args.overrides)
+    path = _run_recipe(args)
+    try:
+        return load(path, args.overrides)
+    except RecipeError as exc:  # the run's own record, not a recipe the user wrote: say whose it is
+        given = {o.partition("=")[0].strip() for o in args.overrides}
+        if exc.exit_code != 2 or str(path) in exc.line() or exc.key_path in given:
+            raise
+        raise RecipeError(exc.key_path, f"{exc.problem}, in the run's record {path}",
+                          f"{exc.hint + '; or ' if exc.hint else ''}name the recipe it was trained with: runner "
+                          f"{args.command} RECIPE --run {path.parent}") from None
 
 
 # The commands that take a run (--run): their RECIPE may be left out, the run's own is used.

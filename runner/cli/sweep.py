@@ -23,6 +23,7 @@ import gc
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ from runner.recipe.validation import schema
 from runner.store import runs
 
 # ---------------------------------------------------------------- the grid
+
+# A sweep trains every cell: counts past these are typos (an extra digit, a pasted column), refused before any
+# recipe is resolved, rather than a machine busy for hours or out of memory building the grid.
+MAX_SEEDS, MAX_CELLS = 100, 1000
 
 
 def split_values(text: str) -> list[str]:
@@ -149,8 +154,13 @@ def cells(recipe_path, overrides: list[str], seeds: int, name: str | None = None
     is raised here, before anything trains, naming the cell."""
     axes, fixed = parse_grid(overrides)
     check_name(name)
-    if seeds < 1:
-        raise RecipeError("--seeds", f"{seeds} is out of range", "must be >= 1")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise RecipeError("--seeds", f"{seeds:,} is out of range", f"from 1 to {MAX_SEEDS}")
+    size = math.prod(len(values) for _, values in axes) * seeds
+    if size > MAX_CELLS:
+        counts = " x ".join([*(f"{len(v):,} ({k})" for k, v in axes), f"{seeds} seed(s)"])
+        raise RecipeError("sweep", f"{counts} is {size:,} cells, more than {MAX_CELLS:,}",
+                          "sweep fewer values or seeds at a time; each cell is a training run")
     if not axes and seeds < 2:
         raise RecipeError("sweep", "nothing to sweep", "give key.path=v1,v2,... and/or --seeds N with N >= 2")
     base = recipes.load(recipe_path, fixed)

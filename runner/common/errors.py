@@ -13,6 +13,8 @@ from pathlib import Path
 
 # How much of a foreign message (a library's, an OS's) goes into the one line.
 MESSAGE_CHARS = 300
+# The most of each part of an error line: a key path, a value or a key typed by mistake can be megabytes long.
+WHERE_CHARS, PROBLEM_CHARS, HINT_CHARS = 120, 600, 600
 
 
 class RecipeError(Exception):
@@ -27,9 +29,10 @@ class RecipeError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        where = f"{self.key_path}: " if self.key_path else ""
-        hint = f" ({self.hint})" if self.hint else ""
-        return " ".join(f"error: {where}{self.problem}{hint}".split())  # one line, whatever the parts held
+        where = f"{clip(self.key_path, WHERE_CHARS)}: " if self.key_path else ""
+        hint = f" ({clip(self.hint, HINT_CHARS)})" if self.hint else ""
+        # one line, whatever the parts held, each at most a head...tail of what it quotes
+        return " ".join(f"error: {where}{clip(self.problem, PROBLEM_CHARS)}{hint}".split())
 
 
 class EnvironmentProblem(RecipeError):
@@ -39,9 +42,39 @@ class EnvironmentProblem(RecipeError):
 
 
 def short(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``text`` on one line, at most ``limit`` characters (its head and tail)."""
+    return clip(" ".join(str(text).split()), limit)
+
+
+def bad_text(value, where: str = "") -> str | None:
+    """What in ``value`` (a string, or the strings of a JSON record) is no text a tokenizer or a file can take: a
+    lone surrogate (half of a UTF-16 pair, which JSON's \\uXXXX escapes can write), said with its field; None when
+    all of it encodes as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            field = f"{where}: " if where else ""
+            return f"{field}character {exc.start + 1} is a lone surrogate ({ascii(char)[1:-1]}), not text"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = bad_text(item, f"{where}.{key}" if where and isinstance(key, str) else
+                         f"{where}[{key}]" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def clip(text, limit: int) -> str:
+    """``text`` as it is when at most ``limit`` characters, else its head...tail in ``limit`` characters: what a
+    message quotes of a value or a key the user typed stays short, whatever its length."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = max(1, (limit - 3) * 2 // 3)
+    return f"{text[:head]}...{text[len(text) - max(1, limit - 3 - head):]}"
 
 
 # errno -> (what, hint) for the OS errors a run can meet while writing its folders.
@@ -56,7 +89,36 @@ _OS_ERRORS = {
     errno.ENAMETOOLONG: ("the path is too long", "choose a shorter output_dir or name"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
     errno.EIO: ("input/output error", "check the disk"),
+    errno.ELOOP: ("a symbolic link loop (too many levels of symbolic links)", "fix or remove the link that points "
+                  "back into its own path"),
 }
+# Where the libraries keep their caches: a failure to write there is the cache folder's, not the data's or the run's.
+_CACHE_VARIABLES = ("HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME",
+                    "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR")
+_CACHE_HINT = ("a cache folder (under HOME, or HF_HOME / HF_DATASETS_CACHE / XDG_CACHE_HOME) cannot be written: make "
+               "it writable, or point HF_HOME and HF_DATASETS_CACHE at a writable folder")
+# Python's and native threads' words for a thread that could not start (a process or user limit, or no memory).
+_THREAD_START = re.compile(r"can't start new thread|pthread_create|Resource temporarily unavailable.*thread", re.I)
+
+
+def _in_cache(filename: str) -> bool:
+    """Whether ``filename`` is in a library's cache folder rather than where the user asked the runner to write."""
+    roots = [os.environ.get(v) for v in _CACHE_VARIABLES] + [os.path.join(os.path.expanduser("~"), ".cache")]
+    path = os.path.abspath(filename)
+    return any(root and (path + os.sep).startswith(os.path.abspath(root) + os.sep) for root in roots)
+
+
+def os_fault(exc: BaseException) -> EnvironmentProblem | None:
+    """The machine's fault behind ``exc``, if an OS error of the kinds _OS_ERRORS names is in its chain: exit 1,
+    named by the path; one in a cache folder says so (its hint is the cache's, not output_dir's)."""
+    for item in _chain(exc):
+        if isinstance(item, OSError) and item.errno in _OS_ERRORS:
+            what, hint = _OS_ERRORS[item.errno]
+            name = str(item.filename or "")
+            if name and _in_cache(name) and item.errno != errno.ELOOP:
+                hint = _CACHE_HINT
+            return EnvironmentProblem(short(name, 200), what, hint)
+    return None
 # Libraries that write in native code (safetensors, torch.save) report the OS error only in their message.
 _MESSAGES = [
     (re.compile(r"no space left|storagefull|enospc|file write failed", re.I), errno.ENOSPC),
@@ -163,10 +225,14 @@ def classify(exc: BaseException, written: tuple | list = ()) -> RecipeError:
     for item in _chain(exc):
         if isinstance(item, RecipeError):
             return item
-        if isinstance(item, OSError) and item.errno in _OS_ERRORS:
-            what, hint = _OS_ERRORS[item.errno]
-            return EnvironmentProblem(short(item.filename or "", 200), what, hint)
+    fault = os_fault(exc)
+    if fault is not None:
+        return fault
     for item in _chain(exc):
+        if isinstance(item, RuntimeError) and _THREAD_START.search(str(item)):
+            return EnvironmentProblem("threads", f"cannot start a thread: {short(item, 120)}",
+                                      "the process's thread or memory limit is reached (ulimit -u, a container's "
+                                      "pids or memory limit): raise it, or set training.num_threads lower")
         if isinstance(item, MemoryError) or type(item).__name__ == "OutOfMemoryError":
             return EnvironmentProblem("memory", "out of memory",
                                       "lower training.micro_batch_size, prompt.max_length or generation.batch_size, "

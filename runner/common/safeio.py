@@ -4,8 +4,11 @@ exists half-written, whatever stops the process (a full disk, a kill, a power cu
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -24,7 +27,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """A name of this writer's own beside ``path``: two processes (or threads) writing one file never share one."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -63,27 +67,59 @@ def fsync_tree(root: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def folder(path: str | Path):
-    """Yield a temporary folder beside ``path``; when the block ends without an error, flush it and rename it to
-    ``path`` (an existing ``path`` is replaced); otherwise remove it. ``path`` is never seen half-filled."""
+def folder(path: str | Path, replace: bool = True):
+    """Yield a temporary folder of this writer's own beside ``path`` (``<name>.<pid>-<token>.partial``); when the
+    block ends without an error, flush it and rename it to ``path``; otherwise remove it. ``path`` is never seen
+    half-filled. ``replace``: an existing ``path`` is replaced (the one process holding a run folder rewrites its
+    adapter); False: a ``path`` that appeared meanwhile (another writer finished first) is refused with
+    FileExistsError and left as it is, never replaced."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
+    _remove_abandoned(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     tmp.mkdir(parents=True)
     try:
         yield tmp
         fsync_tree(tmp)
-        if path.exists():
+        if replace and path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        if not replace:
+            path.mkdir()  # claims the name: FileExistsError when another writer's folder is there
+        os.replace(tmp, path)  # over the empty folder just made, atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
 
 
+def _remove_abandoned(path: Path) -> None:
+    """Remove ``path``'s temporary folders left by writers that were killed (their process is gone); a live
+    writer's is its own and stays."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.*.partial") if path.parent.is_dir() else ():
+        pid = tmp.name[len(path.name) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(path.with_name(f"{path.name}.partial"), ignore_errors=True)  # an older runner's name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's live process
+    return True
+
+
 def nearest_existing(path: str | Path) -> Path:
     """``path`` itself or its nearest parent that exists: whether the rest of it can be made as folders (it can
     when that one is a folder)."""
     path = Path(path)
-    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    for p in (path, *path.parents):
+        try:
+            p.stat()
+            return p
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symbolic link loop on the way: the machine's fault, told before any
+                raise  # work (errors.classify names it), not when the first file is written
+    return Path(".")

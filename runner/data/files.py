@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from runner.common.errors import RecipeError
+from runner.common.errors import RecipeError, bad_text, os_fault
 from runner.recipe.compose import DATA_SUFFIXES
 from runner.recipe.loader import not_a_file
 
@@ -37,6 +37,9 @@ def _json_rows(path: Path):
                 raise ValueError(f"line {number} is not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"line {number} is not a JSON object")
+            bad = bad_text(row)
+            if bad:
+                raise ValueError(f"line {number}: {bad} (a \\uD800-\\uDFFF escape is half of a character)")
             yield row
 
 
@@ -79,6 +82,9 @@ def read_local(path: str, key_path: str):
     try:
         ds = load_dataset(_FORMATS[p.suffix.lower()], data_files=str(p), split="train", keep_in_memory=True)
     except Exception as exc:  # datasets wraps parser errors in several types; all mean "can't read this file"
+        fault = os_fault(exc)  # unless it is the machine's: a cache folder not writable, a link loop, a full disk
+        if fault is not None:
+            raise fault from None
         cause = _root_cause(exc)
         if _NO_ROWS.search(cause):
             raise no_rows from None
@@ -120,3 +126,36 @@ def peek(p: Path, key_path: str) -> tuple[list[str], dict | None] | None:
             return None  # one JSON document rather than JSON Lines: datasets reads it whole
         raise _unreadable(p, str(exc), key_path) from None
     return (list(dict.fromkeys(k for row in rows for k in row)), rows[0]) if rows else None
+
+
+# ---------------------------------------------------------------- files that change under a run
+
+
+def signature(recipe: dict) -> dict[str, tuple[str, int, int]]:
+    """{path: (its recipe key, size, modification time in ns)} of every local data file the recipe reads: taken
+    before a run loads its data, compared (changed_since) before anything reads the files again (the report's data
+    statistics and baselines), so that those never describe other rows than the run trained on."""
+    data = recipe["data"]
+    named = [("data.source", data.get("source"))]
+    named += [(f"data.sources[{i}].source", spec.get("source")) for i, spec in enumerate(data.get("sources") or [])]
+    out = {}
+    for key, source in named:
+        paths = source.items() if isinstance(source, dict) else [(None, source)]
+        for role, path in paths:
+            if isinstance(path, str) and Path(path).is_file():
+                st = Path(path).stat()
+                out[path] = (f"{key}.{role}" if role else key, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed_since(before: dict[str, tuple[str, int, int]], recipe: dict) -> RecipeError | None:
+    """The error for the first local data file that changed (or went) since ``before`` was taken, else None."""
+    now = signature(recipe)
+    for path, (key, size, mtime) in before.items():
+        if path not in now or now[path][1:] != (size, mtime):
+            what = "was removed" if path not in now else "changed"
+            return RecipeError(key, f"{path} {what} while this run was training: its report would describe other "
+                               "rows than it trained on, so none is written",
+                               "the adapter and metrics are kept; restore the file and run the same command to "
+                               "finish the run (training.resume: auto), or train again on the new data")
+    return None

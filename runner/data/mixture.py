@@ -74,6 +74,12 @@ def check_recipe(recipe: dict) -> None:
     if data["config"] is not None:
         raise RecipeError("data.config", "applies to data.source; a mixture gives each source its own",
                           "set data.sources[i].config instead")
+    weights = [spec["weight"] for spec in sources]
+    if max(weights) / min(weights) > MAX_WEIGHT_RATIO:  # inf too: 1e308 over 1e-308 overflows
+        i = weights.index(min(weights))
+        raise RecipeError(f"data.sources[{i}].weight", f"{weights[i]:g} is a share of under one in "
+                          f"{MAX_WEIGHT_RATIO:.0e} of the largest weight ({max(weights):g}): it would draw no rows",
+                          "weights are relative shares, e.g. 1 and 3; leave out a source that should draw nothing")
     fields = needed_fields(recipe)
     for i, spec in enumerate(sources):
         for field in spec["fields"]:
@@ -129,8 +135,19 @@ def conform(ds, recipe: dict, index: int, name: str):
 # ---------------------------------------------------------------- the weighted draw
 
 
+# The largest weight over the smallest: past it the small source's share is no row, and the sums overflow.
+MAX_WEIGHT_RATIO = 1e9
+
+
+def _relative(weights: list[float]) -> list[float]:
+    """The weights over the largest: in (0, 1], so that their sum cannot overflow (1e308 + 1e308 is inf)."""
+    top = max(weights)
+    return [w / top for w in weights]
+
+
 def allocate(total: int, weights: list[float]) -> list[int]:
     """``total`` split in proportion to ``weights``, in whole counts that add up (largest remainders)."""
+    weights = _relative(weights)
     shares = [total * w / sum(weights) for w in weights]
     counts = [math.floor(s) for s in shares]
     by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
@@ -158,7 +175,7 @@ def mix(per_role: dict, recipe: dict, seed: int) -> dict:
         if not items:
             raise RecipeError(f"data.splits.{role}", f"no source has {role} rows",
                               f"give a source a {role} file or split, or set data.splits.{role}: null")
-        weights = [sources[i]["weight"] for i, _ in items]
+        weights = _relative([sources[i]["weight"] for i, _ in items])
         total = recipe["data"][f"{role}_samples"]
         if total is None:  # as many as the sources give without repeating a row: until the first runs out
             total = min(math.floor(len(ds) * sum(weights) / w) for (_, ds), w in zip(items, weights, strict=True))

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from runner.common.errors import RecipeError
+from runner.common.errors import RecipeError, bad_text
 from runner.data import chat
 from runner.data.data import cap_text, char_cap, shorten
 from runner.evaluate import evaluate
@@ -43,7 +43,8 @@ def open_input(source: str) -> Iterable[str]:
 
 def _decode(raw: bytes, name: str) -> list[str]:
     try:
-        return raw.decode("utf-8-sig").splitlines()
+        # lines end at a newline only: str.splitlines() would also split inside a record at U+2028, U+0085, ...
+        return [line.removesuffix("\r") for line in raw.decode("utf-8-sig").split("\n")]
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise RecipeError("--input", f"{name} is not UTF-8 text (line {line}, byte {exc.start})",
@@ -109,10 +110,18 @@ def _json_object(line: str, number: int) -> dict | None:
     if not text.startswith("{"):
         return None
     try:
-        return json.loads(text)  # starts with "{": an object, if it parses at all
+        record = json.loads(text)  # starts with "{": an object, if it parses at all
     except json.JSONDecodeError as exc:
         raise RecipeError("--input", f"line {number}: not valid JSON", f"{exc.msg} at column {exc.colno}; a line "
                           "that starts with '{' is read as a JSON record") from None
+    bad = bad_text(record)
+    if bad:
+        raise RecipeError("--input", f"line {number}: {bad}", _SURROGATE_HINT)
+    return record
+
+
+_SURROGATE_HINT = ("a \\uD800-\\uDFFF escape is half of a character: write the character itself, or both halves "
+                   "of the pair")
 
 
 def fit_prompt(row: dict, recipe: dict, tokenizer) -> tuple[str, bool]:

@@ -108,15 +108,19 @@ def export(recipe: dict, run_dir: Path, out: Path, fmt: str = "hf", quant: str |
               "merged": "base weights dequantized to the compute dtype, LoRA added there (peft merge_and_unload)",
               "prompt_template": recipe["prompt"].get("template"), "stop_strings": stops,
               "check_vs_adapter": check, "format": fmt}
-    with safeio.folder(out) as partial:  # appears whole or not at all
-        if fmt == "gguf":
-            record["gguf"] = _write_gguf(recipe, run_dir, merged, tokenizer, partial, quant or "f16", quantize_tool,
-                                         stops)
-        else:
-            merged.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            card.write(partial / card.CARD, recipe, run_dir, "merged")
-        safeio.write_text(partial / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
+    try:
+        with safeio.folder(out, replace=False) as partial:  # appears whole or not at all, and never over another
+            if fmt == "gguf":
+                record["gguf"] = _write_gguf(recipe, run_dir, merged, tokenizer, partial, quant or "f16",
+                                             quantize_tool, stops)
+            else:
+                merged.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
+                card.write(partial / card.CARD, recipe, run_dir, "merged")
+            safeio.write_text(partial / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
+    except FileExistsError:
+        raise RecipeError("--out", f"{out} appeared while this export was writing (another export to the same "
+                          "folder finished first); it is left as it is", "give a new folder") from None
     return record
 
 

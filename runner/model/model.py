@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from runner.common import cpu
-from runner.common.errors import RecipeError, hub_unreachable
+from runner.common import artifacts, cpu
+from runner.common.errors import RecipeError, hub_unreachable, short
 from runner.data import chat
 from runner.model import hub, start
 
@@ -76,11 +76,16 @@ def _load_error(key_path: str, what: str, exc: Exception) -> RecipeError:
     return RecipeError(key_path, f"cannot load {what!r}: {text[:200]}", hint)
 
 
+# A local model folder whose files were cut short or changed (a copy or download that stopped, a full disk).
+_DAMAGED_HINT = "copy or download the model folder again; a partial copy or download leaves files like this"
+
+
 def load_tokenizer(recipe: dict):
     from transformers import AutoTokenizer
 
     src = _source(recipe, "tokenizer")
     key = "model.tokenizer" if recipe["model"]["tokenizer"] else "model.name_or_path"
+    artifacts.check_folder(src, "the tokenizer's files", _DAMAGED_HINT)
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=recipe["model"]["revision"],
                                             trust_remote_code=recipe["model"]["trust_remote_code"])
@@ -103,11 +108,14 @@ def load_config(recipe: dict):
 
     src = recipe["model"]["name_or_path"]
     hub.check_model(recipe)  # a hub id out of reach fails at once, not after huggingface_hub's retries
+    artifacts.check_folder(src, "the model's weights or config", _DAMAGED_HINT)
     try:
-        return AutoConfig.from_pretrained(src, revision=recipe["model"]["revision"],
-                                          trust_remote_code=recipe["model"]["trust_remote_code"])
+        config = AutoConfig.from_pretrained(src, revision=recipe["model"]["revision"],
+                                            trust_remote_code=recipe["model"]["trust_remote_code"])
     except Exception as exc:
         raise _load_error("model.name_or_path", src, exc) from None
+    artifacts.check_dimensions(config, src)
+    return config
 
 
 def meta_model(config):
@@ -196,6 +204,9 @@ def check(recipe: dict):
     except ValueError as exc:
         raise RecipeError("model.name_or_path", f"not a causal language model: {str(exc)[:150]}",
                           "use a model with an AutoModelForCausalLM class") from None
+    except (ArithmeticError, TypeError, IndexError, AssertionError) as exc:  # sizes that do not fit each other
+        raise RecipeError("model.name_or_path", f"its config.json describes no model that can be built: "
+                          f"{type(exc).__name__}: {short(exc, 150)}", artifacts.CONFIG_HINT) from None
     check_targets(recipe, model)
     check_lora_variants(recipe, model)
     return model
@@ -322,6 +333,7 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
         # Sharded: quantized on the CPU, so no GPU ever holds the whole model (bitsandbytes' loader would put it on
         # this process's GPU); FSDP then moves one layer at a time to the GPU and keeps this rank's shard of it.
         kwargs["device_map"] = {"": "cpu" if sharded else torch.cuda.current_device()}
+    artifacts.check_folder(m["name_or_path"], "the model's weights or config", _DAMAGED_HINT)
     try:
         model = AutoModelForCausalLM.from_pretrained(m["name_or_path"], **kwargs)
     except (OSError, ValueError) as exc:
@@ -378,6 +390,9 @@ def load_trained(recipe: dict, adapter_dir: Path | None):
     """Base model plus the saved adapter (or the base alone), ready for inference."""
     from peft import PeftModel
 
+    if adapter_dir is not None:  # a damaged adapter is named before the base model loads
+        artifacts.check_folder(adapter_dir, "the run's adapter", "the run folder's adapter was cut short or changed "
+                               "since it was saved: train the run again, or use another run")
     model = load_base(recipe)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -136,6 +136,9 @@ def _fix_source_paths(value, below: list, base_dir: Path):
 # ---------------------------------------------------------------- overrides
 
 _SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
+# The longest key path a recipe has is a few dozen characters in under 8 parts (data.sources[0].source.train):
+# a longer one is a mistake, refused before it is split, looked up or built into the recipe.
+MAX_KEY_CHARS, MAX_KEY_PARTS = 200, 16
 
 
 def parse_override(text: str) -> tuple[list, Any]:
@@ -143,20 +146,54 @@ def parse_override(text: str) -> tuple[list, Any]:
     if "=" not in text:
         raise RecipeError(text, "an override must look like key.path=value", "e.g. training.max_steps=5")
     key, _, value_text = text.partition("=")
-    path: list = []
-    for part in key.strip().split("."):
-        m = _SEGMENT.fullmatch(part)
-        if not m:
-            raise RecipeError(key, f"bad key path segment {part!r}", "use dotted names and [i] for list items")
-        path.append(m.group(1))
-        path.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    key = key.strip()
+    path = key_path(key)
     try:
         value = parse_yaml(value_text, key) if value_text.strip() else ""
     except RecipeError as exc:
         if not exc.problem.startswith(("YAML syntax", "not readable", "a second YAML document")):
-            raise  # bounded-value problems (NaN, nesting, repeated keys) are mistakes, not plain strings
+            # bounded-value problems (NaN, nesting, repeated keys) are mistakes, not plain strings; named by the
+            # override's own key path, with the place inside its value after it
+            raise RecipeError(_inside(key, exc.key_path), exc.problem, exc.hint) from None
         value = value_text  # not YAML: take it as a plain string
     return path, value
+
+
+def key_path(key: str) -> list:
+    """``data.sources[0].source`` -> ["data", "sources", 0, "source"], bounded in length and parts."""
+    if len(key) > MAX_KEY_CHARS or key.count(".") + key.count("[") >= MAX_KEY_PARTS:
+        raise RecipeError(key, f"the key path is {len(key):,} characters in {key.count('.') + 1:,} parts",
+                          f"a recipe's key paths are at most {MAX_KEY_CHARS} characters in {MAX_KEY_PARTS} parts, "
+                          "e.g. training.max_steps=5")
+    path: list = []
+    for part in key.split("."):
+        m = _SEGMENT.fullmatch(part)
+        if not m:
+            raise RecipeError(key, f"bad key path segment {short(repr(part), 60)}",
+                              "use dotted names and [i] for list items")
+        path.append(m.group(1))
+        path.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    return path
+
+
+def _inside(key: str, where: str) -> str:
+    """The key path of a place inside an override's value: ``training.x`` and ``[0][1]`` -> ``training.x[0][1]``
+    (``where`` is the override's key itself when the problem is the value as a whole)."""
+    if not where or where == key:
+        return key
+    return f"{key}{where}" if where.startswith("[") else f"{key}.{where}"
+
+
+def check_repeated(overrides: list[str] | tuple[str, ...]) -> None:
+    """The same key path given twice on one command line is a mistake, as a key repeated in a file is: one of the
+    two would be dropped silently."""
+    seen: dict[tuple, str] = {}
+    for text in overrides:
+        here = tuple(key_path(text.partition("=")[0].strip()))
+        if here in seen:
+            raise RecipeError(_fmt(here), f"is given twice on the command line: {short(seen[here], 60)!r}, then "
+                              f"{short(text, 60)!r}", "give each key once; in a file a key is written once too")
+        seen[here] = text
 
 
 def _set_path(data: dict, path: list, value: Any, text: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from runner.common.errors import RecipeError, short
+from runner.common.errors import RecipeError, clip, short
 from runner.recipe.loader import _fmt, _kind, _show
 from runner.recipe.validation import branches, schema
 
@@ -80,7 +80,7 @@ def _list_hint(value, sch: dict, hint: str | None) -> str | None:
     kinds = [b.get("type") for b in branches(sch)]
     if not isinstance(value, str) or not any(k == "array" or (isinstance(k, list) and "array" in k) for k in kinds):
         return hint
-    items = ",".join(v.strip() for v in value.split(",") if v.strip()) or "..."
+    items = clip(",".join(v.strip() for v in value.split(",") if v.strip()), 80) or "..."  # a head...tail of it
     return f"{hint}; a list is written in brackets: [{items}]" if hint else f"a list is written in brackets: [{items}]"
 
 

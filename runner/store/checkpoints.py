@@ -13,6 +13,7 @@ part.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -92,9 +93,48 @@ def trim_log(path: Path, step: int) -> None:
 
 def _mark_complete(ckpt: Path, record: dict) -> None:
     safeio.fsync_tree(ckpt)
-    files = {p.relative_to(ckpt).as_posix(): p.stat().st_size
-             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    safeio.write_json(ckpt / MANIFEST, {"step": _step(ckpt), "files": files, **record})
+    paths = [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in paths}
+    # what each file held: a file garbled later (of the same size) is found before a resume trusts it
+    digests = {p.relative_to(ckpt).as_posix(): _digest(p) for p in paths}
+    safeio.write_json(ckpt / MANIFEST, {"step": _step(ckpt), "files": files, "sha256": digests, **record})
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files now (None: they hold what was saved): a file whose content
+    differs from its digest in the manifest (a manifest of an older runner, without digests, is trusted)."""
+    info = manifest(ckpt)
+    if info is None:
+        return "incomplete"
+    for name, digest in (info.get("sha256") or {}).items():
+        try:
+            if _digest(ckpt / name) != digest:
+                return f"{name} does not hold what was saved"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror})"
+    return None
+
+
+def newest_loadable(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """(the newest complete checkpoint whose files hold what was saved, or None; a line for each newer one passed
+    over as damaged). A damaged one stops counting as a checkpoint (its manifest goes first), so nothing else picks
+    it up; the process holding the run removes it as it removes an incomplete one."""
+    passed = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        what = damage(ckpt)
+        if what is None:
+            return ckpt, passed
+        (ckpt / MANIFEST).unlink(missing_ok=True)
+        passed.append(f"{ckpt} is damaged: {what}; passed over")
+    return None, passed
 
 
 def rotate(folder: Path, keep: int | None, best: str | Path | None = None) -> None:

@@ -20,7 +20,7 @@ import yaml
 from runner.common import safeio
 from runner.common.errors import EnvironmentProblem, RecipeError
 from runner.recipe import loader
-from runner.store import checkpoints
+from runner.store import checkpoints, provenance
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "rouge-score")
 
@@ -145,7 +145,14 @@ def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | 
             if state == "evaluate":
                 print(f"resuming the interrupted run {run_dir}: trained, evaluating", flush=True)
                 return run_dir, None
-            ckpt = _checkpoints(run_dir)[-1]
+            ckpt, passed = checkpoints.newest_loadable(run_dir)
+            for line in passed:
+                print(line, flush=True)
+            if ckpt is None:
+                raise EnvironmentProblem("training.resume", f"every checkpoint of the interrupted run {run_dir} is "
+                                         "damaged (a file no longer holds what was saved)",
+                                         "check the disk; start fresh with training.resume=never")
+            checkpoints.tidy(run_dir)  # the damaged ones passed over, as incomplete ones are
             checkpoints.trim_log(run_dir / "train_log.jsonl", checkpoints.manifest(ckpt)["step"])
             print(f"resuming the interrupted run {run_dir} from {ckpt.name}", flush=True)
             return run_dir, str(ckpt)
@@ -158,6 +165,9 @@ def open_run(recipe: dict, fingerprint: str | None = None) -> tuple[Path, str | 
         if (ckpt / checkpoints.MANIFEST).exists() and not checkpoints.complete(ckpt):
             raise RecipeError("training.resume", f"{ckpt} is an incomplete checkpoint (a file is missing or "
                               "cut short)", "resume from an earlier checkpoint")
+        if (ckpt / checkpoints.MANIFEST).exists() and checkpoints.damage(ckpt):
+            raise RecipeError("training.resume", f"{ckpt} is damaged: {checkpoints.damage(ckpt)}",
+                              "resume from an earlier checkpoint")
         resume_from = str(ckpt)
     run_dir = new_run_dir(recipe)
     safeio.write_text(run_dir / "recipe.yaml", loader.dump(recipe))
@@ -278,18 +288,19 @@ def find_run(run: str | Path) -> Path:
 def trained_with(recipe: dict, run_dir: Path) -> str | None:
     """Checks that ``run_dir``'s adapter fits the recipe's base model (the one that will be loaded): another model or
     quantization is the user's mistake. Returns a note when the run was trained with another recipe (another task on
-    the same base, which is legitimate to evaluate), else None."""
-    trained = saved_recipe(run_dir)
-    if trained is None:
-        return None
+    the same base, which is legitimate to evaluate), or when its recipe record is missing, unreadable or incomplete
+    (the adapter's own config then names the base it was trained on), else None."""
+    trained = saved_recipe(run_dir) or {}
+    got = (provenance.text_at(trained, "model", "name_or_path"), provenance.text_at(trained, "quantization", "method"))
     want = (recipe["model"]["name_or_path"], recipe["quantization"]["method"])
-    got = (trained["model"]["name_or_path"], trained["quantization"]["method"])
+    if got[0] is None or got[1] is None:
+        return provenance.adapter_base_note(run_dir, want[0])
     if got != want:
         raise RecipeError("--run", f"{run_dir} was trained on {got[0]} ({got[1]}), not the recipe's {want[0]} "
                           f"({want[1]})", f"an adapter fits its own base model only: give the recipe it was "
                           f"trained with, {run_dir / 'recipe.yaml'}")
-    if trained["name"] != recipe["name"]:
-        return (f"note: {run_dir} was trained with the recipe {trained['name']!r}; using it with "
+    if trained.get("name") != recipe["name"]:
+        return (f"note: {run_dir} was trained with the recipe {loader._show(trained.get('name'))}; using it with "
                 f"{recipe['name']!r} (its data, prompt and evaluators)")
     return None
 

@@ -174,6 +174,19 @@ def test_ctrl_c_says_what_it_kept_and_a_recipe_without_save_every_checkpoints_by
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
 
 
+def test_sigterm_is_handled_like_ctrl_c_with_exit_143(tiny, tmp_path):
+    """A scheduler's, `docker stop`'s or `timeout`'s SIGTERM at step 4: the same account as Ctrl-C, exit 143 (issue
+    30, class 8); the run resumes from what it kept."""
+    result = train(tmp_path, "--no-eval", fault="sigterm:4")
+    assert result.returncode == 143, result.stderr[-3000:]
+    (run_dir,) = run_folders(tmp_path)
+    nothing_torn(run_dir)
+    said = result.stderr[result.stderr.index("terminated"):].strip().splitlines()
+    assert said == [f"terminated (SIGTERM): kept the run folder {run_dir} with its last complete checkpoint, at "
+                    "step 2", "run the same command again to resume from there (training.resume: auto)"], said
+    assert "Traceback" not in result.stderr
+
+
 def test_divergence_stops_loudly_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     result = train(tmp_path, fault="nangrad:4")
     assert result.returncode == 2, result.stderr[-3000:]
