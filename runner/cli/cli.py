@@ -14,105 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from runner.cli import outcome, recipes
+from runner.cli import arguments, outcome, recipes
 from runner.common import cpu, dist
 from runner.common.errors import RecipeError, classify
 
 
-def _args_validate(p):
-    p.add_argument("--print", action="store_true", dest="show",
-                   help="print the resolved recipe as YAML (the ok line goes to stderr, so > r.yaml saves a recipe)")
-
-
-def _args_train(p):
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-
-
-def _args_inspect(p):
-    p.add_argument("--out", metavar="DIR", help="where inspect.json and the histograms go "
-                   "(default: <output_dir>/<name>/inspect)")
-    p.add_argument("--no-cache", action="store_true", help="tokenize again instead of using .cache/inspect")
-
-
-def _args_eval(p):
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
-    which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
-
-
-def _args_compare(p):
-    p.add_argument("--run", required=True, action="append",
-                   help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203: its adapter vs the base model; "
-                        "given twice (--run A --run B): adapter A vs adapter B, the difference B - A")
-
-
-def _args_generate(p):
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", help="a finished run folder whose adapter generates")
-    which.add_argument("--base", action="store_true", help="generate with the base model, no adapter")
-    p.add_argument("--input", default="-", metavar="FILE|-",
-                   help="JSONL records with the template's fields (a line starting with { is a record), or raw text "
-                        "lines for its main field (prompt.truncate or its only field); one input per line; "
-                        "- = standard input (default)")
-    p.add_argument("--jsonl", action="store_true", help="print each input record with its completion as JSON")
-
-
-def _args_export(p):
-    p.add_argument("--run", required=True, help="a finished run folder whose adapter is merged")
-    p.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist)")
-    p.add_argument("--format", default="hf", choices=("hf", "gguf"), help="hf: a transformers folder (default); "
-                   "gguf: a GGUF file + Ollama Modelfile (phi, llama; pip install 'qlora-recipes[gguf]')")
-    p.add_argument("--quant", default=None, metavar="TYPE", help="the GGUF's weights: f32, f16 (default), bf16, "
-                   "q8_0, q5_0, q4_0; q4_k_m, q4_k_s, q5_k_m, q6_k, q3_k_m, q2_k need llama.cpp's llama-quantize")
-    p.add_argument("--llama-cpp", default=None, metavar="DIR", help="a llama.cpp build with llama-quantize "
-                   "(default: $LLAMA_CPP_DIR, else PATH)")
-
-
-def _args_push(p):
-    p.add_argument("--run", required=True, help="a finished run folder whose adapter is pushed")
-    p.add_argument("--repo", required=True, metavar="NAME", help="a new hub repo: owner/name, or name (yours)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--merged", action="store_true", help="push the merged model (runner export), not the adapter")
-    what.add_argument("--gguf", action="store_true", help="push the GGUF and its Modelfile (export --format gguf)")
-    p.add_argument("--quant", default=None, metavar="TYPE", help="with --gguf: the GGUF's weight type (default f16)")
-    p.add_argument("--dry-run", action="store_true", help="print the upload plan and the model card; ask no hub")
-
-
-def _args_plan(p):
-    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB",
-                   help="plan for a card of this much memory (default: --card's, else this machine's GPU, if any)")
-    p.add_argument("--gpus", type=int, default=1, metavar="N",
-                   help="plan for N processes, one per GPU (torchrun --nproc-per-node x --nnodes): per-GPU memory "
-                        "with ddp and with fsdp, and the strategy auto picks (default 1)")
-    p.add_argument("--card", default=None, metavar="NAME",
-                   help="predict training time for this card from bench/RESULTS.md (H100, H200; default: this "
-                        "machine's GPU; without one, no training time is predicted)")
-
-
-def _args_sweep(p):
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="train every setting with N seeds (the recipe's seed, +1, ...) on the same examples")
-    p.add_argument("--name", default=None, help="the sweep's folder name under <output_dir>/<name>/sweeps/ "
-                   "(default: made from the axes, so the same command resumes the same sweep)")
-    p.add_argument("--metric", default=None, help="the metric settings are compared on, e.g. rouge.rougeL "
-                   "(default: the headline metric of the recipe's first evaluator that declares one)")
-    p.add_argument("--card", default=None, metavar="NAME", help="predict memory and training time for this card "
-                   "(H100, H200; default: this machine's GPU; without one, no training time is predicted)")
-    p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB", help="plan memory for a card this large")
-    p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its mistakes in the one-line form every other error has."""
-
-    def error(self, message):
-        raise RecipeError("command line", message, f"see {self.prog} --help")
-
-
 @functools.lru_cache(maxsize=1)  # built once per process: the fuzz tests call main() thousands of times (~4 ms each)
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="runner", description="Declarative QLoRA recipe runner.")
+    parser = arguments.Parser(prog="runner", description="Declarative QLoRA recipe runner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -368,24 +277,26 @@ def _card_gb(args, card: tuple[str, str]) -> float | None:
 # name -> (help, add its options, run it). A new command is one entry here plus its two functions.
 COMMANDS = {
     "validate": ("check a recipe (schema, cross-checks, the local files and data columns) without loading anything heavy",
-                 _args_validate, cmd_validate),
+                 arguments.validate, cmd_validate),
     "inspect": ("token lengths, truncation, drops and labels of the recipe's data per split; writes inspect.json "
-                "and histograms", _args_inspect, cmd_inspect),
+                "and histograms", arguments.inspect, cmd_inspect),
     "train": ("train the recipe's adapter, evaluate it and write report.md; writes a run folder under output_dir",
-              _args_train, cmd_train),
+              arguments.train, cmd_train),
     "eval": ("evaluate a finished run's adapter (--run) or the untrained base model (--base)",
-             _args_eval, cmd_eval),
+             arguments.eval, cmd_eval),
     "compare": ("evaluate the base model (adapter disabled) and the adapter, or two adapters (--run A --run B), on "
-                "the same examples; writes comparison.md and comparison.json", _args_compare, cmd_compare),
+                "the same examples; writes comparison.md and comparison.json", arguments.compare, cmd_compare),
     "sweep": ("train a grid of settings (key.path=v1,v2,...) x seeds, each cell a normal run (finished cells are "
-              "kept); writes sweep.md, sweep.json and sweep.png", _args_sweep, cmd_sweep),
+              "kept); writes sweep.md, sweep.json and sweep.png", arguments.sweep, cmd_sweep),
     "generate": ("print completions for your own inputs (JSONL records or raw text lines) with a run's adapter",
-                 _args_generate, cmd_generate),
+                 arguments.generate, cmd_generate),
     "export": ("merge a run's adapter into the dequantized base and save a plain transformers model folder "
-               "(safetensors, tokenizer, generation config)", _args_export, cmd_export),
-    "push": ("upload a run's adapter (or --merged / --gguf model), its card and record to a new hub repo", _args_push, cmd_push),
+               "(safetensors, tokenizer, model card), or with --format gguf a GGUF file and an Ollama Modelfile",
+               arguments.export, cmd_export),
+    "push": ("upload a run's adapter (or --merged / --gguf model), its card and record to a new hub repo",
+             arguments.push, cmd_push),
     "plan": ("trainable/total parameters and predicted peak GPU memory per profile, from the config alone",
-             _args_plan, cmd_plan),
+             arguments.plan, cmd_plan),
 }
 
 
