@@ -68,3 +68,28 @@ def write(name: str, folder: Path, **overrides) -> Path:
     """A folder holding only config.json for family ``name``, as `runner plan` reads it."""
     config(name, **overrides).save_pretrained(folder)
     return folder
+
+
+# The same classes shrunk for CPU tests: every structural choice of the family kept (head_dim apart from
+# hidden/heads, GQA, tying, windows, experts), only the sizes small.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny(name: str, **overrides):
+    """Family ``name``'s config at CPU size."""
+    values = dict(TINY)
+    real = REAL[name][1]
+    if "num_key_value_heads" in real:
+        values["num_key_value_heads"] = 2 if real["num_key_value_heads"] < real["num_attention_heads"] else 4
+    if "head_dim" in real:
+        values["head_dim"] = 32 if real["head_dim"] * real["num_attention_heads"] != real["hidden_size"] else 16
+    if "num_experts" in real:
+        values.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if real.get("sliding_window"):
+        values["sliding_window"] = 8
+    if REAL[name][0] == "Gemma3TextConfig":
+        values["layer_types"] = ["sliding_attention", "full_attention"]
+    if REAL[name][0] == "PhiConfig":
+        values.update(resid_pdrop=0.0, embd_pdrop=0.0)
+    return config(name, **{**values, **overrides})

@@ -321,6 +321,18 @@ def _loftq(model, recipe: dict) -> None:
 # Phi-2's gelu_new keeps about five [tokens, intermediate] tensors per layer for backward; gelu(approximate="tanh")
 # keeps one and launches one kernel.
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+# Where configs name their MLP activation: hidden_act (Llama, Qwen, Mistral, Phi), hidden_activation (Gemma).
+ACTIVATION_KEYS = ("hidden_act", "hidden_activation")
+
+
+def fused_activation_for(config) -> dict:
+    """The config values that swap this architecture's activation for its fused kernel ({} where it is one kernel
+    already: silu, gelu_pytorch_tanh): the key the config itself uses for it, whatever the family calls it."""
+    for key in ACTIVATION_KEYS:
+        act = getattr(config, key, None)
+        if isinstance(act, str):
+            return {key: FUSED_ACTIVATIONS[act]} if act in FUSED_ACTIVATIONS else {}
+    return {}
 
 
 def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = False):
@@ -334,9 +346,7 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
                   attn_implementation=m["attn_implementation"], dtype=resolve_dtype(m["dtype"]),
                   quantization_config=quantization_config(recipe, sharded))
     if fused_activation:
-        act = getattr(load_config(recipe), "hidden_act", None)
-        if act in FUSED_ACTIVATIONS:
-            kwargs["hidden_act"] = FUSED_ACTIVATIONS[act]
+        kwargs.update(fused_activation_for(load_config(recipe)))
     if torch.cuda.is_available():
         # Sharded: quantized on the CPU, so no GPU ever holds the whole model (bitsandbytes' loader would put it on
         # this process's GPU); FSDP then moves one layer at a time to the GPU and keeps this rank's shard of it.

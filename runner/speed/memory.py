@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runner.model import counting
+from runner.model import attention, counting
 from runner.model import model as model_mod
 
 GIB = 2**30
@@ -84,19 +84,6 @@ def _python_norms(layer) -> bool:
     return not any(isinstance(m, torch.nn.LayerNorm) for m in layer.modules())
 
 
-def _sliding_windows(cfg) -> list[int | None]:
-    """Per layer the sliding window it attends over (None: the whole sequence), as the config declares it:
-    ``layer_types`` (Gemma 3, Qwen 3), else one ``sliding_window`` for every layer (Mistral, Phi-3) unless
-    ``use_sliding_window`` says it is off (Qwen)."""
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:
-        window = None
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return [window if kind == "sliding_attention" else None for kind in types]
-    return [window] * cfg.num_hidden_layers
-
-
 def model_shape(config, modules=None) -> dict:
     """What the memory model needs of an architecture, from its config and its module tree (``modules``: a model
     of this config, e.g. the loaded one; built on the meta device when not given). Nothing keys on a family's
@@ -128,7 +115,7 @@ def model_shape(config, modules=None) -> dict:
                  gated=mlp_in >= 2, dense_mlp=mlp_in > 0, layer0=linears,
                  widest=max((i * o for i, o in linears.values()), default=hidden * inter),
                  softcap=getattr(cfg, "final_logit_softcapping", None),
-                 windows=_sliding_windows(cfg), tied=_tied(modules))
+                 windows=attention.sliding_windows(cfg), tied=_tied(modules))
     norms = _norm_widths(layer0)
     shape["norms"] = sum(1 for w in norms if w == hidden)  # on the residual stream
     shape["qk_norm_width"] = sum(w for w in norms if w != hidden) and (shape["q_dim"] + shape["kv_dim"])
