@@ -134,14 +134,15 @@ def _experts(cfg, weights: list) -> dict:
     """Mixture of experts: the experts' count, width and gating from their stacked 3-D weights ([experts, out, in]),
     the experts each token is routed to from the config."""
     if not weights:
-        return dict(experts=0, top_k=0, expert_inter=0, expert_gated=False)
+        return dict(experts=0, top_k=0, expert_inter=0, expert_gated=False, aux_loss=False)
     count = weights[0].shape[0]
     hidden = cfg.hidden_size
     ups = [w.shape[1] for w in weights if w.shape[2] == hidden]  # [experts, (2 x) inter, hidden]
     downs = [w.shape[2] for w in weights if w.shape[1] == hidden and w.shape[2] != hidden]
     width = downs[0] if downs else (ups[0] if ups else 0)
     top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_token", None) or 1
-    return dict(experts=count, top_k=top_k, expert_inter=width, expert_gated=sum(ups) >= 2 * width > 0)
+    return dict(experts=count, top_k=top_k, expert_inter=width, expert_gated=sum(ups) >= 2 * width > 0,
+                aux_loss=bool(getattr(cfg, "router_aux_loss_coef", 0.0)) and hasattr(cfg, "output_router_logits"))
 
 
 def _linears(meta) -> tuple[int, int, int]:
@@ -206,6 +207,15 @@ def expert_token_bytes(shape: dict, c: int) -> float:
         return 0.0
     width = (3 if shape["expert_gated"] else 1) * shape["expert_inter"]
     return shape["experts"] * (c + 4) + shape["top_k"] * c * (width + shape["hidden"])
+
+
+def aux_loss_token_bytes(shape: dict, c: int) -> float:
+    """Per token, what the load-balancing loss TRL adds for a mixture of experts (the config's router_aux_loss_coef)
+    keeps: every layer's router logits, their fp32 softmax and its copy concatenated over layers, and the one-hot
+    int64 mask of the experts each token went to."""
+    if not shape.get("aux_loss"):
+        return 0.0
+    return shape["layers"] * shape["experts"] * (c + 4 + 4 + 8 * shape["top_k"])
 
 
 def window_mask_bytes(shape: dict, rows: int, length: int) -> float:
@@ -288,6 +298,7 @@ def estimate(recipe: dict, config, speed, info: dict | None = None) -> Estimate:
         saved = tokens * shape["layers"] * layer + shape["layers"] * stack
         label = "activations (all layers)"
     saved += window_mask_bytes(shape, speed.micro_batch_size, recipe["prompt"]["max_length"])
+    saved += tokens * aux_loss_token_bytes(shape, c)
     est.parts[f"{label}, {speed.micro_batch_size} x {recipe['prompt']['max_length']} tokens"] = saved
     # The widest gradient flowing back through the MLP, and one 4-bit weight dequantized for its matmul.
     flow = shape["inter"] if shape["dense_mlp"] else shape["top_k"] * shape["expert_inter"]

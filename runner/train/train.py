@@ -355,7 +355,17 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     print(f"adapter saved to {adapter_dir} ({result.global_step} steps, {train_s:.1f} s)", flush=True)
     if best is not None:
         print(f"early stopping: {checkpoints.describe_best(best)}", flush=True)
+    _router_logits_off(trainer.model)
     return run_dir, trainer.model, tokenizer, prepared
+
+
+def _router_logits_off(model) -> None:
+    """TRL turns a mixture of experts' router logits on for its load-balancing loss (the config's
+    router_aux_loss_coef); evaluation wants none: with them on, generate() computes that loss at every step and
+    fails on a padded batch (transformers' load_balancing_loss_func against the step's attention mask)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "output_router_logits", False):
+        cfg.output_router_logits = False
 
 
 def _close_progress_bars(trainer) -> None:
