@@ -152,3 +152,16 @@ def test_compiled_layers_compute_what_the_eager_ones_do(name):
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
     grads = [(p.grad, q.grad) for p, q in zip(eager.parameters(), compiled.parameters()) if p.grad is not None]
     assert grads and all(torch.allclose(g, h, atol=1e-5) for g, h in grads)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "phi-2"])
+def test_a_loaded_model_with_lora_has_the_shape_of_its_config(name):
+    """Evaluation sizes its batches from the loaded (LoRA-wrapped) model's modules: peft's base layers count as the
+    modules they wrap (else the MLP's projections collide under one name and the MLP is missed)."""
+    from peft import LoraConfig, get_peft_model
+
+    from runner.speed import memory
+
+    cfg = families.tiny(name)
+    wrapped = get_peft_model(build(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    assert memory.model_shape(cfg, wrapped) == memory.model_shape(cfg)

@@ -104,8 +104,9 @@ def model_shape(config, modules=None) -> dict:
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
     layers = _decoder_layers(modules, cfg.num_hidden_layers)
     layer0 = layers[0] if layers is not None else modules
-    linears = {name.rsplit(".", 1)[-1]: (m.in_features, m.out_features) for name, m in layer0.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".lora_" not in f".{name}"}
+    # A loaded model may carry peft's LoRA: its base layers count under the name of the module they wrap.
+    linears = {name.replace(".base_layer", "").rsplit(".", 1)[-1]: (m.in_features, m.out_features)
+               for name, m in layer0.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in f".{name}"}
     # The dense MLP's input projections: width inter (gate, up) or 2 x inter (a fused gate_up).
     mlp_in = sum(o for i, o in linears.values() if i == hidden and o in (inter, 2 * inter)) // inter
     experts = [p for p in layer0.parameters() if p.dim() == 3]
