@@ -14,6 +14,15 @@ Training's estimate counts what the training path actually holds, term by term:
 - the backward pass's widest transient gradients, or the fused LM head's logit tiles, whichever is larger;
 - the caching allocator's slack over the allocated peak; the CUDA context (outside torch's reserved memory) is
   shown apart.
+
+Per family, every term reads what the config and the meta-device model declare, never the model type's name
+(``model_shape``): q and k/v widths from num_attention_heads, num_key_value_heads (GQA) and head_dim where the
+config sets it apart (Qwen 3, Gemma 3); a gated MLP from its projections' widths (gate + up, or Phi-3's fused
+gate_up); the norms a decoder layer holds (Gemma 3's four, Qwen 3's q/k norms; Python RMSNorms keep an fp32 copy);
+tied embeddings as one tensor; per-layer sliding windows (the KV cache keeps a window, training builds one mask);
+a final-logit softcap's temporaries in evaluation; experts as stacked 3-D weights bitsandbytes leaves unquantized,
+with the router, the routed tokens' activations, the load-balancing loss's router logits, and LoRA on the stacks
+(peft materialises W + B A per layer) where the recipe's targets reach them.
 """
 
 from __future__ import annotations
