@@ -176,7 +176,7 @@ def for_generation(recipe: dict, model, lengths: list[int]) -> Choice:
     g = recipe["generation"]
     if g["backend"] != "auto" and g["batch_size"] != "auto":
         return Choice(g["backend"], int(g["batch_size"]))
-    shape = memory.model_shape(model.config)
+    shape = memory.model_shape(model.config, model)
     attn = model.config._attn_implementation
     row_bytes = {b: memory.generation_row_bytes(shape, _dtype_bytes(model, b), max(lengths), g["max_new_tokens"],
                                                 b != "plain" and g["num_beams"] == 1, attn) for b in BACKENDS}
@@ -186,7 +186,7 @@ def for_generation(recipe: dict, model, lengths: list[int]) -> Choice:
 def _scoring_bytes(model, backend: str, longest: int, scored_tokens: int, rows_per_prompt: int,
                    shared_prefix: bool) -> float:
     """One prompt's predicted peak bytes when scored on ``backend`` (see ``for_scoring``)."""
-    shape, c = memory.model_shape(model.config), _dtype_bytes(model, backend)
+    shape, c = memory.model_shape(model.config, model), _dtype_bytes(model, backend)
     if shared_prefix and backend != "plain":
         return memory.packed_scoring_bytes(shape, c, longest - scored_tokens, rows_per_prompt * scored_tokens)
     return rows_per_prompt * memory.scoring_row_bytes(shape, c, longest, scored_tokens, model.config._attn_implementation)

@@ -132,11 +132,14 @@ def score_groups(model, tokenizer, groups: list[list[tuple[list[int], int]]]):
     # The shared part stops before the first scored token of every row (a scored token needs the logit before it).
     shared = [min(min(common_prefix_length(rows[0][0], ids) for ids, _ in rows), *(len(ids) - n for ids, n in rows))
               for rows in groups]
-    if min(shared) == 0 or model.config._attn_implementation not in ("sdpa", "eager"):
-        # no shared prompt to run once, or an attention kernel that takes no custom mask: a row per label
-        return score_rows(model, tokenizer, [row for rows in groups for row in rows]).view(len(groups), k)
     packed = [_pack(rows, p) for rows, p in zip(groups, shared)]
     width = max(len(ids) for ids, _, _ in packed)
+    windows = [w for w in attention.sliding_windows(model.config) if w is not None]
+    if min(shared) == 0 or model.config._attn_implementation not in ("sdpa", "eager") or min(windows, default=width) < width:
+        # no shared prompt to run once, an attention kernel that takes no custom mask, or a sliding window
+        # narrower than the packed row (the custom mask replaces the window's, and packing stretches the distance
+        # between a label's tokens and the prompt): a row per label
+        return score_rows(model, tokenizer, [row for rows in groups for row in rows]).view(len(groups), k)
     keep = max(len(ids) - p for (ids, _, _), p in zip(packed, shared)) + 1  # the prompt's last logit + every tail
     input_ids, positions, segments = [], [], []  # segment: -1 padding, 0 the prompt, j + 1 label j's own tokens
     picks: list[tuple[int, int, int, int]] = []  # (group, kept column, target token, label)

@@ -1,4 +1,4 @@
-"""Which SDPA kernels a phase runs: cuDNN's attention or torch's own, set for that phase and restored after it.
+"""Attention per phase and per family. Which SDPA kernels a phase runs: cuDNN's attention or torch's own, set for that phase and restored after it.
 
 cuDNN's attention plans an execution graph for every new input shape (host time), then runs fast. Measured on one
 H200 (bench/RESULTS.md, "Evaluation kernels"): generation gains from it (1,000 XSum prompts at 69 prompts/s with it,
@@ -35,3 +35,17 @@ def for_generation(forced: bool | None = None):
 
 def for_scoring(forced: bool | None = None):
     return cudnn(False if forced is None else forced)
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Per decoder layer the sliding window it attends over (None: the whole sequence), as the config declares it:
+    ``layer_types`` (Gemma 3, Qwen 3), else one ``sliding_window`` for every layer (Mistral, Phi-3) unless
+    ``use_sliding_window`` turns it off (Qwen)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * cfg.num_hidden_layers

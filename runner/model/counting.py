@@ -4,7 +4,7 @@ them."""
 
 from __future__ import annotations
 
-from runner.model.model import lora_config
+from runner.model.model import lora_on_meta
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -26,10 +26,7 @@ def parameter_line(trainable: int, total: int) -> str:
 
 def meta_lora_counts(recipe: dict, model) -> tuple[int, int]:
     """Trainable/total parameters of the recipe's LoRA on a meta-device model (no weights)."""
-    from peft import get_peft_model
-
     if recipe["lora"] is None:
         n = sum(p.numel() for p in model.parameters())
         return n, n
-    peft_model = get_peft_model(model, lora_config(recipe, counting=True, model=model))
-    return count_parameters(peft_model)
+    return count_parameters(lora_on_meta(recipe, model))

@@ -15,7 +15,7 @@ import re
 from itertools import chain
 
 from runner.model.counting import count_parameters
-from runner.model.model import FUSED_ACTIVATIONS
+from runner.model.model import fused_activation_for
 
 QUANTIZED = ("Params4bit", "Int8Params")
 _PEFT_WRAPPERS = re.compile(r"(\.base_layer|\.original_module)+\.")
@@ -87,8 +87,8 @@ def dequantized_copy(base, dtype):
         del config.quantization_config
     # The same function in one kernel instead of five (gelu_new's multiplies, adds and tanh, each a pass over the
     # MLP's widest activation): a third of a scoring pass's GPU time on Phi-2 (bench/RESULTS.md).
-    if getattr(config, "hidden_act", None) in FUSED_ACTIVATIONS:
-        config.hidden_act = FUSED_ACTIVATIONS[config.hidden_act]
+    for key, fused in fused_activation_for(config).items():
+        setattr(config, key, fused)
     device = base.get_input_embeddings().weight.device
     with torch.device("meta"):
         out = type(base)._from_config(config, dtype=dtype)  # the loaded class itself (remote code included)

@@ -186,14 +186,33 @@ def check_lora_variants(recipe: dict, model) -> None:
             if index >= n:
                 raise RecipeError(f"lora.layers_to_transform[{i}]", f"layer {index} does not exist",
                                   f"{model.config.model_type} here has {n} layers: 0 to {n - 1}")
-    if layers or lora["modules_to_save"]:
-        from peft import get_peft_model
-
+    if layers or lora["modules_to_save"] or has_experts(model):
         try:  # peft finds the layers and modules itself: its refusal is the recipe's mistake
-            get_peft_model(meta_model(model.config), lora_config(recipe, counting=True, model=model))
+            lora_on_meta(recipe, meta_model(model.config))
         except ValueError as exc:
             raise RecipeError("lora", f"peft cannot apply it to this model: {str(exc).splitlines()[0][:200]}",
                               "check lora.layers_to_transform, lora.modules_to_save and lora.target_modules") from None
+
+
+def has_experts(model) -> bool:
+    """Mixture of experts as transformers 5 stores it: each layer's experts stacked in 3-D weights."""
+    return any(p.dim() == 3 for p in model.parameters())
+
+
+def lora_on_meta(recipe: dict, meta):
+    """The recipe's LoRA applied to a meta-device model (the default init: nothing to compute). peft puts LoRA on
+    a mixture of experts' stacked weights (its ParamWrapper) where the targets reach them, e.g. all-linear; that
+    wrapper takes no dropout, which is the recipe's to change."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(meta, lora_config(recipe, counting=True, model=meta))
+    except ValueError as exc:
+        if "lora_dropout" not in str(exc):
+            raise
+        raise RecipeError("lora.dropout", f"{recipe['lora']['dropout']}: peft's LoRA on the experts' stacked weights "
+                          f"of {meta.config.model_type} (reached by lora.target_modules) takes no dropout",
+                          "set lora.dropout: 0, or list attention modules only in lora.target_modules") from None
 
 
 def check(recipe: dict):
@@ -313,6 +332,18 @@ def _loftq(model, recipe: dict) -> None:
 # Phi-2's gelu_new keeps about five [tokens, intermediate] tensors per layer for backward; gelu(approximate="tanh")
 # keeps one and launches one kernel.
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+# Where configs name their MLP activation: hidden_act (Llama, Qwen, Mistral, Phi), hidden_activation (Gemma).
+ACTIVATION_KEYS = ("hidden_act", "hidden_activation")
+
+
+def fused_activation_for(config) -> dict:
+    """The config values that swap this architecture's activation for its fused kernel ({} where it is one kernel
+    already: silu, gelu_pytorch_tanh): the key the config itself uses for it, whatever the family calls it."""
+    for key in ACTIVATION_KEYS:
+        act = getattr(config, key, None)
+        if isinstance(act, str):
+            return {key: FUSED_ACTIVATIONS[act]} if act in FUSED_ACTIVATIONS else {}
+    return {}
 
 
 def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = False):
@@ -326,9 +357,7 @@ def load_base(recipe: dict, fused_activation: bool = False, sharded: bool = Fals
                   attn_implementation=m["attn_implementation"], dtype=resolve_dtype(m["dtype"]),
                   quantization_config=quantization_config(recipe, sharded))
     if fused_activation:
-        act = getattr(load_config(recipe), "hidden_act", None)
-        if act in FUSED_ACTIVATIONS:
-            kwargs["hidden_act"] = FUSED_ACTIVATIONS[act]
+        kwargs.update(fused_activation_for(load_config(recipe)))
     if torch.cuda.is_available():
         # Sharded: quantized on the CPU, so no GPU ever holds the whole model (bitsandbytes' loader would put it on
         # this process's GPU); FSDP then moves one layer at a time to the GPU and keeps this rank's shard of it.

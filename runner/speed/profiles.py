@@ -48,6 +48,7 @@ class Speed:
     cudnn_sdpa: bool = True
     compiled: bool = False  # each decoder layer under torch.compile while training (training.compile)
     cuda_graphs: bool = False  # the compiled layers replayed as CUDA graphs (fixed rows on a GPU)
+    compile_note: str | None = None  # why this architecture trains uncompiled where the profile would compile
     budget_gb: float | None = None
     predicted_gb: float | None = None
     world_size: int = 1
@@ -65,6 +66,8 @@ class Speed:
                                         (self.compiled, "compiled layers"),
                                         (self.cuda_graphs, "as CUDA graphs")) if on]
         text += "".join(f", {name}" for name in extras)
+        if self.compile_note:
+            text += f", not compiled: {self.compile_note}"
         if self.predicted_gb is not None:
             text += f"; predicted peak {self.predicted_gb:.1f} GiB" + (" per GPU" if self.world_size > 1 else "")
         if self.budget_gb is not None:
@@ -158,7 +161,22 @@ def resolve(recipe: dict, config, card_gb: float | None = None, *, detect: bool 
         card_gb = gpu_memory_gb()
     speed = _resolve(recipe, config, card_gb, info, world_size or dist.world().size)
     compiled = compiles(recipe, speed, card_gb)
-    return replace(speed, compiled=compiled, cuda_graphs=compiled and graphs(speed, card_gb))
+    note = None
+    if compiled and config is not None:
+        note = compile_blocker(info if info is not None else memory.model_info(recipe, config))
+        compiled = note is None
+    return replace(speed, compiled=compiled, cuda_graphs=compiled and graphs(speed, card_gb), compile_note=note)
+
+
+def compile_blocker(info: dict) -> str | None:
+    """Why an architecture's decoder layers cannot be compiled for training (None: they can), from what its meta
+    model declares (runner.speed.memory.model_info). Each family's decoder layer is the class transformers names in
+    ``_no_split_modules``; what stops torch.compile is how the adapter reaches the weights, not the family's name."""
+    if info.get("lora_expert_elements"):
+        return ("LoRA on the experts' stacked weights registers a parametrization around them on every forward "
+                "(peft's ParamWrapper), which torch.compile does not trace; list attention modules only in "
+                "lora.target_modules to compile")
+    return None
 
 
 def compiles(recipe: dict, speed: Speed, card_gb: float | None) -> bool:

@@ -371,12 +371,12 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
 
 
 def _router_logits_off(model) -> None:
-    """The trained model goes on to evaluation: TRL turned a mixture of experts' output_router_logits on for its
-    load-balancing loss, and generation with it on fails in transformers 5 (the loss masks the router logits of the
-    new token with the whole prompt's attention mask); evaluation needs no router logits."""
-    config = model.config.get_text_config()
-    if getattr(config, "output_router_logits", False):
-        config.output_router_logits = False
+    """TRL turns a mixture of experts' router logits on for its load-balancing loss (the config's
+    router_aux_loss_coef); evaluation wants none: with them on, generate() computes that loss at every step and
+    fails on a padded batch (transformers' load_balancing_loss_func against the step's attention mask)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "output_router_logits", False):
+        cfg.output_router_logits = False
 
 
 def _close_progress_bars(trainer) -> None:
