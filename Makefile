@@ -16,7 +16,7 @@ LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/python -m runner.cli.launch --npr
 # CPU torch without a GPU (a small build; `pip install torch==2.13.0` finds the local CPU wheel where there is one),
 # the CUDA build from PyPI with one. Override with `make install TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)
-TINY := .cache/tiny/BUILT
+TINY := .cache/tiny/TWINS_BUILT
 # The CPU settings (OMP_*, TOKENIZERS_PARALLELISM, glibc's MALLOC_*) are the runner's own: `runner` sets them when
 # it starts, wherever it is started (runner/common/cpu.py says why each, and how MALLOC_* reach glibc).
 export HF_HUB_DISABLE_TELEMETRY ?= 1
@@ -39,7 +39,7 @@ help:  ## list the targets
 	@echo "make test                       the whole test suite, what CI runs (CPU; docs/testing.md, times: docs/timings.md)"
 	@echo "make test-fast                  the tests that neither train nor start torch, a fifth of the fuzz cases (docs/timings.md)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
-	@echo "make tiny                       build the tiny offline models and data in .cache/tiny"
+	@echo "make tiny                       build the tiny offline models (Phi and every family's twin) and data in .cache/tiny"
 	@echo "make lint                       ruff"
 	@echo "make docs                       regenerate docs/recipe-reference.md from the recipe schema"
 	@echo "make clean                      remove runs/ and .cache/"
@@ -53,8 +53,9 @@ $(BIN)/runner: pyproject.toml
 
 install: $(BIN)/runner  ## create the virtualenv and install
 
-$(TINY): $(BIN)/runner runner/model/tiny.py
-	$(BIN)/python -m runner.model.tiny >&2
+# The tiny data, the Phi twin and every model family's twin (runner.model.twins builds runner.model.tiny's first).
+$(TINY): $(BIN)/runner runner/model/tiny.py runner/model/twins.py runner/model/families.py
+	$(BIN)/python -m runner.model.twins >&2
 
 tiny: $(TINY)
 
@@ -97,7 +98,11 @@ test-fast: $(BIN)/runner $(TINY)  ## everything but the tests that train (pytest
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-quick} $(BIN)/python -m pytest -q -m "not slow" tests
 
 smoke: $(BIN)/runner $(TINY)
-	for r in recipes/tiny/*.yaml; do $(BIN)/runner train $$r training.max_steps=5 output_dir=.cache/smoke-runs || exit 1; done
+	for r in recipes/tiny/*.yaml; do case $$r in *_dpo_tiny.yaml) continue;; esac; \
+	  $(BIN)/runner train $$r training.max_steps=5 output_dir=.cache/smoke-runs || exit 1; done
+	# DPO starts from a trained adapter: the newest smoke run of the AG News twin
+	$(BIN)/runner train recipes/tiny/agnews_dpo_tiny.yaml training.max_steps=5 output_dir=.cache/smoke-runs \
+	  model.adapter=$$(ls -d $(CURDIR)/.cache/smoke-runs/agnews_tiny/*/ | tail -1)
 
 lint: $(BIN)/runner
 	$(BIN)/ruff check runner evaluators tests
