@@ -91,11 +91,12 @@ def make_adapter(recipe) -> None:
     import torch
     from peft import get_peft_model
 
+    from runner.model import lora as lora_mod
     from runner.model import model as model_mod
 
     if (ADAPTER / "adapter_config.json").is_file():
         return
-    net = get_peft_model(base := model_mod.load_base(recipe), model_mod.lora_config(recipe, model=base))
+    net = get_peft_model(base := model_mod.load_base(recipe), lora_mod.lora_config(recipe, model=base))
     gen = torch.Generator().manual_seed(0)
     for name, param in net.named_parameters():
         if "lora_B" in name:

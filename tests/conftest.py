@@ -176,6 +176,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def overridden(base: list[str], *extra: str) -> list[str]:
+    """``base`` overrides with ``extra``'s on top: a key ``extra`` sets is left out of ``base`` (the command line
+    refuses a key given twice)."""
+    keys = {e.split("=", 1)[0] for e in extra if "=" in e}
+    return [b for b in base if b.split("=", 1)[0] not in keys] + list(extra)
+
+
 def cli_env() -> dict:
     # The CPU settings come from this process's environment (cpu.settle above); OMP_NUM_THREADS is the tests' own
     # cap (two lanes of commands share the cores).

@@ -16,6 +16,7 @@ from runner.evaluate import backend
 from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate import generate as generate_mod
 from runner.evaluate import rank as rank_mod
+from runner.model import lora as lora_mod
 from runner.model import merge
 from runner.speed import memory
 from tests.conftest import ROOT
@@ -40,7 +41,7 @@ def lora_net(tiny):
     tokenizer = model_mod.load_tokenizer(recipe)
     base = model_mod.load_base(recipe)
     model_mod._keep_trainable_layout(base)
-    net = get_peft_model(base, model_mod.lora_config(recipe))
+    net = get_peft_model(base, lora_mod.lora_config(recipe))
     gen = torch.Generator().manual_seed(0)
     for name, param in net.named_parameters():
         if "lora_B" in name:

@@ -307,7 +307,7 @@ def test_recipe_of_several_yaml_documents(tmp_path, tiny, cli):
 def test_unknown_evaluator_without_a_close_name(tmp_path, tiny, cli):
     line = assert_user_error(cli("validate", write_recipe(tmp_path, tiny), "evaluation.evaluators[0].name=nope"),
                              "evaluation.evaluators[0].name", "'nope' is not allowed")
-    assert line.endswith("loss; or give your own as package.module:ClassName)"), line
+    assert line.endswith("multiple_choice; or give your own as package.module:ClassName)"), line
 
 
 @pytest.mark.parametrize("name", ["..", ".", ".hidden"])

@@ -13,6 +13,7 @@ import pytest
 
 from runner.cli import recipes
 from runner.model import families
+from runner.model import lora as lora_mod
 from tests.conftest import ROOT, ahead, cli_env, run_cli, run_folder
 
 TWINNED = ("llama", "qwen3", "gemma3", "mistral", "phi3", "qwen3_moe")  # runner.model.twins.CONFIGS
@@ -56,7 +57,7 @@ def test_declared_linear_modules_are_the_models(name, built):
     config = AutoConfig.from_pretrained(built / name)
     assert families.for_model_type(config.model_type) is family
     meta = model.meta_model(config)
-    assert model.linear_module_names(meta) == sorted(family.linear_for(config.to_dict()))
+    assert lora_mod.linear_module_names(meta) == sorted(family.linear_for(config.to_dict()))
     assert config.tie_word_embeddings is family.tied_embeddings
     assert bool(getattr(config, "sliding_window", None)) is bool(family.sliding_window)
     params = {n.split("layers.0.", 1)[-1] for n, _ in meta.named_parameters() if ".layers.0." in n}
@@ -73,7 +74,7 @@ def test_phi2_declaration_matches_the_phi_twin(tiny):
     config = AutoConfig.from_pretrained(tiny / "phi")
     family = families.for_model_type(config.model_type)
     assert family is families.BY_NAME["phi2"]
-    assert model.linear_module_names(model.meta_model(config)) == sorted(family.linear)
+    assert lora_mod.linear_module_names(model.meta_model(config)) == sorted(family.linear)
 
 
 def test_a_mixture_of_experts_with_dense_layers_has_their_mlp_linears():

@@ -11,6 +11,7 @@ import pytest
 from runner.cli import recipes
 from runner.common.errors import RecipeError
 from runner.model import counting
+from runner.model import lora as lora_mod
 from runner.model import model as model_mod
 from runner.speed import memory, plan, profiles
 from tests.conftest import ROOT
@@ -107,11 +108,11 @@ def test_all_linear_with_a_layer_subset_adapts_only_those_layers(tiny):
     from peft import get_peft_model
 
     peft_model = get_peft_model(model_mod.meta_model(meta.config),
-                                model_mod.lora_config(recipe, counting=True, model=meta))
+                                lora_mod.lora_config(recipe, counting=True, model=meta))
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert layers == {1, 3}
     kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
-    assert kinds == set(model_mod.linear_module_names(meta))  # every linear kind, as all-linear says
+    assert kinds == set(lora_mod.linear_module_names(meta))  # every linear kind, as all-linear says
 
 
 @pytest.mark.slow

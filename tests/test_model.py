@@ -6,6 +6,7 @@ import pytest
 
 from runner.cli import recipes
 from runner.model import counting
+from runner.model import lora as lora_mod
 from runner.model import model as model_mod
 from tests.conftest import ROOT
 
@@ -18,7 +19,7 @@ def test_phi2_study_lora_has_exactly_10_485_760_trainable_parameters():
 
     recipe = recipes.load(ROOT / "recipes" / "xsum_phi2.yaml")
     meta = model_mod.meta_model(PhiConfig(**PHI2))
-    model_mod.check_targets(recipe, meta)
+    lora_mod.check_targets(recipe, meta)
     trainable, total = counting.meta_lora_counts(recipe, meta)
     assert trainable == 10_485_760
     assert total - trainable == 2_779_683_840  # Phi-2's own parameters
@@ -28,7 +29,7 @@ def test_phi2_study_lora_has_exactly_10_485_760_trainable_parameters():
 def test_linear_module_names_of_phi_exclude_the_output_head():
     from transformers import PhiConfig
 
-    names = model_mod.linear_module_names(model_mod.meta_model(PhiConfig(**{**PHI2, "num_hidden_layers": 1})))
+    names = lora_mod.linear_module_names(model_mod.meta_model(PhiConfig(**{**PHI2, "num_hidden_layers": 1})))
     assert names == ["dense", "fc1", "fc2", "k_proj", "q_proj", "v_proj"]
 
 

@@ -117,7 +117,7 @@ def test_dry_run_plans_every_setting_and_a_config_mistake_names_its_cell(tiny, t
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
     bad = cli("sweep", AGNEWS, "lora.target_modules=[q_proj,o_proj],all-linear", f"output_dir={tmp_path}")
     assert bad.returncode == 2 and bad.stderr.strip().startswith(
-        "error: lora.target_modules[1]: phi has no linear module 'o_proj' (in the cell "
+        "error: lora.target_modules[1]: Phi-2 (phi) has no linear module 'o_proj' (in the cell "
         "lora.target_modules=[q_proj,o_proj])")
     assert not any(tmp_path.iterdir())
 

@@ -70,7 +70,7 @@ def cmd_validate(args) -> int:
     data.check_files(recipe)
     if args.show:
         print(recipe_mod.dump(recipe), end="")
-    from runner.model.model import lora_text
+    from runner.model.lora import lora_text
 
     targets = lora_text(recipe["lora"])
     # With --print, stdout is the recipe alone (`> r.yaml` saves a recipe that loads again); the verdict goes aside.

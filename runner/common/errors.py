@@ -108,15 +108,18 @@ def _in_cache(filename: str) -> bool:
     return any(root and (path + os.sep).startswith(os.path.abspath(root) + os.sep) for root in roots)
 
 
-def os_fault(exc: BaseException) -> EnvironmentProblem | None:
+def os_fault(exc: BaseException) -> RecipeError | None:
     """The machine's fault behind ``exc``, if an OS error of the kinds _OS_ERRORS names is in its chain: exit 1,
-    named by the path; one in a cache folder says so (its hint is the cache's, not output_dir's)."""
+    named by the path; one in a cache folder says so (its hint is the cache's, not output_dir's). A path too long
+    for the file system is the user's (exit 2): the runner makes no path the user did not choose the length of."""
     for item in _chain(exc):
         if isinstance(item, OSError) and item.errno in _OS_ERRORS:
             what, hint = _OS_ERRORS[item.errno]
             name = str(item.filename or "")
             if name and _in_cache(name) and item.errno != errno.ELOOP:
                 hint = _CACHE_HINT
+            if item.errno == errno.ENAMETOOLONG:  # a path the user wrote (a recipe value, output_dir, name): exit 2
+                return RecipeError(short(name, 200), what, hint)
             return EnvironmentProblem(short(name, 200), what, hint)
     return None
 # Libraries that write in native code (safetensors, torch.save) report the OS error only in their message.

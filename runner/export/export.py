@@ -138,7 +138,7 @@ def _write_gguf(recipe: dict, run_dir: Path, merged, tokenizer, folder: Path, qu
                                   chat_template=modelfile.jinja_template(recipe, tokenizer),
                                   quantize_tool=quantize_tool)
     read_back = gguf_file.verify(folder / name, written)
-    gap = gguf_file.llama_cpp_gap(folder / name, merged, tokenizer, _probe_prompt(recipe))
+    gap = gguf_file.llama_cpp_gap(folder / name, merged, tokenizer, _probe_prompt(recipe, tokenizer))
     safeio.write_text(folder / "Modelfile", modelfile.modelfile(recipe, name, stops))
     card.write(folder / card.CARD, recipe, run_dir, "gguf", gguf_name=name)
     types: dict[str, int] = {}

@@ -4,7 +4,7 @@ them."""
 
 from __future__ import annotations
 
-from runner.model.model import lora_on_meta
+from runner.model.lora import lora_on_meta
 
 
 def count_parameters(model) -> tuple[int, int]:

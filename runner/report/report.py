@@ -17,7 +17,7 @@ from runner.data import inspection as inspect_mod
 from runner.evaluate import baselines, retention
 from runner.evaluate import evaluate as evaluate_mod
 from runner.evaluate.metrics import DECLARED, by_evaluator, headline, primary_metric
-from runner.model.model import lora_variants
+from runner.model.lora import lora_variants
 from runner.report import signals
 from runner.speed import profiles
 from runner.store import checkpoints

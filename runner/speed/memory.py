@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from runner.model import attention, counting
+from runner.model import lora as lora_mod
 from runner.model import model as model_mod
 from runner.speed import method_memory
 
@@ -264,7 +265,7 @@ def model_info(recipe: dict, config) -> dict:
     if recipe["lora"] is None:
         info["trainable"] = info["total"]
         return info
-    lora = model_mod.lora_on_meta(recipe, meta)
+    lora = lora_mod.lora_on_meta(recipe, meta)
     info["trainable"] = counting.count_parameters(lora)[0]
     layers = _decoder_layers(lora, info["layers"])
     if layers is not None:  # peft's wrappers of stacked expert weights (ParamWrapper) in one layer

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from runner.model import counting
+from runner.model import lora as lora_mod
 from runner.model import model as model_mod
 from runner.speed import profiles, throughput
 from runner.speed.memory import CUDA_CONTEXT_GB, GIB, PAGED, estimate, model_info
@@ -83,4 +84,4 @@ def _quant_text(recipe: dict) -> str:
 
 
 def _lora_text(recipe: dict) -> str:
-    return model_mod.lora_text(recipe["lora"])
+    return lora_mod.lora_text(recipe["lora"])

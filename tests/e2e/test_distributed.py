@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, overridden, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +148,7 @@ def test_a_failing_rank_ends_the_job_with_a_line_naming_it(tiny, tmp_path):
     env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     start = time.time()
     result = subprocess.run([*torchrun(2), "-m", "runner", "train", str(TINY), f"output_dir={tmp_path / 'runs'}",
-                             *SMALL, "training.max_steps=1", "evaluation.evaluators=[{name: 'rankbomb.ev:Bomb'}]"],
+                             *overridden(SMALL, "training.max_steps=1"), "evaluation.evaluators=[{name: 'rankbomb.ev:Bomb'}]"],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     assert result.returncode != 0
     line = next(line for line in result.stderr.splitlines() if line.startswith("error: rank 1: "))
@@ -173,7 +173,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the rank's process")
 def test_killed_rank_ends_the_job_and_the_rerun_resumes(tiny, tmp_path):
-    args = ["train", TINY, f"output_dir={tmp_path}", *SMALL, "training.max_steps=6", "training.save_every=2",
+    args = ["train", TINY, f"output_dir={tmp_path}", *overridden(SMALL, "training.max_steps=6"), "training.save_every=2",
             "training.resume=auto", "--no-eval"]
     job = subprocess.Popen([*torchrun(2), "-m", "runner", *map(str, args)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
@@ -207,7 +207,7 @@ def test_two_machines_on_one_host_train_one_run(tiny, tmp_path):
     port = _free_port()
     node = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
             "--master-port", str(port)]
-    args = ["-m", "runner", "train", str(TINY), f"output_dir={tmp_path}", *SMALL, "training.max_steps=2", "--no-eval"]
+    args = ["-m", "runner", "train", str(TINY), f"output_dir={tmp_path}", *overridden(SMALL, "training.max_steps=2"), "--no-eval"]
     second = subprocess.Popen([*node, "--node-rank", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT, env=_env())
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, run_python
+from tests.conftest import ROOT, cli_env, overridden, run_python
 
 TINY = ROOT / "recipes" / "tiny" / "xsum_tiny.yaml"
 FAULTS = ROOT / "tests" / "faults.py"
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # every test here trains or runs the CLI
 
 def train(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = cli_env() | ({"FAULT": fault} if fault else {})
-    return run_python([str(FAULTS), "train", str(TINY), f"output_dir={out}", *ARGS, *extra], ROOT, env)
+    return run_python([str(FAULTS), "train", str(TINY), f"output_dir={out}", *overridden(ARGS, *extra)], ROOT, env)
 
 
 def killed(result) -> None:

@@ -237,17 +237,17 @@ def test_a_venv_installed_from_another_pyproject_is_told_apart(tmp_path):
     from packaging.requirements import Requirement
 
     dist = metadata.distribution("qlora-recipes")
-    plain, dev = [], []
+    plain, extras = [], {}
     for r in map(Requirement, dist.requires):
-        extra = r.marker is not None and 'extra == "dev"' in str(r.marker)
+        extra = re.search(r'extra == "([^"]+)"', str(r.marker)) if r.marker is not None else None
         r.marker = None
-        (dev if extra else plain).append(str(r))
+        (extras.setdefault(extra.group(1), []) if extra else plain).append(str(r))
     scripts = {e.name: e.value for e in dist.entry_points if e.group == "console_scripts"}
 
     def pyproject(scripts: dict, plain: list) -> Path:
         lines = ['[project]', 'name = "qlora-recipes"', f"dependencies = {plain!r}",
-                 "[project.optional-dependencies]", f"dev = {dev!r}", "[project.scripts]",
-                 *(f'{k} = "{v}"' for k, v in scripts.items())]
+                 "[project.optional-dependencies]", *(f"{name} = {reqs!r}" for name, reqs in extras.items()),
+                 "[project.scripts]", *(f'{k} = "{v}"' for k, v in scripts.items())]
         (tmp_path / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return tmp_path / "pyproject.toml"
 
