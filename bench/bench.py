@@ -72,6 +72,26 @@ VARIANTS = {
 }
 
 
+
+def step_timer(stamps: dict):
+    """A trainer callback that stamps the time, after a CUDA sync, at training's start (key 0) and after each
+    optimizer step (key: the step): the measured window is between two stamps."""
+    import torch
+    from transformers import TrainerCallback
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            stamps[0] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            stamps[state.global_step] = time.perf_counter()
+
+    return StepTimer()
+
 def base_overrides(steps: int) -> list[str]:
     over = [f"model.name_or_path={MODEL_DIR}", f"data.source={DATA / 'xsum' / 'sample.jsonl'}",
             "data.train_samples=null", "data.splits.eval=null", "data.splits.test=null", "evaluation.split=train",
@@ -196,7 +216,6 @@ def forced_speed(recipe: dict, flags: dict):
 
 def cmd_train(name: str) -> None:
     import torch
-    from transformers import TrainerCallback
 
     from runner.cli import recipes
     from runner.train import train as train_mod
@@ -209,25 +228,15 @@ def cmd_train(name: str) -> None:
     recipe = recipes.load(RECIPE, base_overrides(warm + meas) + overrides)
     speed = forced_speed(recipe, flags) if flags else None
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     stamps: dict[int, float] = {}
     held: dict = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            sync()
-            stamps[0] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            stamps[state.global_step] = time.perf_counter()
 
     def instrument(trainer):
         if pad_to:  # the notebook's padding="max_length": every row padded to 512
             trainer.data_collator.pad_to_multiple_of = pad_to
         held["counter"] = trainer.data_collator = Counter(trainer.data_collator)
         held["trainer"] = trainer
-        trainer.add_callback(Timer())
+        trainer.add_callback(step_timer(stamps))
 
     t0 = time.time()
     run_dir, model, tokenizer, prepared = train_mod.train(recipe, instrument=instrument, speed=speed)

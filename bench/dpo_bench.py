@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 if "--tiny" in sys.argv:  # before bench.py reads it
@@ -76,30 +75,19 @@ class Counter:
 
 def run_one(profile: str) -> dict:
     import torch
-    from transformers import TrainerCallback
 
     from runner.cli import recipes
     from runner.train import train as train_mod
 
     recipe = recipes.load(bench.RECIPE, overrides(profile, pairs_file()))
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     stamps: dict[int, float] = {}
     held: dict = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            sync()
-            stamps[0] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            stamps[state.global_step] = time.perf_counter()
 
     def instrument(trainer):
         held["counter"] = trainer.data_collator = Counter(trainer.data_collator)
         held["trainer"] = trainer
-        trainer.add_callback(Timer())
+        trainer.add_callback(bench.step_timer(stamps))
 
     # the profile's speed as train would resolve it, with the plan's prediction for every profile (none included)
     speed = bench.forced_speed(recipe, {})

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 OUT = Path(os.environ.get("OUT", "/tmp/bench_out"))
 MODELS = Path(os.environ.get("BENCH_MODELS", "/tmp/family_models"))
 DATA = next((p for p in (ROOT / ".shared-data", ROOT.parent / "shared" / "data", Path("/work/shared/data"))
@@ -113,8 +114,8 @@ class Counter:
 def run_one(name: str, path: str, tiny: bool) -> dict:
     """Train ``name`` on ``path`` in this process; then (fast) generate for evaluation prompts/s."""
     import torch
-    from transformers import TrainerCallback
 
+    import bench  # bench/bench.py: the step timer (imported here: it reads its settings from the environment)
     from runner.cli import recipes
     from runner.train import train as train_mod
 
@@ -124,25 +125,15 @@ def run_one(name: str, path: str, tiny: bool) -> dict:
         warm, meas = 1, 2
     recipe = recipes.load(RECIPE, overrides(folder, path, name, tiny) + ([f"training.max_steps={warm + meas}"]))
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     stamps: dict[int, float] = {}
     held: dict = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            sync()
-            stamps[0] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            stamps[state.global_step] = time.perf_counter()
 
     def instrument(trainer):
         if path == "notebook":  # the notebook's padding="max_length": every row padded to 512
             trainer.data_collator.pad_to_multiple_of = recipe["prompt"]["max_length"]
         held["counter"] = trainer.data_collator = Counter(trainer.data_collator)
         held["trainer"] = trainer
-        trainer.add_callback(Timer())
+        trainer.add_callback(bench.step_timer(stamps))
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
