@@ -255,6 +255,38 @@ def test_llama_gguf_permutes_q_and_k_for_llama_cpps_rotary_layout(tiny, tmp_path
     assert "blk.1.ffn_gate.weight" in tensors and "output.weight" in tensors
 
 
+@needs_gguf
+def test_gguf_writer_holds_one_tensor_at_a_time_not_the_whole_model(tiny, tmp_path):
+    """Phi-2 in float32 is 11 GB: the writer makes each tensor when it writes it, so its peak memory does not grow
+    with the model's depth. Measured with tracemalloc, which sees numpy's buffers (the q8_0 copies), not torch's."""
+    import tracemalloc
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from runner.export import gguf_file
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "phi")
+    tokenizer.save_pretrained(tmp_path)
+    peaks, weights = {}, {}
+    for layers in (2, 12):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256)).eval()
+        weights[layers] = sum(t.numel() for t in model.state_dict().values())
+        tracemalloc.start()
+        try:
+            gguf_file.write(model, tokenizer, tmp_path, tmp_path / f"{layers}.gguf", "q8_0", name="t", base="local",
+                            chat_template=None)
+            peaks[layers] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    # ten more layers are 1.5M more weights: keeping every q8_0 copy until the end made the peak grow by 1.1 MB
+    growth, extra = peaks[12] - peaks[2], weights[12] - weights[2]
+    assert growth < 0.25 * extra, f"peak grew by {growth} bytes for {extra} more weights"
+
+
 @pytest.mark.slow
 @pytest.mark.twins("xsum_tiny")
 @needs_gguf

@@ -92,40 +92,68 @@ def _permute(weights, n_head: int, n_head_kv: int):
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def gguf_tensors(model, arch: str) -> dict:
-    """{gguf name: float32 numpy array} of the merged model, named and laid out as llama.cpp reads them."""
-    gguf = _gguf()
-    config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue  # llama.cpp reads token_embd for the output when there is no output tensor
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        data = tensor.detach().float().cpu().numpy()
-        if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            heads = config.num_attention_heads
-            kv = config.num_key_value_heads if name.endswith("k_proj.weight") else heads
+class Tensors:
+    """The merged model's tensors as llama.cpp reads them, {gguf name: float32 numpy array}, each made when it is
+    asked for: a whole model in float32 is four bytes a weight (11 GB for Phi-2), so the writer and the read-back
+    check hold one tensor at a time."""
+
+    def __init__(self, model, arch: str):
+        gguf = _gguf()
+        self.config, self.arch = model.config, arch
+        self.state = model.state_dict()  # references to the model's own tensors, no copies
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], self.config.num_hidden_layers)
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self.keys = {}  # gguf name -> state_dict key, in the model's order
+        for key in self.state:
+            if (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq"):
+                continue  # tied: llama.cpp reads token_embd for the output when there is no output tensor
+            new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise ValueError(f"no GGUF name for the tensor {key!r} of a {arch} model")
+            self.keys[new] = key
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __contains__(self, name) -> bool:
+        return name in self.keys
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.state[self.keys[name]].shape)
+
+    def __getitem__(self, name: str):
+        key = self.keys[name]
+        data = self.state[key].detach().float().cpu().numpy()
+        if self.arch == "llama" and key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.config.num_attention_heads
+            kv = self.config.num_key_value_heads if key.endswith("k_proj.weight") else heads
             data = _permute(data, heads, kv)
-        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise ValueError(f"no GGUF name for the tensor {name!r} of a {arch} model")
-        out[new] = data
-    return out
+        return data
 
 
-def _qtype(gguf, name: str, data, quant: str):
+def _qtype(gguf, name: str, shape: list[int], quant: str):
     """The type a tensor is stored in: 1-D tensors and norms F32 (as llama.cpp's converter does), rows that do not
     divide into the quantization's blocks F16."""
     qtype = gguf.GGMLQuantizationType[DIRECT[quant][0]]
-    if data.ndim <= 1 or name.endswith("_norm.weight"):
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
         return gguf.GGMLQuantizationType.F32
     if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
         return qtype
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype if data.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _nbytes(gguf, shape: list[int], qtype) -> int:
+    """Bytes of a tensor of ``shape`` stored as ``qtype`` (what the header announces before the data is made)."""
+    stored = gguf.quants.quant_shape_to_byte_shape(shape, qtype) if qtype.name not in ("F32", "F16", "BF16") else shape
+    width = {"F32": 4, "F16": 2, "BF16": 2}.get(qtype.name, 1)
+    count = 1
+    for n in stored:
+        count *= n
+    return count * width
 
 
 # ---------------------------------------------------------------- metadata and vocabulary
@@ -215,9 +243,11 @@ def _bpe_tokens(gguf, tokenizer, vocab_size: int):
 def write(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *, name: str, base: str,
           chat_template: str | None, quantize_tool: str | None = None) -> dict:
     """The GGUF file of ``model`` at ``path``; returns what was written (for export.json and the check)."""
+    import numpy as np
+
     gguf = _gguf()
     arch = ARCHITECTURES[model.config.model_type]
-    tensors = gguf_tensors(model, arch)
+    tensors = Tensors(model, arch)
     direct = quant if quant in DIRECT else "f16"  # llama-quantize works from an f16 file
     target = path if quant in DIRECT else path.with_name(path.name + ".f16")
     writer = gguf.GGUFWriter(target, arch)
@@ -226,15 +256,16 @@ def write(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *, name
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hparams(writer, model.config, arch)
     vocab = _vocab(writer, tokenizer_dir, tokenizer, model.config.vocab_size, base, chat_template)
-    types = {}
-    for key, data in tensors.items():
-        qtype = _qtype(gguf, key, data, direct)
-        types[key] = qtype.name
-        stored = data if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, qtype)
-        writer.add_tensor(key, stored, raw_dtype=qtype)
+    types = {key: _qtype(gguf, key, tensors.shape(key), direct) for key in tensors}
+    for key, qtype in types.items():  # the header first, from shapes alone; then each tensor made and written
+        writer.add_tensor_info(key, tensors.shape(key), np.float32, _nbytes(gguf, tensors.shape(key), qtype),
+                               raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for key, qtype in types.items():
+        data = tensors[key]
+        writer.write_tensor_data(data if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, qtype))
     writer.close()
     if quant not in DIRECT:
         try:
@@ -246,9 +277,9 @@ def write(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *, name
             raise EnvironmentProblem("--quant", f"llama-quantize failed ({done.returncode}): "
                                      f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}",
                                      "check the llama.cpp build, or use --quant f16 / q8_0")
-    return {"architecture": arch, "quant": quant, "tensors": {k: list(v.shape) for k, v in tensors.items()},
-            "types": types, "vocab": vocab, "context_length": model.config.max_position_embeddings,
-            "chat_template": chat_template, "source": tensors}
+    return {"architecture": arch, "quant": quant, "tensors": {k: tensors.shape(k) for k in tensors},
+            "types": {k: t.name for k, t in types.items()}, "vocab": vocab,
+            "context_length": model.config.max_position_embeddings, "chat_template": chat_template, "source": tensors}
 
 
 def verify(path: Path, written: dict) -> dict:
@@ -281,12 +312,13 @@ def verify(path: Path, written: dict) -> dict:
     for t in reader.tensors:
         if t.name not in source:
             continue
+        want = source[t.name]  # made now, one tensor at a time
         try:
-            back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(source[t.name].shape)
+            back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
         except NotImplementedError:  # a type llama-quantize wrote that gguf cannot read back
             continue
-        scale = float(abs(source[t.name]).max()) or 1.0
-        worst = max(worst, float(abs(back.astype("float32") - source[t.name]).max()) / scale)
+        scale = float(abs(want).max()) or 1.0
+        worst = max(worst, float(abs(back.astype("float32") - want).max()) / scale)
     if problems:
         raise EnvironmentProblem(str(path), "the GGUF file read back wrong: " + "; ".join(problems),
                                  "a bug in the export or the gguf package; RUNNER_DEBUG=1 shows more")
