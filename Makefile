@@ -16,7 +16,7 @@ LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/python -m runner.cli.launch --npr
 # CPU torch without a GPU (a small build; `pip install torch==2.13.0` finds the local CPU wheel where there is one),
 # the CUDA build from PyPI with one. Override with `make install TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)
-TINY := .cache/tiny/TWINS_BUILT
+TINY := .cache/tiny/BUILT
 # The CPU settings (OMP_*, TOKENIZERS_PARALLELISM, glibc's MALLOC_*) are the runner's own: `runner` sets them when
 # it starts, wherever it is started (runner/common/cpu.py says why each, and how MALLOC_* reach glibc).
 export HF_HUB_DISABLE_TELEMETRY ?= 1
@@ -39,7 +39,7 @@ help:  ## list the targets
 	@echo "make test                       the whole test suite, what CI runs (CPU; docs/testing.md, times: docs/timings.md)"
 	@echo "make test-fast                  the tests that neither train nor start torch, a fifth of the fuzz cases (docs/timings.md)"
 	@echo "make smoke                      train every tiny recipe briefly through the CLI"
-	@echo "make tiny                       build the tiny offline models (Phi and every family's twin) and data in .cache/tiny"
+	@echo "make tiny                       build every tiny offline model (Phi and each family's twin) and the data in .cache/tiny (train builds what its recipe names)"
 	@echo "make lint                       ruff"
 	@echo "make docs                       regenerate docs/recipe-reference.md from the recipe schema"
 	@echo "make clean                      remove runs/ and .cache/"
@@ -53,19 +53,25 @@ $(BIN)/runner: pyproject.toml
 
 install: $(BIN)/runner  ## create the virtualenv and install
 
-# The tiny data, the Phi twin and every model family's twin (runner.model.twins builds runner.model.tiny's first).
-$(TINY): $(BIN)/runner runner/model/tiny.py runner/model/twins.py runner/model/families.py
-	$(BIN)/python -m runner.model.twins >&2
+# The tiny data and the Phi twin, built once (runner.model.tiny stamps BUILT with its own source's hash).
+$(TINY): $(BIN)/runner runner/model/tiny.py
+	$(BIN)/python -m runner.model.tiny >&2
+# The model-family twin a recipe's model names (recipes/tiny/llama_tiny.yaml: .cache/tiny/llama), built on first use;
+# a recipe that names none (the default) builds nothing more.
+TWIN = $(BIN)/python -m runner.model.twins --recipe $(RECIPE) $(ARGS) >&2
 
-tiny: $(TINY)
+tiny: $(BIN)/runner  ## every twin: the Phi one and each model family's
+	$(BIN)/python -m runner.model.twins >&2
 
 validate: $(BIN)/runner
 	$(BIN)/runner validate $(RECIPE) $(ARGS)
 
 inspect: $(BIN)/runner $(TINY)
+	@$(TWIN)
 	$(BIN)/runner inspect $(RECIPE) $(ARGS)
 
 train: $(BIN)/runner $(TINY)
+	@$(TWIN)
 	$(LAUNCH) train $(RECIPE) $(ARGS)
 
 eval: $(BIN)/runner $(TINY)
@@ -89,6 +95,7 @@ AXES ?=
 SEEDS ?= 1
 sweep: $(BIN)/runner $(TINY)
 	@test -n "$(AXES)$(filter-out 1,$(SEEDS))" || { echo "error: AXES: missing (make sweep AXES=\"lora.r=8,16\" SEEDS=2)" >&2; exit 2; }
+	@$(TWIN)
 	$(BIN)/runner sweep $(RECIPE) $(AXES) --seeds $(SEEDS) $(ARGS)
 
 test: $(BIN)/runner $(TINY)  ## the whole suite (what CI runs)
@@ -98,6 +105,7 @@ test-fast: $(BIN)/runner $(TINY)  ## everything but the tests that train (pytest
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-quick} $(BIN)/python -m pytest -q -m "not slow" tests
 
 smoke: $(BIN)/runner $(TINY)
+	$(BIN)/python -m runner.model.twins >&2  # every family's twin: smoke trains each tiny recipe
 	for r in recipes/tiny/*.yaml; do case $$r in *_dpo_tiny.yaml) continue;; esac; \
 	  $(BIN)/runner train $$r training.max_steps=5 output_dir=.cache/smoke-runs || exit 1; done
 	# DPO starts from a trained adapter: the newest smoke run of the AG News twin
@@ -115,6 +123,7 @@ clean:
 	rm -rf runs .cache
 
 plan: $(BIN)/runner $(TINY)  ## reads the model's config.json: the tiny one by default
+	@$(TWIN)
 	$(BIN)/runner plan $(RECIPE) $(ARGS)
 
 VARIANTS ?= A L1 L2 L3 L4 low_memory balanced fast GEN fast_pack EVAL

@@ -225,4 +225,21 @@ def test_make_targets_that_read_the_tiny_model_build_it_first(target, tmp_path):
     dry = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"TINY={tmp_path / 'BUILT'}", "RUN=r", "OUT=o",
                           "AXES=lora.r=4,8"], capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
-    assert "-m runner.model.twins" in dry.stdout, dry.stdout  # builds runner.model.tiny's data and Phi twin first
+    assert "-m runner.model.tiny" in dry.stdout, dry.stdout  # the tiny data and the Phi twin
+
+
+@pytest.mark.parametrize("target", ["train", "inspect", "plan", "sweep"])
+def test_make_targets_build_the_family_twin_their_recipe_names_and_no_other(target, tmp_path):
+    dry = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"TINY={tmp_path / 'BUILT'}", "AXES=lora.r=4,8",
+                          "RECIPE=recipes/tiny/llama_tiny.yaml", "ARGS=training.max_steps=3"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "-m runner.model.twins --recipe recipes/tiny/llama_tiny.yaml training.max_steps=3" in dry.stdout
+    from runner.model import twins
+
+    out = ROOT / ".cache" / "tiny"
+    assert twins.named_by(ROOT / "recipes/tiny/llama_tiny.yaml", [], out) == ["llama"]
+    assert twins.named_by(ROOT / "recipes/tiny/xsum_tiny.yaml", [], out) == []  # make train's default: Phi only
+    assert twins.named_by(ROOT / "recipes/tiny/xsum_tiny.yaml", [f"model.name_or_path={out / 'gemma3'}"],
+                          out) == ["gemma3"]
+    assert twins.named_by(tmp_path / "missing.yaml", [], out) == []  # the runner reports that one

@@ -6,6 +6,7 @@ Saved with save_pretrained to ``<out>/<family>/`` and loaded by the runner throu
 Phi-2's twin is runner.model.tiny's ``phi/``.
 
     python -m runner.model.twins [--out .cache/tiny]   # builds the tiny data and Phi twin first (idempotent)
+    python -m runner.model.twins --recipe R [k=v ...]  # ... and only the family twins recipe R's model names
 """
 
 from __future__ import annotations
@@ -81,26 +82,49 @@ def build_twin(family: families.Family, out: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build(out: Path = tiny.DEFAULT_OUT, force: bool = False) -> Path:
-    """The tiny data, the Phi twin and every family's twin under ``out``; skipped when built by this same code."""
-    out = tiny.build(Path(out), force)
-    marker = out / "TWINS_BUILT"
+def _stamp(out: Path) -> str:
     source = Path(__file__).read_bytes() + Path(families.__file__).read_bytes() + (out / "BUILT").read_bytes()
-    stamp = f"family twins built by runner.model.twins {hashlib.sha256(source).hexdigest()[:16]}\n"
-    if marker.exists() and marker.read_text() == stamp and not force:
-        return out
-    for name in CONFIGS:
-        build_twin(families.BY_NAME[name], out)
-    marker.write_text(stamp)
+    return f"family twin built by runner.model.twins {hashlib.sha256(source).hexdigest()[:16]}\n"
+
+
+def build(out: Path = tiny.DEFAULT_OUT, force: bool = False, names=None) -> Path:
+    """The tiny data, the Phi twin and the family twins ``names`` (all by default) under ``out``; each skipped when
+    built by this same code (its own ``BUILT`` stamp)."""
+    out = tiny.build(Path(out), force)
+    stamp = _stamp(out)
+    for name in CONFIGS if names is None else names:
+        marker = out / name / "BUILT"
+        if force or not marker.exists() or marker.read_text() != stamp:
+            build_twin(families.BY_NAME[name], out)
+            marker.write_text(stamp)
     return out
+
+
+def named_by(recipe_path: Path, overrides: list[str], out: Path) -> list[str]:
+    """The family twins a recipe's model (and tokenizer) paths point at, as the recipe composes (extends and
+    overrides applied); none for a recipe that cannot be read, whose error the runner itself then reports."""
+    from runner.common.errors import RecipeError
+    from runner.recipe.compose import compose
+
+    try:
+        model = compose(Path(recipe_path), overrides).get("model") or {}
+    except (RecipeError, OSError):
+        return []
+    folders = {Path(str(model.get(k))).resolve() for k in ("name_or_path", "tokenizer") if model.get(k)}
+    return [name for name in CONFIGS if (Path(out) / name).resolve() in folders]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.model.twins", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=tiny.DEFAULT_OUT, help="where data/, phi/ and the twins go")
     parser.add_argument("--force", action="store_true", help="rebuild even when already built")
+    parser.add_argument("--recipe", type=Path, help="build only the twins this recipe's model names (make train)")
+    parser.add_argument("overrides", nargs="*", help="the recipe's key=value overrides (with --recipe)")
     args = parser.parse_args(argv)
-    print(f"tiny family twins in {build(args.out, args.force)}")
+    names = None if args.recipe is None else named_by(args.recipe, args.overrides, args.out)
+    out = build(args.out, args.force, names)
+    if names != []:  # quiet for a recipe that names no family twin (make train's default)
+        print(f"tiny data, Phi twin and {'every family twin' if names is None else ', '.join(names)} in {out}")
     return 0
 
 
