@@ -39,6 +39,7 @@ TWINS = ("xsum_tiny", "agnews_tiny", "goemotions_tiny", "mnli_tiny", "chat_tiny"
 TWINS_AHEAD = ("chat_tiny", "xsum_tiny", "goemotions_tiny", "mnli_tiny", "agnews_tiny")
 _AHEAD = pytest.StashKey[list]()  # the jobs this session runs ahead, in order
 _RUNNING = pytest.StashKey[pytest.Item]()  # the test being set up or run (whose twins `trained` may hand out)
+_TIMES = pytest.StashKey[dict]()  # job -> seconds it ran in its lane (the session's summary lists them)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,13 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     item.config.stash[_RUNNING] = item
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How long each job ran in its lane: where the suite's background time goes (docs/testing.md)."""
+    if times := config.stash.get(_TIMES, {}):
+        terminalreporter.write_line("background jobs (wall seconds in their lane): " + ", ".join(
+            f"{name} {seconds:.0f}" for name, seconds in sorted(times.items(), key=lambda kv: -kv[1])))
 
 
 def pytest_sessionfinish(session):
@@ -310,11 +318,15 @@ def background(tiny, tmp_path_factory, request):
         for lane in _lanes(SETTINGS.lanes):
             lanes.put(lane)
 
+        times = request.config.stash.setdefault(_TIMES, {})
+
         def in_a_lane(name: str, out: Path):
             lane = lanes.get()
+            start = time.monotonic()
             try:
                 return run(name, out, lane)
             finally:
+                times[name] = time.monotonic() - start
                 lanes.put(lane)
 
         pool = ThreadPoolExecutor(lanes.qsize(), thread_name_prefix="ahead")
