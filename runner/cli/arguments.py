@@ -15,6 +15,8 @@ def validate(p):
 
 def train(p):
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("--no-cache", action="store_true", help="prepare the data again, without .cache/prepared "
+                   "(the same as data.cache=false)")
 
 
 def inspect(p):
@@ -27,6 +29,8 @@ def eval(p):
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="a finished run folder, e.g. runs/xsum_tiny/20261128-010203")
     which.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+    p.add_argument("--no-cache", action="store_true", help="prepare the data again, without .cache/prepared "
+                   "(the same as data.cache=false)")
 
 
 def compare(p):
@@ -90,6 +94,8 @@ def sweep(p):
                    "(H100, H200; default: this machine's GPU; without one, no training time is predicted)")
     p.add_argument("--gpu-gb", type=float, default=None, metavar="GiB", help="plan memory for a card this large")
     p.add_argument("--dry-run", action="store_true", help="check every cell and print the plan; train nothing")
+    p.add_argument("--no-cache", action="store_true", help="prepare the data again, without .cache/prepared "
+                   "(the same as data.cache=false)")
 
 
 class Parser(argparse.ArgumentParser):

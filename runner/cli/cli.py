@@ -44,12 +44,13 @@ def _recipe(args) -> dict:
 def _evaluation_examples(recipe: dict):
     """(tokenizer, the evaluation split's prepared examples), after the config-only checks."""
     from runner.data import data as data_mod
+    from runner.data import prepared_cache
     from runner.evaluate import evaluate
     from runner.model import model
 
     _, tokenizer = model.preflight(recipe)
     role = recipe["evaluation"]["split"]
-    examples = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+    examples = prepared_cache.prepared(recipe, tokenizer, (role,), data_mod.prepare).splits[role]
     evaluate.check_labels(recipe, {role: examples})
     return tokenizer, examples
 

@@ -39,6 +39,12 @@ def validate(raw: dict) -> dict:
     return recipe.validate(raw, checks=CHECKS)
 
 
+def overridden_key(overrides: list[str], extra: str) -> list[str]:
+    """``overrides`` with ``extra`` in place of any that sets the same key."""
+    name = extra.partition("=")[0]
+    return [o for o in overrides if o.partition("=")[0].strip() != name] + [extra]
+
+
 def for_command(args) -> dict:
     """The resolved recipe of RECIPE plus the key.path=value overrides (torch-free). Without RECIPE, a command given
     a run (--run) uses the recipe that run trained with: its recipe.yaml (overrides included), these overrides on top."""
@@ -47,11 +53,14 @@ def for_command(args) -> dict:
     if bad:
         raise RecipeError(bad[0], "an override must look like key.path=value", "e.g. training.max_steps=5")
     compose.check_repeated(args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "no_cache", False) and args.command != "inspect":  # inspect's --no-cache is its own cache's
+        overrides = overridden_key(overrides, "data.cache=false")
     if args.recipe:
-        return load(args.recipe, args.overrides)
+        return load(args.recipe, overrides)
     path = _run_recipe(args)
     try:
-        return load(path, args.overrides)
+        return load(path, overrides)
     except RecipeError as exc:  # the run's own record, not a recipe the user wrote: say whose it is
         given = {o.partition("=")[0].strip() for o in args.overrides}
         if exc.exit_code != 2 or str(path) in exc.line() or exc.key_path in given:

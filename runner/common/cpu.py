@@ -46,6 +46,13 @@ def cores() -> int:
     return max(1, n // dist.world().local_size)
 
 
+def data_workers(rows: int, per_worker: int = 20_000) -> int | None:
+    """Processes that prepare ``rows`` examples (datasets' num_proc): one per ``per_worker`` rows, up to this
+    process's cores; None (this process alone) for smaller data, where starting workers costs more than it saves."""
+    n = min(cores(), rows // per_worker)
+    return n if n >= 2 else None
+
+
 def environment() -> dict[str, str]:
     """Every variable this module sets, with the value it sets when the variable is unset."""
     return {**AT_IMPORT, "OMP_NUM_THREADS": str(cores()), **AT_EXEC}

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.common import cpu
 from runner.common.errors import RecipeError, hub_unreachable
 from runner.data import chat, mixture
 from runner.data.files import local_file, peek, read_local
@@ -25,6 +26,7 @@ class Prepared:
     splits: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
+    cached: str | None = None  # the .cache/prepared entry it was loaded from (runner.data.prepared_cache)
 
 
 # ---------------------------------------------------------------- loading
@@ -288,22 +290,39 @@ def shorten(row: dict, prompt_cfg: dict, tokenizer, count: int, budget: int, com
     """Cut ``prompt.truncate``'s field of ``row`` from its end, in tokens, until the prompt's ``count`` fits
     ``budget``: the prompt alone, or with ``completion`` given, prompt + completion + EOS (as training counts
     it). Returns (the shortened prompt, its count), or (None, count) when there is nothing to cut."""
+    return shorten_many([row], prompt_cfg, tokenizer, [count], budget, None if completion is None else [completion])[0]
+
+
+def shorten_many(rows: list[dict], prompt_cfg: dict, tokenizer, counts: list[int], budget: int,
+                 completions: list[str] | None = None) -> list[tuple[str | None, int]]:
+    """``shorten`` for several rows at once: each step tokenizes all the rows still too long in one batch (a fast
+    tokenizer's batch is several times quicker than its rows one by one), with the same results row by row."""
     sep, field_name = prompt_cfg["list_separator"], prompt_cfg["truncate"]
-    ids = tokenizer(text(row.get(field_name), sep), add_special_tokens=False)["input_ids"]
-    prompt = None
+    ids = tokenizer([text(row.get(field_name), sep) for row in rows], add_special_tokens=False)["input_ids"]
+    out: list[tuple[str | None, int]] = [(None, count) for count in counts]
+    active = list(range(len(rows)))
     for _ in range(4):  # re-tokenizing the joined text can shift a token or two at the cut
-        keep = len(ids) - (count - budget)
-        if keep <= 0:
+        cut = []
+        for i in active:
+            keep = len(ids[i]) - (out[i][1] - budget)
+            if keep > 0:
+                ids[i] = ids[i][:keep]
+                cut.append(i)
+        if not cut:
             break
-        ids = ids[:keep]
-        prompt = render(prompt_cfg["template"], {**row, field_name: tokenizer.decode(ids)}, sep)
-        if completion is None:
-            count = len(tokenizer(prompt)["input_ids"])
+        prompts = [render(prompt_cfg["template"], {**rows[i], field_name: text_}, sep)
+                   for i, text_ in zip(cut, tokenizer.batch_decode([ids[i] for i in cut]), strict=True)]
+        if completions is None:
+            lengths = [len(x) for x in tokenizer(prompts)["input_ids"]]
         else:
-            count = len(tokenizer(prompt + completion)["input_ids"]) + 1
-        if count <= budget:
+            joined = [p + completions[i] for p, i in zip(prompts, cut, strict=True)]
+            lengths = [len(x) + 1 for x in tokenizer(joined)["input_ids"]]
+        for i, prompt, count in zip(cut, prompts, lengths, strict=True):
+            out[i] = (prompt, count)
+        active = [i for i, count in zip(cut, lengths, strict=True) if count > budget]
+        if not active:
             break
-    return prompt, count
+    return out
 
 
 def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
@@ -317,12 +336,13 @@ def fit_batch(rows: dict, recipe: dict, tokenizer) -> dict:
     completions = [render(prompt_cfg["completion"], ex, sep) for ex in examples]
     counts = [len(ids) + 1 for ids in tokenizer([p + c for p, c in zip(prompts, completions, strict=True)])["input_ids"]]
     truncated = [False] * n
-    for i in range(n):
-        if counts[i] <= max_length or field_name is None or not completions[i].strip():
-            continue
-        cut, count = shorten(examples[i], prompt_cfg, tokenizer, counts[i], max_length, completion=completions[i])
-        if cut is not None:
-            prompts[i], counts[i], truncated[i] = cut, count, True
+    long = [i for i in range(n) if counts[i] > max_length and field_name is not None and completions[i].strip()]
+    if long:
+        fitted = shorten_many([examples[i] for i in long], prompt_cfg, tokenizer, [counts[i] for i in long],
+                              max_length, [completions[i] for i in long])
+        for i, (cut, count) in zip(long, fitted, strict=True):
+            if cut is not None:
+                prompts[i], counts[i], truncated[i] = cut, count, True
     ids = rows.get("id") or [None] * n
     return {"prompt": prompts, "completion": completions, "n_tokens": counts, "truncated": truncated,
             "id": [str(x) if x is not None else None for x in ids]}
@@ -345,7 +365,7 @@ def prepare(recipe: dict, tokenizer, roles=ROLES, raw: dict | None = None) -> Pr
         rendered = ds.map(chat.render_batch if chat.is_chat(recipe) else fit_batch, batched=True, batch_size=256,
                           remove_columns=ds.column_names,
                           fn_kwargs={"recipe": recipe, "tokenizer": tokenizer},
-                          keep_in_memory=True, load_from_cache_file=False)
+                          keep_in_memory=True, load_from_cache_file=False, num_proc=cpu.data_workers(len(ds)))
         empty = rendered.filter(lambda c: not c.strip(), input_columns="completion", keep_in_memory=True)
         kept = rendered.filter(lambda c, n: bool(c.strip()) and n <= limit, input_columns=["completion", "n_tokens"],
                                keep_in_memory=True)

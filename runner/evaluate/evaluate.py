@@ -12,6 +12,7 @@ from runner.common import dist, safeio
 from runner.common.errors import USER_EVALUATOR, RecipeError, short
 from runner.common.labels import normalize, with_unlisted
 from runner.data import data as data_mod
+from runner.data import prepared_cache
 from runner.evaluate import backend as backend_mod
 from runner.evaluate import generate as generate_mod
 from runner.evaluate import rank
@@ -148,7 +149,7 @@ def predict(model, tokenizer, prompts: list[str], recipe: dict, choice: backend_
 
 def _examples_for(role: str, recipe: dict, tokenizer, known: dict):
     if role not in known:
-        known[role] = data_mod.prepare(recipe, tokenizer, roles=(role,)).splits[role]
+        known[role] = prepared_cache.prepared(recipe, tokenizer, (role,), data_mod.prepare).splits[role]
     return known[role]
 
 

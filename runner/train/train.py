@@ -12,7 +12,7 @@ from pathlib import Path
 
 from runner.common import cpu, dist, safeio
 from runner.common.errors import RecipeError
-from runner.data import chat, preference
+from runner.data import chat, preference, prepared_cache
 from runner.data import data as data_mod
 from runner.evaluate import evaluate
 from runner.model import counting
@@ -31,8 +31,9 @@ def _setup_data(recipe: dict, tokenizer) -> data_mod.Prepared:
         raise RecipeError("data.splits.train", "is null, so there is nothing to train on", "name the train split")
     roles = ("train", "eval", recipe["evaluation"]["split"])
     prepare = preference.prepare if recipe_methods.is_preference(recipe) else data_mod.prepare
-    prepared = prepare(recipe, tokenizer, roles=tuple(dict.fromkeys(roles)))
-    print(f"data: {data_mod.describe(prepared.stats)}", flush=True)
+    prepared = prepared_cache.prepared(recipe, tokenizer, tuple(dict.fromkeys(roles)), prepare)
+    where = f" (prepared before: {prepared_cache.cache_dir() / prepared.cached})" if prepared.cached else ""
+    print(f"data: {data_mod.describe(prepared.stats)}{where}", flush=True)
     evaluate.check_labels(recipe, {role: examples for role, examples in prepared.splits.items()
                                    if role not in recipe_methods.pair_roles(recipe)})
     return prepared
@@ -49,7 +50,8 @@ def _setup_model(recipe: dict, speed):
     return model, trainable, total
 
 
-def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, stopping: early.Decider | None = None):
+def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, stopping: early.Decider | None = None,
+                    train_rows: int = 0):
     """The method's TRL config from the recipe (runner.train.methods); the micro-batch, accumulation and
     checkpointing are the resolved ``speed``'s (None: as the recipe writes them); ``stopping``: early stopping's
     metric (runner.train.early)."""
@@ -108,7 +110,7 @@ def _setup_training(recipe: dict, run_dir: Path, has_eval: bool, speed=None, sto
         **tracking.trainer_args(recipe, run_dir),
         **early.trainer_args(recipe, stopping),
         dataloader_num_workers=0,
-        dataset_num_proc=None,
+        dataset_num_proc=cpu.data_workers(train_rows),  # TRL's tokenization: the cores, for large data
         save_only_model=False,
     )))
 
@@ -301,7 +303,8 @@ def train(recipe: dict, instrument=None, speed: profiles.Speed | None = None,
     start = time.time()
     try:
         # FSDP's arguments come first: transformers loads the model for sharding only when they are set.
-        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed, stopping=stopping)
+        args = _setup_training(recipe, run_dir, has_eval="eval" in prepared.splits, speed=speed, stopping=stopping,
+                               train_rows=len(prepared.splits["train"]))
         model, trainable, total = _setup_model(recipe, speed)
         t = recipe["training"]  # checkpoints by time unless the recipe sets them by steps
         record = checkpoints.run_record(t["save_total_limit"], resume_from,
