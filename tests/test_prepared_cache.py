@@ -47,6 +47,10 @@ def test_a_second_preparation_is_the_cached_one_with_the_same_rows(tiny, tokeniz
     assert _rows(second) == _rows(first) == _rows(fresh)  # the same examples, in the same order
     assert second.stats == first.stats == json.loads(json.dumps(fresh.stats))
     assert second.fingerprint == first.fingerprint == fresh.fingerprint  # resume's data check sees no change
+    # the evaluation of one role takes it from the run's entry: the same rows, nothing prepared again
+    test = _prepare(_recipe(tmp_path), tokenizer, cache, roles=("eval",))
+    assert test.cached == second.cached and _rows(test) == {"eval": _rows(fresh)["eval"]}
+    assert len(list(cache.iterdir())) == 1
 
 
 def test_what_decides_the_rows_misses_and_what_does_not_hits(tiny, tokenizer, tmp_path):
@@ -97,7 +101,8 @@ def test_two_writers_of_one_key_leave_one_whole_entry(tiny, tokenizer, tmp_path)
     prepared_cache._store(prepared, cache, name)
     prepared_cache._store(prepared, cache, name)  # as a second rank or sweep cell finishing later
     assert [p.name for p in cache.iterdir()] == [name]  # no temporary folder left behind
-    assert len(prepared_cache._load(cache / name, data_mod.Prepared).splits["train"]) == len(prepared.splits["train"])
+    loaded = prepared_cache._load(cache / name, data_mod.Prepared, ("train",))
+    assert len(loaded.splits["train"]) == len(prepared.splits["train"])
 
 
 def test_the_cap_removes_the_entries_used_longest_ago(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ serialized form, chat template and special tokens); the roles asked for; and the
 
 An entry is written to a temporary folder and renamed into place: a reader sees a whole entry or none, and of two
 processes preparing the same key at once (ranks, sweep cells) the second keeps the first's. An entry that does not
-load is prepared again, with a line saying so. TRL's own tokenization of a loaded entry is cached by ``datasets``
+load is prepared again, with a line saying so. A role asked for alone (``runner eval``'s test split) is taken from
+an entry of the same data that holds it (the training run's train+eval+test). TRL's own tokenization of a loaded entry is cached by ``datasets``
 next to it (a dataset loaded from disk keeps its map results), so a second run skips that too.
 
 ``data.cache: false`` (or ``--no-cache``) prepares without reading or writing the cache. ``RUNNER_CACHE_GB``
@@ -84,13 +85,27 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def key(recipe: dict, tokenizer, roles: tuple[str, ...], how: str) -> str:
-    """The entry's name: a hash of everything that decides the prepared rows (the module docstring lists it)."""
+    """The entry's name: a hash of everything that decides the prepared rows (the module docstring lists it),
+    then the roles it holds (``<hash>-train+eval+test``)."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in CODE)).hexdigest()[:16]
     parts = {"recipe": {".".join(p): _get(recipe, p) for p in RECIPE_KEYS}, "sources": _sources(recipe["data"]),
-             "tokenizer": tokenizer_identity(tokenizer), "roles": list(roles), "how": how, "code": code}
+             "tokenizer": tokenizer_identity(tokenizer), "how": how, "code": code}
     parts["recipe"]["data"] = {k: v for k, v in recipe["data"].items() if k != "cache"}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24] + "-" + \
+        "+".join(roles)
+
+
+def _find(folder: Path, name: str, roles: tuple[str, ...]) -> Path | None:
+    """The entry of exactly these roles, else one of the same data holding them all (a run's train+eval+test entry
+    serves its later evaluation of test)."""
+    if (folder / name).is_dir():
+        return folder / name
+    stem = name.rsplit("-", 1)[0]
+    for entry in sorted(folder.glob(f"{stem}-*")) if folder.is_dir() else []:
+        if entry.is_dir() and set(roles) <= set(entry.name.rsplit("-", 1)[1].split("+")):
+            return entry
+    return None
 
 
 def cache_dir() -> Path:
@@ -108,12 +123,12 @@ def prepared(recipe: dict, tokenizer, roles: tuple[str, ...], prepare, folder: P
         return out
     folder = Path(folder or cache_dir())
     name = key(recipe, tokenizer, roles, f"{prepare.__module__}.{prepare.__qualname__}")
-    entry = folder / name
-    if entry.is_dir():
+    entry = _find(folder, name, roles)
+    if entry is not None:
         try:
-            out = _load(entry, Prepared)
+            out = _load(entry, Prepared, roles)
             os.utime(entry)  # used now: the last to be evicted
-            out.cached = name
+            out.cached = entry.name
             return out
         except Exception as exc:  # a damaged entry (a disk error, a file removed by hand): prepared again
             print(f"data: the cached entry {entry} does not load ({type(exc).__name__}); preparing again", flush=True)
@@ -126,7 +141,8 @@ def prepared(recipe: dict, tokenizer, roles: tuple[str, ...], prepare, folder: P
         print(f"data: not cached ({exc.strerror or exc})", flush=True)
         out.cached = None
         return out
-    out = _load(entry, Prepared) if (folder / name).is_dir() else out  # memory-mapped: TRL's maps cache beside it
+    out = _load(folder / name, Prepared, roles) if (folder / name).is_dir() else out  # memory-mapped: TRL's maps
+    # cache their results beside it
     out.cached = None  # prepared by this run
     return out
 
@@ -148,12 +164,16 @@ def _store(out, folder: Path, name: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(entry: Path, prepared_class):
+def _load(entry: Path, prepared_class, roles: tuple[str, ...]):
+    """The entry's ``roles``; the fingerprint is the entry's when it holds just those (else empty: the evaluation,
+    which takes a run's entry for one of its roles, reads none)."""
     from datasets import load_from_disk
 
     meta = json.loads((entry / META).read_text())
-    out = prepared_class(stats=meta["stats"], fingerprint=meta["fingerprint"])
-    out.splits = {role: load_from_disk(str(entry / role)) for role in meta["roles"]}
+    held = [role for role in meta["roles"] if role in roles]
+    whole = set(meta["roles"]) == set(roles)
+    out = prepared_class(stats={r: meta["stats"][r] for r in held}, fingerprint=meta["fingerprint"] if whole else "")
+    out.splits = {role: load_from_disk(str(entry / role)) for role in held}
     return out
 
 
