@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -29,6 +30,15 @@ def _fsync_dir(path: Path) -> None:
 def _temporary(path: Path) -> Path:
     """A name of this writer's own beside ``path``: two processes (or threads) writing one file never share one."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def sha256(path: str | Path) -> str:
+    """The file's SHA-256, read in 4 MB blocks (a multi-GB file costs no memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

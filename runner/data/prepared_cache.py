@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from runner.common import safeio
 from runner.common.errors import RecipeError
 from runner.recipe.compose import is_local_path
 
@@ -52,14 +53,6 @@ def _get(recipe: dict, path: tuple[str, ...]):
     return value
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sources(data: dict) -> list:
     """What the data is, by content: each local file's bytes hashed, a hub dataset by its id and settings."""
     sources = [s["source"] for s in data["sources"]] if data.get("sources") is not None else [data["source"]]
@@ -68,7 +61,7 @@ def _sources(data: dict) -> list:
         values = list(source.values()) if isinstance(source, dict) else [source]
         for value in values:
             if isinstance(value, str) and is_local_path(value) and Path(value).expanduser().is_file():
-                out.append(["file", _file_digest(Path(value).expanduser())])
+                out.append(["file", safeio.sha256(Path(value).expanduser())])
             else:  # a hub id: its subset, splits and revision are in the data section, which is in the key
                 out.append(["hub", value])
     return out

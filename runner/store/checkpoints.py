@@ -13,7 +13,6 @@ part.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -96,16 +95,8 @@ def _mark_complete(ckpt: Path, record: dict) -> None:
     paths = [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST]
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in paths}
     # what each file held: a file garbled later (of the same size) is found before a resume trusts it
-    digests = {p.relative_to(ckpt).as_posix(): _digest(p) for p in paths}
+    digests = {p.relative_to(ckpt).as_posix(): safeio.sha256(p) for p in paths}
     safeio.write_json(ckpt / MANIFEST, {"step": _step(ckpt), "files": files, "sha256": digests, **record})
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def damage(ckpt: Path) -> str | None:
@@ -116,7 +107,7 @@ def damage(ckpt: Path) -> str | None:
         return "incomplete"
     for name, digest in (info.get("sha256") or {}).items():
         try:
-            if _digest(ckpt / name) != digest:
+            if safeio.sha256(ckpt / name) != digest:
                 return f"{name} does not hold what was saved"
         except OSError as exc:
             return f"{name} cannot be read ({exc.strerror})"
