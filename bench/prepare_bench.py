@@ -57,8 +57,9 @@ def one(work: Path) -> dict:
     train = out.splits["train"]
     return {"seconds": round(seconds, 2), "rows": len(train), "tokens": int(sum(train["n_tokens"])),
             "truncated": out.stats["train"]["truncated"], "cached": out.cached is not None,
-            "workers": cpu.data_workers(len(train)) or 1,
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "workers": "-" if out.cached else cpu.data_workers(len(train)) or 1,
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "worker_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
 
 
 def cpu_name() -> str:
@@ -93,10 +94,12 @@ def main() -> int:
     size = sum(p.stat().st_size for p in (args.work / "cache").rglob("*") if p.is_file()) / 1e9
     print(f"{args.rows:,} rows ({rows.stat().st_size / 1e9:.2f} GB of JSONL), {cpu_name()}, "
           f"{len(os.sched_getaffinity(0))} cores; cache entry {size:.2f} GB\n")
-    print("| pass | seconds | peak RSS | processes | rows kept | tokens | truncated | from the cache |")
+    print("| pass | seconds | peak RSS (main, largest worker) | processes | rows kept | tokens | truncated | "
+          "from the cache |")
     print("|---|---|---|---|---|---|---|---|")
     for label, r in results:
-        print(f"| {label} | {r['seconds']} | {r['peak_rss_gb']} GB | {r['workers']} | {r['rows']:,} | "
+        print(f"| {label} | {r['seconds']} | {r['peak_rss_gb']} GB, {r['worker_peak_rss_gb']} GB | {r['workers']} | "
+              f"{r['rows']:,} | "
               f"{r['tokens']:,} | {r['truncated']:,} | {'yes' if r['cached'] else 'no'} |")
     first, second = results[0][1]["seconds"], results[1][1]["seconds"]
     print(f"\nsecond / first: {first / second:.1f}x faster")
